@@ -1,0 +1,143 @@
+"""Text prompts P0-P7 for one (image, structure) pair, exactly as SPEC A2 / the public synthetic-boost code.
+
+Every prompt has two endings: the phrase "of the heart" or "in the cardiac ultrasound" follows the view
+(P1: the structure name) and the sentence ends with a full stop. P7 adds "of {shape} shape" after the
+structure name; the original asked a VQA model for the shape, ours measures it from the mask
+(`mask_shape`). Synthetic images drop image quality (`drop_quality=True`): P6 and P7 are then
+"{structure} of {shape} shape in {view} ... of a {age}-year-old {sex}." as in the original synthetic set.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from num2words import num2words
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from jaxboost.data.labels import STRUCTURE_NAMES
+
+NUM_PROMPTS = 8
+ENDINGS = ("of the heart", "in the cardiac ultrasound")
+SHAPES = ("oval", "circle", "triangle", "square", "rectangle")
+_VIEW_WORDS = {"2CH": "two", "4CH": "four"}
+_CYCLE_WORDS = {"ED": "diastole", "ES": "systole"}
+_SEX_WORDS = {"M": "male", "F": "female"}
+
+
+def age_in_words(age: int) -> str:
+    """73 -> 'seventy-three' (num2words, as the original prompts)."""
+    return num2words(int(age))
+
+
+def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, quality: str | None,
+                 shape: str, *, drop_quality: bool = False) -> list[list[str]]:
+    """All prompts for one sample: 8 lists [ending "of the heart", ending "in the cardiac ultrasound"].
+
+    structure: "LV" | "MYO" | "LA"; view: "2CH" | "4CH"; phase: "ED" | "ES"; sex: "M" | "F";
+    quality: "Good" | "Medium" | "Poor" (ignored when drop_quality); shape: one of SHAPES.
+    """
+    try:
+        name, view_word = STRUCTURE_NAMES[structure], _VIEW_WORDS[view]
+        cycle, sex_word = _CYCLE_WORDS[phase], _SEX_WORDS[sex]
+    except KeyError as e:
+        raise ValueError(f"make_prompts: unknown value {e.args[0]!r} (structure/view/phase/sex)") from None
+    if not drop_quality and quality is None:
+        raise ValueError("make_prompts: quality is required unless drop_quality=True")
+    view_part = f"in {view_word}-chamber view"
+    cycle_part = f" at end of the {cycle} cycle"
+    sex_part = f" of a {sex_word}"
+    age_sex_part = f" of a {age_in_words(age)}-year-old {sex_word}"
+    quality_part = "" if drop_quality else f" with {str(quality).lower()} image quality"
+    shaped = f"{name} of {shape} shape"
+
+    def both(head, tail):
+        return [f"{head} {ending}{tail}." for ending in ENDINGS]
+
+    prompts = [["", ""]]
+    prompts.append(both(name, ""))
+    prompts.append(both(f"{name} {view_part}", ""))
+    prompts.append(both(f"{name} {view_part}", cycle_part))
+    prompts.append(both(f"{name} {view_part}", cycle_part + sex_part))
+    prompts.append(both(f"{name} {view_part}", cycle_part + age_sex_part))
+    if drop_quality:  # the original synthetic P6: shape + view + cycle + age + sex
+        prompts.append(both(f"{shaped} {view_part}", cycle_part + age_sex_part))
+    else:
+        prompts.append(both(f"{name} {view_part}", cycle_part + age_sex_part + quality_part))
+    prompts.append(both(f"{shaped} {view_part}", cycle_part + age_sex_part + quality_part))
+    return prompts
+
+
+def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
+    """Convex hull [K, 2] (row, col) of the pixel squares of a boolean region, counter-clockwise."""
+    edge = region & ~ndimage.binary_erosion(region)
+    rows, cols = np.nonzero(edge)
+    corners = np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)])
+    try:
+        hull = ConvexHull(corners.astype(np.float64))
+    except QhullError:
+        return None
+    return corners[hull.vertices].astype(np.float64)
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    x, y = poly[:, 1], poly[:, 0]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _min_area_rect(poly: np.ndarray) -> tuple[float, float]:
+    """Side lengths (long, short) of the minimum-area bounding rectangle (rotating calipers over hull edges)."""
+    best = None
+    edges = np.roll(poly, -1, axis=0) - poly
+    for edge in edges:
+        norm = np.hypot(*edge)
+        if norm == 0:
+            continue
+        u = edge / norm
+        v = np.array([-u[1], u[0]])
+        pu, pv = poly @ u, poly @ v
+        sides = (pu.max() - pu.min(), pv.max() - pv.min())
+        if best is None or sides[0] * sides[1] < best[0] * best[1]:
+            best = sides
+    return (max(best), min(best))
+
+
+def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = 40) -> float:
+    """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points)."""
+    if len(poly) > max_vertices:
+        poly = poly[np.linspace(0, len(poly) - 1, max_vertices).astype(int)]
+    idx = np.array(list(itertools.combinations(range(len(poly)), 3)))
+    a, b, c = poly[idx[:, 0]], poly[idx[:, 1]], poly[idx[:, 2]]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    return float(np.abs(cross).max() / 2)
+
+
+def mask_shape(mask: np.ndarray) -> str:
+    """Shape word of a binary mask [H, W] from the geometry of its largest component's convex hull.
+
+    The convex hull is used (not the region) so a U-shaped myocardium is judged by its outline.
+    Measures, each 1.0 for its ideal shape:
+      triangle_cover = largest inscribed triangle / hull area  (triangle 1.0, rectangle 0.5, ellipse 0.41)
+      rect_fill      = hull area / minimum-area rectangle      (rectangle 1.0, ellipse 0.785)
+      aspect         = long / short side of that rectangle
+    Rules: triangle_cover > 0.8 -> triangle; else rect_fill > 0.9 -> square (aspect < 1.2) or rectangle;
+    else circle (aspect < 1.2) or oval. An empty or degenerate mask gives "oval" (the common LV answer).
+    """
+    region = np.asarray(mask) > 0
+    components, count = ndimage.label(region)
+    if count == 0:
+        return "oval"
+    if count > 1:
+        sizes = ndimage.sum(region, components, index=np.arange(1, count + 1))
+        region = components == 1 + int(np.argmax(sizes))
+    poly = _hull_polygon(region)
+    if poly is None or len(poly) < 3:
+        return "oval"
+    area = _polygon_area(poly)
+    long_side, short_side = _min_area_rect(poly)
+    aspect = long_side / max(short_side, 1e-6)
+    if _max_inscribed_triangle(poly) / area > 0.8:
+        return "triangle"
+    if area / (long_side * short_side) > 0.9:
+        return "square" if aspect < 1.2 else "rectangle"
+    return "circle" if aspect < 1.2 else "oval"
