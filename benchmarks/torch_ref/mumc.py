@@ -1,0 +1,165 @@
+"""PyTorch reference for MUMC (following pengfeiliHEU/MUMC models/model.py and ALBEF's xbert), for parity
+tests and the pretraining-step benchmark. Written from the public code's formulas, not copied.
+
+- `ita_loss`: MUMC's get_contrastive_loss with queues stored [D, Q] as in the original.
+- `itm_loss`: get_matching_loss after the fusion encoder, given negative indices (or sampled with
+  torch.multinomial from softmax + 1e-4 with the diagonal zeroed).
+- `mlm_distill_loss`: xbert BertForMaskedLM loss with soft labels.
+- `VisionTransformer`: MAE/timm-style ViT (patch_embed.proj, cls_token, blocks.i.{norm1, attn.qkv, attn.proj,
+  norm2, mlp.fc1, mlp.fc2}, norm) with fixed sin-cos position embedding and MAE patch dropping given indices.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def ita_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
+    """Queues [D, Q] (the original's layout). Returns (loss, dict of the four terms)."""
+    with torch.no_grad():
+        image_feat_all = torch.cat([image_feat_m.t(), image_queue.clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), text_queue.clone().detach()], dim=1)
+        sim_i2t_m = image_feat_m @ text_feat_all / temp
+        sim_t2i_m = text_feat_m @ image_feat_all / temp
+        sim_targets = torch.zeros(sim_i2t_m.size())
+        sim_targets.fill_diagonal_(1)
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2i = image_feat @ image_feat_all / temp
+    sim_t2t = text_feat @ text_feat_all / temp
+    sim_i2t = image_feat @ text_feat_all / temp
+    sim_t2i = text_feat @ image_feat_all / temp
+    terms = {
+        "i2i": -torch.sum(F.log_softmax(sim_i2i, dim=1) * sim_targets, dim=1).mean(),
+        "t2t": -torch.sum(F.log_softmax(sim_t2t, dim=1) * sim_targets, dim=1).mean(),
+        "i2t": -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean(),
+        "t2i": -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean(),
+    }
+    loss = (terms["i2t"] + terms["t2i"] + 0.5 * (terms["i2i"] + terms["t2t"])) / 2
+    return loss, terms
+
+
+def itm_negative_weights(image_feat, text_feat, temp):
+    """(weights_i2t, weights_t2i) [B, B]: softmax + 1e-4, diagonal zeroed."""
+    with torch.no_grad():
+        sim_i2t = image_feat @ text_feat.t() / temp
+        sim_t2i = text_feat @ image_feat.t() / temp
+        weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
+        weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
+        weights_i2t.fill_diagonal_(0)
+        weights_t2i.fill_diagonal_(0)
+    return weights_i2t, weights_t2i
+
+
+def itm_sample_negatives(image_feat, text_feat, temp, generator=None):
+    """(neg image index per text, neg text index per image), as the original's per-row multinomial."""
+    w_i2t, w_t2i = itm_negative_weights(image_feat, text_feat, temp)
+    neg_img = torch.multinomial(w_t2i, 1, generator=generator)[:, 0]
+    neg_txt = torch.multinomial(w_i2t, 1, generator=generator)[:, 0]
+    return neg_img, neg_txt
+
+
+def itm_loss(vl_pos, vl_neg, itm_head):
+    """vl_pos [B, D] CLS of matched pairs, vl_neg [2B, D] CLS of (text, neg image) then (neg text, image)."""
+    bs = vl_pos.shape[0]
+    vl_output = itm_head(torch.cat([vl_pos, vl_neg], dim=0))
+    labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+    return F.cross_entropy(vl_output, labels)
+
+
+def build_itm_head(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 2))
+
+
+def mlm_distill_loss(prediction_scores, logits_m, labels, alpha):
+    """labels [B, L] with -100 at unpicked positions (xbert convention)."""
+    vocab = prediction_scores.shape[-1]
+    masked_lm_loss = F.cross_entropy(prediction_scores.view(-1, vocab), labels.view(-1), ignore_index=-100)
+    soft_labels = F.softmax(logits_m, dim=-1)
+    loss_distill = -torch.sum(F.log_softmax(prediction_scores, dim=-1) * soft_labels, dim=-1)
+    loss_distill = loss_distill[labels != -100].mean()
+    return (1 - alpha) * masked_lm_loss + alpha * loss_distill
+
+
+# ------------------------------------------------------------------------------------------------- ViT
+def sincos_2d_posemb(dim: int, grid: int) -> np.ndarray:
+    """MAE's get_2d_sincos_pos_embed (w first), without the class-token row: [grid*grid, dim]."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # w goes first
+    return np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1).astype(np.float32)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """MAE encoder as used by MUMC (images NCHW). `keep_idx` [B, K] selects patches after the posemb."""
+
+    def __init__(self, img_size=256, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_size = patch_size
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, eps) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x, keep_idx=None):
+        grid = x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)
+        x = x + torch.from_numpy(sincos_2d_posemb(x.shape[-1], grid))[None]
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # class-token posemb is zero
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
