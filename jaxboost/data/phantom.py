@@ -23,6 +23,8 @@ PHASES = ("ED", "ES")
 QUALITIES = ("Good", "Medium", "Poor")
 DEFAULT_SIZE = (320, 256)  # (H, W); CAMUS images are taller than wide
 CONE_HALF_ANGLE = np.deg2rad(38.0)
+PHANTOM_NOTE = ("jaxboost echo phantom: procedurally drawn pictures in the CAMUS layout, not patient data.\n"
+                "patients: {n}\nseed: {seed}\nformat: {fmt}\nsize: {h} {w}\n")
 
 
 def sector_cone(h: int, w: int, half_angle: float = CONE_HALF_ANGLE, depth: float = 0.97) -> np.ndarray:
@@ -174,6 +176,8 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
     if min(size) < 32:
         raise ValueError(f"--size must be at least 32x32, got {size}")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "PHANTOM.txt", PHANTOM_NOTE.format(n=patients, seed=seed, fmt=fmt, h=size[0], w=size[1]).encode())
     n_test = num_test_patients(patients)
     for number in range(1, patients + 1):
         split_dir = "testing" if number > patients - n_test else "training"

@@ -8,6 +8,7 @@ structure name; the original asked a VQA model for the shape, ours measures it f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -102,11 +103,16 @@ def _min_area_rect(poly: np.ndarray) -> tuple[float, float]:
     return (max(best), min(best))
 
 
+@functools.lru_cache(maxsize=64)
+def _triangle_indices(n: int) -> np.ndarray:
+    return np.array(list(itertools.combinations(range(n), 3)))
+
+
 def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = 40) -> float:
     """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points)."""
     if len(poly) > max_vertices:
         poly = poly[np.linspace(0, len(poly) - 1, max_vertices).astype(int)]
-    idx = np.array(list(itertools.combinations(range(len(poly)), 3)))
+    idx = _triangle_indices(len(poly))
     a, b, c = poly[idx[:, 0]], poly[idx[:, 1]], poly[idx[:, 2]]
     cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
     return float(np.abs(cross).max() / 2)
