@@ -1,0 +1,89 @@
+"""`jaxboost corpus show CORPUS [--png grid.png] [--json] [--n 8]`: counts, example prompts, a PNG grid."""
+from __future__ import annotations
+
+import collections
+import json
+import textwrap
+
+import numpy as np
+
+from jaxboost.data import corpus as corpus_lib
+
+_OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240]], np.float32)  # by label
+
+
+def summarize(corpus: corpus_lib.Corpus, n_examples: int = 8) -> dict:
+    """Counts per split / source / structure / view / quality (one pass over the records) and examples."""
+    summary = {"path": str(corpus.path), "size": corpus.size, "schema_version": corpus.manifest["schema_version"],
+               "counts": corpus.manifest["counts"], "by_split": {}, "examples": []}
+    for split in corpus_lib.SPLITS:
+        tallies = {name: collections.Counter() for name in ("source", "structure", "view", "phase", "quality")}
+        patients = set()
+        for record in corpus.iter(split):
+            for name, tally in tallies.items():
+                tally[record[name]] += 1
+            patients.add(record["patient"])
+            if len(summary["examples"]) < n_examples:
+                summary["examples"].append({"key": record["key"], "split": split, "prompt_p6": record["prompts"][6][0],
+                                            "prompt_p7": record["prompts"][7][1]})
+        summary["by_split"][split] = {"patients": len(patients), **{k: dict(sorted(v.items())) for k, v in tallies.items()}}
+    return summary
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, label: int | None = None, alpha: float = 0.45) -> np.ndarray:
+    """[S, S] uint8 image + [S, S] labels -> [S, S, 3] uint8 with the labels (or just `label`) tinted."""
+    rgb = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
+    shown = mask if label is None else np.where(mask == label, mask, 0)
+    tint = _OVERLAY_COLOURS[shown]
+    blend = np.where(shown[..., None] > 0, (1 - alpha) * rgb + alpha * tint, rgb)
+    return blend.clip(0, 255).astype(np.uint8)
+
+
+def draw_grid(corpus: corpus_lib.Corpus, png_path: str, n: int = 8, split: str | None = None) -> None:
+    """n rows of (image, structure overlay, P7 prompt text) from the first non-empty split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    split = split or next(s for s in corpus_lib.SPLITS if corpus.split_len(s) > 0)
+    source = corpus.source(split)
+    indices = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
+    fig, axes = plt.subplots(len(indices), 3, figsize=(9, 2.6 * len(indices)), squeeze=False)
+    for row, index in zip(axes, indices):
+        record = source[int(index)]
+        row[0].imshow(record["image"], cmap="gray", vmin=0, vmax=255)
+        row[0].set_title(record["key"], fontsize=7)
+        row[1].imshow(overlay(record["image"], record["mask"], record["label"]))
+        row[1].set_title(f"{record['structure']} (label {record['label']})", fontsize=7)
+        row[2].text(0, 0.5, textwrap.fill(record["prompts"][7][0], 40), fontsize=7, va="center")
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("corpus", help="corpus folder (with manifest.json)")
+    parser.add_argument("--png", default=None, help="write a grid of examples to this PNG file")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--n", type=int, default=8, help="number of examples")
+    parser.add_argument("--split", default=None, choices=corpus_lib.SPLITS, help="split drawn in the grid")
+
+
+def main(args) -> int:
+    corpus = corpus_lib.open_corpus(args.corpus)
+    summary = summarize(corpus, args.n)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"corpus {summary['path']}  size {summary['size']}  schema v{summary['schema_version']}")
+        for split, info in summary["by_split"].items():
+            print(f"  {split:<5} {summary['counts'][split]:>7} records  {info['patients']} patients  "
+                  f"source {info['source']}  structure {info['structure']}  quality {info['quality']}")
+        print("examples:")
+        for example in summary["examples"]:
+            print(f"  {example['key']}: {example['prompt_p7']}")
+    if args.png:
+        draw_grid(corpus, args.png, args.n, args.split)
+        print(f"wrote {args.png}")
+    return 0
