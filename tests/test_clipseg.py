@@ -1,0 +1,160 @@
+"""CLIPSeg in Flax vs HF `CLIPSegForImageSegmentation` (torch) on the same random weights."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxboost.convert import clip as convert_clip  # noqa: E402
+from jaxboost.convert.hf_clipseg import clipseg_from_hf, variables_from_state_dict, model_fields  # noqa: E402
+from jaxboost.models import clipseg  # noqa: E402
+
+SMALL = dict(
+    text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=16, eos_token_id=2),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                       image_size=64, patch_size=16),
+    projection_dim=24, extract_layers=(1, 2), reduce_dim=16, decoder_num_attention_heads=2,
+    decoder_intermediate_size=32, use_complex_transposed_convolution=True)
+# CIDAS/clipseg-rd64-refined: ViT-B/16 at 224, text 512x12, reduce 64, complex head.
+FULL = dict(vision_config=dict(patch_size=16, image_size=224), use_complex_transposed_convolution=True)
+
+
+def _hf_model(tmp_path, config_kwargs, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig(**config_kwargs)).eval()
+    with torch.no_grad():  # HF's random init gives logits in the hundreds; scale the last layer to real range
+        last = model.decoder.transposed_convolution
+        last = last[-1] if isinstance(last, torch.nn.Sequential) else last
+        last.weight.mul_(0.02)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _inputs(rng, batch, size, vocab, length, eos):
+    pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+    ids = rng.integers(1, min(vocab, 90), size=(batch, length))
+    mask = np.ones((batch, length), np.int64)
+    ends = rng.integers(2, length, size=batch)
+    for b, end in enumerate(ends):
+        ids[b, end] = eos if eos != 2 else vocab - 1
+        ids[b, end + 1:] = eos if eos != 2 else vocab - 1   # HF pads CLIP with the end-of-text token
+        mask[b, end + 1:] = 0
+    return pixels, ids, mask
+
+
+def _compare(tmp_path, config_kwargs, sizes, batch, grads=True):
+    hf = _hf_model(tmp_path, config_kwargs)
+    module, variables = clipseg_from_hf(str(tmp_path))
+    cfg = json.load(open(tmp_path / "config.json"))
+    vocab, eos = cfg["text_config"]["vocab_size"], cfg["text_config"]["eos_token_id"]
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        pixels, ids, mask = _inputs(rng, batch, size, vocab, 7, eos)
+        weight = rng.normal(size=(batch, size, size)).astype(np.float32)
+        hf.zero_grad()
+        out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                 attention_mask=torch.tensor(mask)).logits
+        (out * torch.tensor(weight)).sum().backward()
+        ref = out.detach().numpy()
+
+        def loss(params):
+            logits = module.apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                                  jnp.asarray(ids), jnp.asarray(mask))
+            return (logits * weight).sum(), logits
+
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        assert logits.shape == ref.shape == (batch, size, size)
+        assert 1.0 < np.abs(ref).max() < 1e3  # a real range, so the absolute tolerance means something
+        np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
+        if not grads:
+            continue
+        # Torch grads -> our layout through the converter itself (the layout maps are linear).
+        grad_sd = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+                   for k, p in hf.named_parameters()}
+        torch_g = variables_from_state_dict(grad_sd, model_fields(cfg), "grads")["params"]
+        decoder = [k for k in g if clipseg.decoder_param_filter((k,))]
+        assert decoder and all(np.abs(x).max() == 0 for x in jax.tree_util.tree_leaves((g["vision"], g["text"])))
+        ours_flat = traverse_util.flatten_dict({k: g[k] for k in decoder}, sep="/")
+        theirs_flat = traverse_util.flatten_dict({k: torch_g[k] for k in decoder}, sep="/")
+        assert ours_flat.keys() == theirs_flat.keys()
+        for name, theirs in theirs_flat.items():
+            if name.endswith("attn/key/bias"):
+                continue  # softmax is shift-invariant: the true gradient is 0, both sides hold rounding noise
+            scale = np.abs(theirs).max()
+            assert scale > 0, name
+            assert np.abs(np.asarray(ours_flat[name]) - theirs).max() <= 1e-4 * scale, name
+
+def test_clipseg_small_matches_hf_logits_and_decoder_grads(tmp_path):
+    _compare(tmp_path, SMALL, sizes=(64, 96), batch=2)
+
+
+@pytest.mark.slow
+def test_clipseg_full_size_matches_hf_at_352_and_224(tmp_path):
+    _compare(tmp_path, FULL, sizes=(352, 224), batch=1)
+
+
+def test_clipseg_trainable_encoders_get_gradient(tmp_path):
+    # The frozen default (HF-exact, zero encoder gradients) is asserted in the parity tests above.
+    _hf_model(tmp_path, SMALL)
+    module, variables = clipseg_from_hf(str(tmp_path), freeze_encoders=False)
+    pixels, ids, mask = _inputs(np.random.default_rng(1), 1, 64, 100, 6, 2)
+    args = (jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(ids), jnp.asarray(mask))
+    g = jax.jit(jax.grad(lambda p: module.apply({"params": p}, *args).sum()))(variables["params"])
+    for tower in ("vision", "text"):
+        assert sum(float(jnp.abs(x).sum()) for x in jax.tree_util.tree_leaves(g[tower])) > 0, tower
+
+
+def test_clipseg_rejects_wrong_channel_count(tmp_path):
+    _hf_model(tmp_path, SMALL)
+    module, variables = clipseg_from_hf(str(tmp_path))
+    with pytest.raises(ValueError, match="3"):
+        module.apply(variables, jnp.zeros((1, 64, 64, 1)), jnp.ones((1, 5), jnp.int32))
+
+
+def test_clipseg_rejects_tokens_longer_than_context(tmp_path):
+    _hf_model(tmp_path, SMALL)
+    module, variables = clipseg_from_hf(str(tmp_path))
+    with pytest.raises(ValueError, match="context_length"):
+        module.apply(variables, jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 17), jnp.int32))
+
+
+def test_clipseg_converter_rejects_other_architecture(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(text_config=SMALL["text_config"], vision_config=SMALL["vision_config"],
+                                  projection_dim=24)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="clipseg"):
+        clipseg_from_hf(str(tmp_path))
+    # Right config, wrong weights: named in the error.
+    cfg_json = json.load(open(tmp_path / "config.json"))
+    _hf_model(tmp_path / "seg", SMALL)
+    json.dump(json.load(open(tmp_path / "seg" / "config.json")), open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="film_mul"):
+        clipseg_from_hf(str(tmp_path))
+    assert cfg_json["model_type"] == "clip"
+
+
+def test_clipseg_converter_names_missing_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _hf_model(tmp_path, SMALL)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["decoder.reduces.1.bias"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="decoder.reduces.1.bias"):
+        clipseg_from_hf(str(tmp_path))
+
+
+def test_convert_clipseg_cli_roundtrip(tmp_path):
+    from jaxboost import cli
+    _hf_model(tmp_path / "hf", SMALL)
+    assert cli.main(["convert", "clipseg", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
+    module, variables = convert_clip.load_converted(str(tmp_path / "out"))
+    ref_module, ref_vars = clipseg_from_hf(str(tmp_path / "hf"))
+    args = (jnp.ones((1, 64, 64, 3)), jnp.array([[5, 6, 99]]))
+    np.testing.assert_array_equal(module.apply(variables, *args), ref_module.apply(ref_vars, *args))
