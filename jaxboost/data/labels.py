@@ -34,7 +34,9 @@ def cone_from_image(image: np.ndarray, threshold: int = 0) -> np.ndarray:
     support = np.asarray(image) > threshold
     if not support.any():
         return np.zeros(support.shape, np.uint8)
-    support = ndimage.binary_closing(support, structure=np.ones((5, 5)), iterations=2, border_value=0)
+    pad = 6  # closing erodes from the border; pad so a sector touching the image edge stays whole
+    support = np.pad(support, pad)
+    support = ndimage.binary_closing(support, structure=np.ones((5, 5)), iterations=2)[pad:-pad, pad:-pad]
     components, count = ndimage.label(support)
     if count > 1:
         sizes = ndimage.sum(support, components, index=np.arange(1, count + 1))

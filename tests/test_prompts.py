@@ -1,0 +1,96 @@
+"""Prompts P0-P7 against sentences written out by hand (SPEC A2), and the mask-shape classifier."""
+import numpy as np
+import pytest
+
+from jaxboost.data import prompts
+
+
+def test_prompts_73_year_old_female_poor_4ch_es_myocardium():
+    got = prompts.make_prompts("MYO", "4CH", "ES", "F", 73, "Poor", "oval")
+    expected = [
+        ["", ""],
+        ["Myocardium of the heart.",
+         "Myocardium in the cardiac ultrasound."],
+        ["Myocardium in four-chamber view of the heart.",
+         "Myocardium in four-chamber view in the cardiac ultrasound."],
+        ["Myocardium in four-chamber view of the heart at end of the systole cycle.",
+         "Myocardium in four-chamber view in the cardiac ultrasound at end of the systole cycle."],
+        ["Myocardium in four-chamber view of the heart at end of the systole cycle of a female.",
+         "Myocardium in four-chamber view in the cardiac ultrasound at end of the systole cycle of a female."],
+        ["Myocardium in four-chamber view of the heart at end of the systole cycle of a seventy-three-year-old female.",
+         "Myocardium in four-chamber view in the cardiac ultrasound at end of the systole cycle of a "
+         "seventy-three-year-old female."],
+        ["Myocardium in four-chamber view of the heart at end of the systole cycle of a seventy-three-year-old "
+         "female with poor image quality.",
+         "Myocardium in four-chamber view in the cardiac ultrasound at end of the systole cycle of a "
+         "seventy-three-year-old female with poor image quality."],
+        ["Myocardium of oval shape in four-chamber view of the heart at end of the systole cycle of a "
+         "seventy-three-year-old female with poor image quality.",
+         "Myocardium of oval shape in four-chamber view in the cardiac ultrasound at end of the systole cycle of "
+         "a seventy-three-year-old female with poor image quality."],
+    ]
+    assert got == expected
+
+
+def test_p7_matches_spec_example():
+    got = prompts.make_prompts("LV", "2CH", "ED", "M", 73, "Good", "oval")
+    assert got[7][1] == ("Left ventricular cavity of oval shape in two-chamber view in the cardiac ultrasound at end "
+                         "of the diastole cycle of a seventy-three-year-old male with good image quality.")
+
+
+def test_left_atrium_p2_and_p4_medium():
+    got = prompts.make_prompts("LA", "2CH", "ED", "M", 41, "Medium", "circle")
+    assert got[1][0] == "Left atrium cavity of the heart."
+    assert got[4][0] == "Left atrium cavity in two-chamber view of the heart at end of the diastole cycle of a male."
+    assert got[6][0].endswith("of a forty-one-year-old male with medium image quality.")
+
+
+def test_synthetic_prompts_drop_image_quality():
+    got = prompts.make_prompts("LV", "4CH", "ES", "F", 30, None, "triangle", drop_quality=True)
+    assert got[6][0] == ("Left ventricular cavity of triangle shape in four-chamber view of the heart at end of the "
+                         "systole cycle of a thirty-year-old female.")
+    assert got[7] == got[6]
+    assert all("quality" not in p for pair in got for p in pair)
+
+
+def test_bad_prompt_values_raise():
+    with pytest.raises(ValueError, match="'3CH'"):
+        prompts.make_prompts("LV", "3CH", "ED", "M", 50, "Good", "oval")
+    with pytest.raises(ValueError, match="quality"):
+        prompts.make_prompts("LV", "2CH", "ED", "M", 50, None, "oval")
+
+
+def _grid(n=120):
+    return np.mgrid[0:n, 0:n].astype(float)
+
+
+def _rotated(region_fn, angle_deg, n=120):
+    rows, cols = _grid(n)
+    a = np.deg2rad(angle_deg)
+    y, x = rows - n / 2, cols - n / 2
+    return region_fn(np.cos(a) * y - np.sin(a) * x, np.sin(a) * y + np.cos(a) * x)
+
+
+@pytest.mark.parametrize("angle", [0, 30])
+@pytest.mark.parametrize("shape,region", [
+    ("oval", lambda y, x: (y / 45) ** 2 + (x / 25) ** 2 <= 1),
+    ("circle", lambda y, x: y ** 2 + x ** 2 <= 35 ** 2),
+    ("square", lambda y, x: (np.abs(y) <= 30) & (np.abs(x) <= 30)),
+    ("rectangle", lambda y, x: (np.abs(y) <= 40) & (np.abs(x) <= 18)),
+    ("triangle", lambda y, x: (y <= 30) & (np.abs(x) <= (y + 40) * 0.6)),
+])
+def test_mask_shape_classifies_drawn_shapes(shape, region, angle):
+    assert prompts.mask_shape(_rotated(region, angle)) == shape
+
+
+def test_mask_shape_of_myocardium_u_is_judged_by_its_outline():
+    rows, cols = _grid()
+    outer = ((rows - 50) / 45) ** 2 + ((cols - 60) / 25) ** 2 <= 1
+    inner = ((rows - 50) / 38) ** 2 + ((cols - 60) / 18) ** 2 <= 1
+    assert prompts.mask_shape(outer & ~inner & (rows < 85)) == "oval"
+    assert prompts.mask_shape(np.zeros((8, 8))) == "oval"
+
+
+def test_age_in_words():
+    assert prompts.age_in_words(73) == "seventy-three"
+    assert prompts.age_in_words(20) == "twenty"
