@@ -321,28 +321,46 @@ def camus_items(root, *, size: int, source: str = "camus") -> tuple[list, dict]:
 
 # ----------------------------------------------------------------------------------------------- reading
 class CorpusSource:
-    """grain RandomAccessDataSource over one split: len() records, [i] -> decoded record dict."""
+    """grain RandomAccessDataSource over one split: len() records, [i] -> decoded record dict.
 
-    def __init__(self, paths: list[str], length: int):
-        self._paths, self._length, self._source = list(paths), int(length), None
+    Reads the ArrayRecord shards directly (no grain import needed to inspect a corpus); readers open
+    lazily so the object pickles for grain worker processes.
+    """
+
+    def __init__(self, paths: list[str], counts: list[int]):
+        self._paths, self._counts = list(paths), [int(c) for c in counts]
+        self._starts = np.cumsum([0] + self._counts)
+        self._readers: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return self._length
+        return int(self._starts[-1])
 
-    def _reader(self):
-        if self._source is None:
-            import grain.python as grain
-            self._source = grain.ArrayRecordDataSource(self._paths)
-        return self._source
+    def _reader(self, shard: int):
+        if shard not in self._readers:
+            from array_record.python import array_record_module
+            self._readers[shard] = array_record_module.ArrayRecordReader(
+                self._paths[shard], "readahead_buffer_size:0")  # random access: no readahead
+        return self._readers[shard]
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._reader()[int(index)])
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return decode_record(self._reader(shard).read([index - int(self._starts[shard])])[0])
 
-    def __getstate__(self):  # picklable for grain worker processes: readers reopen lazily
-        return {"_paths": self._paths, "_length": self._length, "_source": None}
+    def iter_sequential(self, block: int = 64) -> Iterator[dict]:
+        for shard, count in enumerate(self._counts):
+            reader = self._reader(shard)
+            for start in range(0, count, block):
+                for data in reader.read(list(range(start, min(start + block, count)))):
+                    yield decode_record(data)
+
+    def __getstate__(self):
+        return {"_paths": self._paths, "_counts": self._counts, "_starts": self._starts, "_readers": {}}
 
     def __repr__(self) -> str:
-        return f"CorpusSource({len(self._paths)} shards, {self._length} records)"
+        return f"CorpusSource({len(self._paths)} shards, {len(self)} records)"
 
 
 @dataclasses.dataclass
@@ -363,12 +381,13 @@ class Corpus:
         return int(self.manifest["counts"][split])
 
     def source(self, split: str) -> CorpusSource:
-        return CorpusSource(self.shard_paths(split), self.split_len(split))
+        self.split_len(split)  # validates the split name
+        shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        return CorpusSource([str(self.path / s["file"]) for s in shards], [s["records"] for s in shards])
 
     def iter(self, split: str) -> Iterator[dict]:
-        source = self.source(split)
-        for i in range(len(source)):
-            yield source[i]
+        """Records of a split in stored order, read sequentially."""
+        yield from self.source(split).iter_sequential()
 
     def verify(self) -> None:
         """Recompute every shard's sha256 and record count against the manifest."""
