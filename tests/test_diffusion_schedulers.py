@@ -1,0 +1,137 @@
+"""Schedules and single sampler steps against diffusers' DDPMScheduler / DDIMScheduler, step by step.
+
+diffusers options chosen to be improved-diffusion's (and so SDM's) sampler:
+- trained_betas = our betas (the cosine one also equals diffusers' own "squaredcos_cap_v2", checked below);
+- clip_sample=True, clip_sample_range=1 (upstream clip_denoised=True), prediction_type="epsilon";
+- DDPM variance_type="learned_range" (upstream LEARNED_RANGE); respaced DDPM = diffusers' custom `timesteps`
+  (its variance uses alpha_bar[t] / alpha_bar[prev_t], i.e. the respaced beta);
+- DDIM timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True (alpha_bar_prev = 1 at the last step,
+  as upstream) and use_clipped_model_output=True (upstream re-derives eps from the clipped x_0).
+Model outputs and noise are random and shared; each step gets the same x_t (diffusers' trajectory).
+diffusers runs in float64 (its tables cast after construction): in float32 it computes the step's beta as
+1 - alpha_bar_t / alpha_bar_prev, which loses ~0.3% to cancellation at small t, while improved-diffusion (and
+we) build the tables in float64; our float32 step is compared with that exact reference.
+"""
+import diffusers
+import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxboost.diffusion import samplers, schedules
+
+SHAPE = (2, 3, 8, 8)  # NCHW for diffusers
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: torch's thread pool only adds contention (ms per op on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def to_nhwc(a):
+    return jnp.asarray(np.asarray(a, np.float32).transpose(0, 2, 3, 1))
+
+
+def test_cosine_and_linear_betas_match_diffusers():
+    ours = schedules.make_schedule("cosine", 1000)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    np.testing.assert_allclose(ours.betas, ref.betas.numpy(), rtol=1e-6, atol=1e-7)
+    lin = schedules.make_schedule("linear", 1000)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    np.testing.assert_allclose(lin.betas, ref.betas.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        schedules.make_schedule("sigmoid", 10)
+
+
+def test_space_timesteps_follows_improved_diffusion_rules():
+    assert schedules.space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert schedules.space_timesteps(1000, "ddim25") == list(range(0, 1000, 40))
+    steps = schedules.space_timesteps(300, "10,15,20")   # improved-diffusion's docstring example
+    assert len(steps) == 45 and steps[0] == 0 and steps[9] == 99 and steps[10] == 100 and steps[-1] == 299
+    assert schedules.space_timesteps(10, "3") == [0, 4, 9]
+    with pytest.raises(ValueError):
+        schedules.space_timesteps(10, "ddim7")
+    spaced = schedules.respace(schedules.make_schedule("cosine", 1000), "ddim50")
+    base = schedules.make_schedule("cosine", 1000)
+    np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[::20], rtol=1e-12)
+
+
+def _ddpm_scheduler(schedule, timesteps=None):
+    sch = diffusers.DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(schedule.betas, np.float32),
+                                  variance_type="learned_range", clip_sample=True, clip_sample_range=1.0,
+                                  prediction_type="epsilon")
+    if timesteps is not None:
+        sch.set_timesteps(timesteps=list(timesteps))
+    return _float64(sch, schedule)
+
+
+def _float64(sch, schedule):
+    sch.betas = torch.tensor(np.asarray(schedule.betas), dtype=torch.float64)
+    sch.alphas = 1.0 - sch.betas
+    sch.alphas_cumprod = torch.cumprod(sch.alphas, dim=0)
+    sch.one = torch.tensor(1.0, dtype=torch.float64)
+    sch.final_alpha_cumprod = sch.one
+    return sch
+
+
+@pytest.mark.parametrize("spacing", ["", "50"])
+def test_ddpm_learned_range_step_matches_diffusers(spacing, monkeypatch):
+    base = schedules.make_schedule("cosine", 1000)
+    spaced = schedules.respace(base, spacing)
+    ref = _ddpm_scheduler(base, None if not spacing else spaced.timesteps[::-1].tolist())
+    gen = torch.Generator().manual_seed(0)
+    step = jax.jit(lambda out, i, x, z: samplers.ddpm_step(spaced, out, i, x, z)[0])
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    worst = 0.0
+    for i in reversed(range(spaced.num_steps)):
+        t = int(spaced.timesteps[i])
+        out = torch.cat([torch.randn(SHAPE, generator=gen) * 2, torch.rand(SHAPE, generator=gen) * 2 - 1], dim=1).double()
+        noise = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        monkeypatch.setattr(diffusers_ddpm, "randn_tensor", lambda *a, **k: noise)
+        expected = ref.step(out, t, x).prev_sample
+        got = step(to_nhwc(out), i, to_nhwc(x), to_nhwc(noise))
+        worst = max(worst, float(np.abs(np.asarray(got) - to_nhwc(expected)).max()))
+        x = expected
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("steps,eta", [(50, 0.0), (25, 0.7)])
+def test_ddim_step_matches_diffusers(steps, eta):
+    base = schedules.make_schedule("cosine", 1000)
+    spaced = schedules.respace(base, f"ddim{steps}")
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(base.betas, np.float32),
+                                  clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
+                                  timestep_spacing="leading", prediction_type="epsilon")
+    ref.set_timesteps(steps)
+    ref = _float64(ref, base)
+    np.testing.assert_array_equal(ref.timesteps.numpy(), spaced.timesteps[::-1])
+    gen = torch.Generator().manual_seed(1)
+    step = jax.jit(lambda out, i, x, z: samplers.ddim_step(spaced, out, i, x, z, eta=eta)[0])
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    worst = 0.0
+    for i in reversed(range(steps)):
+        t = int(spaced.timesteps[i])
+        out = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        noise = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        expected = ref.step(out, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+        got = step(to_nhwc(out), i, to_nhwc(x), to_nhwc(noise))
+        worst = max(worst, float(np.abs(np.asarray(got) - to_nhwc(expected)).max()))
+        x = expected
+    assert worst <= 1e-5, worst
+
+
+def test_q_sample_matches_diffusers_add_noise():
+    base = schedules.make_schedule("linear", 1000)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(base.betas, np.float32))
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = torch.tensor([0, 637])
+    expected = ref.add_noise(x0, noise, t)
+    got = schedules.q_sample(base, to_nhwc(x0), jnp.asarray(t.numpy()), to_nhwc(noise))
+    np.testing.assert_allclose(np.asarray(got), to_nhwc(expected), atol=1e-5)
