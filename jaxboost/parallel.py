@@ -1,0 +1,182 @@
+"""Meshes, sharding rules and multi-host start-up: the one place every trainer and the sampler get them.
+
+Axes: `data` (pure data parallel) and `fsdp` (data parallel whose parameters are also split). The batch is
+split over both axes; parameters are replicated unless a rule (regex on the parameter path) or the FSDP
+default puts their largest divisible dimension on `fsdp`. Everything goes through `jax.jit` with
+`NamedSharding`s: XLA inserts the collectives; `jax.shard_map` is used only where a computation needs an
+explicit one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+BATCH_AXES = ("data", "fsdp")
+
+
+# ----------------------------------------------------------------------------------------- multi-host
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, timeout_s: int = 120,
+                           local_device_ids: Sequence[int] | None = None) -> None:
+    """Starts jax.distributed when more than one process is expected; a no-op for one process.
+
+    Order: explicit arguments; JAXBOOST_COORDINATOR / JAXBOOST_NUM_PROCESSES / JAXBOOST_PROCESS_ID;
+    SLURM (`SLURM_NTASKS` > 1) and TPU pods, which jax detects by itself.
+    A coordinator that does not answer within `timeout_s` raises a clear error instead of hanging.
+    """
+    env = os.environ
+    coordinator = coordinator or env.get("JAXBOOST_COORDINATOR")
+    num_processes = num_processes or (int(env["JAXBOOST_NUM_PROCESSES"]) if "JAXBOOST_NUM_PROCESSES" in env else None)
+    process_id = process_id if process_id is not None else (
+        int(env["JAXBOOST_PROCESS_ID"]) if "JAXBOOST_PROCESS_ID" in env else None)
+    auto = int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    if coordinator is None and not auto:
+        return
+    if num_processes == 1:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU collectives between processes (tests and local multi-process runs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                  initialization_timeout=timeout_s)
+    if local_device_ids is not None:
+        kwargs["local_device_ids"] = list(local_device_ids)
+    try:
+        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    except Exception as e:  # jax raises a bare XlaRuntimeError/DEADLINE_EXCEEDED here
+        raise RuntimeError(f"could not reach the jax.distributed coordinator {coordinator!r} within "
+                           f"{timeout_s}s as process {process_id} of {num_processes}: {e}") from e
+    log.info("jax.distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------------------- mesh
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over all devices; -1 fills the remaining devices."""
+    devices = list(devices) if devices is not None else jax.devices()
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: at most one of data/fsdp may be -1")
+    if data == -1:
+        if n % fsdp:
+            raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
+        data = n // fsdp
+    if fsdp == -1:
+        if n % data:
+            raise ValueError(f"mesh: data={data} does not divide the {n} devices")
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} but there are {n} devices")
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), devices=devices)
+
+
+def mesh_from_config(config) -> Mesh:
+    mesh_cfg = config.get("mesh", None) or {}
+    return make_mesh(int(mesh_cfg.get("data", -1)), int(mesh_cfg.get("fsdp", 1)))
+
+
+def check_batch_divides(mesh: Mesh, global_batch: int) -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % n:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the {n} batch shards of the mesh "
+                         f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']})")
+    if global_batch % jax.process_count():
+        raise ValueError(f"batch_size={global_batch} is not divisible by {jax.process_count()} processes")
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(mesh: Mesh, host_batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays split over the batch axes. Non-numeric fields are dropped
+    (strings stay on the host: tokenize them before this call)."""
+    out = {}
+    for k, v in host_batch.items():
+        v = np.asarray(v)
+        if v.dtype.kind not in "biuf":
+            continue
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- parameters
+
+def _path_str(path) -> str:
+    """'params/encoder/kernel' for a jax key path (dict keys, attributes and indices alike)."""
+    def part(p):
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                return str(getattr(p, attr))
+        return str(p)
+    return "/".join(part(p) for p in path)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2 ** 14) -> P:
+    """Puts the largest dimension divisible by the fsdp size on 'fsdp'; small tensors stay replicated."""
+    if fsdp_size <= 1 or int(np.prod(shape)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def param_specs(params_shape, mesh: Mesh, rules: Sequence[tuple[str, P | str]] = (), fsdp_min_size: int = 2 ** 14):
+    """A PartitionSpec per leaf: the first matching (regex, spec) rule wins, spec 'fsdp' means the FSDP
+    default for that leaf; unmatched leaves use FSDP when the mesh has an fsdp axis > 1, else replicate."""
+    fsdp_size = mesh.shape.get("fsdp", 1)
+    compiled = [(re.compile(rx), spec) for rx, spec in rules]
+
+    def spec_for(path, leaf):
+        name = _path_str(path)
+        for rx, spec in compiled:
+            if rx.search(name):
+                return fsdp_spec(leaf.shape, fsdp_size, fsdp_min_size) if spec == "fsdp" else spec
+        return fsdp_spec(leaf.shape, fsdp_size, fsdp_min_size)
+
+    return jax.tree_util.tree_map_with_path(spec_for, params_shape)
+
+
+def shardings_for(tree_shape, mesh: Mesh, rules=(), fsdp_min_size: int = 2 ** 14):
+    specs = param_specs(tree_shape, mesh, rules, fsdp_min_size)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def create_sharded(init_fn, mesh: Mesh, *args, rules=(), fsdp_min_size: int = 2 ** 14):
+    """Runs `init_fn(*args)` under jit with its outputs created already sharded (never whole on one device)."""
+    shape = jax.eval_shape(init_fn, *args)
+    out_shardings = shardings_for(shape, mesh, rules, fsdp_min_size)
+    return jax.jit(init_fn, out_shardings=out_shardings)(*args), out_shardings
+
+
+def bytes_per_device(tree, shardings=None) -> int:
+    """Bytes one device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`."""
+    leaves = jax.tree.leaves(tree)
+    shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)) if shardings else [None] * len(leaves)
+    total = 0
+    for leaf, sh in zip(leaves, shard_leaves):
+        shape = sh.shard_shape(leaf.shape) if sh is not None else leaf.shape
+        total += int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
