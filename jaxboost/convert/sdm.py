@@ -149,8 +149,7 @@ def save_params(params, out_dir: str, model_config) -> None:
             checkpointer.save(os.path.join(tmp, "params"), params, force=True)
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(jax.tree.map(lambda v: list(v) if isinstance(v, tuple) else v, dict(model_config)), f,
-                      indent=1)
+            json.dump(dict(model_config), f, indent=1)
         os.makedirs(out_dir, exist_ok=True)
         for name in ("params", "model_config.json"):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
