@@ -98,6 +98,8 @@ def test_killed_build_resumes_to_the_same_manifest(phantom_dir, tmp_path):
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == mtimes  # complete shards kept
     assert not list(out.glob("*.tmp"))
     corpus.open_corpus(out, verify=True)
+    assert _cli(*args, "--out", str(ref)).returncode == 0  # rerunning a finished build changes nothing
+    assert (ref / "manifest.json").read_text() == (out / "manifest.json").read_text()
 
 
 def test_two_writers_merge_into_one_corpus(phantom_dir, built, tmp_path):
@@ -106,7 +108,12 @@ def test_two_writers_merge_into_one_corpus(phantom_dir, built, tmp_path):
     for writer_id in (0, 1):
         assert corpus.build_corpus(items, out, size=SIZE, source="phantom", writer_id=writer_id, num_writers=2,
                                    records_per_shard=10) is None
-    manifest = corpus.finalize_corpus(out, expect_writers=2, source_info=info)
+    with pytest.raises(ValueError, match="expected 3 writer parts, found 2"):
+        corpus.finalize_corpus(out, expect_writers=3)
+    result = _cli("corpus", "build", "--camus", str(phantom_dir), "--out", str(out), "--size", str(SIZE),
+                  "--num-writers", "2", "--finalize")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
     assert {s["writer"] for s in manifest["shards"]} == {0, 1}
     single = corpus.open_corpus(built)
     assert manifest["counts"] == single.manifest["counts"]

@@ -117,3 +117,16 @@ def test_raw_batches_and_bad_arguments(corpus_dir):
         _loader(corpus_dir, global_batch_size=3, process_count=2, process_index=0)
     with pytest.raises(ValueError, match="prompt_index"):
         pipeline.segmentation_transform(8)
+
+
+def test_host_batches_become_global_arrays_on_the_mesh(corpus_dir):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    batch = next(iter(_loader(corpus_dir, transform=pipeline.segmentation_transform(1),
+                              global_batch_size=jax.device_count())))
+    placed = pipeline.host_batch_to_global(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert isinstance(placed["image"], jax.Array) and placed["image"].shape == batch["image"].shape
+    assert len(placed["image"].sharding.device_set) == jax.device_count()
+    np.testing.assert_array_equal(np.asarray(placed["mask"]), batch["mask"])
+    assert placed["prompt"] is batch["prompt"]  # strings stay on the host

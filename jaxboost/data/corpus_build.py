@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="source tag (default: phantom if the folder has PHANTOM.txt, else camus)")
     parser.add_argument("--writer-id", type=int, default=0, help="this writer's index (multi-host builds)")
     parser.add_argument("--num-writers", type=int, default=1)
+    parser.add_argument("--finalize", action="store_true",
+                        help="only merge the writers' parts into manifest.json (once, after all --num-writers ran)")
     parser.add_argument("--sleep-per-image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill mid-build
 
 
@@ -33,6 +35,11 @@ def main(args) -> int:
     root = Path(args.camus)
     source = args.source or _detect_source(root)
     items, info = corpus_lib.camus_items(root, size=args.size, source=source)
+    if args.finalize:
+        manifest = corpus_lib.finalize_corpus(args.out, expect_writers=args.num_writers, source_info=info)
+        print(f"corpus {args.out}: {manifest['counts']} ({manifest['num_records']} records) from "
+              f"{args.num_writers} writers")
+        return 0
     extra = {"source": source, "input": info["path"]}
     on_image = (lambda: time.sleep(args.sleep_per_image)) if args.sleep_per_image else None
     start = time.perf_counter()
@@ -42,7 +49,7 @@ def main(args) -> int:
         extra_config=extra, on_image=on_image)
     seconds = time.perf_counter() - start
     if manifest is None:
-        print(f"writer {args.writer_id} done; run finalize (jaxboost.data.corpus.finalize_corpus) after all writers")
+        print(f"writer {args.writer_id} done; after all writers: the same command with --finalize")
         return 0
     total = manifest["num_records"]
     print(f"corpus {args.out}: {manifest['counts']} ({total} records, {len(manifest['shards'])} shards) "
