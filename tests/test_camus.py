@@ -67,6 +67,16 @@ def test_flat_nifti_release_layout_splits_last_patients_to_test(tmp_path):
     records = camus.read_camus(tmp_path / "CAMUS_public")
     assert {r.patient for r in records if r.split == "test"} == {"patient0010"}
     assert {r.patient for r in records if r.split == "val"} == {"patient0001"}
+    # The 2023 release's official test list, when present, decides the test patients.
+    split_dir = tmp_path / "CAMUS_public" / "database_split"
+    split_dir.mkdir()
+    (split_dir / "subgroup_testing.txt").write_text("patient0001\npatient0004\n")
+    records = camus.read_camus(flat)
+    assert {r.patient for r in records if r.split == "test"} == {"patient0001", "patient0004"}
+    assert {r.patient for r in records if r.split == "val"} == {"patient0002"}
+    (split_dir / "subgroup_testing.txt").write_text("patient0099\n")
+    with pytest.raises(ValueError, match=r"subgroup_testing\.txt: lists patients not found.*patient0099"):
+        camus.read_camus(flat)
 
 
 def _first(root, stem_suffix):

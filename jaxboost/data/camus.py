@@ -2,8 +2,9 @@
 
 Layouts read:
   - DIR/training/patientXXXX/ + DIR/testing/patientXXXX/  (the mhd release; the phantom writes this)
-  - DIR/[database_nifti/]patientXXXX/ all together (the 2023 nii release): patients are sorted and the
-    last round(n * 50 / 500) are test, which is patients 451-500 for the full set, CAMUS's test patients.
+  - DIR/[database_nifti/]patientXXXX/ all together (the 2023 nii release): test patients are those listed
+    in database_split/subgroup_testing.txt (next to database_nifti) when that file exists; otherwise the
+    last round(n * 50 / 500) patients (451-500 for the full set, the challenge's test patients).
 Images: `patientXXXX_{2CH,4CH}_{ED,ES}.{nii.gz|mhd}` and `..._gt` masks (0 background, 1 LV, 2 MYO, 3 LA);
 `Info_{2CH,4CH}.cfg` holds `key: value` lines (ED, ES, NbFrame, Sex, Age, ImageQuality).
 Splits: testing patients -> "test"; of the training patients the first max(1, round(n * 50 / 450)) are
@@ -155,8 +156,17 @@ def discover(root: str | Path) -> dict[str, list[Path]]:
     else:
         flat = root / "database_nifti" if (root / "database_nifti").is_dir() else root
         patients = _patient_dirs(flat)
-        n_test = 0 if len(patients) < 2 else max(1, round(len(patients) * 50 / 500))
-        found = {"training": patients[: len(patients) - n_test], "testing": patients[len(patients) - n_test:]}
+        split_file = flat.parent / "database_split" / "subgroup_testing.txt"
+        if split_file.is_file():
+            listed = {line.strip() for line in split_file.read_text().splitlines() if line.strip()}
+            unknown = sorted(listed - {p.name for p in patients})
+            if unknown:
+                raise ValueError(f"{split_file}: lists patients not found in {flat}: {unknown[:5]}")
+            found = {"training": [p for p in patients if p.name not in listed],
+                     "testing": [p for p in patients if p.name in listed]}
+        else:
+            n_test = 0 if len(patients) < 2 else max(1, round(len(patients) * 50 / 500))
+            found = {"training": patients[: len(patients) - n_test], "testing": patients[len(patients) - n_test:]}
     if not found["training"] and not found["testing"]:
         raise ValueError(f"{root}: no patientXXXX folders found (expected training/, testing/ or patient folders)")
     return found
