@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs any jaxboost command as N local processes under jax.distributed (CPU: gloo collectives on
+# 127.0.0.1), each with D simulated devices. For testing multi-host code paths on one machine.
+#   launch/local_multiprocess.sh 2 2 jaxboost train --config configs/clipseg.py:tiny --workdir runs/mp
+set -euo pipefail
+N=${1:?number of processes}; D=${2:?devices per process}; shift 2
+PORT=${JAXBOOST_PORT:-$((20000 + RANDOM % 20000))}
+pids=()
+for ((i = 0; i < N; i++)); do
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
+  JAXBOOST_COORDINATOR="127.0.0.1:$PORT" JAXBOOST_NUM_PROCESSES=$N JAXBOOST_PROCESS_ID=$i \
+    "$@" > >(sed "s/^/[p$i] /") 2>&1 &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
