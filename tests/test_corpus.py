@@ -137,6 +137,13 @@ def test_corpus_writer_for_synthetic_records(tmp_path):
     writer.close()
     manifest = corpus.finalize_corpus(tmp_path / "syn")
     assert manifest["counts"]["train"] == 9 and [s["records"] for s in manifest["shards"]] == [4, 4, 1]
+    # build_corpus takes plain records too and, given the same records, rebuilds the same corpus.
+    records = [r for i in range(3) for r in corpus.make_records(
+        image, mask, name=f"patient0001_2CH_ED_aug{i}", patient="patient0001", view="2CH", phase="ED", sex="M",
+        age=60, quality=None, split="train", source="synthetic", size=SIZE, cone=np.ones_like(mask),
+        drop_quality=True, keep_orig_mask=False)]
+    again = corpus.build_corpus(iter(records), tmp_path / "syn2", size=SIZE, source="synthetic", records_per_shard=4)
+    assert again["shards"] == manifest["shards"]
     record = corpus.open_corpus(tmp_path / "syn").source("train")[4]
     assert record["key"] == "synthetic/patient0001_2CH_ED_aug1/MYO" and record["orig_mask"].size == 0
     assert "quality" not in record["prompts"][6][0]
@@ -178,6 +185,7 @@ def test_bad_source_stops_build_without_manifest(tmp_path):
     result = _cli("corpus", "build", "--camus", str(root), "--out", str(tmp_path / "c"), "--size", str(SIZE))
     assert result.returncode != 0 and "patient0002_4CH_ES_gt.nii.gz: mask labels" in result.stderr
     assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "c").glob("*.tmp")) and not list((tmp_path / "c").glob("test-*"))
 
 
 def test_corpus_show_prints_counts_and_draws_grid(built, tmp_path):

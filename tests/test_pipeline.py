@@ -97,8 +97,8 @@ def test_segmentation_transform_outputs(corpus_dir):
 
 
 def test_sdm_transform_one_record_per_image(corpus_dir):
-    loader = _loader(corpus_dir, transform=pipeline.sdm_transform(), filter_fn=pipeline.sdm_filter, shuffle=False,
-                     num_epochs=1, global_batch_size=2)
+    loader = _loader(corpus_dir, transform=pipeline.sdm_transform(), shuffle=False, num_epochs=1,
+                     global_batch_size=2)  # the transform brings its own one-record-per-image filter
     batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
     assert len(keys) == 8 and all(k.endswith("/LV") for k in keys)

@@ -233,6 +233,18 @@ class CorpusWriter:
         writer.close()
         os.replace(tmp, self._shard_path(split, index))
 
+    def __enter__(self) -> "CorpusWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leave complete shards for a resume, drop the unfinished ones
+            for _, writer, tmp in self._open.values():
+                writer.close()
+                tmp.unlink(missing_ok=True)
+            self._open.clear()
+
     def close(self) -> dict:
         """Finish open shards and write this writer's part manifest; returns it."""
         for split in list(self._open):
@@ -276,26 +288,30 @@ def build_corpus(images: Iterable, out_dir, *, size: int = 256, source: str, wri
                  num_writers: int = 1, records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
                  source_info: dict | None = None, extra_config: dict | None = None,
                  finalize: bool = True, on_image=None) -> dict | None:
-    """Write a corpus from image items; resumable; returns the manifest (when finalize).
+    """Write a corpus from items; resumable; returns the manifest (when finalize).
 
-    images: iterable of (split, load_fn) where load_fn() -> list of 3 records (see make_records); the
-    load is skipped when the records' shards are already complete. With num_writers > 1 this writer
-    takes items i with i % num_writers == writer_id; call finalize_corpus once after all writers.
+    images: iterable of items, each either a record dict (see make_records) or (split, load_fn) where
+    load_fn() -> the image's records (3); a lazy item's load is skipped when its records' shards are
+    already complete. With num_writers > 1 this writer takes items i with i % num_writers == writer_id;
+    call finalize_corpus once after all writers.
     """
-    writer = CorpusWriter(out_dir, size=size, source=source, writer_id=writer_id,
-                          records_per_shard=records_per_shard, extra_config=extra_config)
-    for item_index, (split, load_fn) in enumerate(images):
-        if item_index % num_writers != writer_id:
-            continue
-        n = len(labels_lib.STRUCTURES)
-        if not writer.wants(split, n):
-            writer.skip(split, n)
-            continue
-        for record in load_fn():
-            writer.add(record)
-        if on_image is not None:
-            on_image()
-    writer.close()
+    with CorpusWriter(out_dir, size=size, source=source, writer_id=writer_id,
+                      records_per_shard=records_per_shard, extra_config=extra_config) as writer:
+        for item_index, item in enumerate(images):
+            if item_index % num_writers != writer_id:
+                continue
+            if isinstance(item, dict):
+                writer.add(item)  # add() itself passes over records whose shard is already complete
+                continue
+            split, load_fn = item
+            n = len(labels_lib.STRUCTURES)
+            if not writer.wants(split, n):
+                writer.skip(split, n)
+                continue
+            for record in load_fn():
+                writer.add(record)
+            if on_image is not None:
+                on_image()
     if finalize and num_writers == 1:
         return finalize_corpus(out_dir, source_info=source_info)
     return None

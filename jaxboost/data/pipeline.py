@@ -57,7 +57,8 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
 
     global_batch_size: examples per step over all hosts; each host gets global_batch_size // process_count.
     transform(record, np_rng) -> dict: per-record map with an rng fixed by (seed, record index).
-    filter_fn(record) -> bool: drop records before the transform (e.g. keep one structure per image).
+    filter_fn(record) -> bool: drop records before the transform (e.g. keep one structure per image);
+        defaults to the transform's own `record_filter` attribute (sdm_transform sets one).
     process_index/process_count default to jax.process_index()/jax.process_count().
     """
     if process_index is None or process_count is None:
@@ -75,6 +76,8 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
                                  num_epochs=num_epochs, seed=seed)
     operations = []
+    if filter_fn is None:
+        filter_fn = getattr(transform, "record_filter", None)
     if filter_fn is not None:
         operations.append(_Filter(filter_fn))
     operations.append(_RandomRecordTransform(transform) if transform is not None else _ToNumpy())
@@ -120,7 +123,8 @@ def segmentation_transform(prompt_index: int, size: int | None = None, *, ending
 def sdm_transform(size: int | None = None, *, sdm_labels: bool = True,
                   channels: int = 1) -> Callable[[dict, np.random.Generator], dict]:
     """Record -> SDM example: image float32 [S, S, channels] in [-1, 1], labels int32 [S, S]
-    (5 SDM labels with the cone when sdm_labels, else CAMUS 0-3), key str. Pair with `sdm_filter`."""
+    (5 SDM labels with the cone when sdm_labels, else CAMUS 0-3), key str. The returned function carries
+    `record_filter = sdm_filter`, which make_loader applies so each image is used once, not three times."""
 
     def transform(record: dict, rng: np.random.Generator) -> dict:
         del rng
@@ -132,6 +136,7 @@ def sdm_transform(size: int | None = None, *, sdm_labels: bool = True,
         image = image.astype(np.float32) / 127.5 - 1.0
         return {"image": np.repeat(image[..., None], channels, axis=-1), "labels": labels.astype(np.int32),
                 "key": record["key"]}
+    transform.record_filter = sdm_filter
     return transform
 
 
