@@ -60,6 +60,8 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
     filter_fn(record) -> bool: drop records before the transform (e.g. keep one structure per image);
         defaults to the transform's own `record_filter` attribute (sdm_transform sets one).
     process_index/process_count default to jax.process_index()/jax.process_count().
+    worker_count: grain worker processes. With workers each one batches its own records in turn, so the
+        order is reproducible for a given (seed, worker_count), not across worker counts.
     """
     if process_index is None or process_count is None:
         import jax
@@ -82,6 +84,10 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         operations.append(_Filter(filter_fn))
     operations.append(_RandomRecordTransform(transform) if transform is not None else _ToNumpy())
     operations.append(grain.Batch(batch_size=global_batch_size // process_count, drop_remainder=drop_remainder))
+    if worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
+            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count)
 
