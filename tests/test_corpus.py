@@ -74,6 +74,8 @@ def test_encode_decode_roundtrip():
     np.testing.assert_array_equal(back["image"], record["image"])
     assert back["f"].dtype == np.float32 and back["age"] == 7 and back["prompts"] == record["prompts"]
     assert back["empty"].shape == (0, 0)
+    meta = corpus.decode_record(corpus.encode_record(record), arrays=False)
+    assert set(meta) == {"key", "prompts", "age"}
 
 
 def test_killed_build_resumes_to_the_same_manifest(phantom_dir, tmp_path):

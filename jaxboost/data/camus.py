@@ -187,6 +187,9 @@ def read_patient(folder: Path, split: str) -> list[ImageRecord]:
         cfg = read_cfg(folder / f"Info_{view}.cfg")
         for phase in PHASES:
             stem = f"{patient}_{view}_{phase}"
+            if split == "test" and not any((folder / f"{stem}_gt{x}").is_file() for x in (".nii.gz", ".mhd", ".nii")):
+                raise FileNotFoundError(f"{folder / (stem + '_gt')}: missing test mask (the 2017 mhd release ships "
+                                        "none for its testing/ patients; use the 2023 nii release)")
             records.append(ImageRecord(
                 patient=patient, view=view, phase=phase, image_path=_find_image(folder, stem),
                 mask_path=_find_image(folder, stem + "_gt"), sex=cfg["Sex"], age=cfg["Age"],

@@ -62,11 +62,15 @@ def encode_record(record: dict) -> bytes:
     return msgpack.packb(out, use_bin_type=True)
 
 
-def decode_record(data: bytes) -> dict:
-    """bytes -> record dict with numpy arrays (inverse of encode_record)."""
+def decode_record(data: bytes, arrays: bool = True) -> dict:
+    """bytes -> record dict with numpy arrays (inverse of encode_record); arrays=False leaves them out
+    (metadata only, much faster for counting)."""
     record = msgpack.unpackb(data, raw=False)
-    for name, value in record.items():
+    for name, value in list(record.items()):
         if isinstance(value, dict) and value.get("__nd__"):
+            if not arrays:
+                del record[name]
+                continue
             array = np.frombuffer(zlib.decompress(value["data"]), dtype=np.dtype(value["dtype"]))
             record[name] = array.reshape(value["shape"])
     return record
@@ -365,12 +369,12 @@ class CorpusSource:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
         return decode_record(self._reader(shard).read([index - int(self._starts[shard])])[0])
 
-    def iter_sequential(self, block: int = 64) -> Iterator[dict]:
+    def iter_sequential(self, block: int = 64, arrays: bool = True) -> Iterator[dict]:
         for shard, count in enumerate(self._counts):
             reader = self._reader(shard)
             for start in range(0, count, block):
                 for data in reader.read(list(range(start, min(start + block, count)))):
-                    yield decode_record(data)
+                    yield decode_record(data, arrays)
 
     def __getstate__(self):
         return {"_paths": self._paths, "_counts": self._counts, "_starts": self._starts, "_readers": {}}
@@ -401,9 +405,9 @@ class Corpus:
         shards = [s for s in self.manifest["shards"] if s["split"] == split]
         return CorpusSource([str(self.path / s["file"]) for s in shards], [s["records"] for s in shards])
 
-    def iter(self, split: str) -> Iterator[dict]:
-        """Records of a split in stored order, read sequentially."""
-        yield from self.source(split).iter_sequential()
+    def iter(self, split: str, arrays: bool = True) -> Iterator[dict]:
+        """Records of a split in stored order, read sequentially (arrays=False: metadata only)."""
+        yield from self.source(split).iter_sequential(arrays=arrays)
 
     def verify(self) -> None:
         """Recompute every shard's sha256 and record count against the manifest."""

@@ -19,7 +19,7 @@ def summarize(corpus: corpus_lib.Corpus, n_examples: int = 8) -> dict:
     for split in corpus_lib.SPLITS:
         tallies = {name: collections.Counter() for name in ("source", "structure", "view", "phase", "quality")}
         patients = set()
-        for record in corpus.iter(split):
+        for record in corpus.iter(split, arrays=False):
             for name, tally in tallies.items():
                 tally[record[name]] += 1
             patients.add(record["patient"])
