@@ -54,7 +54,7 @@ def encode_record(record: dict) -> bytes:
         if isinstance(value, np.ndarray):
             value = np.ascontiguousarray(value)
             out[name] = {"__nd__": True, "dtype": value.dtype.str, "shape": list(value.shape),
-                         "data": zlib.compress(value.tobytes(), 6)}
+                         "data": zlib.compress(value.tobytes(), 1)}  # level 1: 2x faster than 6, ~6% larger
         elif isinstance(value, np.integer):
             out[name] = int(value)
         else:

@@ -130,6 +130,10 @@ def mask_shape(mask: np.ndarray) -> str:
     else circle (aspect < 1.2) or oval. An empty or degenerate mask gives "oval" (the common LV answer).
     """
     region = np.asarray(mask) > 0
+    if not region.any():
+        return "oval"
+    rows, cols = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
+    region = np.pad(region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)  # the shape's box only: faster
     components, count = ndimage.label(region)
     if count == 0:
         return "oval"
