@@ -146,6 +146,9 @@ def test_corpus_writer_for_synthetic_records(tmp_path):
         drop_quality=True, keep_orig_mask=False)]
     again = corpus.build_corpus(iter(records), tmp_path / "syn2", size=SIZE, source="synthetic", records_per_shard=4)
     assert again["shards"] == manifest["shards"]
+    with pytest.raises(ValueError, match="given 12 train records but its shards hold 9; the input changed"):
+        corpus.build_corpus(iter(records + records[:3]), tmp_path / "syn2", size=SIZE, source="synthetic",
+                            records_per_shard=4)
     record = corpus.open_corpus(tmp_path / "syn").source("train")[4]
     assert record["key"] == "synthetic/patient0001_2CH_ED_aug1/MYO" and record["orig_mask"].size == 0
     assert "quality" not in record["prompts"][6][0]

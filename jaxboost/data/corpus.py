@@ -260,6 +260,11 @@ class CorpusWriter:
                 shards.append({"file": path.name, "split": split, "writer": self.writer_id,
                                "records": _num_records(path), "sha256": _sha256(path)})
                 index += 1
+            on_disk = sum(s["records"] for s in shards if s["split"] == split)
+            if on_disk != self._position[split]:  # shards kept from an earlier run of a different input
+                raise ValueError(f"{self.out_dir}: writer {self.writer_id} was given {self._position[split]} "
+                                 f"{split} records but its shards hold {on_disk}; the input changed since the "
+                                 "interrupted build: use a new --out folder")
         part = {"config": self.config, "writer": self.writer_id, "shards": shards}
         _write_json_atomic(self.out_dir / "parts" / f"writer-{self.writer_id:03d}.json", part)
         return part
