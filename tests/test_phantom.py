@@ -87,3 +87,7 @@ def test_phantom_rejects_bad_arguments(tmp_path):
         phantom.write_phantom(tmp_path, patients=0)
     with pytest.raises(ValueError, match="--format"):
         phantom.write_phantom(tmp_path, patients=1, fmt="png")
+    phantom.write_phantom(tmp_path / "p", patients=2, size=(32, 32))
+    phantom.write_phantom(tmp_path / "p", patients=2, size=(32, 32))  # the same phantom again: fine
+    with pytest.raises(ValueError, match=r"p: not empty and not this phantom"):
+        phantom.write_phantom(tmp_path / "p", patients=3, size=(32, 32))

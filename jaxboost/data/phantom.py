@@ -176,8 +176,14 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
     if min(size) < 32:
         raise ValueError(f"--size must be at least 32x32, got {size}")
     out = Path(out)
+    note = PHANTOM_NOTE.format(n=patients, seed=seed, fmt=fmt, h=size[0], w=size[1])
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / "PHANTOM.txt"
+        if not marker.is_file() or marker.read_text() != note:  # rewriting the same phantom is fine
+            raise ValueError(f"{out}: not empty and not this phantom (other files or other settings); "
+                             "use a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "PHANTOM.txt", PHANTOM_NOTE.format(n=patients, seed=seed, fmt=fmt, h=size[0], w=size[1]).encode())
+    _write_atomic(out / "PHANTOM.txt", note.encode())
     n_test = num_test_patients(patients)
     for number in range(1, patients + 1):
         split_dir = "testing" if number > patients - n_test else "training"
