@@ -1,0 +1,134 @@
+"""CLIPSeg train and inference steps: jaxboost (jit) vs HF `CLIPSegForImageSegmentation` (eager and
+torch.compile), same random weights (through the converter), same batch, size and loss (Dice + BCE,
+decoder trained, encoders frozen as in HF). The JAX and torch logits are checked equal first."""
+from __future__ import annotations
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import harness
+from benchmarks.harness import Row
+
+
+def _configs(quick: bool):
+    from transformers import CLIPSegConfig
+    if quick:
+        text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=16, bos_token_id=510, eos_token_id=511)
+        vision = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                      image_size=64, patch_size=16)
+        cfg = CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=64, extract_layers=[1, 2, 3],
+                            reduce_dim=32, decoder_num_attention_heads=4, decoder_intermediate_size=128,
+                            use_complex_transposed_convolution=True)
+        return cfg, 96, 4, 16
+    cfg = CLIPSegConfig(text_config=dict(vocab_size=49408), vision_config=dict(image_size=224, patch_size=16),
+                        projection_dim=512, extract_layers=[3, 6, 9], reduce_dim=64,
+                        use_complex_transposed_convolution=True)
+    return cfg, 352, 4, 20
+
+
+def run(quick: bool = False):
+    import torch
+    from transformers import CLIPSegForImageSegmentation
+
+    from jaxboost.convert.hf_clipseg import clipseg_from_hf
+    from jaxboost.losses.segmentation import dice_bce
+
+    torch.manual_seed(0)
+    cfg, size, batch, seq = _configs(quick)
+    tmodel = CLIPSegForImageSegmentation(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        tmodel.save_pretrained(d)
+        module, variables = clipseg_from_hf(d)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    ids = rng.integers(1, cfg.text_config.vocab_size - 1, size=(batch, seq)).astype(np.int64)
+    ids[:, -1] = cfg.text_config.vocab_size - 1
+    mask = np.ones_like(ids)
+    target = (rng.random((batch, size, size)) > 0.5).astype(np.float32)
+
+    tp, tids, tmask = torch.tensor(pixels).permute(0, 3, 1, 2), torch.tensor(ids), torch.tensor(mask)
+    ttarget = torch.tensor(target)
+    jp, jids, jmask, jtarget = map(jnp.asarray, (pixels, ids.astype(np.int32), mask.astype(np.int32), target))
+
+    # --- correctness first: a benchmark of two different computations would be meaningless.
+    with torch.no_grad():
+        ref = tmodel(pixel_values=tp, input_ids=tids, attention_mask=tmask).logits.numpy()
+    apply = jax.jit(module.apply)
+    ours = np.asarray(apply(variables, jp, jids, jmask))
+    err = float(np.abs(ours - ref.reshape(ours.shape)).max()) / max(1.0, float(np.abs(ref).max()))
+    if err > 1e-4:  # relative: HF's random init gives logits in the hundreds
+        raise AssertionError(f"CLIPSeg JAX vs HF logits differ by {err} (relative to max |logit|)")
+
+    rows: list[Row] = []
+    case_inf, case_train = f"clipseg/infer {size}px b{batch}", f"clipseg/train {size}px b{batch}"
+    flops = harness.xla_flops(apply, variables, jp, jids, jmask)
+    t = harness.time_call(lambda: apply(variables, jp, jids, jmask))
+    rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t), note=f"rel. max|dlogits|={err:.1e}"))
+
+    def torch_infer(model):
+        with torch.no_grad():
+            return model(pixel_values=tp, input_ids=tids, attention_mask=tmask).logits
+    t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync)
+    rows.append(Row(case_inf, "torch eager", t, batch / t))
+
+    # --- train step: decoder params only (HF keeps CLIP under no_grad; ours: stop_gradient + frozen group)
+    params = variables["params"]
+    decoder = {k: v for k, v in params.items() if k not in ("vision", "text")}
+    frozen = {k: v for k, v in params.items() if k in ("vision", "text")}
+    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(2e-3, weight_decay=1e-3))
+    opt_state = tx.init(decoder)
+
+    def loss_fn(dec, frozen, batch):
+        logits = module.apply({"params": {**frozen, **dec}}, *batch[:3])
+        return dice_bce(logits, batch[3], 1.0, 0.2)[0]
+
+    @jax.jit
+    def train_step(dec, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(dec, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, dec)
+        return optax.apply_updates(dec, updates), opt_state, loss
+
+    jbatch = (jp, jids, jmask, jtarget)
+    state = [decoder, opt_state]
+
+    def jax_step():
+        state[0], state[1], loss = train_step(state[0], state[1], frozen, jbatch)
+        return loss
+    flops = harness.xla_flops(train_step, decoder, opt_state, frozen, jbatch)
+    t = harness.time_call(jax_step)
+    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t)))
+
+    def make_torch_step(model):
+        dec_params = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
+        opt = torch.optim.AdamW(dec_params, lr=2e-3, weight_decay=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = model(pixel_values=tp, input_ids=tids, attention_mask=tmask).logits
+            probs = torch.sigmoid(logits)
+            inter = (probs * ttarget).flatten(1).sum(1)
+            dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + ttarget.flatten(1).sum(1) + 1e-5)
+            loss = dice.mean() + 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, ttarget)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dec_params, 0.5)
+            opt.step()
+            return loss
+        return step
+
+    tmodel.train()
+    t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
+    rows.append(Row(case_train, "torch eager", t, batch / t))
+    try:
+        compiled = torch.compile(tmodel)
+        t = harness.time_call(lambda: torch_infer(compiled.eval()), sync=harness.torch_sync, warmup=2)
+        rows.append(Row(case_inf, "torch compile", t, batch / t))
+        t = harness.time_call(make_torch_step(compiled.train()), sync=harness.torch_sync, warmup=2)
+        rows.append(Row(case_train, "torch compile", t, batch / t))
+    except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
+        rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
+    return rows
