@@ -464,7 +464,7 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
                     on_log(state, done)
             if eval_fn is not None and config.get("eval_every", 0) and (done % config.eval_every == 0 or done == total_steps):
                 state, em = do_eval(state, done)
-                eval_history.append({"step": done, **{k: float(v) for k, v in em.items()}})
+                eval_history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
             if config.get("ckpt_every", 0) and done % config.ckpt_every == 0:
                 check_finite(jax.device_get(metrics), done)
                 ckpts.save(done, state, _loop_meta(done, best, best_step, stale, plateau_state, config), train_iter)
