@@ -153,13 +153,45 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, eps) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
-    def forward(self, x, keep_idx=None):
+    def forward(self, x, keep_idx=None, patch_pos=None):
+        """`patch_pos` [N, D] replaces the sin-cos table (e.g. MUMC's VQA table interpolated to 384 px)."""
         grid = x.shape[-1] // self.patch_size
         x = self.patch_embed(x)
-        x = x + torch.from_numpy(sincos_2d_posemb(x.shape[-1], grid))[None]
+        if patch_pos is None:
+            patch_pos = torch.from_numpy(sincos_2d_posemb(x.shape[-1], grid))
+        x = x + patch_pos[None]
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # class-token posemb is zero
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+
+# ------------------------------------------------------------------------------------- BERT text / fusion
+def extended_mask(mask):
+    """[B, L] 1/0 -> additive [B, 1, 1, L] as HF/xbert."""
+    return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+def bert_text_fusion(bert, input_ids, mask, image_embeds, fusion_layer, mode="multimodal"):
+    """xbert's modes on an HF BertModel built with is_decoder=True, add_cross_attention=True and eager
+    attention (explicit non-causal masks): 'text' runs layers [0, fusion_layer), 'multimodal' all layers with
+    cross-attention to `image_embeds` from fusion_layer on. Returns the last hidden state [B, L, D]."""
+    h = bert.embeddings(input_ids=input_ids)
+    ext = extended_mask(mask)
+    img_ext = extended_mask(torch.ones(image_embeds.shape[:2])) if image_embeds is not None else None
+    stop = fusion_layer if mode == "text" else len(bert.encoder.layer)
+    for i, layer in enumerate(bert.encoder.layer[:stop]):
+        cross = image_embeds if i >= fusion_layer else None
+        h = layer(h, ext, encoder_hidden_states=cross, encoder_attention_mask=img_ext if cross is not None else None)
+        h = h[0] if isinstance(h, tuple) else h
+    return h
+
+
+def interpolate_patch_pos(patch_pos, new_grid):
+    """MUMC's interpolate_pos_embed on the patch rows [N, D]: bicubic, align_corners=False."""
+    old = int(round(patch_pos.shape[0] ** 0.5))
+    grid = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1)

@@ -1,0 +1,232 @@
+"""MUMC model parity: an ALBEF/MUMC-layout torch checkpoint (reference ViT + HF BERT layers + heads), converted,
+must give the same image/text features, fused states, ITM and MLM logits; the VQA decoder init must copy
+encoder layers fusion.. ; momentum/queue helpers do what MUMC's buffers do."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from benchmarks.torch_ref import mumc as ref
+from jaxboost.convert import albef
+from jaxboost.models import mumc
+
+W, FUSION, DEPTH, VOCAB, E = 32, 2, 4, 61, 16
+SIZES = dict(image_size=32, patch_size=8, vision_width=W, vision_depth=2, vision_heads=4, vision_mlp_dim=128,
+             vocab_size=VOCAB, text_width=W, text_depth=DEPTH, text_heads=4, text_mlp_dim=48,
+             fusion_layer=FUSION, max_position=32, embed_dim=E)
+
+
+def _perturb(module, scale=0.1):
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n.endswith("bias") or "norm" in n.lower():
+                p.add_(scale * torch.randn_like(p))
+
+
+@pytest.fixture(scope="module")
+def torch_mumc(tmp_path_factory):
+    """A MUMC pretraining checkpoint with random weights, and the torch modules that made it."""
+    torch.manual_seed(0)
+    mods = {
+        "visual_encoder": ref.VisionTransformer(img_size=32, patch_size=8, embed_dim=W, depth=2, num_heads=4),
+        "text_encoder": transformers.BertLMHeadModel(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=W, num_hidden_layers=DEPTH, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=32, is_decoder=True, add_cross_attention=True,
+            attn_implementation="eager")),
+        "vision_proj": nn.Linear(W, E), "text_proj": nn.Linear(W, E), "itm_head": ref.build_itm_head(W)}
+    for m in mods.values():
+        _perturb(m)
+        m.eval()
+    sd = {}
+    for name, m in mods.items():
+        for k, v in m.state_dict().items():
+            if "crossattention" in k and int(k.split("encoder.layer.")[1].split(".")[0]) < FUSION:
+                continue  # xbert has cross-attention only in the fusion layers
+            sd[f"{name}.{k}"] = v.clone()
+            if name != "itm_head":  # momentum copies, deliberately different
+                sd[f"{name}_m.{k}"] = v.clone() + 0.01
+    sd["visual_encoder.pos_embed"] = torch.from_numpy(
+        np.concatenate([np.zeros((1, W), np.float32), ref.sincos_2d_posemb(W, 4)]))[None]
+    sd["visual_encoder_m.pos_embed"] = sd["visual_encoder.pos_embed"].clone()
+    sd["temp"] = torch.tensor(0.07)
+    sd["image_queue"], sd["text_queue"] = torch.randn(E, 8), torch.randn(E, 8)
+    sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path_factory.mktemp("albef") / "checkpoint.pth"
+    torch.save({"model": sd, "epoch": 3}, path)
+    return mods, sd, str(path)
+
+
+@pytest.fixture(scope="module")
+def converted(torch_mumc):
+    return albef.load_albef(torch_mumc[2])
+
+
+def test_albef_converter_maps_every_tensor(torch_mumc, converted):
+    params, momentum, queues, unmapped = converted
+    assert all(k.endswith(("position_ids", "token_type_ids")) for k in unmapped), unmapped
+    ref_params = jax.eval_shape(mumc.Model(**SIZES).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32))["params"]
+    shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), t)
+    assert shapes(params) == shapes(ref_params)
+    assert shapes(momentum) == shapes({k: ref_params[k] for k in mumc.MOMENTUM_KEYS})
+    np.testing.assert_allclose(queues["image"], torch_mumc[1]["image_queue"].numpy().T)
+    np.testing.assert_allclose(momentum["vision_proj"]["bias"], torch_mumc[1]["vision_proj_m.bias"].numpy())
+
+
+def test_albef_converter_names_missing_tensor(torch_mumc, tmp_path):
+    sd = {k: v for k, v in torch_mumc[1].items() if k != "text_encoder.bert.encoder.layer.3.output.dense.bias"}
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"text_encoder\.bert\.encoder\.layer\.3\.output\.dense\.bias"):
+        albef.load_albef(str(tmp_path / "broken.pth"))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_mumc_vit_matches_torch_reference_with_patch_dropping(torch_mumc, converted, drop):
+    mods, _, _ = torch_mumc
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    keep = np.sort(np.stack([rng.permutation(16)[:13] for _ in range(2)]), axis=1) if drop else None
+    t_img = torch.tensor(images.transpose(0, 3, 1, 2))
+    t_keep = torch.tensor(keep) if drop else None
+    with torch.no_grad():
+        want_tokens = mods["visual_encoder"](t_img, t_keep)
+        want_feat = ref.F.normalize(mods["vision_proj"](want_tokens[:, 0]), dim=-1)
+    model = mumc.Model(**SIZES)
+    params = converted[0]
+    tokens, feat = model.apply({"params": params}, jnp.asarray(images), None if keep is None else jnp.asarray(keep),
+                               method=model.encode_image)
+    np.testing.assert_allclose(tokens, want_tokens.numpy(), atol=1e-4)
+    np.testing.assert_allclose(feat, want_feat.numpy(), atol=1e-4)
+
+
+def test_mumc_vit_gradients_match_torch_reference(torch_mumc, converted):
+    mods, _, _ = torch_mumc
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    w = rng.standard_normal((2, 17, W)).astype(np.float32)
+    vit_t = mods["visual_encoder"]
+    vit_t.zero_grad()
+    (vit_t(torch.tensor(images.transpose(0, 3, 1, 2))) * torch.tensor(w)).sum().backward()
+    model = mumc.Model(**SIZES)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, jnp.asarray(images),
+                                                   method=model.encode_image)[0] * w))(converted[0])
+    g = grads["vision"]
+    np.testing.assert_allclose(g["patch_embed"]["kernel"],
+                               vit_t.patch_embed.proj.weight.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    np.testing.assert_allclose(g["block0"]["attn"]["key"]["kernel"],
+                               vit_t.blocks[0].attn.qkv.weight.grad.numpy()[W:2 * W].T, atol=1e-4)
+
+
+def test_mumc_text_fusion_itm_mlm_match_torch(torch_mumc, converted):
+    mods, _, _ = torch_mumc
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
+    ids = rng.integers(4, VOCAB, (3, 7))
+    mask = np.ones((3, 7), np.int64)
+    mask[1, 4:] = 0
+    bert_t = mods["text_encoder"].bert
+    with torch.no_grad():
+        img_t = mods["visual_encoder"](torch.tensor(images.transpose(0, 3, 1, 2)))
+        text_t = ref.bert_text_fusion(bert_t, torch.tensor(ids), torch.tensor(mask), None, FUSION, "text")
+        feat_t = ref.F.normalize(mods["text_proj"](text_t[:, 0]), dim=-1)
+        fused_t = ref.bert_text_fusion(bert_t, torch.tensor(ids), torch.tensor(mask), img_t, FUSION)
+        itm_t = mods["itm_head"](fused_t[:, 0])
+        mlm_t = mods["text_encoder"].cls(fused_t)
+    model = mumc.Model(**SIZES)
+    v = {"params": converted[0]}
+    tokens, _ = model.apply(v, jnp.asarray(images), method=model.encode_image)
+    hidden, feat = model.apply(v, jnp.asarray(ids), jnp.asarray(mask), method=model.encode_text)
+    fused = model.apply(v, hidden, jnp.asarray(mask), tokens, method=model.fuse)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], text_t.numpy()[valid], atol=1e-4)
+    np.testing.assert_allclose(feat, feat_t.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fused)[valid], fused_t.numpy()[valid], atol=1e-4)
+    np.testing.assert_allclose(model.apply(v, fused[:, 0], method=model.itm_logits), itm_t.numpy(), atol=1e-4)
+    mlm = model.apply(v, fused, method=model.mlm_logits)
+    np.testing.assert_allclose(np.asarray(mlm)[valid], mlm_t.numpy()[valid], atol=1e-4)
+
+
+def test_answer_decoder_init_copies_encoder_fusion_layers(torch_mumc, converted):
+    sd = torch_mumc[1]
+    vqa = mumc.vqa_params_from_pretrain(converted[0], pretrain_grid=4, first_layer=FUSION,
+                                        decoder_depth=DEPTH - FUSION)
+    dec = vqa["decoder"]
+    t = lambda k: sd["text_encoder." + k].numpy()
+    for i in range(DEPTH - FUSION):
+        src = f"bert.encoder.layer.{FUSION + i}."
+        layer = dec[f"layer{i}"]
+        np.testing.assert_array_equal(layer["attention"]["query"]["kernel"], t(src + "attention.self.query.weight").T)
+        np.testing.assert_array_equal(layer["crossattention"]["value"]["kernel"],
+                                      t(src + "crossattention.self.value.weight").T)
+        np.testing.assert_array_equal(layer["crossattention_ln"]["scale"],
+                                      t(src + "crossattention.output.LayerNorm.weight"))
+        np.testing.assert_array_equal(layer["output"]["bias"], t(src + "output.dense.bias"))
+    np.testing.assert_array_equal(dec["embeddings"]["word_embeddings"]["embedding"],
+                                  t("bert.embeddings.word_embeddings.weight"))
+    np.testing.assert_array_equal(dec["mlm_bias"], t("cls.predictions.bias"))
+    assert "mlm_bias" not in vqa["text"] and set(dec) == {"embeddings", "mlm_transform", "mlm_ln", "mlm_bias",
+                                                          "layer0", "layer1"}
+
+
+def test_vqa_vit_interpolates_position_table_like_mumc(torch_mumc, converted):
+    """At a larger VQA resolution the stored 4x4 sin-cos table is resized bicubically (interpolate_pos_embed)."""
+    mods, _, _ = torch_mumc
+    vqa = mumc.vqa_params_from_pretrain(converted[0], pretrain_grid=4, first_layer=FUSION,
+                                        decoder_depth=DEPTH - FUSION)
+    model = mumc.VQAModel(**dict(SIZES, image_size=48), pretrain_image_size=32, decoder_depth=DEPTH - FUSION)
+    images = np.random.default_rng(3).standard_normal((2, 48, 48, 3)).astype(np.float32)
+    got = model.apply({"params": vqa}, jnp.asarray(images), deterministic=True,
+                      method=lambda m, x, deterministic: m.vision(x, deterministic=deterministic))
+    pos = ref.interpolate_patch_pos(torch.from_numpy(ref.sincos_2d_posemb(W, 4)), 6)
+    with torch.no_grad():
+        want = mods["visual_encoder"](torch.tensor(images.transpose(0, 3, 1, 2)), patch_pos=pos)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_momentum_update_is_ema_and_enqueue_wraps():
+    params = {"vision": {"w": jnp.full((2,), 1.0)}, "vision_proj": {"w": jnp.zeros(1)},
+              "text": {"w": jnp.zeros(1)}, "text_proj": {"w": jnp.zeros(1)}, "temp": jnp.asarray(0.07)}
+    mom = mumc.momentum_init(params)
+    assert "temp" not in mom
+    mom = dict(mom, vision={"w": jnp.full((2,), 3.0)})
+    new = mumc.momentum_update(params, mom, 0.995)
+    np.testing.assert_allclose(new["vision"]["w"], 0.995 * 3.0 + 0.005 * 1.0, rtol=1e-6)
+
+    q = mumc.init_queues(jax.random.PRNGKey(0), 6, 4)
+    np.testing.assert_allclose(jnp.linalg.norm(q["image"], axis=-1), 1.0, rtol=1e-5)
+    feats = [jnp.full((2, 4), float(i)) for i in range(4)]
+    for f in feats:
+        q = mumc.enqueue(q, f, -f)
+    assert int(q["ptr"]) == 2  # 4 writes of 2 into 6 slots wrap once
+    np.testing.assert_array_equal(q["image"][:, 0], [3, 3, 1, 1, 2, 2])
+    np.testing.assert_array_equal(q["text"][:2, 0], [-3, -3])
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        mumc.enqueue(q, jnp.zeros((4, 4)), jnp.zeros((4, 4)))
+
+
+@pytest.mark.slow
+def test_pretrain_losses_same_on_sharded_global_batch(converted):
+    """Under jit with the batch sharded over 8 devices the loss equals the single-device one: negatives
+    and queue features span the global batch (XLA gathers)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    model = mumc.Model(**SIZES)
+    params, momentum, queues, _ = converted
+    rng = np.random.default_rng(4)
+    batch = {"images": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
+             "input_ids": np.concatenate([np.ones((8, 1), np.int32), rng.integers(5, VOCAB, (8, 6))], 1),
+             "mask": np.ones((8, 7), np.int32)}
+    fn = jax.jit(lambda p, m, q, b, r: mumc.pretrain_losses(model, p, m, q, b, r, 0.4, mask_token_id=3,
+                                                            special_token_ids=(0, 1, 2), deterministic=True))
+    key = jax.random.PRNGKey(0)
+    total, terms, _ = fn(params, momentum, queues, batch, key)
+    # Auto axes: XLA (GSPMD) places the gathers; with Explicit axes the embedding lookup needs out_sharding.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    total_s, terms_s, (fi_s, _) = fn(params, momentum, queues, sharded, key)
+    np.testing.assert_allclose(float(total_s), float(total), rtol=1e-5)
+    for k in ("i2t", "itm", "mlm"):
+        np.testing.assert_allclose(float(terms_s[k]), float(terms[k]), rtol=1e-5)
+    assert fi_s.shape == (8, E) and all(float(terms[k]) > 0 for k in ("i2t", "t2i", "i2i", "t2t", "itm", "mlm"))
