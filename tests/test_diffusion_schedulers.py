@@ -135,3 +135,78 @@ def test_q_sample_matches_diffusers_add_noise():
     expected = ref.add_noise(x0, noise, t)
     got = schedules.q_sample(base, to_nhwc(x0), jnp.asarray(t.numpy()), to_nhwc(noise))
     np.testing.assert_allclose(np.asarray(got), to_nhwc(expected), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the loss
+def numpy_learned_range_terms(betas, model_output, x0, x_t, t, noise):
+    """improved-diffusion's training_losses (MSE + VB, LEARNED_RANGE, frozen mean) in float64 numpy, NHWC."""
+    acp = np.cumprod(1 - betas)
+    acp_prev = np.append(1.0, acp[:-1])
+    post_var = betas * (1 - acp_prev) / (1 - acp)
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+    coef_x0, coef_xt = betas * np.sqrt(acp_prev) / (1 - acp), (1 - acp_prev) * np.sqrt(1 - betas) / (1 - acp)
+    b = lambda a: a[t][:, None, None, None]
+    c = x0.shape[-1]
+    eps, v = model_output[..., :c], model_output[..., c:]
+    x0_pred = np.sqrt(1 / b(acp)) * x_t - np.sqrt(1 / b(acp) - 1) * eps
+    mean_p = b(coef_x0) * x0_pred + b(coef_xt) * x_t
+    logvar_p = (v + 1) / 2 * np.log(b(betas)) + (1 - (v + 1) / 2) * b(post_logvar)
+    mean_q, logvar_q = b(coef_x0) * x0 + b(coef_xt) * x_t, b(post_logvar)
+    kl = 0.5 * (-1 + logvar_p - logvar_q + np.exp(logvar_q - logvar_p) + (mean_q - mean_p) ** 2 * np.exp(-logvar_p))
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = np.exp(-0.5 * logvar_p)
+    plus, minus = cdf(inv_std * (x0 - mean_p + 1 / 255)), cdf(inv_std * (x0 - mean_p - 1 / 255))
+    logp = np.where(x0 < -0.999, np.log(np.maximum(plus, 1e-12)),
+                    np.where(x0 > 0.999, np.log(np.maximum(1 - minus, 1e-12)),
+                             np.log(np.maximum(plus - minus, 1e-12))))
+    per = lambda a: a.reshape(len(a), -1).mean(1)
+    vb = np.where(t == 0, -per(logp), per(kl)) / np.log(2.0)
+    return per((noise - eps) ** 2), vb
+
+
+def test_learned_range_loss_matches_numpy_improved_diffusion():
+    from jaxboost.diffusion import losses
+    sched = schedules.make_schedule("cosine", 1000)
+    rng = np.random.default_rng(0)
+    shape = (4, 8, 8, 3)
+    x0 = np.clip(rng.standard_normal(shape) * 0.7, -1, 1)   # includes exact +-1 (decoder edge bins)
+    noise, t = rng.standard_normal(shape), np.array([0, 1, 500, 999])
+    acp = np.cumprod(1 - sched.betas)[t][:, None, None, None]
+    x_t = np.sqrt(acp) * x0 + np.sqrt(1 - acp) * noise
+    out = np.concatenate([noise + 0.3 * rng.standard_normal(shape), rng.uniform(-1, 1, shape)], axis=-1)
+    mse, vb = losses.learned_range_terms(sched, jnp.asarray(out, jnp.float32), jnp.asarray(x0, jnp.float32),
+                                         jnp.asarray(x_t, jnp.float32), jnp.asarray(t), jnp.asarray(noise, jnp.float32))
+    ref_mse, ref_vb = numpy_learned_range_terms(np.asarray(sched.betas), out, x0, x_t, t, noise)
+    np.testing.assert_allclose(np.asarray(mse), ref_mse, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(vb), ref_vb, rtol=2e-4, atol=1e-6)
+    assert (ref_vb > 0).all()
+
+    # the VB term trains only the variance channels (frozen mean)
+    grad = jax.grad(lambda o: losses.learned_range_terms(sched, o, jnp.asarray(x0, jnp.float32),
+                                                         jnp.asarray(x_t, jnp.float32), jnp.asarray(t),
+                                                         jnp.asarray(noise, jnp.float32))[1].sum())(
+        jnp.asarray(out, jnp.float32))
+    assert float(jnp.abs(grad[..., :3]).max()) == 0.0 and float(jnp.abs(grad[..., 3:]).max()) > 0
+
+
+def test_diffusion_loss_drops_whole_label_maps_with_probability_p():
+    from jaxboost.diffusion import losses
+    labels = jnp.ones((2000, 4, 4, 3))
+    dropped = losses.drop_labels(labels, jax.random.key(0), 0.2)
+    per_sample = np.asarray(dropped.reshape(2000, -1))
+    assert set(np.unique(per_sample.min(1) == per_sample.max(1))) == {True}  # whole maps, never parts
+    assert 0.17 < float((per_sample.max(1) == 0).mean()) < 0.23
+    assert losses.drop_labels(labels, jax.random.key(0), 0.0) is labels
+
+    sched = schedules.make_schedule("cosine", 1000)
+    seen = {}
+
+    def apply_fn(params, x, t, y):
+        seen["labels"] = y
+        return jnp.concatenate([params * x, jnp.tanh(x)], axis=-1)
+
+    x0 = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3), minval=-1, maxval=1)
+    loss, metrics = losses.diffusion_loss(apply_fn, jnp.float32(0.5), sched, x0, labels[:8], jax.random.key(2),
+                                          vlb_weight=0.0, cond_drop_prob=0.5)
+    assert float(loss) == pytest.approx(float(metrics["mse"])) and np.isfinite(float(metrics["vb"]))
+    assert seen["labels"].shape == (8, 4, 4, 3)

@@ -140,7 +140,7 @@ def guided_output(apply_fn, params, x, t, labels, guidance: float | None):
 
 
 def make_sampler(apply_fn, schedule: Schedule, *, channels: int, sampler: str = "ddim", steps: int | None = 50,
-                 spacing: str | None = None, eta: float = 0.0, guidance: float | None = None,
+                 spacing: str | None = None, eta: float = 0.0, guidance: float | None = 1.5,
                  clip_denoised: bool = True, dtype=None):
     """A jitted `run(params, labels, keys, noise=None) -> images [B, H, W, channels]` (float32).
 
@@ -186,11 +186,10 @@ def make_sampler(apply_fn, schedule: Schedule, *, channels: int, sampler: str = 
 
 
 def sample(apply_fn, params, schedule: Schedule, labels, rng, *, channels: int, sampler: str = "ddim",
-           steps: int | None = 50, eta: float = 0.0, guidance: float | None = None, dtype=None, noise=None):
+           steps: int | None = 50, eta: float = 0.0, guidance: float | None = 1.5, dtype=None, noise=None):
     """Convenience: build the compiled sampler and run it once. rng: one key (split per sample) or keys [B]."""
-    keys = _as_keys(jnp.asarray(rng)) if not isinstance(rng, jax.Array) else rng
-    if keys.ndim == 0 or (not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) and keys.ndim == 1):
-        keys = jax.random.split(_as_keys(keys), labels.shape[0])
+    rng = _as_keys(jnp.asarray(rng))
+    keys = rng if rng.ndim == 1 else jax.random.split(rng, labels.shape[0])
     run = make_sampler(apply_fn, schedule, channels=channels, sampler=sampler, steps=steps, eta=eta,
                        guidance=guidance, dtype=dtype)
     return run(params, labels, keys, noise)
