@@ -145,3 +145,21 @@ def test_echo_vqa_builds_vqarad_format_that_reads_back(tmp_path):
     assert stats["empty_captions"] == 0 and len(caps[0].captions) == 4
     with pytest.raises(FileExistsError):
         echo_vqa.build_echo_vqa(tmp_path / "corpus", out)
+
+
+def test_bert_wordpiece_trained_on_corpus_text_saves_and_reloads(tmp_path):
+    from jaxboost.data.tokenize_bert import BertTokenizer
+    texts = ["left ventricle in two-chamber view at end of the diastole cycle of a sixty-year-old woman."] * 4
+    texts += ["which structure is highlighted?", "myocardium", "left atrium"]
+    tok = BertTokenizer.train(texts, str(tmp_path / "tok"), vocab_size=300)
+    ids, mask = tok.tokenize(["Left Ventricle of the heart.", "which structure is highlighted? " * 10])
+    assert ids.shape == (2, 25) and ids.dtype == np.int32
+    assert ids[0, 0] == tok.cls_id and ids[1, -1] == tok.sep_id and mask[1].all()
+    assert ids[0, mask[0].sum() - 1] == tok.sep_id and (ids[0, mask[0].sum():] == tok.pad_id).all()
+    assert tok.hf.convert_ids_to_tokens([int(ids[0, 1])]) == ["left"]
+    assert len(set(tok.special_ids + (tok.mask_id,))) == 4
+    for again in (BertTokenizer.from_folder(str(tmp_path / "tok")),
+                  BertTokenizer.from_vocab(str(tmp_path / "tok" / "vocab.txt"))):
+        np.testing.assert_array_equal(again.tokenize(["Left Ventricle of the heart."])[0], ids[:1])
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        BertTokenizer.from_folder(str(tmp_path / "nope"))
