@@ -230,3 +230,21 @@ def test_pretrain_losses_same_on_sharded_global_batch(converted):
     for k in ("i2t", "itm", "mlm"):
         np.testing.assert_allclose(float(terms_s[k]), float(terms[k]), rtol=1e-5)
     assert fi_s.shape == (8, E) and all(float(terms[k]) > 0 for k in ("i2t", "t2i", "i2i", "t2t", "itm", "mlm"))
+
+
+@pytest.mark.parametrize("name,cls", [("mumc_pretrain", mumc.Model), ("mumc_vqa", mumc.VQAModel)])
+@pytest.mark.parametrize("v", ["tiny", "full"])
+def test_mumc_configs_build_their_models(name, cls, v):
+    from jaxboost.config import load_config
+    from jaxboost.registry import model_class
+    c = load_config(f"configs/{name}.py:{v}")
+    assert c.model_name == "mumc" and model_class(c.model_name) is mumc.Model and c.trainer == name
+    fields = dict(c.model, vocab_size=c.model.vocab_size or 100, dtype=None)
+    size = fields["image_size"]
+    args = [jnp.zeros((1, size, size, 3)), jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32)]
+    if cls is mumc.VQAModel:
+        args += [jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32)]
+    shapes = jax.eval_shape(cls(**fields).init, jax.random.PRNGKey(0), *args)["params"]
+    n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    if v == "full" and cls is mumc.Model:
+        assert 200e6 < n < 240e6, n   # ViT-B/16 (86M) + BERT-base with 6 cross-attention layers (~137M)

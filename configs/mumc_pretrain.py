@@ -1,0 +1,52 @@
+"""MUMC pretraining (SPEC B1-B2): MLM + ITA (with unimodal terms) + ITM, momentum distillation, queues.
+
+  jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
+`tiny`: phantom corpus captions (P6/P7), 32 px, two-layer towers, queue 64, WordPiece trained on the corpus.
+`full`: SPEC B (ViT-B/16 at 256 px, BERT-base, queue 65,536, AdamW 3e-4 wd 0.05, 30 epochs, 32/GPU,
+warm-up 3000 steps then 3e-4 * 0.9^epoch, alpha 0.4 ramped over 2 epochs) on ROCO/MedICaT/ImageCLEF json.
+"""
+import ml_collections
+
+from jaxboost.config import variant
+
+TINY_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=4,
+                  vision_mlp_dim=128, text_width=64, text_depth=4, text_heads=4, text_mlp_dim=128,
+                  fusion_layer=2, max_position=32, embed_dim=32, vocab_size=0)  # vocab: the trained tokenizer
+FULL_MODEL = dict(image_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+                  vision_mlp_dim=3072, text_width=768, text_depth=12, text_heads=12, text_mlp_dim=3072,
+                  fusion_layer=6, max_position=512, embed_dim=256, vocab_size=30522, remat=True)
+
+
+def get_config(arg=None):
+    v = variant(arg, ("tiny", "full"))
+    tiny = v == "tiny"
+    c = ml_collections.ConfigDict()
+    c.name = "mumc_pretrain"
+    c.trainer = "mumc_pretrain"
+    c.model_name = "mumc"
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, temp_init=0.07, dropout_rate=0.0 if tiny else 0.1,
+                   dtype="float32" if tiny else "bfloat16")
+    c.data = dict(
+        corpus="",                        # triplet corpus -> captions from P6/P7 (SPEC C); or caption json:
+        caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}
+        size=c.model.image_size, max_words=30, max_tokens=25,
+        tokenizer="",                     # local folder or vocab.txt; empty: train WordPiece into workdir
+        tokenizer_vocab_size=1000 if tiny else 30522,
+        crop_scale=(0.2, 1.0), flip=True, randaugment=(2, 7))
+    c.queue_size = 64 if tiny else 65_536
+    c.momentum = 0.995
+    c.alpha = 0.4
+    c.alpha_ramp_epochs = 2
+    c.patch_drop = 0.15
+    c.mlm_probability = 0.15
+    c.seed = 0
+    c.batch_size = 16 if tiny else 32 * 8     # global batch (32 per GPU on 8 GPUs)
+    c.epochs = 4 if tiny else 30
+    c.total_steps = 200 if tiny else 0        # full: set from epochs * steps_per_epoch by the trainer
+    c.optim = dict(name="adamw", lr=3e-4, weight_decay=0.05, grad_clip=0.0,
+                   schedule="warmup_epoch_decay", warmup_steps=20 if tiny else 3000, warmup_lr=1e-5,
+                   epoch_decay=0.9)
+    c.log_every = 20 if tiny else 100
+    c.ckpt_every = 100 if tiny else 5000
+    c.mesh = dict(data=-1, fsdp=1)
+    return c

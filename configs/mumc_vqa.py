@@ -1,0 +1,49 @@
+"""MUMC VQA finetuning and evaluation (SPEC B3): answer decoder ranking top-k candidates.
+
+  jaxboost train --config configs/mumc_vqa.py:tiny --workdir runs/mumc_vqa --config.data.root=ECHO_VQA \
+      --config.init_from=runs/mumc_pt
+`protocol="fixed"` (default): candidates from training answers, strict match, selection on validation.
+`protocol="original"`: the public answer list (with test answers) and the lenient evaluator, for comparison.
+"""
+import ml_collections
+
+from jaxboost.config import variant
+
+TINY_MODEL = dict(image_size=32, pretrain_image_size=32, patch_size=8, vision_width=64, vision_depth=2,
+                  vision_heads=4, vision_mlp_dim=128, text_width=64, text_depth=4, text_heads=4,
+                  text_mlp_dim=128, fusion_layer=2, decoder_depth=2, max_position=32, vocab_size=0)
+FULL_MODEL = dict(image_size=384, pretrain_image_size=256, patch_size=16, vision_width=768, vision_depth=12,
+                  vision_heads=12, vision_mlp_dim=3072, text_width=768, text_depth=12, text_heads=12,
+                  text_mlp_dim=3072, fusion_layer=6, decoder_depth=6, max_position=512, vocab_size=30522,
+                  remat=True)
+
+
+def get_config(arg=None):
+    v = variant(arg, ("tiny", "full"))
+    tiny = v == "tiny"
+    c = ml_collections.ConfigDict()
+    c.name = "mumc_vqa"
+    c.trainer = "mumc_vqa"
+    c.model_name = "mumc"
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, dropout_rate=0.0 if tiny else 0.1,
+                   dtype="float32" if tiny else "bfloat16")
+    c.data = dict(root="", image_dir="images", size=c.model.image_size, val_fraction=0.1,
+                  max_question_tokens=25 if tiny else 35, max_answer_tokens=8, tokenizer="")
+    c.protocol = "fixed"             # "fixed" | "original"
+    c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood
+    c.momentum = 0.995
+    c.alpha = 0.4
+    c.seed = 0
+    c.batch_size = 16 if tiny else 8 * 8
+    c.epochs = 10 if tiny else 40
+    c.total_steps = 200 if tiny else 0
+    c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05, schedule="cosine",
+                   warmup_steps=0)
+    c.init_from = ""                 # pretraining workdir; answer decoder from its text layers 6-11
+    c.best_metric = "val_overall"
+    c.best_mode = "max"
+    c.log_every = 20 if tiny else 100
+    c.eval_every = 100 if tiny else 1000
+    c.ckpt_every = 100 if tiny else 1000
+    c.mesh = dict(data=-1, fsdp=1)
+    return c
