@@ -113,3 +113,22 @@ def test_alpha_ramp_linear_over_two_epochs():
     np.testing.assert_allclose(float(contrastive.alpha_ramp(50, 100)), 0.1, rtol=1e-6)
     np.testing.assert_allclose(float(contrastive.alpha_ramp(200, 100)), 0.4, rtol=1e-6)
     np.testing.assert_allclose(float(contrastive.alpha_ramp(10_000, 100)), 0.4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_answer_lm_loss_matches_torch_per_answer(rng, alpha):
+    n, length, v = 4, 6, 13
+    logits = rng.standard_normal((n, length, v)).astype(np.float32)
+    logits_m = rng.standard_normal((n, length, v)).astype(np.float32)
+    ids = rng.integers(4, v, (n, length))
+    mask = np.ones((n, length), np.int64)
+    mask[1, 3:], mask[2, 4:] = 0, 0
+    ids[mask == 0] = 0
+    labels = np.where(mask == 1, ids, -100)
+    tl = torch.tensor(logits, requires_grad=True)
+    want = ref.answer_lm_loss(tl, torch.tensor(logits_m[:, :-1]), torch.tensor(labels), alpha)
+    want.sum().backward()
+    f = lambda x: mlm.answer_lm_loss(x, jnp.asarray(logits_m), jnp.asarray(ids), jnp.asarray(mask), alpha)
+    got = f(jnp.asarray(logits))
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda x: f(x).sum())(jnp.asarray(logits)), tl.grad.numpy(), atol=1e-6)

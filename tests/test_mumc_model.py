@@ -248,3 +248,32 @@ def test_mumc_configs_build_their_models(name, cls, v):
     n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
     if v == "full" and cls is mumc.Model:
         assert 200e6 < n < 240e6, n   # ViT-B/16 (86M) + BERT-base with 6 cross-attention layers (~137M)
+
+
+def test_rank_answers_matches_mumc_rank_answer(tmp_path):
+    from jaxboost.convert import bert as convert_bert
+    torch.manual_seed(3)
+    hf = transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=W, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, is_decoder=True, add_cross_attention=True, attn_implementation="eager"))
+    _perturb(hf, 0.3)
+    hf.eval()
+    hf.save_pretrained(tmp_path)
+    _, dec, _ = convert_bert.load_hf_bert(str(tmp_path))
+    rng = np.random.default_rng(5)
+    q_states = rng.standard_normal((3, 5, W)).astype(np.float32)
+    q_mask = np.ones((3, 5), np.int64)
+    q_mask[1, 3:] = 0
+    answers = np.zeros((6, 5), np.int64)           # [CLS]=2 a.. [SEP]=3 [PAD]=0, distinct first tokens
+    lengths = [1, 2, 3, 1, 2, 3]
+    for i, n in enumerate(lengths):
+        answers[i, :n + 2] = [2, *(10 + i + 7 * np.arange(n)), 3]
+    a_mask = (answers != 0).astype(np.int64)
+    with torch.no_grad():
+        want_ids, want_scores = ref.rank_answer(hf, torch.tensor(q_states), torch.tensor(q_mask),
+                                                torch.tensor(answers), torch.tensor(a_mask), 4, 0)
+    model = mumc.VQAModel(**dict(SIZES, text_depth=4), decoder_depth=2, dropout_rate=0.0)
+    got_ids, got_scores = mumc.rank_answers(model, {"decoder": dec}, jnp.asarray(q_states), jnp.asarray(q_mask),
+                                            jnp.asarray(answers), jnp.asarray(a_mask), 4)
+    np.testing.assert_array_equal(got_ids, want_ids.numpy())
+    np.testing.assert_allclose(got_scores, want_scores.numpy(), atol=1e-5)

@@ -195,3 +195,39 @@ def interpolate_patch_pos(patch_pos, new_grid):
     grid = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1)
+
+
+# ------------------------------------------------------------------------------------------------- VQA
+def answer_lm_loss(prediction_scores, logits_m, labels, alpha):
+    """xbert BertLMHeadModel loss with reduction='none': labels [N, La] (-100 = pad); logits_m already shifted
+    ([:, :-1], as return_logits gives them). -> [N]."""
+    shifted = prediction_scores[:, :-1, :].contiguous()
+    labels = labels[:, 1:].contiguous()
+    lm_loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), reduction="none")
+    lm_loss = lm_loss.view(prediction_scores.size(0), -1).sum(1)
+    if logits_m is not None:
+        loss_distill = -torch.sum(F.log_softmax(shifted, dim=-1) * F.softmax(logits_m, dim=-1), dim=-1)
+        loss_distill = (loss_distill * (labels != -100)).sum(1)
+        lm_loss = (1 - alpha) * lm_loss + alpha * loss_distill
+    return lm_loss
+
+
+def rank_answer(decoder, question_states, question_atts, answer_ids, answer_atts, k, pad_id):
+    """MUMC's rank_answer with an HF BertLMHeadModel (is_decoder, cross-attention) as the answer decoder."""
+    num_ques = question_states.size(0)
+    start_ids = answer_ids[0, 0].repeat(num_ques, 1)
+    logits = decoder(start_ids, encoder_hidden_states=question_states,
+                     encoder_attention_mask=question_atts).logits[:, 0, :]
+    prob_first_token = F.softmax(logits, dim=1).index_select(dim=1, index=answer_ids[:, 1])
+    topk_probs, topk_ids = prob_first_token.topk(k, dim=1)
+    input_ids = torch.cat([answer_ids.index_select(0, t) for t in topk_ids], dim=0)
+    input_atts = torch.cat([answer_atts.index_select(0, t) for t in topk_ids], dim=0)
+    targets = input_ids.masked_fill(input_ids == pad_id, -100)
+    states = question_states.repeat_interleave(k, dim=0)   # == the original's tile(x, 0, k)
+    atts = question_atts.repeat_interleave(k, dim=0)
+    scores = decoder(input_ids, attention_mask=input_atts, encoder_hidden_states=states,
+                     encoder_attention_mask=atts).logits
+    answer_loss = answer_lm_loss(scores, None, targets, 0.0).view(input_ids.size(0), -1)
+    log_probs = torch.cat([topk_probs.view(-1, 1).log(), -answer_loss], dim=1).sum(1).view(num_ques, k)
+    topk_probs, rerank_id = F.softmax(log_probs, dim=-1).topk(k, dim=1)
+    return torch.gather(topk_ids, 1, rerank_id), topk_probs

@@ -38,3 +38,18 @@ def mlm_distill_loss(logits, logits_m, labels, target_mask, alpha):
     per_token = (1.0 - alpha) * hard + alpha * soft
     w = target_mask.astype(jnp.float32)
     return jnp.sum(per_token * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def answer_lm_loss(logits, logits_m, answer_ids, answer_mask, alpha):
+    """Answer-decoder LM loss per answer (ALBEF/MUMC BertLMHeadModel, reduction='none'): -> [N].
+
+    logits/logits_m [N, La, V] at the decoder inputs answer_ids [N, La] ([CLS] a1 .. [SEP] [PAD]..); position t
+    predicts token t+1, padded targets (answer_mask 0) carry no loss; summed over tokens,
+    (1 - alpha) * CE + alpha * soft CE against softmax(momentum logits). Callers average over questions.
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = answer_ids[:, 1:].astype(jnp.int32)
+    valid = answer_mask[:, 1:].astype(jnp.float32)
+    hard = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    soft = -jnp.sum(logp * jax.lax.stop_gradient(jax.nn.softmax(logits_m[:, :-1].astype(jnp.float32), -1)), -1)
+    return jnp.sum(((1.0 - alpha) * hard + alpha * soft) * valid, axis=-1)
