@@ -113,9 +113,13 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all positions with fused qkv in guided-diffusion's legacy head order."""
+    """Self-attention over all positions with fused qkv in guided-diffusion's legacy head order.
+
+    `implementation` goes to jax.nn.dot_product_attention (None: XLA; "cudnn": fused flash attention on GPU).
+    """
     num_head_channels: int = 64
     dtype: Any = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -126,10 +130,7 @@ class AttentionBlock(nn.Module):
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(group_norm(x, "norm").reshape(b, hgt * wid, c))
         # legacy order: channels are [head][q|k|v][head_dim]
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * self.num_head_channels), 3, axis=-1)
-        scale = self.num_head_channels ** -0.25  # applied to q and k separately, as upstream (fp16 friendly)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+        h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
         h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
         return x + h.reshape(b, hgt, wid, c)
 
@@ -150,6 +151,7 @@ class Model(nn.Module):
     resblock_updown: bool = True
     dtype: Any = jnp.float32
     remat: bool = False
+    attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
 
     @property
     def out_channels(self) -> int:
@@ -169,7 +171,8 @@ class Model(nn.Module):
         attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
                                            name=name, **kw)
-        attention = lambda name: attn(self.num_head_channels, dtype, name=name)
+        attention = lambda name: attn(self.num_head_channels, dtype, self.attention_implementation,
+                                        name=name)
         attend_at = {self.image_size // r for r in self.attention_resolutions}  # as downsample factors
 
         temb_dim = 4 * self.model_channels
