@@ -195,6 +195,40 @@ def openai_resnet_variables(take: Taker, prefix: str = "visual.", pool: str = "c
     return params, stats, fields
 
 
+# -------------------------------------------------------------------------------- Hugging Face layout
+
+def hf_block(take: Taker, src: str) -> dict:
+    """One HF CLIP(Seg) encoder/decoder layer -> PreNormBlock/PostNormBlock params (same names)."""
+    attn = {o: take.dense(f"{src}self_attn.{h}") for o, h in
+            (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj"))}
+    return {"ln1": take.ln(src + "layer_norm1"), "attn": attn, "ln2": take.ln(src + "layer_norm2"),
+            "mlp": {"fc1": take.dense(src + "mlp.fc1"), "fc2": take.dense(src + "mlp.fc2")}}
+
+
+def hf_text_params(take: Taker, prefix: str, depth: int, projection: str) -> dict:
+    """HF CLIPTextTransformer at `prefix` (+ the `projection` Linear) -> TextEncoder params."""
+    params = {"token_embedding": {"embedding": take(prefix + "embeddings.token_embedding.weight")},
+              "pos_embedding": take(prefix + "embeddings.position_embedding.weight"),
+              "ln_final": take.ln(prefix + "final_layer_norm"),
+              "text_projection": take.dense(projection, bias=False)}
+    for i in range(depth):
+        params[f"block{i}"] = hf_block(take, f"{prefix}encoder.layers.{i}.")
+    return params
+
+
+def hf_vision_params(take: Taker, prefix: str, depth: int, post_norm: bool) -> dict:
+    """HF CLIPVisionTransformer at `prefix`, first `depth` layers -> clip_vit (vit.Model) params."""
+    params = {"patch_embed": {"kernel": take.conv(prefix + "embeddings.patch_embedding.weight")},
+              "cls_token": take(prefix + "embeddings.class_embedding"),
+              "pos_embedding": take(prefix + "embeddings.position_embedding.weight"),
+              "ln_pre": take.ln(prefix + "pre_layrnorm")}
+    for i in range(depth):
+        params[f"block{i}"] = hf_block(take, f"{prefix}encoder.layers.{i}.")
+    if post_norm:
+        params["ln_post"] = take.ln(prefix + "post_layernorm")
+    return params
+
+
 def save_converted(out_dir: str, model_name: str, fields: dict, variables: dict) -> None:
     """Write out_dir/model.json (model name and fields) and out_dir/variables.msgpack, atomically."""
     from flax import serialization

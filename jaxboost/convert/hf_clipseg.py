@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxboost.convert.clip import Taker, check_variables, fail_on_unmapped, load_state_dict, save_converted
+from jaxboost.convert.clip import (Taker, check_variables, fail_on_unmapped, hf_block, hf_text_params,
+                                   hf_vision_params, load_state_dict, save_converted)
 from jaxboost.models import clipseg
 
 
@@ -44,32 +45,14 @@ def model_fields(cfg: dict) -> dict:
         complex_transposed_conv=bool(cfg.get("use_complex_transposed_convolution", False)))
 
 
-def _block(take: Taker, src: str) -> dict:
-    """One HF CLIP(Seg) encoder/decoder layer -> PreNormBlock/PostNormBlock params (same names)."""
-    attn = {o: take.dense(f"{src}self_attn.{h}") for o, h in
-            (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj"))}
-    return {"ln1": take.ln(src + "layer_norm1"), "attn": attn, "ln2": take.ln(src + "layer_norm2"),
-            "mlp": {"fc1": take.dense(src + "mlp.fc1"), "fc2": take.dense(src + "mlp.fc2")}}
-
-
 def variables_from_state_dict(sd: dict, fields: dict, source: str) -> dict:
     take = Taker(sd, source)
     if not take.has("decoder.film_mul.weight"):
         raise ValueError(f"{source}: no decoder.film_mul.weight: not a CLIPSegForImageSegmentation checkpoint")
     used_depth = max(fields["extract_layers"]) + 1
     tv, vv = "clip.text_model.", "clip.vision_model."
-    text = {"token_embedding": {"embedding": take(tv + "embeddings.token_embedding.weight")},
-            "pos_embedding": take(tv + "embeddings.position_embedding.weight"),
-            "ln_final": take.ln(tv + "final_layer_norm"),
-            "text_projection": take.dense("clip.text_projection", bias=False)}
-    for i in range(fields["text_depth"]):
-        text[f"block{i}"] = _block(take, f"{tv}encoder.layers.{i}.")
-    vision = {"patch_embed": {"kernel": take.conv(vv + "embeddings.patch_embedding.weight")},
-              "cls_token": take(vv + "embeddings.class_embedding"),
-              "pos_embedding": take(vv + "embeddings.position_embedding.weight"),
-              "ln_pre": take.ln(vv + "pre_layrnorm")}
-    for i in range(used_depth):
-        vision[f"block{i}"] = _block(take, f"{vv}encoder.layers.{i}.")
+    text = hf_text_params(take, tv, fields["text_depth"], "clip.text_projection")
+    vision = hf_vision_params(take, vv, used_depth, post_norm=False)
     # Unused by the segmentation logits (see the module docstring).
     take.skip(*[k for k in sd if any(k.startswith(f"{vv}encoder.layers.{i}.")
                                      for i in range(used_depth, fields["vision_depth"]))])
@@ -79,7 +62,7 @@ def variables_from_state_dict(sd: dict, fields: dict, source: str) -> dict:
               "film_add": take.dense("decoder.film_add")}
     for i in range(len(fields["extract_layers"])):
         params[f"reduce{i}"] = take.dense(f"decoder.reduces.{i}")
-        params[f"decoder_block{i}"] = _block(take, f"decoder.layers.{i}.")
+        params[f"decoder_block{i}"] = hf_block(take, f"decoder.layers.{i}.")
     tc = "decoder.transposed_convolution"
     if fields["complex_transposed_conv"]:
         params["head_conv"] = {"kernel": take.conv(tc + ".0.weight"), "bias": take(tc + ".0.bias")}
