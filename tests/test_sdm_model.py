@@ -140,3 +140,12 @@ def test_converter_errors_name_the_problem(tmp_path):
                                               ConfigDict(SMALL))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         convert_sdm.load_state_dict(str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("size", [(16, 12), (40, 30), (7, 5)])
+def test_label_resize_matches_torch_nearest(size):
+    from jaxboost.models.sdm import resize_nearest
+    a = np.random.default_rng(0).random((2, 64, 48, 3)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.tensor(a).permute(0, 3, 1, 2), size=size, mode="nearest")
+    np.testing.assert_array_equal(np.asarray(resize_nearest(jnp.asarray(a), size)),
+                                  expected.permute(0, 2, 3, 1).numpy())
