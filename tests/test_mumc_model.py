@@ -277,3 +277,12 @@ def test_rank_answers_matches_mumc_rank_answer(tmp_path):
                                             jnp.asarray(answers), jnp.asarray(a_mask), 4)
     np.testing.assert_array_equal(got_ids, want_ids.numpy())
     np.testing.assert_allclose(got_scores, want_scores.numpy(), atol=1e-5)
+
+
+def test_keep_indices_follow_mae_count_and_clamp_projects_temperature():
+    keep = mumc.keep_indices(jax.random.PRNGKey(0), 3, 256, 0.15)
+    assert keep.shape == (3, 217) and all(len(set(np.asarray(k))) == 217 for k in keep)
+    assert np.all(np.diff(np.asarray(keep), axis=1) > 0)
+    params = {"temp": jnp.asarray(0.0001), "vision": {}}
+    assert float(mumc.clamp_params(params)["temp"]) == pytest.approx(0.001)
+    assert float(mumc.clamp_params({"temp": jnp.asarray(0.9)})["temp"]) == pytest.approx(0.5)

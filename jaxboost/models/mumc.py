@@ -154,6 +154,19 @@ def enqueue(queues, image_feat, text_feat):
             "ptr": (ptr + b) % size}
 
 
+def clamp_params(params, low: float = 0.001, high: float = 0.5):
+    """MUMC clamps the temperature parameter in place each step; call after the optimizer update so the
+    parameter itself (not only its use) stays in [low, high] and its gradient never dies at the bound."""
+    return dict(params, temp=jnp.clip(params["temp"], low, high))
+
+
+def keep_indices(rng, batch: int, num_patches: int, drop_ratio: float):
+    """MAE's random masking: [B, K] kept patch indices, K = int(N * (1 - ratio)) as MUMC (217 of 256)."""
+    keep = int(num_patches * (1.0 - drop_ratio))
+    noise = jax.random.uniform(rng, (batch, num_patches))
+    return jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1)
+
+
 # ------------------------------------------------------------------------------------------- the loss
 def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, alpha, *,
                     mask_token_id: int, special_token_ids, patch_drop: float = 0.15,
@@ -164,14 +177,15 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
     over the data axis: the arrays are global, so similarities, hard negatives and queue writes span the
     global batch and XLA inserts the gathers (with gradient for the online features).
     Returns (total, {"mlm", "ita", "itm", "i2t", "t2i", "i2i", "t2t", "temp"}, (image_feat_m, text_feat_m));
-    the caller passes the last pair to `enqueue` and applies `momentum_update` after the optimizer step.
+    the caller passes the last pair to `enqueue` and, after the optimizer step, applies `clamp_params` and
+    `momentum_update` (MUMC updates the momentum model at the start of the next forward: the same sequence).
     """
     images, ids, mask = batch["images"], batch["input_ids"], batch["mask"]
     b = images.shape[0]
     num_patches = (images.shape[1] // model.patch_size) * (images.shape[2] // model.patch_size)
     r_keep, r_keep_m, r_mlm, r_neg, r_drop = jax.random.split(rng, 5)
-    keep = vit.random_keep_indices(r_keep, b, num_patches, patch_drop) if patch_drop > 0 else None
-    keep_m = vit.random_keep_indices(r_keep_m, b, num_patches, patch_drop) if patch_drop > 0 else None
+    keep = keep_indices(r_keep, b, num_patches, patch_drop) if patch_drop > 0 else None
+    keep_m = keep_indices(r_keep_m, b, num_patches, patch_drop) if patch_drop > 0 else None
     rngs = {"dropout": r_drop}
     run = lambda method, *a, p=params: model.apply({"params": p}, *a, deterministic=deterministic,
                                                    method=method, rngs=rngs)
