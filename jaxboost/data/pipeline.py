@@ -2,12 +2,15 @@
 
 `make_loader` returns a grain DataLoader. Iterating it yields host-local batches (dict of numpy arrays,
 strings as numpy str arrays) of global_batch_size // process_count examples; hosts read disjoint records.
+The global batch of every step is the same examples in the same order (with the same per-record rngs)
+whatever the number of hosts: host p's batch is slice p of the one global order (see _HostSliceSampler).
 `iter(loader)` gives a grain iterator whose `get_state()/set_state()` (or orbax via
 `grain.PyGrainCheckpointHandler`) saves and restores the position exactly.
 `host_batch_to_global` turns host batches into global jax.Arrays on a mesh.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import grain.python as grain
@@ -40,12 +43,63 @@ class _ToNumpy(grain.MapTransform):
         return _to_numpy_tree({k: v for k, v in element.items() if k != "orig_mask"})
 
 
-class _Filter(grain.FilterTransform):
-    def __init__(self, keep: Callable[[dict], bool]):
-        self._keep = keep
+class _HostSliceSampler:
+    """Host `process_index`'s share of one global sample order, so global batches do not depend on the host
+    count. The DataLoader (given ShardOptions(p, P)) asks for stream indices k = j * P + p for its local
+    position j; local position j is global position (j // b) * B + p * b + j % b (b = B / P): host p gets
+    rows [p*b, (p+1)*b) of every global batch. Record keys and per-record rngs come from the global position,
+    so transforms draw the same numbers on any number of hosts. The stream stops after the last full
+    global batch (when there are several hosts) so all hosts run the same number of steps."""
 
-    def filter(self, element) -> bool:
-        return bool(self._keep(element))
+    def __init__(self, global_sampler: grain.IndexSampler, global_batch_size: int, process_count: int,
+                 keep_remainder: bool):
+        self._global = global_sampler
+        self._batch = global_batch_size
+        self._hosts = process_count
+        self._local = global_batch_size // process_count
+        total = len(global_sampler)
+        if total != sys.maxsize and not (keep_remainder and process_count == 1):
+            total = (total // global_batch_size) * global_batch_size
+        self._len = total
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"_HostSliceSampler({self._global!r}, global_batch_size={self._batch}, hosts={self._hosts})"
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._len:
+            raise IndexError(f"sampler index {index} out of range [0, {self._len})")
+        host, position = index % self._hosts, index // self._hosts
+        global_position = (position // self._local) * self._batch + host * self._local + position % self._local
+        meta = self._global[global_position]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+
+class _Subset:
+    """The records of a data source that pass a filter (indices decided once, from metadata when it can)."""
+
+    def __init__(self, source, indices: list[int]):
+        self._source, self._indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[self._indices[int(index)]]
+
+    def __repr__(self) -> str:
+        return f"_Subset({self._source!r}, {len(self)} records)"
+
+
+def _kept_indices(source, keep: Callable[[dict], bool]) -> list[int]:
+    """Indices of records passing `keep`, judged on metadata only (no array decoding) unless the filter
+    needs an array field."""
+    try:
+        return [i for i, r in enumerate(source.iter_sequential(arrays=False)) if keep(r)]
+    except KeyError:
+        return [i for i, r in enumerate(source.iter_sequential(arrays=True)) if keep(r)]
 
 
 def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, shuffle: bool = True,
@@ -57,8 +111,10 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
 
     global_batch_size: examples per step over all hosts; each host gets global_batch_size // process_count.
     transform(record, np_rng) -> dict: per-record map with an rng fixed by (seed, record index).
-    filter_fn(record) -> bool: drop records before the transform (e.g. keep one structure per image);
-        defaults to the transform's own `record_filter` attribute (sdm_transform sets one).
+    filter_fn(record) -> bool: drop records before sampling (e.g. keep one structure per image), judged once
+        on each record's metadata (the full record if it needs arrays); defaults to the transform's own
+        `record_filter` attribute (sdm_transform sets one). Filtering before sampling keeps the global
+        batches independent of the host count.
     process_index/process_count default to jax.process_index()/jax.process_count().
     worker_count: grain worker processes. With workers each one batches its own records in turn, so the
         order is reproducible for a given (seed, worker_count), not across worker counts.
@@ -73,15 +129,18 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
     source = corpus.source(split)
     if len(source) == 0:
         raise ValueError(f"{corpus_dir}: split {split!r} is empty")
-    shard_options = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                       drop_remainder=True)  # equal record counts per host keep steps in lockstep
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
-                                 num_epochs=num_epochs, seed=seed)
-    operations = []
     if filter_fn is None:
         filter_fn = getattr(transform, "record_filter", None)
     if filter_fn is not None:
-        operations.append(_Filter(filter_fn))
+        source = _Subset(source, _kept_indices(source, filter_fn))
+        if len(source) == 0:
+            raise ValueError(f"{corpus_dir}: no record of split {split!r} passes the filter")
+    # One global order over all hosts; each host reads only its rows of every global batch.
+    global_sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
+                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    sampler = _HostSliceSampler(global_sampler, global_batch_size, process_count, keep_remainder=not drop_remainder)
+    shard_options = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+    operations = []
     operations.append(_RandomRecordTransform(transform) if transform is not None else _ToNumpy())
     operations.append(grain.Batch(batch_size=global_batch_size // process_count, drop_remainder=drop_remainder))
     if worker_count > 0:
@@ -89,7 +148,7 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
             flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=worker_count)
+                            worker_count=worker_count, shard_options=shard_options)
 
 
 def host_batch_to_global(batch: dict, sharding) -> dict:
