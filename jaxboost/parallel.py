@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 from typing import Any, Sequence
 
 import jax
@@ -32,7 +34,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
     Order: explicit arguments; JAXBOOST_COORDINATOR / JAXBOOST_NUM_PROCESSES / JAXBOOST_PROCESS_ID;
     SLURM (`SLURM_NTASKS` > 1) and TPU pods, which jax detects by itself.
-    A coordinator that does not answer within `timeout_s` raises a clear error instead of hanging.
+    A coordinator that does not answer within `timeout_s` raises a clear RuntimeError naming it instead of
+    hanging (processes other than 0 probe it first). Process 0 hosts the coordinator: when the other
+    processes do not all arrive within `timeout_s`, the XLA runtime aborts it with DEADLINE_EXCEEDED.
     """
     env = os.environ
     coordinator = coordinator or env.get("JAXBOOST_COORDINATOR")
@@ -47,6 +51,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         # CPU collectives between processes (tests and local multi-process runs).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is not None and process_id not in (None, 0):
+        # The XLA client aborts the whole process (C++ CHECK) when it cannot register in time, so an
+        # unreachable coordinator is found here first, where it can still be a Python error.
+        _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
     kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                   initialization_timeout=timeout_s)
     if local_device_ids is not None:
@@ -58,6 +66,27 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            f"{timeout_s}s as process {process_id} of {num_processes}: {e}") from e
     log.info("jax.distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
+    """Polls a TCP connection to HOST:PORT until it opens; RuntimeError naming the address after timeout_s."""
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"coordinator address {coordinator!r} is not HOST:PORT")
+    host = host.strip("[]")  # [::1]:1234
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"could not reach the jax.distributed coordinator {coordinator!r} within "
+                               f"{timeout_s}s as process {process_id} of {num_processes}: {last_error}")
+        try:
+            socket.create_connection((host, int(port)), timeout=min(left, 2.0)).close()
+            return
+        except OSError as e:
+            last_error = e
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
 
 
 def is_main_process() -> bool:
