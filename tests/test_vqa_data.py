@@ -129,10 +129,11 @@ def test_echo_vqa_builds_vqarad_format_that_reads_back(tmp_path):
     _tiny_corpus(tmp_path / "corpus")
     counts = echo_vqa.build_echo_vqa(tmp_path / "corpus", tmp_path / "vqa")
     out = tmp_path / "vqa"
-    assert counts["train"] > 0 and counts["val"] == 0 and counts["test"] > 0 and counts["captions"] == 6
+    assert counts["train"] > 0 and counts["val"] == 0 and counts["test"] > 0 and counts["captions"] == 5
+    assert not (tmp_path / "vqa" / "valset.json").exists() and len(vqa.load_vqa(tmp_path / "vqa", "val")) > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train = vqa.load_vqa(out, "train")
+        train = vqa.load_vqa(out, "train") + vqa.load_vqa(out, "val")
     test = vqa.load_vqa(out, "test")
     assert all(it.image_path.is_file() for it in train + test)
     by_q = {(it.image_path.name, it.question): it.answer for it in train}
@@ -140,6 +141,7 @@ def test_echo_vqa_builds_vqarad_format_that_reads_back(tmp_path):
     assert by_q[("phantom_p0_2CH_ED.png", "which view is this echocardiogram?")] == "two chamber"
     assert by_q[("phantom_p0_2CH_ED_MYO.png", "which structure is highlighted?")] == "myocardium"
     assert by_q[("phantom_p0_2CH_ED.png", "is the patient female?")] == "yes"
+    assert ("phantom_p1_4CH_ES_LA.png", "which structure is highlighted?") not in by_q  # absent structure
     assert {it.answer_type for it in train} == {"OPEN", "CLOSED"}
     caps, stats = captions.read_caption_json(out / "captions_train.json", out / "images")
     assert stats["empty_captions"] == 0 and len(caps[0].captions) == 4

@@ -5,7 +5,8 @@ Written to OUT (built in a temporary folder, renamed at the end: no partial outp
     images/{image}.png              the echo image (grayscale)
     images/{image}_{LV|MYO|LA}.png  the image with one structure highlighted (tinted red, RGB)
     trainset.json valset.json testset.json   VQA-RAD items: qid, image_name, question, answer,
-                                             answer_type CLOSED/OPEN, question_type
+                                             answer_type CLOSED/OPEN, question_type (no valset.json when
+                                             the corpus has no val split: the reader carves one)
     answer_list.json                every answer of every split (as the public lists; protocol "original")
     captions_train.json             [{image, caption: [P6, P7 with both endings]}] for pretraining
 Questions per image: open (view, phase; on a highlighted image: which structure) and closed yes/no (phase,
@@ -96,6 +97,8 @@ def build_echo_vqa(corpus_dir, out_dir, limit_per_split: int | None = None) -> d
                 present = {s: bool((mask == LABELS[s]).any()) for s in STRUCTURE_WORDS}
                 qa = [(f"{stem}.png", *q) for q in image_questions(rec, present)]
                 for s, srec in by_structure.items():
+                    if not present[s]:  # nothing to highlight (and nothing to caption)
+                        continue
                     name = f"{stem}_{s}.png"
                     Image.fromarray(highlight(image, mask == LABELS[s])).save(tmp / "images" / name)
                     qa.append((name, "which structure is highlighted?", STRUCTURE_WORDS[s], "OPEN", "structure"))
@@ -105,8 +108,10 @@ def build_echo_vqa(corpus_dir, out_dir, limit_per_split: int | None = None) -> d
                     items.append({"qid": len(items), "image_name": image_name, "question": question,
                                   "answer": answer, "answer_type": answer_type, "question_type": qtype})
                     answers.add(answer)
-            (tmp / SPLIT_FILES[split]).write_text(json.dumps(items, indent=1))
             counts[split] = len(items)
+            if split == "val" and not items:
+                continue  # no valset.json: the reader carves validation from train (by image)
+            (tmp / SPLIT_FILES[split]).write_text(json.dumps(items, indent=1))
         (tmp / "answer_list.json").write_text(json.dumps(sorted(answers)))
         (tmp / "captions_train.json").write_text(json.dumps(captions, indent=1))
         counts["captions"] = len(captions)
