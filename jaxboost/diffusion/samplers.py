@@ -91,11 +91,12 @@ def ddim_step(schedule: Schedule, model_output, index, sample, noise, *, eta: fl
 class SamplerSpec:
     step: Callable[..., Any]
     spacing: Callable[[int], str]   # steps -> improved-diffusion respacing string
+    noise_free_at_eta0: bool        # then the loop draws no per-step noise
 
 
 SAMPLERS = Registry("sampler")
-SAMPLERS.register("ddpm")(SamplerSpec(ddpm_step, lambda steps: str(steps)))
-SAMPLERS.register("ddim")(SamplerSpec(ddim_step, lambda steps: f"ddim{steps}"))
+SAMPLERS.register("ddpm")(SamplerSpec(ddpm_step, lambda steps: str(steps), noise_free_at_eta0=False))
+SAMPLERS.register("ddim")(SamplerSpec(ddim_step, lambda steps: f"ddim{steps}", noise_free_at_eta0=True))
 
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -156,6 +157,7 @@ def make_sampler(apply_fn, schedule: Schedule, *, channels: int, sampler: str = 
         spacing = "" if steps in (None, schedule.num_steps) else spec.spacing(steps)
     spaced = respace(schedule, spacing)
     n = spaced.num_steps
+    draws_noise = not (spec.noise_free_at_eta0 and eta == 0)
 
     def model_fn(params, x, t, labels):
         if dtype is not None:
@@ -177,7 +179,8 @@ def make_sampler(apply_fn, schedule: Schedule, *, channels: int, sampler: str = 
             i = n - 1 - k
             t = jnp.full((x.shape[0],), sched.timesteps[i], jnp.int32)
             out = model_fn(params, x, t, labels)
-            x, _ = spec.step(sched, out, i, x, step_noise(keys, i, shape), eta=eta, clip_denoised=clip_denoised)
+            noise_i = step_noise(keys, i, shape) if draws_noise else jnp.zeros_like(x)
+            x, _ = spec.step(sched, out, i, x, noise_i, eta=eta, clip_denoised=clip_denoised)
             return x
 
         return jax.lax.fori_loop(0, n, body, x)
@@ -188,7 +191,7 @@ def make_sampler(apply_fn, schedule: Schedule, *, channels: int, sampler: str = 
 def sample(apply_fn, params, schedule: Schedule, labels, rng, *, channels: int, sampler: str = "ddim",
            steps: int | None = 50, eta: float = 0.0, guidance: float | None = 1.5, dtype=None, noise=None):
     """Convenience: build the compiled sampler and run it once. rng: one key (split per sample) or keys [B]."""
-    rng = _as_keys(jnp.asarray(rng))
+    rng = _as_keys(rng)
     keys = rng if rng.ndim == 1 else jax.random.split(rng, labels.shape[0])
     run = make_sampler(apply_fn, schedule, channels=channels, sampler=sampler, steps=steps, eta=eta,
                        guidance=guidance, dtype=dtype)
