@@ -87,6 +87,7 @@ def test_guidance_one_equals_conditional_only_sampler_and_bf16_is_close(params):
     assert 0 < np.abs(np.asarray(bf16) - np.asarray(plain)).mean() < 0.05
 
 
+@pytest.mark.slow
 def test_sampler_shards_over_a_mesh_and_each_sample_ignores_its_batch(params):
     labels, keys = masks(4, seed=2), samplers.per_sample_keys(3, 100, 4)
     run = samplers.make_sampler(apply_fn, SCHEDULE, channels=1, sampler="ddim", steps=4, eta=0.5, guidance=1.5)
