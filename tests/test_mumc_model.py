@@ -286,3 +286,16 @@ def test_keep_indices_follow_mae_count_and_clamp_projects_temperature():
     params = {"temp": jnp.asarray(0.0001), "vision": {}}
     assert float(mumc.clamp_params(params)["temp"]) == pytest.approx(0.001)
     assert float(mumc.clamp_params({"temp": jnp.asarray(0.9)})["temp"]) == pytest.approx(0.5)
+
+
+def test_overlay_hf_bert_keeps_fresh_cross_attention_and_names_mismatch():
+    base = {"text": {"layer0": {"attention": {"kernel": jnp.zeros((2, 2))}},
+                     "layer1": {"attention": {"kernel": jnp.zeros((2, 2))}, "crossattention": {"kernel": jnp.ones(3)}}},
+            "temp": jnp.asarray(0.07)}
+    loaded = {"text": {"layer0": {"attention": {"kernel": np.full((2, 2), 5.0)}},
+                       "layer1": {"attention": {"kernel": np.full((2, 2), 6.0)}}}}
+    merged, kept = mumc.overlay_params(base, loaded)
+    assert float(merged["text"]["layer1"]["attention"]["kernel"][0, 0]) == 6.0
+    assert sorted(kept) == ["/temp", "/text/layer1/crossattention"]
+    with pytest.raises(ValueError, match=r"/text/layer0/attention/kernel: loaded shape \(3,\)"):
+        mumc.overlay_params(base, {"text": {"layer0": {"attention": {"kernel": np.zeros(3)}}}})

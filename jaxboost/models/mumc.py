@@ -154,6 +154,26 @@ def enqueue(queues, image_feat, text_feat):
             "ptr": (ptr + b) % size}
 
 
+def overlay_params(base, loaded, where: str = ""):
+    """Deep-merge `loaded` (e.g. HF bert-base converted) over `base` (fresh init): -> (params, paths kept
+    from base). A BERT checkpoint has no cross-attention, so MUMC's fusion layers keep their fresh init, as
+    ALBEF's; a shape mismatch raises naming the path; a loaded entry unknown to base raises too."""
+    kept, out = [], dict(base)
+    for k, v in loaded.items():
+        path = f"{where}/{k}"
+        if k not in base:
+            raise ValueError(f"loaded parameter {path} does not exist in the model")
+        if isinstance(v, dict):
+            out[k], sub = overlay_params(base[k], v, path)
+            kept += sub
+        else:
+            if tuple(np.shape(v)) != tuple(np.shape(base[k])):
+                raise ValueError(f"{path}: loaded shape {np.shape(v)} != model shape {np.shape(base[k])}")
+            out[k] = jnp.asarray(v, dtype=base[k].dtype)
+    kept += [f"{where}/{k}" for k in base if k not in loaded]
+    return out, kept
+
+
 def clamp_params(params, low: float = 0.001, high: float = 0.5):
     """MUMC clamps the temperature parameter in place each step; call after the optimizer update so the
     parameter itself (not only its use) stays in [low, high] and its gradient never dies at the bound."""
