@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (words, module, help). The module provides add_arguments(parser) and main(args).
@@ -37,6 +38,19 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (ValueError, FileNotFoundError, ...) ends with one clear line and exit status 2;
+    JAXBOOST_TRACEBACK=1 shows the traceback instead."""
+    try:
+        return _dispatch(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, FloatingPointError,
+            RuntimeError) as e:
+        if os.environ.get("JAXBOOST_TRACEBACK"):
+            raise
+        print(f"jaxboost: error ({type(e).__name__}): {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, module_name, help_ in sorted(SUBCOMMANDS, key=lambda s: -len(s[0])):
         if tuple(argv[: len(words)]) == words:
