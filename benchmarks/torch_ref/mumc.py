@@ -231,3 +231,82 @@ def rank_answer(decoder, question_states, question_atts, answer_ids, answer_atts
     log_probs = torch.cat([topk_probs.view(-1, 1).log(), -answer_loss], dim=1).sum(1).view(num_ques, k)
     topk_probs, rerank_id = F.softmax(log_probs, dim=-1).topk(k, dim=1)
     return torch.gather(topk_ids, 1, rerank_id), topk_probs
+
+
+# ------------------------------------------------------------------------------- pretraining step (model)
+class MUMCPretrain(nn.Module):
+    """MUMC's MUMC_Pretrain.forward with its random choices passed in (patch keep indices for the online and
+    momentum views, masked ids + labels, hard negative indices), so a JAX run can be compared exactly and the
+    benchmark can time the same step. `text_encoder` is an HF BertLMHeadModel built with is_decoder=True,
+    add_cross_attention=True, eager attention (run in xbert's text/fusion modes by `bert_text_fusion`).
+    Momentum modules are given (copies); queues are [E, Q] buffers as in the original."""
+
+    def __init__(self, visual_encoder, text_encoder, vision_proj, text_proj, itm_head, momentum_modules,
+                 image_queue, text_queue, fusion_layer, temp=0.07, momentum=0.995):
+        super().__init__()
+        self.visual_encoder, self.text_encoder = visual_encoder, text_encoder
+        self.vision_proj, self.text_proj, self.itm_head = vision_proj, text_proj, itm_head
+        (self.visual_encoder_m, self.text_encoder_m, self.vision_proj_m,
+         self.text_proj_m) = momentum_modules
+        for m in momentum_modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.register_buffer("image_queue", image_queue.clone())
+        self.register_buffer("text_queue", text_queue.clone())
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.fusion_layer, self.momentum = fusion_layer, momentum
+
+    def _fuse(self, encoder, text_embeds, mask, image_embeds):
+        bert, ext = encoder.bert, extended_mask(mask)
+        img_ext = extended_mask(torch.ones(image_embeds.shape[:2]))
+        h = text_embeds
+        for layer in bert.encoder.layer[self.fusion_layer:]:
+            h = layer(h, ext, encoder_hidden_states=image_embeds, encoder_attention_mask=img_ext)
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    def forward(self, image, input_ids, mask, alpha, keep, keep_m, masked_ids, labels, neg_img, neg_txt):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        text_mode = lambda enc, ids: bert_text_fusion(enc.bert, ids, mask, None, self.fusion_layer, "text")
+        image_embeds = self.visual_encoder(image, keep)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        text_embeds = text_mode(self.text_encoder, input_ids)
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        with torch.no_grad():
+            image_embeds_m = self.visual_encoder_m(image, keep_m)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(text_mode(self.text_encoder_m, input_ids)[:, 0]), dim=-1)
+        loss_ita, _ = ita_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                               self.text_queue, self.temp, alpha)
+        # ITM with the given hard negatives
+        output_pos = self._fuse(self.text_encoder, text_embeds, mask, image_embeds)
+        output_neg = self._fuse(self.text_encoder, torch.cat([text_embeds, text_embeds[neg_txt]]),
+                                torch.cat([mask, mask[neg_txt]]),
+                                torch.cat([image_embeds[neg_img], image_embeds]))
+        loss_itm = itm_loss(output_pos[:, 0], output_neg[:, 0], self.itm_head)
+        # MLM distilled from the momentum model
+        with torch.no_grad():
+            hidden_m = self._fuse(self.text_encoder_m, text_mode(self.text_encoder_m, masked_ids), mask,
+                                  image_embeds_m)
+            logits_m = self.text_encoder_m.cls(hidden_m)
+        hidden = self._fuse(self.text_encoder, text_mode(self.text_encoder, masked_ids), mask, image_embeds)
+        loss_mlm = mlm_distill_loss(self.text_encoder.cls(hidden), logits_m, labels, alpha)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        return loss_mlm, loss_ita, loss_itm
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat):
+        b, ptr = image_feat.shape[0], int(self.queue_ptr)
+        self.image_queue[:, ptr:ptr + b] = image_feat.T
+        self.text_queue[:, ptr:ptr + b] = text_feat.T
+        self.queue_ptr[0] = (ptr + b) % self.image_queue.shape[1]
+
+    @torch.no_grad()
+    def momentum_update(self):
+        pairs = [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+        for online, mom in pairs:
+            for p, pm in zip(online.parameters(), mom.parameters()):
+                pm.data = pm.data * self.momentum + p.data * (1.0 - self.momentum)

@@ -190,7 +190,7 @@ def keep_indices(rng, batch: int, num_patches: int, drop_ratio: float):
 # ------------------------------------------------------------------------------------------- the loss
 def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, alpha, *,
                     mask_token_id: int, special_token_ids, patch_drop: float = 0.15,
-                    mlm_probability: float = 0.15, deterministic: bool = False):
+                    mlm_probability: float = 0.15, deterministic: bool = False, draws=None):
     """One MUMC pretraining loss (SPEC B2): total = MLM + ITA + ITM.
 
     batch: images [B, H, W, 3], input_ids [B, L], mask [B, L]. Call under `jax.jit` with the batch sharded
@@ -199,16 +199,22 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
     Returns (total, {"mlm", "ita", "itm", "i2t", "t2i", "i2i", "t2t", "temp"}, (image_feat_m, text_feat_m));
     the caller passes the last pair to `enqueue` and, after the optimizer step, applies `clamp_params` and
     `momentum_update` (MUMC updates the momentum model at the start of the next forward: the same sequence).
+    `draws` may fix any random choice (for parity tests): keep, keep_m [B, K]; masked_ids, target [B, L];
+    neg_img, neg_txt [B]. Whatever it lacks is drawn from `rng`.
     """
+    draws = dict(draws or {})
     images, ids, mask = batch["images"], batch["input_ids"], batch["mask"]
     b = images.shape[0]
     num_patches = (images.shape[1] // model.patch_size) * (images.shape[2] // model.patch_size)
     r_keep, r_keep_m, r_mlm, r_neg, r_drop = jax.random.split(rng, 5)
-    keep = keep_indices(r_keep, b, num_patches, patch_drop) if patch_drop > 0 else None
-    keep_m = keep_indices(r_keep_m, b, num_patches, patch_drop) if patch_drop > 0 else None
-    rngs = {"dropout": r_drop}
-    run = lambda method, *a, p=params: model.apply({"params": p}, *a, deterministic=deterministic,
-                                                   method=method, rngs=rngs)
+    if "keep" not in draws:
+        draws["keep"] = keep_indices(r_keep, b, num_patches, patch_drop) if patch_drop > 0 else None
+    if "keep_m" not in draws:
+        draws["keep_m"] = keep_indices(r_keep_m, b, num_patches, patch_drop) if patch_drop > 0 else None
+    keep, keep_m = draws["keep"], draws["keep_m"]
+    calls = iter(range(1 << 20))  # a fresh dropout key per apply call
+    run = lambda method, *a: model.apply({"params": params}, *a, deterministic=deterministic, method=method,
+                                         rngs={"dropout": jax.random.fold_in(r_drop, next(calls))})
     # setup() creates `temp` eagerly, so the momentum tree borrows it (momentum methods never read it).
     momentum_vars = {"params": dict(momentum_params, temp=params["temp"])}
     run_m = lambda method, *a: jax.lax.stop_gradient(
@@ -224,7 +230,9 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
                                            queues["image"], queues["text"], temp, alpha)
 
     # ITM: positives, then (text, hard negative image) and (hard negative text, image).
-    neg_img, neg_txt = matching.itm_hard_negatives(r_neg, image_feat, text_feat, temp)
+    if "neg_img" not in draws:
+        draws["neg_img"], draws["neg_txt"] = matching.itm_hard_negatives(r_neg, image_feat, text_feat, temp)
+    neg_img, neg_txt = draws["neg_img"], draws["neg_txt"]
     fused_pos = run(Model.fuse, text_hidden, mask, image_tokens)
     fused_neg = run(Model.fuse, jnp.concatenate([text_hidden, text_hidden[neg_txt]]),
                     jnp.concatenate([mask, mask[neg_txt]]),
@@ -232,8 +240,10 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
     loss_itm = matching.itm_loss(run(Model.itm_logits, fused_pos[:, 0]), run(Model.itm_logits, fused_neg[:, 0]))
 
     # MLM on the masked view of the image, distilled from the momentum model's logits.
-    masked_ids, target = mlm.mask_tokens(r_mlm, ids, model.vocab_size, mask_token_id, special_token_ids,
-                                         mlm_probability)
+    if "masked_ids" not in draws:
+        draws["masked_ids"], draws["target"] = mlm.mask_tokens(r_mlm, ids, model.vocab_size, mask_token_id,
+                                                               special_token_ids, mlm_probability)
+    masked_ids, target = draws["masked_ids"], draws["target"]
     logits = run(Model.mlm_logits, run(Model.fuse, run(Model.encode_text, masked_ids, mask)[0], mask,
                                        image_tokens))
     hidden_m = run_m(Model.encode_text, masked_ids, mask)[0]
