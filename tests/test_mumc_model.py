@@ -342,3 +342,43 @@ def test_overlay_hf_bert_keeps_fresh_cross_attention_and_names_mismatch():
     assert sorted(kept) == ["/temp", "/text/layer1/crossattention"]
     with pytest.raises(ValueError, match=r"/text/layer0/attention/kernel: loaded shape \(3,\)"):
         mumc.overlay_params(base, {"text": {"layer0": {"attention": {"kernel": np.zeros(3)}}}})
+
+
+def test_vqa_loss_matches_torch_decoder_built_from_encoder_layers(torch_mumc, converted):
+    """VQA: question fused with the image by all encoder layers, answer decoder = HF BertLMHeadModel loaded
+    (in torch) with encoder layers FUSION.. + embeddings + MLM head; MUMC's distilled LM loss; same value."""
+    mods, sd, _ = torch_mumc
+    n_dec = DEPTH - FUSION
+    dec_t = transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=W, num_hidden_layers=n_dec, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, is_decoder=True, add_cross_attention=True, attn_implementation="eager"))
+    state = {}
+    for k in dec_t.state_dict():
+        src = k
+        if ".encoder.layer." in k:
+            i = int(k.split(".encoder.layer.")[1].split(".")[0])
+            src = k.replace(f".encoder.layer.{i}.", f".encoder.layer.{i + FUSION}.")
+        state[k] = sd["text_encoder." + src]
+    dec_t.load_state_dict(state)
+    dec_t.eval()
+    rng = np.random.default_rng(6)
+    images = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
+    q = rng.integers(5, VOCAB, (3, 6))
+    q[:, 0] = 1
+    qm = np.ones((3, 6), np.int64)
+    qm[0, 4:] = 0
+    a = np.array([[1, 11, 3, 0], [1, 12, 13, 3], [1, 14, 3, 0]])
+    am = (a != 0).astype(np.int64)
+    with torch.no_grad():
+        img = mods["visual_encoder"](torch.tensor(images.transpose(0, 3, 1, 2)))
+        states = ref.bert_text_fusion(mods["text_encoder"].bert, torch.tensor(q), torch.tensor(qm), img, FUSION)
+        logits = dec_t(torch.tensor(a), attention_mask=torch.tensor(am), encoder_hidden_states=states,
+                       encoder_attention_mask=torch.tensor(qm)).logits
+        labels = torch.tensor(np.where(a == 0, -100, a))
+        want = ref.answer_lm_loss(logits, logits[:, :-1], labels, 0.4).sum() / 3
+    model = mumc.VQAModel(**SIZES, pretrain_image_size=32, decoder_depth=n_dec)
+    params = mumc.vqa_params_from_pretrain(converted[0], pretrain_grid=4, first_layer=FUSION, decoder_depth=n_dec)
+    batch = {"images": images, "question_ids": q, "question_mask": qm, "answer_ids": a, "answer_mask": am}
+    loss, per_q = mumc.vqa_loss(model, params, params, batch, jax.random.PRNGKey(0), 0.4, deterministic=True)
+    np.testing.assert_allclose(float(loss), want.item(), rtol=1e-4)
+    assert per_q.shape == (3,)
