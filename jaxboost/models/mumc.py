@@ -3,19 +3,22 @@
 `Model` is the pretraining model: image encoder (timm/MAE ViT, fixed sin-cos position embedding, MAE patch
 dropping), BERT whose layers [0, fusion_layer) encode text and [fusion_layer, depth) cross-attend to all
 image tokens, 768 -> 256 projections of the class tokens (L2-normalised), a learnable temperature
-(init 0.07, clamped to [0.001, 0.5] on use) and the ITM head 768 -> 1536 -> LayerNorm -> GELU -> 2.
+(init 0.07, clamped to [0.001, 0.5] on use and by `clamp_params` after updates) and the ITM head 768 -> 1536 -> LayerNorm -> GELU -> 2.
 Each piece is a method usable with `apply(..., method=...)`: `encode_image`, `encode_text`, `fuse`,
 `itm_logits`, `mlm_logits`.
 
 Momentum (EMA 0.995) copies of the image encoder, BERT (with its MLM head) and both projections are a sub-tree
 of the params (`momentum_init`); they are applied with the same module (the other entries are never touched).
 Queues are plain arrays in a small dict (`init_queues`, `enqueue`), so the whole state is a pytree for the
-train state and checkpoints. `pretrain_losses` is the pure loss of one step (SPEC B2).
+train state and checkpoints. `pretrain_losses` is the pure loss of one step (SPEC B2); `overlay_params`
+starts the text tower from a converted HF BERT.
 
 `VQAModel` is the VQA model: the same image encoder and 12-layer encoder (question fused with the image) plus
 the 6-layer answer decoder (causal self-attention, cross-attention to the fused question, LM head)
-initialised from encoder layers 6-11 (`vqa_params_from_pretrain`). At 384 px the pretraining sin-cos
-embedding (stored as a 16x16 table) is interpolated bicubically, as MUMC's `interpolate_pos_embed`.
+initialised from encoder layers 6-11 (`vqa_params_from_pretrain`). As in MUMC's VQA model (a timm ViT with a
+learned table), the pretraining sin-cos embedding becomes a trainable 16x16 table, interpolated bicubically
+at 384 px like MUMC's `interpolate_pos_embed`. `vqa_loss` (distilled answer LM loss) and `rank_answers`
+(top-k candidates by first-token probability, re-ranked by likelihood) are pure functions.
 
 Sizes: images [B, H, W, 3] NHWC; ids/masks [B, L]; image tokens [B, 1 + K, Dv]; features [B, E].
 """
