@@ -121,6 +121,29 @@ def check_variables(converted: dict, expected, source: str) -> dict:
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), converted)
 
 
+def fill_missing(converted: dict, expected, seed: int = 0) -> dict:
+    """Add the leaves of `expected` (eval_shape of init) that `converted` lacks, freshly initialised in numpy:
+    kernels/embeddings ~ N(0, 1/fan_in), LayerNorm/BatchNorm scales and running variances 1, the rest 0.
+    (A flax init of the whole model would compile every initializer: ~1 min for CRIS on a small CPU.)"""
+    import jax
+    from flax import traverse_util
+    rng = np.random.default_rng(seed)
+    got = traverse_util.flatten_dict(converted, sep="/")
+    for path, leaf in traverse_util.flatten_dict(
+            jax.tree_util.tree_map(lambda x: x, expected, is_leaf=lambda x: hasattr(x, "shape")), sep="/").items():
+        if path in got:
+            continue
+        name, shape = path.rsplit("/", 1)[-1], tuple(leaf.shape)
+        if name in ("kernel", "embedding", "pos_embedding"):
+            fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+            got[path] = rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)
+        elif name in ("scale", "var"):
+            got[path] = np.ones(shape, np.float32)
+        else:
+            got[path] = np.zeros(shape, np.float32)
+    return traverse_util.unflatten_dict(got, sep="/")
+
+
 def fail_on_unmapped(take: Taker) -> None:
     left = take.unused()
     if left:
