@@ -175,3 +175,21 @@ def test_convert_clipseg_cli_roundtrip(tmp_path):
     ref_module, ref_vars = clipseg_from_hf(str(tmp_path / "hf"))
     args = (jnp.ones((1, 64, 64, 3)), jnp.array([[5, 6, 99]]))
     np.testing.assert_array_equal(module.apply(variables, *args), ref_module.apply(ref_vars, *args))
+
+
+@pytest.mark.parametrize("name", ["clipseg", "cris"])
+def test_segmenter_configs_build_their_models(name):
+    from jaxboost import registry
+    from jaxboost.config import load_config
+    for v in ("tiny", "full"):
+        c = load_config(f"configs/{name}.py:{v}")
+        assert c.trainer == "vl_seg" and c.model_name == name and c.finetune_mode == "fresh"
+        fields = {k: tuple(x) if isinstance(x, list) else x for k, x in c.model.items()}
+        model = registry.model_class(name)(**dict(fields, vocab_size=fields["vocab_size"] or 300))
+        size = c.data.size
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                jnp.ones((1, 8), jnp.int32))
+        if name == "clipseg" and v == "full":  # SPEC A4: decoder ~1.13M parameters
+            head = sum(x.size for k, t in shapes["params"].items() if clipseg.decoder_param_filter((k,))
+                       for x in jax.tree_util.tree_leaves(t))
+            assert head == 1_127_009
