@@ -46,11 +46,16 @@ def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] |
                 argv[i + 1] = resolve_config_path(argv[i + 1])
             else:
                 argv[i] = "--config=" + resolve_config_path(a.split("=", 1)[1])
+    # sys_argv: config_flags registers the `--config.x` override flags from the argv it is given.
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py:VARIANT", flag_values=fv,
-                                    lock_config=False)
+                                    lock_config=False, sys_argv=argv)
     for name, (kind, default, help_) in (extra or {}).items():
         getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=fv)
-    fv(argv)
+    try:
+        fv(argv)
+    except flags.Error as e:  # absl wraps the config file's own error; surface the cause
+        cause = e.__cause__ or e.__context__
+        raise (cause if isinstance(cause, (ValueError, FileNotFoundError)) else ValueError(str(e))) from e
     if fv.config is None:
         raise ValueError("--config configs/NAME.py:VARIANT is required")
     return fv.config, {name: getattr(fv, name) for name in (extra or {})}

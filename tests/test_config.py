@@ -1,0 +1,23 @@
+"""Config loading: big_vision-style file:variant specs with typed, nested overrides."""
+import pytest
+
+from jaxboost.config import load_config, resolve_config_path
+
+
+def test_load_config_applies_typed_nested_overrides():
+    c = load_config("configs/unet_phantom.py:tiny", ["total_steps=7", "optim.lr=0.5", "data.corpus=/x"])
+    assert c.total_steps == 7 and isinstance(c.total_steps, int)
+    assert c.optim.lr == 0.5 and c.data.corpus == "/x"
+    assert load_config("unet_phantom:full").total_steps == 20_000
+
+
+def test_unknown_variant_and_file_are_named():
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        load_config("configs/unet_phantom.py:huge")
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        resolve_config_path("configs/nope.py:tiny")
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(Exception, match="no_such_field"):
+        load_config("configs/unet_phantom.py:tiny", ["no_such_field=1"])
