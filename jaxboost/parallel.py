@@ -111,7 +111,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} but there are {n} devices")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), devices=devices)
+    # Auto axes: XLA propagates shardings and inserts the collectives (jax's default, Explicit, would make
+    # every op on an FSDP-split kernel ask for an out_sharding).
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def mesh_from_config(config) -> Mesh:
