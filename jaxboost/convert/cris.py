@@ -61,7 +61,8 @@ def _head(take: Taker) -> tuple[dict, dict, dict]:
     for i in range(num_layers):
         s = f"decoder.layers.{i}."
         params[f"decoder_layer{i}"] = {
-            "self_attn": take.packed_attention(s + "self_attn"), "cross_attn": take.packed_attention(s + "multihead_attn"),
+            "self_attn": take.packed_attention(s + "self_attn"),
+            "cross_attn": take.packed_attention(s + "multihead_attn"),
             **{n: take.ln(s + n) for n in ("norm1", "norm2", "norm3", "self_attn_norm", "cross_attn_norm")},
             "ffn_fc1": take.dense(s + "ffn.0"), "ffn_norm": take.ln(s + "ffn.3"), "ffn_fc2": take.dense(s + "ffn.4")}
     params["decoder_norm"] = take.ln("decoder.norm")
