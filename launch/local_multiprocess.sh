@@ -12,6 +12,18 @@ for ((i = 0; i < N; i++)); do
     "$@" > >(sed "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
+# The first process to fail stops the others: they would otherwise wait on it in a collective until the
+# coordinator's heartbeat timeout.
 status=0
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  finished=""
+  wait -n -p finished "${running[@]}" || status=$?
+  left=(); for p in "${running[@]}"; do [[ $p == "$finished" ]] || left+=("$p"); done; running=("${left[@]}")
+  if ((status != 0)); then
+    kill "${running[@]}" 2>/dev/null || true
+    break
+  fi
+done
+wait  # every process and its output filter
 exit $status
