@@ -151,6 +151,18 @@ def shard_batch(mesh: Mesh, host_batch: dict[str, Any]) -> dict[str, jax.Array]:
     return out
 
 
+def shard_global_batch(mesh: Mesh, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """A batch that every host holds whole (eval sets, fixed validation masks) -> global arrays split over
+    the batch axes; each host places only its devices' rows. (`shard_batch` is for host-local parts.)"""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.dtype.kind not in "biuf":
+            continue
+        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda index, v=v: v[index])
+    return out
+
+
 # ----------------------------------------------------------------------------------------- parameters
 
 def _path_str(path) -> str:
