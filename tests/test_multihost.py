@@ -182,6 +182,7 @@ def one_device_step():
     return loss, params
 
 
+@pytest.mark.slow  # ~20-30 s each on 2 shared cores (one U-Net step compile per mesh)
 @pytest.mark.parametrize("data,fsdp", [(4, 1), (2, 2), (1, 4)])
 def test_data_and_fsdp_meshes_give_the_one_device_step(data, fsdp, one_device_step):
     ref_loss, ref_params = one_device_step
