@@ -62,7 +62,8 @@ class TextEncoder(nn.Module):
         if length > self.context_length:
             raise ValueError(f"input_ids has {length} tokens, more than the text encoder's context_length "
                              f"{self.context_length}")
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding")(input_ids)
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype,
+                     name="token_embedding")(input_ids)  # CLIP init
         pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.context_length, self.width))
         x = x + pos[:length].astype(x.dtype)
         mask = causal_mask(length)
