@@ -32,11 +32,12 @@ def get_config(arg=None):
         size=c.model.image_size, max_words=30, max_tokens=25,
         tokenizer="",                     # local folder or vocab.txt; empty: train WordPiece into workdir
         tokenizer_vocab_size=1000 if tiny else 30522,
+        augment=True,                     # random resized crop, flip, RandAugment (host, per-record rng)
         crop_scale=(0.2, 1.0), flip=True, randaugment=(2, 7))
     c.queue_size = 64 if tiny else 65_536
     c.momentum = 0.995
     c.alpha = 0.4
-    c.alpha_ramp_epochs = 2
+    c.alpha_ramp_epochs = 2.0
     c.patch_drop = 0.15
     c.mlm_probability = 0.15
     c.seed = 0
