@@ -64,7 +64,7 @@ def _restore_state(workdir: Path, step: int) -> dict:
 # ------------------------------------------------------------------------------------------- multi-process
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_process_with_four_devices(corpus_dir, tmp_path):
+def test_two_processes_with_fsdp_train_like_one_process_with_four_devices(corpus_dir, tmp_path):
     args = ["--config", "configs/unet_phantom.py:tiny", f"--config.data.corpus={corpus_dir}",
             "--config.data.size=32", f"--config.total_steps={STEPS}", "--config.eval_every=0",
             "--config.log_every=1", "--config.ckpt_every=0", "--config.optim.warmup_steps=2"]
@@ -73,8 +73,10 @@ def test_two_processes_train_like_one_process_with_four_devices(corpus_dir, tmp_
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     env = dict(os.environ, JAXBOOST_PORT=str(_free_port()))
     env.pop("XLA_FLAGS", None)
+    # The two-process run is also FSDP over all 4 devices (kernels split across the two hosts, so each
+    # process writes different array shards); the single process is pure data parallel.
     multi = _run(["bash", "launch/local_multiprocess.sh", "2", "2", "jaxboost", "train", *args,
-                  "--workdir", str(tmp_path / "two")], env=env)
+                  "--config.mesh.data=1", "--config.mesh.fsdp=4", "--workdir", str(tmp_path / "two")], env=env)
     single_out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, single_out[-4000:]
 
