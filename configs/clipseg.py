@@ -2,18 +2,22 @@
 
   jaxboost train --config configs/clipseg.py:tiny --workdir runs/clipseg --config.data.corpus=CORPUS
   jaxboost train --config configs/clipseg.py:full --config.pretrained=CONVERTED_DIR ...   # rd64-refined
-`tiny`: small towers at 96 px, a BPE tokenizer trained on the prompts into the workdir, CPU seconds/step.
-`full`: rd64-refined sizes at 352 px, lr 2e-3, batch 128, encoders frozen (HF-exact; the public runs never
-trained them). Pretrain-then-finetune: --config.init_from=PRETRAIN_WORKDIR (fresh optimizer/schedule/early
-stop); --config.finetune_mode=resume reproduces the public resume. loss_mode=original: CE term always 0.
+  jaxboost eval --workdir runs/clipseg --split test
+`tiny`: small towers at 64 px (patch 8: an 8x8 token grid), a BPE tokenizer trained on the corpus prompts
+into the workdir, a few CPU minutes for a 30-patient phantom. `full`: rd64-refined sizes at 352 px, lr 2e-3,
+batch 128, encoders frozen (HF-exact; the public runs never trained them: model.freeze_encoders=False
+trains them). Pretrain-then-finetune: --config.init_from=PRETRAIN_WORKDIR (fresh optimizer, schedule and
+early stopping); --config.finetune_mode=resume reproduces the public resume. loss.mode=original: the public
+zero CE term (MONAI #6923). Training length is `num_epochs` (steps per epoch = train split // batch_size),
+validated once per epoch; early stopping and plateau patience count epochs.
 """
 import ml_collections
 
 from jaxboost.config import variant
 
-TINY_MODEL = dict(vision_width=64, vision_depth=4, vision_heads=4, vision_mlp_dim=128, patch_size=16,
-                  vision_image_size=96, vocab_size=0, text_width=64, text_depth=2, text_heads=4, text_mlp_dim=128,
-                  context_length=48, eos_token_id=None, projection_dim=32, extract_layers=(1, 2, 3),
+TINY_MODEL = dict(vision_width=64, vision_depth=4, vision_heads=4, vision_mlp_dim=128, patch_size=8,
+                  vision_image_size=64, vocab_size=0, text_width=64, text_depth=2, text_heads=4, text_mlp_dim=128,
+                  context_length=64, eos_token_id=None, projection_dim=32, extract_layers=(1, 2, 3),
                   reduce_dim=32, decoder_heads=4, decoder_mlp_dim=64)
 FULL_MODEL = dict(vision_width=768, vision_depth=12, vision_heads=12, vision_mlp_dim=3072, patch_size=16,
                   vision_image_size=224, vocab_size=49408, text_width=512, text_depth=12, text_heads=8,
@@ -27,24 +31,38 @@ def get_config(arg=None):
     c.name = "clipseg"
     c.trainer = "vl_seg"
     c.model_name = "clipseg"
-    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=True, freeze_encoders=True,
+    # tiny: one ConvT(8, stride 8) head (the complex head's two ConvT(patch/4) only restore patch 16)
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=True,
                    attention_impl="einsum")                  # vocab_size 0: the tokenizer's size
-    c.data = dict(corpus="", size=96 if tiny else 352, prompt=3,   # prompt index P0-P7
+    c.data = dict(corpus="",            # training corpus
+                  eval_corpus="",       # validation/test corpus ("": the training corpus)
+                  size=64 if tiny else 352,
+                  prompt=3,             # prompt index P0-P7 used in training
+                  eval_prompts=(),      # prompts scored by `jaxboost eval` (empty: `prompt`)
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # ImageNet, as HF's processor
-                  tokenizer="",                                 # local CLIP tokenizer folder; "": train one
+                  tokenizer="",         # local CLIP tokenizer folder; "": train one on the prompts
                   tokenizer_vocab_size=1000)
-    c.pretrained = ""               # `jaxboost convert clipseg` output (or an HF folder); "": random init
+    c.pretrained = ""               # `jaxboost convert clipseg` output folder; "": random init
     c.init_from = ""                # a previous run's workdir (pretrain -> finetune)
     c.finetune_mode = "fresh"       # "fresh" | "resume" (the public code's flaw, for comparison)
     c.loss = dict(dice_weight=1.0, bce_weight=0.2, mode="fixed")   # mode "original": zero CE (MONAI #6923)
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 2e-3, weight_decay=1e-3, grad_clip=0.5,
-                   plateau_factor=0.1, plateau_patience=5, backbone_lr_mult=1.0)
-    c.early_stop_patience = 20
+                   frozen=(), lr_mults={},  # the trainer adds the encoders when model.freeze_encoders
+                   backbone_lr_mult=1.0)    # lr multiplier of trainable CLIP encoders
+    c.num_epochs = 8 if tiny else 200
+    c.early_stop_patience = 20      # epochs without a better val/dice_mean
+    # epochs; lr x plateau_factor after more stale evals than this (torch semantics). tiny: off (few epochs)
+    c.plateau_patience = 0 if tiny else 5
+    c.plateau_factor = 0.1
+    c.best_metric = "val/dice_mean"
+    c.best_mode = "max"
     c.threshold = 0.5
     c.batch_size = 8 if tiny else 128
-    c.epochs = 3 if tiny else 200
+    c.eval_batch_size = 32 if tiny else 128
     c.dtype = "float32" if tiny else "bfloat16"
     c.seed = 0
     c.log_every = 10 if tiny else 50
+    c.keep_checkpoints = 2
+    c.overlays = 6                  # samples drawn in workdir/overlays_<split>.png
     c.mesh = dict(data=-1, fsdp=1)
     return c

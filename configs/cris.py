@@ -2,16 +2,18 @@
 
   jaxboost train --config configs/cris.py:tiny --workdir runs/cris --config.data.corpus=CORPUS
   jaxboost train --config configs/cris.py:full --config.pretrained=CONVERTED_DIR ...   # CRIS/CLIP RN50
-`tiny`: a small RN/text/decoder at 96 px with a prompt-trained tokenizer. `full`: CLIP RN50 at 416 px,
-lr 2e-5, batch 32, dropout 0.2 (the finetuning code; CRIS used 0.1), threshold 0.35. pad_mode=original
-reproduces the unmasked padding of the public code; loss.mode=original its zero CE term.
+  jaxboost eval --workdir runs/cris --split test
+`tiny`: a small RN/text/decoder at 64 px with a prompt-trained tokenizer. `full`: CLIP RN50 at 416 px,
+lr 2e-5, batch 32, dropout 0.2 (the finetuning code; CRIS used 0.1), threshold 0.35. The backbone trains
+at optim.backbone_lr_mult (0.1) x lr; model.freeze_encoders=True freezes it. pad_mode=original reproduces
+the unmasked padding of the public code; loss.mode=original its zero CE term.
 """
 import ml_collections
 
 from jaxboost.config import variant
 
-TINY_MODEL = dict(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vision_image_size=96, vocab_size=0,
-                  text_width=64, text_depth=2, text_heads=4, context_length=48, fpn_out=(32, 64, 64),
+TINY_MODEL = dict(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vision_image_size=64, vocab_size=0,
+                  text_width=64, text_depth=2, text_heads=4, context_length=64, fpn_out=(32, 64, 64),
                   num_layers=1, num_heads=4, mlp_dim=128, dropout_rate=0.0)
 FULL_MODEL = dict(stage_sizes=(3, 4, 6, 3), vision_width=64, embed_dim=1024, vision_image_size=224,
                   vocab_size=49408, text_width=512, text_depth=12, text_heads=8, context_length=77,
@@ -26,21 +28,28 @@ def get_config(arg=None):
     c.model_name = "cris"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, pad_mode="fixed", upsample="bilinear",
                    freeze_encoders=False, attention_impl="einsum")   # vocab_size 0: the tokenizer's size
-    c.data = dict(corpus="", size=96 if tiny else 416, prompt=2,
+    c.data = dict(corpus="", eval_corpus="", size=64 if tiny else 416, prompt=2, eval_prompts=(),
                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),  # CLIP
                   tokenizer="", tokenizer_vocab_size=1000)
-    c.pretrained = ""               # `jaxboost convert cris` output; "": random init
+    c.pretrained = ""               # `jaxboost convert cris` output folder; "": random init
     c.init_from = ""
     c.finetune_mode = "fresh"       # "fresh" | "resume"
     c.loss = dict(dice_weight=1.0, bce_weight=0.2, mode="fixed")
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 2e-5, weight_decay=1e-3, grad_clip=0.5,
-                   plateau_factor=0.1, plateau_patience=5, backbone_lr_mult=0.1)
+                   frozen=(), lr_mults={}, backbone_lr_mult=0.1)
+    c.num_epochs = 8 if tiny else 200
     c.early_stop_patience = 20
+    c.plateau_patience = 0 if tiny else 5   # epochs (torch semantics); tiny: off (few epochs)
+    c.plateau_factor = 0.1
+    c.best_metric = "val/dice_mean"
+    c.best_mode = "max"
     c.threshold = 0.35
     c.batch_size = 8 if tiny else 32
-    c.epochs = 3 if tiny else 200
+    c.eval_batch_size = 32 if tiny else 32
     c.dtype = "float32" if tiny else "bfloat16"
     c.seed = 0
     c.log_every = 10 if tiny else 50
+    c.keep_checkpoints = 2
+    c.overlays = 6
     c.mesh = dict(data=-1, fsdp=1)
     return c
