@@ -39,6 +39,6 @@ def main(argv: list[str]) -> int:
     config, values = parse(argv)
     trainer = registry.trainer(config.trainer)
     summary = trainer.train(config, values["workdir"])
-    if summary:
+    if summary and parallel.is_main_process():
         print({k: v for k, v in summary.items() if k != "evals"})
     return 0

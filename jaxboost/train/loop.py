@@ -330,6 +330,17 @@ class Preempted(SystemExit):
     pass
 
 
+def _preemption_agreed(preempt: _Preemption, step: int, config) -> bool:
+    """All hosts must save at the same step: with several processes the flags are combined every
+    `preemption_check_every` steps (one tiny all-gather), so no host saves alone and deadlocks."""
+    if jax.process_count() == 1:
+        return preempt.requested
+    if step % config.get("preemption_check_every", 10):
+        return False
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(preempt.requested))).any())
+
+
 def _loop_meta(step, best, best_step, stale, plateau_state, config) -> dict:
     return {"step": int(step), "best_metric": best, "best_step": best_step, "stale_evals": stale,
             "plateau": {k: float(v) for k, v in plateau_state._asdict().items()} if plateau_state else None,
@@ -359,7 +370,7 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.mesh_from_config(config)
     total_steps = int(config.total_steps)
-    best_metric = config.get("best_metric", None) if eval_fn is not None else None
+    best_metric = (config.get("best_metric", None) or None) if eval_fn is not None else None
     best_mode = config.get("best_mode", "max")
     sign = 1.0 if best_mode == "max" else -1.0
     ckpts = Checkpoints(workdir, keep=config.get("keep_checkpoints", 3),
@@ -468,7 +479,7 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
             if config.get("ckpt_every", 0) and done % config.ckpt_every == 0:
                 check_finite(jax.device_get(metrics), done)
                 ckpts.save(done, state, _loop_meta(done, best, best_step, stale, plateau_state, config), train_iter)
-            if preempt.requested:
+            if _preemption_agreed(preempt, done, config):
                 check_finite(jax.device_get(metrics), done)
                 ckpts.save(done, state, _loop_meta(done, best, best_step, stale, plateau_state, config),
                            train_iter, force=True)
@@ -506,10 +517,11 @@ def map_batches(fn: Callable, params, batches, mesh, batch_size: int):
     padded to `batch_size` (a multiple of the mesh's batch shards), sharded, and the padding cut off.
     Yields (host_batch, numpy outputs)."""
     parallel.check_batch_divides(mesh, batch_size)
-    jfn = jax.jit(fn)
+    # Every host holds the whole eval batch; outputs are replicated so each host can read them all.
+    jfn = jax.jit(fn, out_shardings=parallel.replicated(mesh))
     for host_batch in batches:
         n = len(next(iter(v for v in host_batch.values() if np.asarray(v).dtype.kind in "biuf")))
         padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], batch_size - n, 0)])
                   if np.asarray(v).dtype.kind in "biuf" else v for k, v in host_batch.items()}
-        out = jax.device_get(jfn(params, parallel.shard_batch(mesh, padded)))
+        out = jax.device_get(jfn(params, parallel.shard_global_batch(mesh, padded)))
         yield host_batch, jax.tree.map(lambda a: np.asarray(a)[:n], out)
