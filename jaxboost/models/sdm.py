@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SPADE_HIDDEN = 128
+SPADE_HIDDEN = 128  # upstream's; `Model.spade_hidden` lowers it for CPU-sized configs
 
 
 def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
@@ -60,13 +60,14 @@ def resize_nearest(labels, size):
 class SpadeGroupNorm(nn.Module):
     """GroupNorm(32, affine=False)(x) * (1 + gamma) + beta with gamma/beta predicted from the label map."""
     dtype: Any = jnp.float32
+    hidden: int = SPADE_HIDDEN
 
     @nn.compact
     def __call__(self, x, labels):
         c = x.shape[-1]
         normed = group_norm(x, "norm", affine=False)
         seg = resize_nearest(labels, x.shape[1:3]).astype(self.dtype)
-        actv = nn.relu(conv3x3(SPADE_HIDDEN, "mlp_shared", self.dtype)(seg))
+        actv = nn.relu(conv3x3(self.hidden, "mlp_shared", self.dtype)(seg))
         gamma = conv3x3(c, "mlp_gamma", self.dtype)(actv)
         beta = conv3x3(c, "mlp_beta", self.dtype)(actv)
         return (normed * (1 + gamma) + beta).astype(x.dtype)
@@ -91,10 +92,11 @@ class ResBlock(nn.Module):
     spade: bool = False
     updown: str | None = None
     dtype: Any = jnp.float32
+    spade_hidden: int = SPADE_HIDDEN
 
     @nn.compact
     def __call__(self, x, labels, emb, train: bool = False):
-        norm = ((lambda h, name: SpadeGroupNorm(self.dtype, name=name)(h, labels)) if self.spade
+        norm = ((lambda h, name: SpadeGroupNorm(self.dtype, self.spade_hidden, name=name)(h, labels)) if self.spade
                 else (lambda h, name: group_norm(h, name)))
         resample = {None: lambda a: a, "up": upsample_nearest2x, "down": avg_pool2x}[self.updown]
         h = nn.silu(norm(x, "in_norm"))
@@ -154,6 +156,7 @@ class Model(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
+    spade_hidden: int = SPADE_HIDDEN  # SPADE's shared conv width (upstream 128)
 
     @property
     def out_channels(self) -> int:
@@ -172,7 +175,7 @@ class Model(nn.Module):
         block = nn.remat(ResBlock, static_argnums=(4,)) if self.remat else ResBlock
         attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
-                                           name=name, **kw)
+                                           spade_hidden=self.spade_hidden, name=name, **kw)
         attention = lambda name: attn(self.num_head_channels, dtype, self.attention_implementation,
                                         name=name)
         attend_at = {self.image_size // r for r in self.attention_resolutions}  # as downsample factors

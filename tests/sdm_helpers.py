@@ -1,0 +1,30 @@
+"""Shared by the SDM trainer and synth tests: a small phantom corpus and a tiny SDM config for it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxboost.config import load_config
+from jaxboost.data import corpus as corpus_lib
+from jaxboost.data import phantom
+
+SIZE = 16
+
+
+def phantom_corpus(root: Path, patients: int = 6, size: int = SIZE) -> Path:
+    """A phantom written at 40x32 and built into a `size` px corpus (train/val/test splits)."""
+    source = phantom.write_phantom(root / "phantom", patients=patients, seed=0, size=(40, 32))
+    items, info = corpus_lib.camus_items(source, size=size, source="phantom")
+    corpus_lib.build_corpus(items, root / "corpus", size=size, source="phantom", source_info=info)
+    return root / "corpus"
+
+
+def tiny_config(corpus: Path, **overrides):
+    """configs/sdm.py:tiny shrunk to SIZE px: two levels, attention at 8 px, narrow SPADE."""
+    base = {"data.corpus": str(corpus), "data.size": SIZE, "model.image_size": SIZE,
+            "model.channel_mult": (1, 2), "model.attention_resolutions": (8,), "model.spade_hidden": 16,
+            "total_steps": 0, "log_every": 1, "eval_every": 0, "ckpt_every": 0, "async_checkpointing": False,
+            "sampler.steps": 2, "mesh.data": -1}
+    base.update(overrides)
+    config = load_config("configs/sdm.py:tiny")
+    config.update_from_flattened_dict(base)
+    return config

@@ -1,0 +1,174 @@
+"""`jaxboost synth`: counts and record contract, the same corpus on 1 and 4 devices, exact resume after
+SIGKILL, two processes writing disjoint shards whose union is the single-process corpus, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxboost import parallel, synth
+from jaxboost.data import corpus as corpus_lib
+from jaxboost.data import labels as labels_lib
+from jaxboost.train import sdm as sdm_train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sdm_helpers import SIZE, phantom_corpus, tiny_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+K = 2
+OPTS = dict(per_mask=K, sampler="ddim", steps=2, guidance=1.5, seed=7, records_per_shard=6, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A masks corpus and an SDM run (random weights: synth's bookkeeping does not need a trained model)."""
+    root = tmp_path_factory.mktemp("synth")
+    corpus = phantom_corpus(root)
+    run = root / "sdm"
+    sdm_train.train(tiny_config(corpus, total_steps=0), run)
+    reference = root / "reference"
+    synth.generate(run, corpus, reference, batch_size=4,
+                   mesh=parallel.make_mesh(devices=jax.devices()[:1]), **OPTS)
+    return corpus, run, reference
+
+
+def _records(out: Path) -> dict[str, list[dict]]:
+    c = corpus_lib.open_corpus(out, verify=True)
+    return {s: list(c.iter(s)) for s in corpus_lib.SPLITS}
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.array_record"))}
+
+
+def test_synth_writes_k_augmented_triplets_per_mask_with_source_metadata(setup):
+    corpus, run, reference = setup
+    source = corpus_lib.open_corpus(corpus)
+    records = _records(reference)
+    assert records["test"] == []
+    for split_id, split in ((0, "train"), (1, "val")):
+        sources = [r for r in source.iter(split) if r["structure"] == "LV"]
+        got = records[split]
+        assert len(got) == len(sources) * K * 3 and len({r["key"] for r in got}) == len(got)
+        for s, src in enumerate(r for r in sources for _ in range(K)):
+            triplet = got[3 * s: 3 * s + 3]
+            assert [r["structure"] for r in triplet] == list(labels_lib.STRUCTURES)
+            mask, cone = synth.augmented_sample(src, split_id, s, OPTS["seed"])
+            name = src["key"].split("/")[1]
+            for r in triplet:
+                assert r["key"] == f"synthetic/{name}_aug{s % K}/{r['structure']}"
+                assert r["source"] == "synthetic" and r["split"] == split
+                assert {k: r[k] for k in ("patient", "view", "phase", "sex", "age")} == \
+                       {k: src[k] for k in ("patient", "view", "phase", "sex", "age")}
+                np.testing.assert_array_equal(r["mask"], mask)
+                np.testing.assert_array_equal(r["cone"], cone)
+                assert r["image"].shape == (SIZE, SIZE) and r["image"].dtype == np.uint8
+                assert len(r["prompts"]) == 8 and not any("quality" in p for pair in r["prompts"] for p in pair)
+            assert not np.array_equal(mask, src["mask"]) or s % K  # augmented, not copied
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["config"]["synth"]["per_mask"] == K and manifest["counts"]["train"] == len(records["train"])
+
+
+def test_synth_corpus_is_the_same_on_one_and_four_devices(setup, tmp_path):
+    corpus, run, reference = setup
+    synth.generate(run, corpus, tmp_path / "four", batch_size=8, mesh=parallel.make_mesh(devices=jax.devices()[:4]),
+                   **OPTS)
+    assert _shard_bytes(tmp_path / "four") == _shard_bytes(reference)
+    assert json.loads((tmp_path / "four" / "manifest.json").read_text())["shards"] == \
+           json.loads((reference / "manifest.json").read_text())["shards"]
+
+
+def _synth_cmd(run, corpus, out, *extra):
+    return [sys.executable, "-m", "jaxboost.cli", "synth", "--checkpoint", str(run), "--masks", str(corpus),
+            "--out", str(out), "--per-mask", str(K), "--steps", "2", "--guidance", "1.5", "--seed", "7",
+            "--records-per-shard", "6", *extra]
+
+
+def test_synth_killed_then_rerun_equals_an_uninterrupted_run(setup, tmp_path):
+    corpus, run, reference = setup
+    out = tmp_path / "killed"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(_synth_cmd(run, corpus, out, "--batch-size", "1"), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.glob("train-*.array_record"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.array_record")))
+    assert 2 <= done < len(list(reference.glob("*.array_record"))), "kill came too late to test a resume"
+    assert not (out / "manifest.json").exists()
+    synth.generate(run, corpus, out, batch_size=8, **OPTS)  # resumes (8 devices here)
+    assert _shard_bytes(out) == _shard_bytes(reference)
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_processes_write_disjoint_shards_whose_union_is_the_single_process_corpus(setup, tmp_path):
+    corpus, run, reference = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAXBOOST_PORT=str(port))
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "two"
+    cmd = ["bash", "launch/local_multiprocess.sh", "2", "1", *_synth_cmd(run, corpus, out, "--batch-size", "2")]
+    done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    writers = {p.name.split("-")[1] for p in out.glob("*.array_record")}
+    assert writers == {"w000", "w001"}
+    two, one = _records(out), _records(reference)
+    for split in ("train", "val"):
+        by_key = lambda rs: {r["key"]: r for r in rs}
+        a, b = by_key(two[split]), by_key(one[split])
+        assert sorted(a) == sorted(b) and len(a) == len(two[split])  # disjoint, nothing missing
+        for key in b:
+            for field in ("image", "mask", "cone"):
+                np.testing.assert_array_equal(a[key][field], b[key][field], err_msg=f"{key} {field}")
+            assert a[key]["prompts"] == b[key]["prompts"]
+
+
+def test_synth_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
+    corpus, run, reference = setup
+    with pytest.raises(ValueError, match="holds another corpus"):
+        synth.generate(run, corpus, reference, **{**OPTS, "seed": 8})
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"trainer": "unet_seg", "model_name": "unet"}))
+    with pytest.raises(ValueError, match="not an SDM run"):
+        synth.generate(other, corpus, tmp_path / "o1", **OPTS)
+    with pytest.raises(FileNotFoundError, match="not a jaxboost SDM run"):
+        synth.generate(tmp_path, corpus, tmp_path / "o2", **OPTS)
+    three = tmp_path / "three_labels"
+    shutil.copytree(run, three)
+    cfg = json.loads((three / "config.json").read_text())
+    cfg["model"]["num_labels"] = 3
+    (three / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="num_labels=3"):
+        synth.generate(three, corpus, tmp_path / "o3", **OPTS)
+    bigger = phantom_corpus(tmp_path / "c32", patients=2, size=32)
+    with pytest.raises(ValueError, match="32 px"):
+        synth.generate(run, bigger, tmp_path / "o4", **OPTS)
+    with pytest.raises(ValueError, match="no synthetic test split"):
+        synth.generate(run, corpus, tmp_path / "o5", **{**OPTS, "splits": ("train", "test")})
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_guidance_with_a_model_trained_without_dropout_warns(setup, tmp_path, capsys):
+    corpus, run, _ = setup
+    config = tiny_config(corpus, **{"diffusion.cond_drop_prob": 0.0})
+    sdm_train.warn_unguided_training(config, 1.5)
+    assert "trained without label dropout" in capsys.readouterr().out
+    sdm_train.warn_unguided_training(tiny_config(corpus), 1.5)  # cond_drop_prob 0.2: silent
+    assert "trained without" not in capsys.readouterr().out
