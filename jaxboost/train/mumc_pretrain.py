@@ -148,9 +148,12 @@ def make_train_loader(config, split: str = "train"):
     if d.get("corpus"):
         corpus = corpus_lib.open_corpus(d.corpus)
         n = corpus.split_len(split)
+        # one_per_image: the corpus holds each image once per structure; with all three, a batch can hold the
+        # same image under three captions (false negatives for the contrastive terms).
+        keep = pipeline.sdm_filter if d.get("one_per_image", False) else None
         loader = pipeline.make_loader(d.corpus, split, global_batch_size=config.batch_size, seed=config.seed,
-                                      shuffle=True, transform=corpus_transform(config))
-        return loader, n
+                                      shuffle=True, transform=corpus_transform(config), filter_fn=keep)
+        return loader, n // 3 if keep else n
     if not d.get("caption_files"):
         raise ValueError("config.data.corpus or config.data.caption_files must be given")
     items, stats = captions_lib.read_caption_sets(list(d.caption_files), list(d.image_roots), d.max_words)
