@@ -122,15 +122,26 @@ def pretrained_params(config, model, pretrain_workdir):
 
 
 def get_tokenizer(config, workdir):
+    """The run's vocabulary, recorded in WORKDIR/tokenizer: a copy of `data.tokenizer` (a folder) or of the
+    pretraining run's (init_from); else a vocab.txt; else a WordPiece trained on the questions and answers."""
     init_from = config.get("init_from", "")
     length = config.data.max_question_tokens
     own = Path(workdir) / mumc_pretrain.TOKENIZER_DIR
-    if init_from and not config.data.get("tokenizer") and not own.is_dir():
-        src = Path(init_from) / mumc_pretrain.TOKENIZER_DIR
-        if not src.is_dir():
-            raise FileNotFoundError(f"{src}: the pretraining run's tokenizer is missing")
-        shutil.copytree(src, own)   # the finetune workdir records the vocabulary it was trained with
-    return mumc_pretrain.get_tokenizer(config, workdir, lambda: vqa_texts(config), length)
+    source = config.data.get("tokenizer", "") or (str(Path(init_from) / mumc_pretrain.TOKENIZER_DIR) if init_from else "")
+    if not own.is_dir() and source and Path(source).is_dir():
+        shutil.copytree(source, own)   # the finetune workdir records the vocabulary it was trained with
+    elif init_from and not source:
+        raise FileNotFoundError(f"{source}: the pretraining run's tokenizer is missing")
+    if own.is_dir() or not source:
+        return mumc_pretrain.get_tokenizer(_no_source(config),
+                                           workdir, lambda: vqa_texts(config), length)
+    return BertTokenizer.from_vocab(source, length)
+
+
+def _no_source(config):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.tokenizer = ""
+    return c
 
 
 # ------------------------------------------------------------------------------------------------ answering
