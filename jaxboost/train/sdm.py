@@ -108,6 +108,21 @@ def make_loss_fn(model, config, schedule):
     return loss_fn
 
 
+def make_step_fn(loss_fn, tx, ema_decay: float):
+    """The loop's step plus an EMA whose decay warms up as min(decay, (1 + step) / (10 + step)): a short
+    CPU run's EMA is then not mostly the random initialisation (long runs see `ema_decay` after ~10/(1-d))."""
+    base = loop.make_step_fn(loss_fn, tx, ema_decay=None)
+
+    def step_fn(state, batch):
+        new, metrics = base(state, batch)
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        return new.replace(ema_params=loop.ema_update(state.ema_params, new.params, decay)), \
+            dict(metrics, ema_decay=decay)
+
+    return step_fn
+
+
 # ------------------------------------------------------------------------------------------ sample grid
 
 def fixed_val_batch(config, n: int, split: str = "val") -> dict:
@@ -223,8 +238,7 @@ def train(config, workdir):
         return {"val/loss": float(metrics["loss"]), "val/mse": float(metrics["mse"]), "val/vb": float(metrics["vb"])}
 
     _, summary = loop.fit(config, workdir, init_fn=make_init_fn(model, config, tx),
-                          step_fn=loop.make_step_fn(make_loss_fn(model, config, schedule), tx,
-                                                    ema_decay=float(config.ema_decay)),
+                          step_fn=make_step_fn(make_loss_fn(model, config, schedule), tx, float(config.ema_decay)),
                           train_iter=iter(loader), eval_fn=eval_fn, mesh=mesh,
                           prepare_batch=lambda b: {"image": b["image"], "labels": b["labels"]})
     return summary
