@@ -352,7 +352,8 @@ def _summarise(scores: dict, prefix: str) -> dict:
         for s, v in per.items():
             out[f"{prefix}{metric}_{s}"] = float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
             out[f"{prefix}{metric}_std_{s}"] = float(np.nanstd(v)) if not np.all(np.isnan(v)) else float("nan")
-        out[f"{prefix}{metric}_mean"] = float(np.nanmean([out[f"{prefix}{metric}_{s}"] for s in per]))
+        means = [out[f"{prefix}{metric}_{s}"] for s in per]
+        out[f"{prefix}{metric}_mean"] = float(np.nanmean(means)) if not np.all(np.isnan(means)) else float("nan")
     return out
 
 
