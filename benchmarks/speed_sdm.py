@@ -1,0 +1,176 @@
+"""SDM train step and the whole DDIM sampling loop: jaxboost (jit, one fori_loop) vs the PyTorch reference
+(benchmarks/torch_ref/sdm_unet.py; eager, and torch.compile where it works), same weights through the
+converter, same batch, same timesteps and noise. Loss: MSE + lambda * VLB (learned-range variance), AdamW.
+Outputs are checked equal first (model output, loss, sampled images).
+
+  python -m benchmarks.speed_sdm [--quick]
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from benchmarks import harness
+from benchmarks.harness import Row
+
+VLB_WEIGHT = 0.001
+
+
+def _fields(quick: bool) -> tuple[dict, int, int]:
+    """(model fields, train batch, sampler steps); SPADE hidden 128 as the reference."""
+    if quick:
+        return dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(16,), num_head_channels=32, num_labels=5, learn_sigma=True,
+                    dropout=0.0, use_scale_shift_norm=True, resblock_updown=True), 4, 5
+    return dict(image_size=64, in_channels=1, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                attention_resolutions=(16, 8), num_head_channels=32, num_labels=5, learn_sigma=True, dropout=0.0,
+                use_scale_shift_norm=True, resblock_updown=True), 8, 25
+
+
+def _torch_loss(model, diffusion_tables, x0, t, noise, y):
+    """improved-diffusion's MSE + lambda * VB (KL branch; t >= 1 here) in torch, float32."""
+    import torch
+    sqrt_acp, sqrt_1macp, coef1, coef2, post_logvar, log_betas = diffusion_tables
+    g = lambda a: a[t].view(-1, 1, 1, 1)
+    x_t = g(sqrt_acp) * x0 + g(sqrt_1macp) * noise
+    out = model(x_t, t, y)
+    c = x0.shape[1]
+    eps, v = out[:, :c], out[:, c:]
+    mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    frozen = eps.detach()
+    pred_x0 = (x_t - g(sqrt_1macp) * frozen) / g(sqrt_acp)
+    mean = g(coef1) * pred_x0 + g(coef2) * x_t
+    frac = (v + 1) / 2
+    logvar = frac * g(log_betas) + (1 - frac) * g(post_logvar)
+    true_mean = g(coef1) * x0 + g(coef2) * x_t
+    true_logvar = g(post_logvar)
+    kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                + (true_mean - mean) ** 2 * torch.exp(-logvar))
+    vb = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    return (mse + VLB_WEIGHT * vb).mean()
+
+
+def run(quick: bool = False):
+    import torch
+
+    from benchmarks.torch_ref.sdm_unet import GaussianDiffusion, unet_from_config
+    from jaxboost.convert.sdm import sdm_from_torch_state_dict
+    from jaxboost.diffusion import losses, samplers, schedules
+    from jaxboost.models.sdm import Model
+
+    torch.manual_seed(0)
+    fields, batch, steps = _fields(quick)
+    cfg = ConfigDict(fields)
+    ref = unet_from_config(cfg)
+    # Non-zero output layers so outputs and gradients are not trivially equal.
+    for name, p in ref.named_parameters():
+        if p.abs().sum() == 0 and p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    params = sdm_from_torch_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
+    model = Model(**fields)
+    schedule = schedules.make_schedule("cosine", 1000)
+    size, c, L = fields["image_size"], fields["in_channels"], fields["num_labels"]
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, (batch, size, size, c)).astype(np.float32)
+    labels = np.eye(L, dtype=np.float32)[rng.integers(0, L, (batch, size, size))]
+    t = rng.integers(1, 1000, batch).astype(np.int32)
+    noise = rng.standard_normal((batch, size, size, c)).astype(np.float32)
+    nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
+    tx0, ty, tnoise, tt = nchw(x0), nchw(labels), nchw(noise), torch.tensor(t, dtype=torch.long)
+
+    apply_fn = lambda p, x, tt_, lab: model.apply({"params": p}, x, tt_, lab)
+
+    def jax_loss(p, x0, labels, t, noise):
+        x_t = schedules.q_sample(schedule, x0, t, noise)
+        mse, vb = losses.learned_range_terms(schedule, apply_fn(p, x_t, t, labels), x0, x_t, t, noise)
+        return jnp.mean(mse + VLB_WEIGHT * vb)
+
+    tables = [torch.tensor(np.asarray(a, np.float64)).float() for a in (
+        schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
+        schedule.posterior_mean_coef2, schedule.posterior_log_variance_clipped, schedule.log_betas)]
+
+    # --- correctness first
+    jl = float(jax.jit(jax_loss)(params, x0, labels, t, noise))
+    with torch.no_grad():
+        tl = float(_torch_loss(ref, tables, tx0, tt, tnoise, ty))
+    if abs(jl - tl) > 1e-4 * max(1.0, abs(tl)):
+        raise AssertionError(f"SDM loss JAX {jl} vs torch {tl}")
+
+    rows: list[Row] = []
+    case_train = f"sdm/train {size}px b{batch}"
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+
+    @jax.jit
+    def train_step(p, opt_state, x0, labels, t, noise):
+        loss, grads = jax.value_and_grad(jax_loss)(p, x0, labels, t, noise)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    state = [params, tx.init(params)]
+
+    def jax_step():
+        state[0], state[1], loss = train_step(state[0], state[1], x0, labels, t, noise)
+        return loss
+    flops = harness.xla_flops(train_step, params, state[1], x0, labels, t, noise)
+    sec = harness.time_call(jax_step, iters=3 if quick else 10)
+    rows.append(Row(case_train, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"loss {jl:.4f}={tl:.4f}"))
+
+    def torch_step_fn(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = _torch_loss(m, tables, tx0, tt, tnoise, ty)
+            loss.backward()
+            opt.step()
+            return loss
+        return step
+    sec = harness.time_call(torch_step_fn(ref), sync=harness.torch_sync, iters=3 if quick else 10)
+    rows.append(Row(case_train, "torch eager", sec, batch / sec))
+
+    # --- the whole DDIM loop with guidance 1.5 (cond + uncond batched in JAX; two calls per step in torch)
+    case_sample = f"sdm/ddim{steps} guided {size}px b{batch}"
+    keys = samplers.per_sample_keys(0, 0, batch)
+    run_sampler = samplers.make_sampler(apply_fn, schedule, channels=c, sampler="ddim", steps=steps, guidance=1.5)
+    ours = np.asarray(run_sampler(params, labels, keys))
+    diffusion = GaussianDiffusion(schedule.betas, schedules.space_timesteps(1000, f"ddim{steps}"))
+    x_T = nchw(samplers.initial_noise(keys, (size, size, c)))
+    ref.eval()
+    theirs = diffusion.ddim_sample_loop(ref, x_T, ty, s=1.5).permute(0, 2, 3, 1).numpy()
+    err = float(np.abs(ours - theirs).max())
+    if err > 1e-3:
+        raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
+    flops = harness.xla_flops(run_sampler, params, labels, keys)
+    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1, iters=2 if quick else 5)
+    rows.append(Row(case_sample, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"max|dx|={err:.1e}"))
+    sec = harness.time_call(lambda: diffusion.ddim_sample_loop(ref, x_T, ty, s=1.5), sync=harness.torch_sync,
+                            warmup=1, iters=2 if quick else 5)
+    rows.append(Row(case_sample, "torch eager", sec, batch / sec))
+    if not quick:  # torch.compile takes minutes on CPU; skipped in --quick
+        try:
+            compiled = torch.compile(ref)
+            sec = harness.time_call(torch_step_fn(compiled.train()), sync=harness.torch_sync, warmup=2, iters=5)
+            rows.append(Row(case_train, "torch compile", sec, batch / sec))
+            compiled.eval()
+            sec = harness.time_call(lambda: diffusion.ddim_sample_loop(compiled, x_T, ty, s=1.5),
+                                    sync=harness.torch_sync, warmup=1, iters=3)
+            rows.append(Row(case_sample, "torch compile", sec, batch / sec))
+        except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
+            rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
+    return harness.add_ratios(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(sys.argv[1:])
+    import torch
+    torch.set_num_threads(2)
+    print(harness.format_table(run(args.quick)))
