@@ -81,6 +81,7 @@ def test_synth_writes_k_augmented_triplets_per_mask_with_source_metadata(setup):
     assert manifest["config"]["synth"]["per_mask"] == K and manifest["counts"]["train"] == len(records["train"])
 
 
+@pytest.mark.slow
 def test_synth_corpus_is_the_same_on_one_and_four_devices(setup, tmp_path):
     corpus, run, reference = setup
     synth.generate(run, corpus, tmp_path / "four", batch_size=8, mesh=parallel.make_mesh(devices=jax.devices()[:4]),
@@ -96,6 +97,7 @@ def _synth_cmd(run, corpus, out, *extra):
             "--records-per-shard", "6", *extra]
 
 
+@pytest.mark.slow
 def test_synth_killed_then_rerun_equals_an_uninterrupted_run(setup, tmp_path):
     corpus, run, reference = setup
     out = tmp_path / "killed"
