@@ -66,10 +66,13 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
     d = config.data
     length = max_length or d.get("max_tokens", 25)
     source = d.get("tokenizer", "")
-    if source:
-        return (BertTokenizer.from_folder(source, length) if Path(source).is_dir()
-                else BertTokenizer.from_vocab(source, length))
     folder = Path(workdir) / TOKENIZER_DIR
+    if source:
+        tok = (BertTokenizer.from_folder(source, length) if Path(source).is_dir()
+               else BertTokenizer.from_vocab(source, length))
+        if not folder.is_dir() and parallel.is_main_process():
+            tok.hf.save_pretrained(str(folder))   # recorded with the run (a VQA finetune reads it from here)
+        return tok
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         return BertTokenizer.from_folder(str(folder), length)
     if not parallel.is_main_process():
