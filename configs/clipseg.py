@@ -32,7 +32,8 @@ def get_config(arg=None):
     c.trainer = "vl_seg"
     c.model_name = "clipseg"
     # tiny: one ConvT(8, stride 8) head (the complex head's two ConvT(patch/4) only restore patch 16)
-    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=True,
+    # freeze_encoders: full is HF-exact (pretrained CLIP, frozen); tiny has random towers that must learn.
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=not tiny,
                    attention_impl="einsum")                  # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="",            # training corpus
                   eval_corpus="",       # validation/test corpus ("": the training corpus)

@@ -1,0 +1,154 @@
+"""CRIS train and inference steps: jaxboost (jit) vs the PyTorch reference that follows CRIS.pytorch
+(benchmarks/torch_ref/cris.py; eager and torch.compile), same random weights (through the converter), same
+batch, size and loss (Dice + 0.2 BCE on the 1/4-resolution logits, as CRIS trains), AdamW with the backbone
+at 0.1x the learning rate, gradient clipping 0.5, BatchNorm in train mode, dropout 0 (so both sides compute
+the same thing). The JAX and torch logits are checked equal first."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from benchmarks import harness
+from benchmarks.harness import Row
+
+
+def _configs(quick: bool):
+    """-> (CLIP kwargs, CRIS kwargs, decoder/text heads, image size, batch, token length)."""
+    if quick:
+        clip = dict(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
+                    context_length=24, vocab_size=512, transformer_width=64, transformer_heads=4,
+                    transformer_layers=2)
+        head = dict(fpn_in=(128, 256, 64), fpn_out=(32, 64, 64), num_layers=1, vis_dim=64, num_head=4,
+                    dim_ffn=128, word_dim=64)
+        return clip, head, dict(num_heads=4, text_heads=4), 96, 4, 24
+    clip = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                transformer_layers=12)
+    head = dict(fpn_in=(512, 1024, 1024), fpn_out=(256, 512, 1024), num_layers=3, vis_dim=512, num_head=8,
+                dim_ffn=2048, word_dim=1024)
+    return clip, head, dict(num_heads=8, text_heads=8), 416, 4, 77
+
+
+def run(quick: bool = False):
+    import torch
+
+    from benchmarks.torch_ref import cris as ref
+    from jaxboost.convert.cris import cris_from_checkpoint
+    from jaxboost.losses.segmentation import dice_bce
+    from jaxboost.train import loop
+
+    torch.manual_seed(0)
+    clip_kw, head_kw, heads, size, batch, seq = _configs(quick)
+    tmodel = ref.CRIS(clip_kw, dropout=0.0, **head_kw).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "cris.pth"
+        torch.save({"state_dict": tmodel.state_dict()}, path)
+        module, variables = cris_from_checkpoint(str(path), **heads, dropout_rate=0.0, upsample="none")
+    rng = np.random.default_rng(0)
+    vocab = clip_kw["vocab_size"]
+    pixels = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    ids = rng.integers(1, vocab - 2, size=(batch, seq)).astype(np.int64)
+    ids[:, -1] = vocab - 1
+    mask = np.ones_like(ids)
+    target = (rng.random((batch, size // 4, size // 4)) > 0.5).astype(np.float32)
+    tp, tids, tmask = torch.tensor(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor(ids), torch.tensor(mask)
+    ttarget = torch.tensor(target)
+    jp, jids, jmask, jtarget = map(jnp.asarray, (pixels, ids.astype(np.int32), mask.astype(np.int32), target))
+
+    # --- correctness first
+    with torch.no_grad():
+        ref_logits = tmodel(tp, tids, tmask)[:, 0].numpy()
+    apply = jax.jit(module.apply)
+    ours = np.asarray(apply(variables, jp, jids, jmask))
+    err = float(np.abs(ours - ref_logits).max()) / max(1.0, float(np.abs(ref_logits).max()))
+    if err > 1e-4:
+        raise AssertionError(f"CRIS JAX vs torch reference logits differ by {err} (relative to max |logit|)")
+
+    rows: list[Row] = []
+    case_inf, case_train = f"cris/infer {size}px b{batch}", f"cris/train {size}px b{batch}"
+    flops = harness.xla_flops(apply, variables, jp, jids, jmask)
+    t = harness.time_call(lambda: apply(variables, jp, jids, jmask))
+    rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t), note=f"rel. max|dlogits|={err:.1e}"))
+
+    def torch_infer(model):
+        with torch.no_grad():
+            return model(tp, tids, tmask)
+    t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync)
+    rows.append(Row(case_inf, "torch eager", t, batch / t))
+
+    # --- train step: everything trains, the CLIP backbone at 0.1x lr (the trainer's optimiser)
+    lr = 2e-5
+    cfg = ml_collections.ConfigDict(dict(optim=dict(name="adamw", lr=lr, weight_decay=1e-3, grad_clip=0.5,
+                                                    frozen=(), lr_mults={r"^(visual|text)/": 0.1})))
+    tx = loop.make_optimizer(cfg, 1000)
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def loss_fn(params, stats, b):
+        logits, upd = module.apply({"params": params, "batch_stats": stats}, *b[:3], train=True,
+                                   mutable=["batch_stats"])
+        return dice_bce(logits, b[3], 1.0, 0.2)[0], upd["batch_stats"]
+
+    @jax.jit
+    def train_step(params, stats, opt_state, b):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, b)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    jbatch = (jp, jids, jmask, jtarget)
+    state = [params, stats, tx.init(params)]
+
+    def jax_step():
+        state[0], state[1], state[2], loss = train_step(*state, jbatch)
+        return loss
+    flops = harness.xla_flops(train_step, *state, jbatch)
+    t = harness.time_call(jax_step)
+    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t)))
+
+    def make_torch_step(model):
+        backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        opt = torch.optim.AdamW([{"params": backbone, "lr": lr * 0.1}, {"params": head, "lr": lr}],
+                                lr=lr, weight_decay=1e-3)
+        every = backbone + head
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = model(tp, tids, tmask)[:, 0]
+            probs = torch.sigmoid(logits)
+            inter = (probs * ttarget).flatten(1).sum(1)
+            dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + ttarget.flatten(1).sum(1) + 1e-5)
+            loss = dice.mean() + 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, ttarget)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(every, 0.5)
+            opt.step()
+            return loss
+        return step
+
+    tmodel.train()
+    t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
+    rows.append(Row(case_train, "torch eager", t, batch / t))
+    if quick:  # torch.compile of CRIS takes minutes on a small CPU: the full run measures it
+        rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note="skipped in --quick"))
+        return rows
+    try:
+        compiled = torch.compile(tmodel)
+        t = harness.time_call(lambda: torch_infer(compiled.eval()), sync=harness.torch_sync, warmup=2)
+        rows.append(Row(case_inf, "torch compile", t, batch / t))
+        t = harness.time_call(make_torch_step(compiled.train()), sync=harness.torch_sync, warmup=2)
+        rows.append(Row(case_train, "torch compile", t, batch / t))
+    except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
+        rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    out = run(quick="--quick" in sys.argv)
+    harness.add_ratios(out)
+    print(harness.format_table(out))
