@@ -292,8 +292,11 @@ def load_params(workdir: str | Path, abstract_state, prefer: str = "best"):
     for sub in order:
         if not (workdir / sub).is_dir():
             continue
-        mgr = ocp.CheckpointManager(workdir / sub, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                                  "meta": ocp.JsonCheckpointHandler()})
+        import grain.python as grain
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        if sub == "ckpt":  # latest checkpoints also hold the data position, which is not wanted here
+            handlers["data"] = grain.PyGrainCheckpointHandler()
+        mgr = ocp.CheckpointManager(workdir / sub, item_handlers=handlers)
         if mgr.latest_step() is None:
             continue
         got = restore_state(mgr, abstract_state, workdir / sub, with_data=False)
@@ -446,7 +449,7 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
             if plateau_tx is not None:
                 _, plateau_state = plateau_tx.update({}, plateau_state, value=jnp.asarray(-sign * value))
                 state = set_lr_scale(state, float(plateau_state.scale))
-        writer.write(step, {**metrics, "best/" + (best_metric or "none"): best if best is not None else float("nan")})
+        writer.write(step, {**metrics, **({f"best/{best_metric}": best} if best is not None else {})})
         return state, metrics
 
     from tqdm.auto import tqdm
