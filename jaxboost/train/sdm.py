@@ -10,7 +10,6 @@ by the loop) is all `jaxboost synth` needs to rebuild the model, schedule and sa
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from pathlib import Path
