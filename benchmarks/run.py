@@ -20,6 +20,7 @@ CASES = {
     "sdm": "benchmarks.speed_sdm",
     "mumc": "benchmarks.speed_mumc",
     "scaling": "benchmarks.scaling",
+    "fidelity": "benchmarks.sdm_fidelity",
     "convergence": "benchmarks.convergence",
 }
 
