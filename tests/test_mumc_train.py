@@ -89,6 +89,7 @@ def test_tiny_pretraining_lowers_image_side_terms(pretrained, term):
     assert after < before, f"{term}: {before:.4f} -> {after:.4f}"
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_exactly_with_momentum_and_queues(pretrained, corpus, tmp_path):
     """Stop at step 12, restart: the final params, momentum model, queues and pointer equal the
     uninterrupted run's (the checkpoint holds them, and the data position and in-graph draws repeat)."""
@@ -116,9 +117,12 @@ def test_pretraining_resumes_exactly_with_momentum_and_queues(pretrained, corpus
 @pytest.mark.parametrize("data,fsdp", [(4, 1), (2, 2)])
 def test_pretraining_step_on_4_devices_equals_1_device(pretrained, corpus, data, fsdp):
     """One MUMC step on a mesh (global-batch negatives, hard negatives and queue write across shards; FSDP
-    splits the kernels) gives the loss, terms and updated params/momentum/queues of the 1-device step."""
+    splits the kernels) gives the loss, terms, gradients (through the update) and new momentum/queues of the
+    1-device step."""
     workdir, _ = pretrained
-    config = pretrain_config(corpus, "total_steps=10", "log_every=100")
+    # SGD at lr 1: the update is the gradient itself, so params compare the gradients to 1e-5 (Adam's first
+    # step, g / |g|, would turn float noise in near-zero gradients into +-lr differences).
+    config = pretrain_config(corpus, "total_steps=10", "log_every=100", "optim.name=sgd", "optim.lr=1.0")
     tokenizer = mumc_pretrain.get_tokenizer(config, workdir)
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
     tx = loop.make_optimizer(config, 10, 4)
@@ -160,6 +164,7 @@ def vqa_config(root, *extra):
         *extra])
 
 
+@pytest.mark.slow
 def test_vqa_finetune_from_pretraining_runs_and_reports_accuracy(pretrained, echo_vqa, tmp_path, capsys):
     pt_dir, _ = pretrained
     workdir = tmp_path / "vqa"
