@@ -32,8 +32,9 @@ def get_config(arg=None):
     c.trainer = "vl_seg"
     c.model_name = "clipseg"
     # tiny: one ConvT(8, stride 8) head (the complex head's two ConvT(patch/4) only restore patch 16)
-    # freeze_encoders: full is HF-exact (pretrained CLIP, frozen); tiny has random towers that must learn.
-    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=not tiny,
+    # freeze_encoders: HF-exact. (tiny on the 30-patient phantom: frozen random towers reached val Dice 47 in 8
+    # epochs at lr 3e-3; trained towers 18, at 1e-3 36.)
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=True,
                    attention_impl="einsum")                  # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="",            # training corpus
                   eval_corpus="",       # validation/test corpus ("": the training corpus)
@@ -47,7 +48,7 @@ def get_config(arg=None):
     c.init_from = ""                # a previous run's workdir (pretrain -> finetune)
     c.finetune_mode = "fresh"       # "fresh" | "resume" (the public code's flaw, for comparison)
     c.loss = dict(dice_weight=1.0, bce_weight=0.2, mode="fixed")   # mode "original": zero CE (MONAI #6923)
-    c.optim = dict(name="adamw", lr=1e-3 if tiny else 2e-3, weight_decay=1e-3, grad_clip=0.5,
+    c.optim = dict(name="adamw", lr=3e-3 if tiny else 2e-3, weight_decay=1e-3, grad_clip=0.5,
                    frozen=(), lr_mults={},  # the trainer adds the encoders when model.freeze_encoders
                    backbone_lr_mult=1.0)    # lr multiplier of trainable CLIP encoders
     c.num_epochs = 8 if tiny else 200
