@@ -21,6 +21,7 @@ CASES = {
     "mumc": "benchmarks.speed_mumc",
     "scaling": "benchmarks.scaling",
     "fidelity": "benchmarks.sdm_fidelity",
+    "vqa_gain": "benchmarks.vqa_pretrain_gain",
     "convergence": "benchmarks.convergence",
 }
 
