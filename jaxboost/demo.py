@@ -135,6 +135,10 @@ def _plot_curves(path: Path, model: str, results: dict, metric: str) -> None:
     plt.close(fig)
 
 
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def write_report(out: Path, args, all_results: dict, timings: dict) -> dict:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,7 @@ def write_report(out: Path, args, all_results: dict, timings: dict) -> dict:
             spe = r["summary"].get("steps_per_epoch", 1)
             lines.append(f"| {model} | {regime} | {t.get('test/dice_mean', float('nan')):.2f} | "
                          f"{t.get('test/dice_LV', float('nan')):.2f} | {t.get('test/dice_MYO', float('nan')):.2f} | "
-                         f"{t.get('test/dice_LA', float('nan')):.2f} | {r['summary'].get('best_metric') or float('nan'):.2f} | "
+                         f"{t.get('test/dice_LA', float('nan')):.2f} | {_num(r['summary'].get('best_metric')):.2f} | "
                          f"{r['summary']['final_step'] / spe:.0f} | {r['wall_s']:.0f} |")
         conv = convergence_speedup(results["real"]["summary"]["evals"], results["pretrain_finetune"]["summary"]["evals"],
                                    metric, results["real"]["summary"].get("steps_per_epoch", 1),
