@@ -22,17 +22,6 @@ TINY = {"clipseg": COMMON + [f"model.vision_image_size={SIZE}"],
         "cris": COMMON + [f"model.vision_image_size={SIZE}"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                               "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from jaxboost.data import corpus as corpus_lib, phantom
