@@ -390,9 +390,9 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
     if config.get("plateau_patience", 0):
         from optax.contrib import reduce_on_plateau
         # optax reduces once `patience` stale values are seen; torch once more than `patience` are.
-        # Any strict improvement resets the count (torch with threshold=0).
+        # Any improvement resets the count (torch with threshold=0; optax wants a positive tolerance).
         plateau_tx = reduce_on_plateau(factor=config.get("plateau_factor", 0.1),
-                                       patience=int(config.plateau_patience) + 1, rtol=0.0, atol=0.0)
+                                       patience=int(config.plateau_patience) + 1, rtol=0.0, atol=1e-12)
     plateau_state = plateau_tx.init({}) if plateau_tx else None
     best, best_step, stale = None, None, 0
 
