@@ -102,13 +102,14 @@ def test_sdm_rejects_labels_of_the_wrong_count():
 
 def test_convert_cli_writes_params_that_reproduce_the_reference(tmp_path):
     from safetensors.torch import save_file
-    config = load_config("configs/sdm.py:tiny")
+    # The torch reference keeps upstream's 128-wide SPADE convs; the tiny config narrows them to 32.
+    config = load_config("configs/sdm.py:tiny", ["model.spade_hidden=128"])
     ref = random_reference(config.model.to_dict(), seed=3)
     ckpt = tmp_path / "ema.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
     from jaxboost.cli import main
     assert main(["convert", "sdm", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
-                 "--config", "configs/sdm.py:tiny"]) == 0
+                 "--config", "configs/sdm.py:tiny", "--set", "model.spade_hidden=128"]) == 0
     params = convert_sdm.load_params(str(tmp_path / "out"))
     model = convert_sdm.model_from_config(config.model)
     x, t, labels = random_inputs(config.model.to_dict(), seed=3)

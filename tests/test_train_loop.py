@@ -128,7 +128,7 @@ def test_plateau_lr_matches_torch_reduce_lr_on_plateau(tmp_path):
     values = [0.5, 0.6, 0.6, 0.59, 0.6, 0.58, 0.7, 0.7, 0.69, 0.68, 0.7, 0.7, 0.71, 0.6]
     run_toy(tmp_path, len(values), "eval_every=1", "plateau_patience=2", "best_metric=val/score",
             f"eval_values={values!r}".replace(" ", ""))
-    logged = {m["step"]: m for m in loop.read_metrics(tmp_path)}
+    logged = {m["step"]: m for m in loop.read_metrics(tmp_path) if "train/lr_scale" in m}
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=2, factor=0.1, threshold=0.0)

@@ -101,7 +101,9 @@ def test_clipseg_step_on_4_devices_equals_1_device(corpus, tmp_path, data, fsdp)
     init = jax.device_get(task.init_fn().params)
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), one_state.params, init)
     assert max(jax.tree.leaves(moved)) > 1e-4
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    # atol 5e-5: biases that a following norm cancels have true gradient 0, and their float noise
+    # (reduction order over 4 devices vs 1) reaches ~1.5e-5 at lr 1; real gradients here are ~1e-1.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5),
                  many_state.params, one_state.params)
 
 
