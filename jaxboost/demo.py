@@ -185,11 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="clipseg", help="comma-separated: clipseg, cris")
     parser.add_argument("--camus", default=None, help="a CAMUS folder to use instead of the phantom")
-    parser.add_argument("--patients", type=int, default=30, help="phantom patients")
-    parser.add_argument("--per-mask", type=int, default=2, help="synthetic images per real mask")
-    parser.add_argument("--sampler-steps", type=int, default=25, help="DDIM steps")
+    # Defaults sized for ~15 minutes on 2 CPU cores; raise them on real hardware.
+    parser.add_argument("--patients", type=int, default=20, help="phantom patients")
+    parser.add_argument("--per-mask", type=int, default=1, help="synthetic images per real mask")
+    parser.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--sdm-steps", type=int, default=0, help="override the tiny SDM's training steps")
+    parser.add_argument("--sdm-steps", type=int, default=200, help="tiny SDM training steps (0: the config's)")
     parser.add_argument("--epochs", type=int, default=0, help="override the segmenters' epochs")
 
 
