@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -215,6 +216,9 @@ def main(args) -> int:
         t = time.time()
         all_results[m] = stage_segmenter(out, m, real, synthetic, args)
         timings[m] = time.time() - t
+        overlay = out / m / "pretrain_finetune" / "overlays_test.png"
+        if overlay.exists():
+            shutil.copy(overlay, out / "report" / f"overlays_{m}.png")
     write_report(out, args, all_results, timings)
     print(f"report: {out / 'report' / 'report.md'}")
     return 0
