@@ -123,6 +123,8 @@ def run(quick: bool = False):
     tmodel.train()
     t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
     rows.append(Row(case_train, "torch eager", t, batch / t))
+    if quick:  # torch.compile's C++ build takes minutes on 2 cores; the full run measures it
+        return rows
     try:
         compiled = torch.compile(tmodel)
         t = harness.time_call(lambda: torch_infer(compiled.eval()), sync=harness.torch_sync, warmup=2)
