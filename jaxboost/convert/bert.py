@@ -12,25 +12,11 @@ import os
 
 import numpy as np
 
+from jaxboost.convert.torch_files import load_state_dict  # noqa: F401  (re-exported)
+
 # (ours, HF) for one layer; Dense kernels are transposed (torch stores [out, in]).
 _ATTN = [("query", "self.query"), ("key", "self.key"), ("value", "self.value"), ("out", "output.dense")]
 _IGNORED_SUFFIXES = ("position_ids", "pooler.dense.weight", "pooler.dense.bias", "token_type_ids")
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A safetensors file or a torch file read with weights_only=True -> {name: float32 numpy}."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return {k: np.asarray(v) for k, v in load_file(path).items()}
-    import torch
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in obj.items() if hasattr(v, "detach")}
 
 
 class _Taker:

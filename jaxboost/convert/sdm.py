@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxboost.convert.torch_files import load_state_dict  # noqa: F401  (re-exported)
+
 # flax top-level module name -> torch prefix
 _TOP = [(r"^time_embed_(\d+)$", r"time_embed.\1"), (r"^out_(\d+)$", r"out.\1"),
         (r"^middle_block_(\d+)$", r"middle_block.\1"),
@@ -61,26 +63,6 @@ def _to_flax(tensor: np.ndarray, target_shape) -> np.ndarray:
     elif t.ndim == 2:
         t = t.T
     return t
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A .safetensors file, or a torch file read with torch.load(weights_only=True) -> {name: float32 numpy}."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return dict(load_file(path))
-    import torch
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"{path}: not readable with torch.load(weights_only=True): {e}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
 
 
 def model_from_config(model_config):
