@@ -66,7 +66,7 @@ def main(corpus: str, workdir: str, out: str) -> None:
     task = vl_seg.setup(clipseg_config(corpus), workdir / "clipseg")
     batch = dict(np.load(workdir / "clipseg_batch.npz"))
     metrics, params, _ = _step(task.init_fn, task.step_fn, batch, mesh)
-    saved |= {"clipseg/loss": metrics["loss"], **_flat("clipseg/params", params)}
+    saved |= {f"clipseg/{k}": v for k, v in metrics.items()} | _flat("clipseg/params", params)
 
     config = mumc_config(corpus)
     tokenizer = mumc_pretrain.get_tokenizer(config, workdir / "mumc")
