@@ -25,13 +25,7 @@ from jaxboost.diffusion import samplers, schedules
 SHAPE = (2, 3, 8, 8)  # NCHW for diffusers
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: torch's thread pool only adds contention (ms per op on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def to_nhwc(a):

@@ -22,12 +22,7 @@ MID = dict(SMALL, image_size=64, in_channels=3, model_channels=64, channel_mult=
 SMALL_PLAIN = dict(SMALL, resblock_updown=False, use_scale_shift_norm=False)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_reference(fields: dict, seed: int = 0):

@@ -15,12 +15,7 @@ MODEL = Model(image_size=16, in_channels=1, model_channels=32, channel_mult=(1, 
               attention_resolutions=(8,), num_head_channels=32, num_labels=3)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

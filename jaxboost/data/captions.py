@@ -8,10 +8,11 @@ silently; a missing field raises naming the field and item index; image paths ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from pathlib import Path
+
+from jaxboost.data.json_list import read_json_list
 from typing import Sequence
 
 from jaxboost.data.vqa import safe_image_path
@@ -34,14 +35,7 @@ def clean_caption(text: str, max_words: int = MAX_WORDS) -> str:
 def read_caption_json(path, image_root, max_words: int = MAX_WORDS) -> tuple[list[CaptionItem], dict]:
     """-> (items, stats {"entries", "kept", "empty_captions", "empty_entries"})."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a json list of {{image, caption}} items")
+    data = read_json_list(path, "caption file", "{image, caption} items")
     items, empty_captions, empty_entries = [], 0, []
     for i, raw in enumerate(data):
         for field in ("image", "caption"):

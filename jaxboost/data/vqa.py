@@ -19,6 +19,8 @@ import re
 import string
 import warnings
 from pathlib import Path
+
+from jaxboost.data.json_list import read_json_list
 from typing import Callable, Sequence
 
 import numpy as np
@@ -61,14 +63,7 @@ def safe_image_path(root: Path, name: str, where: str) -> Path:
 def read_vqa_json(path, image_root) -> list[VQAItem]:
     """One VQA json -> items; a missing field or bad answer_type raises naming the field and item index."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a json list of items, got {type(data).__name__}")
+    data = read_json_list(path, "VQA file", "items")
     items = []
     for i, raw in enumerate(data):
         if not isinstance(raw, dict):
