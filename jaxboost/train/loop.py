@@ -516,8 +516,9 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
 # ------------------------------------------------------------------------------------------ evaluation
 
 def map_batches(fn: Callable, params, batches, mesh, batch_size: int):
-    """Runs jitted `fn(params, batch) -> pytree of arrays [B, ...]` over host batches of any size: each is
-    padded to `batch_size` (a multiple of the mesh's batch shards), sharded, and the padding cut off.
+    """Runs jitted `fn(params, batch) -> pytree of arrays [B, ...] (or scalars)` over host batches of any
+    size: each is padded to `batch_size` (a multiple of the mesh's batch shards), sharded, and the padding
+    cut off the per-example outputs (scalars, e.g. a batch loss, are passed through as they are).
     Yields (host_batch, numpy outputs)."""
     parallel.check_batch_divides(mesh, batch_size)
     # Every host holds the whole eval batch; outputs are replicated so each host can read them all.
@@ -527,4 +528,4 @@ def map_batches(fn: Callable, params, batches, mesh, batch_size: int):
         padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], batch_size - n, 0)])
                   if np.asarray(v).dtype.kind in "biuf" else v for k, v in host_batch.items()}
         out = jax.device_get(jfn(params, parallel.shard_global_batch(mesh, padded)))
-        yield host_batch, jax.tree.map(lambda a: np.asarray(a)[:n], out)
+        yield host_batch, jax.tree.map(lambda a: np.asarray(a)[:n] if np.ndim(a) else np.asarray(a), out)

@@ -102,16 +102,24 @@ def evaluate_params(config, model, params, split: str, mesh) -> dict:
     return out
 
 
-def evaluate(config, workdir, split: str = "test") -> dict:
-    mesh = parallel.mesh_from_config(config)
+def restore(config, workdir, prefer: str = "best"):
+    """-> (model, params, step) of a U-Net workdir (the best checkpoint by default)."""
     model = build_model(config)
     size = config.data.size
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))["params"]
     tx = loop.make_optimizer(config, config.total_steps)
-    abstract = jax.eval_shape(lambda: loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                                        opt_state=tx.init(params), rng=jax.random.PRNGKey(0)))
-    state, _, step = loop.load_params(workdir, abstract, prefer="best")
-    result = evaluate_params(config, model, state.params, split, mesh)
+
+    def state():
+        params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))["params"]
+        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                               rng=jax.random.PRNGKey(0))
+    restored, _, step = loop.load_params(workdir, jax.eval_shape(state), prefer=prefer)
+    return model, restored.params, step
+
+
+def evaluate(config, workdir, split: str = "test") -> dict:
+    mesh = parallel.mesh_from_config(config)
+    model, params, step = restore(config, workdir)
+    result = evaluate_params(config, model, params, split, mesh)
     print(f"U-Net {Path(workdir).name} step {step} on {split}: " +
           ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result.items()))
     return result
