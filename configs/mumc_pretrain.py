@@ -33,6 +33,7 @@ def get_config(arg=None):
         tokenizer="",                     # local folder or vocab.txt; empty: train WordPiece into workdir
         tokenizer_vocab_size=1000 if tiny else 30522,
         one_per_image=False,              # corpus: one record (the LV one) per image instead of three
+        highlight_structure=True,         # corpus: tint the caption's structure into the image (its subject)
         augment=True,                     # random resized crop, flip, RandAugment (host, per-record rng)
         crop_scale=(0.2, 1.0), flip=True, randaugment=(2, 7))
     c.queue_size = 64 if tiny else 65_536

@@ -16,9 +16,12 @@ TINY = ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1", "m
         "model.text_width=32", "model.vision_mlp_dim=64", "model.text_mlp_dim=64", "model.vision_heads=2",
         "model.text_heads=2", "batch_size=8"]
 # No augmentation, a fast momentum model and a short alpha ramp so that a few seconds of training move
-# every term (the defaults are checked by the config tests); the queue holds two batches.
-PRETRAIN = TINY + ["data.tokenizer_vocab_size=200", "model.embed_dim=16", "queue_size=16", "optim.warmup_steps=0", "optim.lr=2e-3",
-                   "momentum=0.9", "alpha_ramp_epochs=0.2", "data.augment=False", "log_every=1"]
+# every term (the defaults are checked by the config tests). The corpus holds 72 records: a queue beyond one
+# batch holds the positives' own images as negatives often enough to collapse the image features, and 8 px
+# patches (4x4 tokens) cannot see the highlighted structure, hence a one-batch queue and 4 px patches.
+PRETRAIN = TINY + ["data.tokenizer_vocab_size=200", "model.embed_dim=16", "queue_size=8", "optim.warmup_steps=0", "optim.lr=2e-3",
+                   "momentum=0.9", "alpha_ramp_epochs=0.2", "data.augment=False", "log_every=1",
+                   "data.highlight_structure=True", "model.patch_size=4"]
 STEPS = 64
 
 
@@ -68,13 +71,23 @@ def test_tiny_pretraining_lowers_text_and_matching_terms(pretrained, term):
     assert after < before, f"{term}: {before:.4f} -> {after:.4f}"
 
 
-@pytest.mark.xfail(strict=False, reason="on the 32 px phantom the image tower does not separate images within "
-                   "64 steps (the captions mostly differ by structure, which the image does not show); the "
-                   "image-side terms stay near log(B + Q)")
+@pytest.mark.xfail(strict=False, reason="seed-dependent: in a sweep of 4 seeds x 96 steps (highlighted structure, "
+                   "4 px patches, one-batch queue) two seeds lowered i2t, t2i and i2i clearly, two kept the image "
+                   "features collapsed near log(B + Q) (issue 5 stays open)")
 @pytest.mark.parametrize("term", ["ita", "i2t", "t2i", "i2i"])
 def test_tiny_pretraining_lowers_image_side_terms(pretrained, term):
     before, after = _window_means(pretrained[0], term)
     assert after < before, f"{term}: {before:.4f} -> {after:.4f}"
+
+
+def test_pretraining_evaluation_reports_every_term_and_retrieval(pretrained, corpus):
+    """`jaxboost eval` of a pretraining run: the loss terms (batch scalars) and in-batch recall@1 on val."""
+    workdir, _ = pretrained
+    result = mumc_pretrain.evaluate(pretrain_config(corpus, f"total_steps={STEPS}"), workdir, "val")
+    for term in TERMS + ("loss",):
+        assert np.isfinite(result[f"val/{term}"]), term
+    for key in ("val/i2t_r1", "val/t2i_r1"):
+        assert 0.0 <= result[key] <= 1.0
 
 
 @pytest.mark.slow
@@ -85,11 +98,12 @@ def test_pretraining_resumes_exactly_with_momentum_and_queues(pretrained, corpus
     full_dir, workdir = tmp_path / "full", tmp_path / "resumed"
     # One vocabulary for both runs (a restart reuses its workdir's; WordPiece training is not deterministic).
     vocab = f"data.tokenizer={pretrained[0] / 'tokenizer'}"
-    mumc_pretrain.train(pretrain_config(corpus, f"total_steps={STEPS}", "ckpt_every=0", vocab), full_dir)
-    mumc_pretrain.train(pretrain_config(corpus, "total_steps=12", "ckpt_every=12", vocab), workdir)
-    summary = mumc_pretrain.train(pretrain_config(corpus, f"total_steps={STEPS}", "ckpt_every=0", vocab), workdir)
+    q = "queue_size=16"   # two batches, so the queue pointer moves
+    mumc_pretrain.train(pretrain_config(corpus, f"total_steps={STEPS}", "ckpt_every=0", vocab, q), full_dir)
+    mumc_pretrain.train(pretrain_config(corpus, "total_steps=12", "ckpt_every=12", vocab, q), workdir)
+    summary = mumc_pretrain.train(pretrain_config(corpus, f"total_steps={STEPS}", "ckpt_every=0", vocab, q), workdir)
     assert summary["start_step"] == 12
-    config = pretrain_config(corpus, f"total_steps={STEPS}", vocab)
+    config = pretrain_config(corpus, f"total_steps={STEPS}", vocab, q)
     *_, full, step_full = mumc_pretrain.restore(config, full_dir)
     *_, resumed, step_resumed = mumc_pretrain.restore(config, workdir)
     assert step_full == step_resumed == STEPS
@@ -149,6 +163,7 @@ def echo_vqa(corpus, tmp_path_factory):
 def vqa_config(root, *extra):
     return load_config("configs/mumc_vqa.py:tiny", TINY + [
         f"data.root={root}", "model.decoder_depth=1", "top_k=4", "log_every=5", "eval_every=6",
+        "model.patch_size=4",  # as the pretraining run (PRETRAIN)
         *extra])
 
 

@@ -91,14 +91,29 @@ def _example(image, caption, rng, config):
     return {"images": caption_augment.normalize(pixels), "caption": caption}
 
 
+def corpus_image(record, highlight: bool) -> np.ndarray:
+    """The record's image; with `highlight`, its structure tinted red as in echo-VQA's highlighted images.
+
+    A corpus caption describes one structure (LV, MYO or LA) of an image that shows all three: on the plain
+    image the three captions of an image differ by nothing the image shows, so the contrastive and matching
+    terms can only learn view and phase. The tint puts the caption's subject in the pixels (the triplet's
+    mask, drawn into its image)."""
+    if not highlight:
+        return record["image"]
+    from jaxboost.data import echo_vqa
+    structure = str(record["structure"])
+    return echo_vqa.highlight(record["image"], np.asarray(record["mask"]) == echo_vqa.LABELS[structure])
+
+
 def corpus_transform(config):
     """Record -> {images [S, S, 3] float32 normalised, caption str}; the caption one of P6/P7 (rng)."""
-    max_words = config.data.max_words
+    max_words, highlight = config.data.max_words, config.data.get("highlight_structure", False)
 
     def transform(record, rng):
         options = corpus_captions(record)
         caption = captions_lib.clean_caption(options[int(rng.integers(len(options)))], max_words)
-        return _example(record["image"], caption, rng if config.data.get("augment", True) else None, config)
+        return _example(corpus_image(record, highlight), caption,
+                        rng if config.data.get("augment", True) else None, config)
     return transform
 
 
@@ -277,7 +292,8 @@ def eval_batches(config, tokenizer, split: str, batch_size: int):
         raise ValueError(f"{d.corpus}: split {split!r} is empty")
     chunk = []
     for r in corpus.iter(split):
-        chunk.append((caption_augment.normalize(caption_augment.pretrain_augment(r["image"], None, d.size)),
+        image = corpus_image(r, d.get("highlight_structure", False))
+        chunk.append((caption_augment.normalize(caption_augment.pretrain_augment(image, None, d.size)),
                       captions_lib.clean_caption(corpus_captions(r)[0], d.max_words)))
         if len(chunk) == batch_size:
             yield _stack(chunk, tokenizer, d.max_tokens)
