@@ -1,7 +1,7 @@
 """MUMC pretraining (SPEC B1-B2): MLM + ITA (with unimodal terms) + ITM, momentum distillation, queues.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
-`tiny`: phantom corpus captions (P6/P7), 32 px, two-layer towers, queue 64, WordPiece trained on the corpus.
+`tiny`: phantom corpus captions (P6/P7), 32 px (4 px patches: 8x8 tokens), two-layer towers, queue 16, WordPiece trained on the corpus.
 `full`: SPEC B (ViT-B/16 at 256 px, BERT-base, queue 65,536, AdamW 3e-4 wd 0.05, 30 epochs, 32/GPU,
 warm-up 3000 steps then 3e-4 * 0.9^epoch, alpha 0.4 ramped over 2 epochs) on ROCO/MedICaT/ImageCLEF json.
 """
@@ -9,7 +9,7 @@ import ml_collections
 
 from jaxboost.config import variant
 
-TINY_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=4,
+TINY_MODEL = dict(image_size=32, patch_size=4, vision_width=64, vision_depth=2, vision_heads=4,
                   vision_mlp_dim=128, text_width=64, text_depth=4, text_heads=4, text_mlp_dim=128,
                   fusion_layer=2, max_position=32, embed_dim=32, vocab_size=0)  # vocab: the trained tokenizer
 FULL_MODEL = dict(image_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -36,7 +36,9 @@ def get_config(arg=None):
         highlight_structure=True,         # corpus: tint the caption's structure into the image (its subject)
         augment=True,                     # random resized crop, flip, RandAugment (host, per-record rng)
         crop_scale=(0.2, 1.0), flip=True, randaugment=(2, 7))
-    c.queue_size = 64 if tiny else 65_536
+    # tiny: one batch. On a corpus of a few hundred images a longer queue keeps the positives' own images as
+    # negatives and collapses the image features (measured on the phantom; MUMC's 65,536 is for ~100k images).
+    c.queue_size = 16 if tiny else 65_536
     c.momentum = 0.995
     c.alpha = 0.4
     c.alpha_ramp_epochs = 2.0

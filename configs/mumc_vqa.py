@@ -9,7 +9,7 @@ import ml_collections
 
 from jaxboost.config import variant
 
-TINY_MODEL = dict(image_size=32, pretrain_image_size=32, patch_size=8, vision_width=64, vision_depth=2,
+TINY_MODEL = dict(image_size=32, pretrain_image_size=32, patch_size=4, vision_width=64, vision_depth=2,
                   vision_heads=4, vision_mlp_dim=128, text_width=64, text_depth=4, text_heads=4,
                   text_mlp_dim=128, fusion_layer=2, decoder_depth=2, max_position=32, vocab_size=0)
 FULL_MODEL = dict(image_size=384, pretrain_image_size=256, patch_size=16, vision_width=768, vision_depth=12,
