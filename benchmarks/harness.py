@@ -159,3 +159,22 @@ def mfu(flops: float | None, seconds: float) -> float | None:
 
 def np_seed(seed: int = 0):
     return np.random.default_rng(seed)
+
+
+def torch_seg_train_step(forward, params, opt):
+    """A PyTorch segmenter train step like the JAX trainer's: `forward() -> (logits, target)`, loss Dice +
+    0.2 BCE, gradient clipping at 0.5 over `params`, then `opt.step()`."""
+    import torch
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits, target = forward()
+        probs = torch.sigmoid(logits)
+        inter = (probs * target).flatten(1).sum(1)
+        dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + target.flatten(1).sum(1) + 1e-5)
+        loss = dice.mean() + 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        return loss
+    return step

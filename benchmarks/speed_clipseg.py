@@ -107,18 +107,8 @@ def run(quick: bool = False):
         dec_params = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
         opt = torch.optim.AdamW(dec_params, lr=2e-3, weight_decay=1e-3)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            logits = model(pixel_values=tp, input_ids=tids, attention_mask=tmask).logits
-            probs = torch.sigmoid(logits)
-            inter = (probs * ttarget).flatten(1).sum(1)
-            dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + ttarget.flatten(1).sum(1) + 1e-5)
-            loss = dice.mean() + 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, ttarget)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(dec_params, 0.5)
-            opt.step()
-            return loss
-        return step
+        return harness.torch_seg_train_step(
+            lambda: (model(pixel_values=tp, input_ids=tids, attention_mask=tmask).logits, ttarget), dec_params, opt)
 
     tmodel.train()
     t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)

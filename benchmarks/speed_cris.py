@@ -117,18 +117,7 @@ def run(quick: bool = False):
                                 lr=lr, weight_decay=1e-3)
         every = backbone + head
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            logits = model(tp, tids, tmask)[:, 0]
-            probs = torch.sigmoid(logits)
-            inter = (probs * ttarget).flatten(1).sum(1)
-            dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + ttarget.flatten(1).sum(1) + 1e-5)
-            loss = dice.mean() + 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, ttarget)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(every, 0.5)
-            opt.step()
-            return loss
-        return step
+        return harness.torch_seg_train_step(lambda: (model(tp, tids, tmask)[:, 0], ttarget), every, opt)
 
     tmodel.train()
     t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
