@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from jaxboost.data import json_list
 from jaxboost.data import labels as labels_lib
 from jaxboost.data import prompts as prompts_lib
 
@@ -428,12 +429,8 @@ def open_corpus(path, *, verify: bool = False) -> Corpus:
     """Open a finished corpus folder; checks the manifest's format, schema version and shard files."""
     path = Path(path)
     manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest (not a corpus, or its build did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
+    manifest = json_list.read_json(
+        manifest_path, f"{manifest_path}: no manifest (not a corpus, or its build did not finish)")
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
