@@ -5,7 +5,8 @@
     DIR/testing/patientXXXX/...        (the last ~10% of patients, as CAMUS's 50 of 500)
 Each image is an apical view: a sector cone from the apex at the top, Rayleigh-like speckle, a bright
 myocardium U around a dark LV cavity, the LA below it; the 4CH view adds right-heart chambers as
-unlabelled tissue; ED cavities are larger than ES; image quality sets noise, contrast and haze.
+unlabelled tissue; ED cavities are larger than ES; image quality sets noise, contrast and haze; sex sets the LV size and
+age the wall thickness, LA size and EF (as reference ranges do, exaggerated to show at low resolution).
 Same seed, same bytes: every patient draws from its own rng(seed, patient) and files carry no timestamps
 (gzip mtime 0). Arrays are stored like CAMUS: NIfTI in (x=column, y=row) order, MetaImage as W x H x 1.
 """
@@ -43,12 +44,20 @@ def _ellipse(rows, cols, cy, cx, ry, rx, tilt):
     return (u / ry) ** 2 + (v / rx) ** 2 <= 1.0
 
 
-def _patient_anatomy(rng: np.random.Generator) -> dict:
-    """Per-patient shape parameters (fractions of H/W), shared by both views and phases."""
+def _patient_anatomy(rng: np.random.Generator, sex: str = "M", age: int = 55) -> dict:
+    """Per-patient shape parameters (fractions of H/W), shared by both views and phases.
+
+    Sex and age shape the heart as they do in echo reference ranges, exaggerated so a small image shows them
+    (the captions name both, and a caption whose words the image cannot show is unlearnable for matching):
+    women have a smaller LV cavity; with age the myocardium thickens, the LA grows and the EF drops a little.
+    """
+    years = (np.clip(age, 20, 90) - 20) / 70.0          # 0 at 20, 1 at 90
+    size = 1.0 if sex == "M" else 0.86
     return dict(
-        lv_len=rng.uniform(0.26, 0.32), lv_wid=rng.uniform(0.15, 0.19), wall=rng.uniform(0.035, 0.05),
-        la_len=rng.uniform(0.10, 0.14), la_wid=rng.uniform(0.12, 0.16), ef=rng.uniform(0.35, 0.65),
-        tilt=rng.uniform(-0.12, 0.12))
+        lv_len=size * rng.uniform(0.27, 0.31), lv_wid=size * rng.uniform(0.16, 0.18),
+        wall=(0.028 + 0.03 * years) * rng.uniform(0.92, 1.08),
+        la_len=(0.10 + 0.05 * years) * rng.uniform(0.95, 1.05), la_wid=(0.12 + 0.05 * years) * rng.uniform(0.95, 1.05),
+        ef=rng.uniform(0.45, 0.68) - 0.1 * years, tilt=rng.uniform(-0.12, 0.12))
 
 
 def _draw_view(rng, anatomy, view, phase, quality, h, w):
@@ -153,7 +162,7 @@ def write_patient(folder: Path, number: int, seed: int, fmt: str, size: tuple[in
     sex = "M" if rng.random() < 0.5 else "F"
     age = int(rng.integers(20, 91))
     quality = QUALITIES[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
-    anatomy = _patient_anatomy(rng)
+    anatomy = _patient_anatomy(rng, sex, age)
     h, w = size
     for view in VIEWS:
         frames = int(rng.integers(14, 27))
