@@ -50,7 +50,8 @@ def get_config(arg=None):
     c.total_steps = 200 if tiny else 0        # full: set from epochs * steps_per_epoch by the trainer
     c.optim = dict(name="adamw", lr=3e-4, weight_decay=0.05, grad_clip=0.0,
                    schedule="warmup_epoch_decay", warmup_steps=20 if tiny else 3000, warmup_lr=1e-5,
-                   epoch_decay=0.9)
+                   epoch_decay=0.9,
+                   epoch_steps=50 if tiny else 0)  # an epoch of the decay and the alpha ramp; 0: the data's
     c.log_every = 20 if tiny else 100
     c.ckpt_every = 100 if tiny else 5000
     c.mesh = dict(data=-1, fsdp=1)

@@ -15,14 +15,16 @@ from jaxboost.train import loop, mumc_pretrain, mumc_vqa
 TINY = ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1", "model.vision_width=32",
         "model.text_width=32", "model.vision_mlp_dim=64", "model.text_mlp_dim=64", "model.vision_heads=2",
         "model.text_heads=2", "batch_size=8"]
-# No augmentation, a fast momentum model and a short alpha ramp so that a few seconds of training move
-# every term (the defaults are checked by the config tests). The corpus holds 72 records: a queue beyond one
-# batch holds the positives' own images as negatives often enough to collapse the image features, and 8 px
-# patches (4x4 tokens) cannot see the highlighted structure, hence a one-batch queue and 4 px patches.
+# No augmentation, a fast momentum model and a short alpha ramp so that a short run moves every term (the
+# defaults are checked by the config tests). The corpus holds 72 records: a queue beyond one batch holds the
+# positives' own images as negatives often enough to collapse the image features, and 8 px patches (4x4 tokens)
+# cannot see the highlighted structure, hence a one-batch queue and 4 px patches. ITM with hard negatives is
+# the slowest term: in a sweep of 4 seeds it stayed at its prior (0.64) for ~200 steps, then fell to 0.46-0.54
+# by step 600, while the image-side terms fell in every seed by step 200 (and in only some by step 64).
 PRETRAIN = TINY + ["data.tokenizer_vocab_size=200", "model.embed_dim=16", "queue_size=8", "optim.warmup_steps=0", "optim.lr=2e-3",
                    "momentum=0.9", "alpha_ramp_epochs=0.2", "data.augment=False", "log_every=1",
-                   "data.highlight_structure=True", "model.patch_size=4"]
-STEPS = 64
+                   "data.highlight_structure=True", "model.patch_size=4", "optim.epoch_steps=150"]
+STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,10 @@ def _window_means(workdir, term):
     return np.mean([r[f"train/{term}"] for r in rows[2:14]]), np.mean([r[f"train/{term}"] for r in rows[-12:]])
 
 
+# The smallest fall among 4 seeds at 600 steps: ITM 0.10, every other term > 0.5.
+MARGIN = {"itm": 0.05}
+
+
 def test_tiny_pretraining_logs_every_term_and_ramps_alpha(pretrained):
     workdir, summary = pretrained
     rows = [r for r in loop.read_metrics(workdir) if "train/mlm" in r]
@@ -65,19 +71,10 @@ def test_tiny_pretraining_logs_every_term_and_ramps_alpha(pretrained):
     assert (workdir / "tokenizer" / "vocab.txt").is_file()
 
 
-@pytest.mark.parametrize("term", ["mlm", "t2t", "itm"])
-def test_tiny_pretraining_lowers_text_and_matching_terms(pretrained, term):
+@pytest.mark.parametrize("term", TERMS)
+def test_tiny_pretraining_lowers_every_term(pretrained, term):
     before, after = _window_means(pretrained[0], term)
-    assert after < before, f"{term}: {before:.4f} -> {after:.4f}"
-
-
-@pytest.mark.xfail(strict=False, reason="seed-dependent: in a sweep of 4 seeds x 96 steps (highlighted structure, "
-                   "4 px patches, one-batch queue) two seeds lowered i2t, t2i and i2i clearly, two kept the image "
-                   "features collapsed near log(B + Q) (issue 5 stays open)")
-@pytest.mark.parametrize("term", ["ita", "i2t", "t2i", "i2i"])
-def test_tiny_pretraining_lowers_image_side_terms(pretrained, term):
-    before, after = _window_means(pretrained[0], term)
-    assert after < before, f"{term}: {before:.4f} -> {after:.4f}"
+    assert after < before - MARGIN.get(term, 0.3), f"{term}: {before:.4f} -> {after:.4f}"
 
 
 def test_pretraining_evaluation_reports_every_term_and_retrieval(pretrained, corpus):

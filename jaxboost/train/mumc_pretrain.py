@@ -203,6 +203,14 @@ def steps_per_epoch(config, examples: int) -> int:
     return max(1, examples // config.batch_size)
 
 
+def schedule_epoch_steps(config, examples: int) -> int:
+    """Steps per epoch as the lr decay (x0.9 per epoch) and the alpha ramp (2 epochs) count them:
+    `optim.epoch_steps` when set, else one pass over the data (MUMC). A phantom corpus of a few dozen
+    records has 9-step epochs: counted in those, the lr reached ~0 within a few hundred steps and every term
+    stalled (ITM at its prior), so the tiny config counts 50-step epochs (its 200 steps decay 4 times)."""
+    return int(config.optim.get("epoch_steps", 0) or 0) or steps_per_epoch(config, examples)
+
+
 def make_init_fn(config, model: mumc.Model, tx):
     size = config.model.image_size
 
@@ -262,7 +270,7 @@ def setup(config, workdir):
     tokenizer = get_tokenizer(config, workdir)
     loader, examples = make_train_loader(config)
     config = _resolved(config, examples)
-    epoch_steps = steps_per_epoch(config, examples)
+    epoch_steps = schedule_epoch_steps(config, examples)
     model = build_model(config, tokenizer.vocab_size)
     tx = loop.make_optimizer(config, config.total_steps, epoch_steps)
     return config, tokenizer, model, tx, loader, epoch_steps, mesh
@@ -354,7 +362,7 @@ def restore(config, workdir, prefer: str = "latest"):
         examples = corpus_lib.open_corpus(config.data.corpus).split_len("train")
     config = _resolved(config, examples) if not config.total_steps else config
     model = build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, config.total_steps, steps_per_epoch(config, examples))
+    tx = loop.make_optimizer(config, config.total_steps, schedule_epoch_steps(config, examples))
     abstract = jax.eval_shape(make_init_fn(config, model, tx))
     state, _, step = loop.load_params(workdir, abstract, prefer=prefer)
     return config, tokenizer, model, state, step
