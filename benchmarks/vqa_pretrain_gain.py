@@ -13,11 +13,16 @@ from pathlib import Path
 
 from benchmarks.harness import Row
 
-SIZES = ["model.vision_depth=2", "model.text_depth=4", "model.fusion_layer=2", "batch_size=16"]
+BATCH = 16
+SIZES = ["model.vision_depth=2", "model.text_depth=4", "model.fusion_layer=2", f"batch_size={BATCH}"]
 
 
 def run(quick: bool = False, patients: int | None = None, pretrain_steps: int | None = None,
-        finetune_steps: int | None = None, workdir: str | None = None, finetune_lr: float = 5e-4):
+        finetune_steps: int | None = None, workdir: str | None = None, finetune_lr: float = 5e-4,
+        seeds: tuple[int, ...] = (0,)):
+    """Per seed (the seed of pretraining and of both finetunes): pretrain, finetune from it and from
+    scratch. Rows give the mean over seeds; the JSON every seed."""
+    import numpy as np
     from jaxboost.config import load_config
     from jaxboost.data import corpus as corpus_lib, echo_vqa, phantom
     from jaxboost.data.tokenize_bert import BertTokenizer
@@ -33,41 +38,51 @@ def run(quick: bool = False, patients: int | None = None, pretrain_steps: int | 
     if not (root / "vqa").is_dir():
         echo_vqa.build_echo_vqa(root / "corpus", root / "vqa")
 
-    pt = load_config("configs/mumc_pretrain.py:tiny", SIZES + [
-        f"data.corpus={root / 'corpus'}", f"total_steps={pretrain_steps}", "log_every=50",
-        f"ckpt_every={pretrain_steps}"])
-    # One WordPiece for all three runs, from the captions and the training questions/answers (as a
+    def pretrain_config(seed):
+        return load_config("configs/mumc_pretrain.py:tiny", SIZES + [
+            f"data.corpus={root / 'corpus'}", f"total_steps={pretrain_steps}", "log_every=50",
+            f"ckpt_every={pretrain_steps}", f"seed={seed}"])
+    # One WordPiece for all runs, from the captions and the training questions/answers (as a
     # bert-base vocabulary covers both): a caption-only vocabulary splits "yes"/"no" into letters.
     tokenizer = root / "tokenizer"
     if not tokenizer.is_dir():
         vqa_cfg = load_config("configs/mumc_vqa.py:tiny", [f"data.root={root / 'vqa'}"])
-        BertTokenizer.train(mumc_pretrain.training_texts(pt) + mumc_vqa.vqa_texts(vqa_cfg), str(tokenizer),
-                            vocab_size=1000)
-    pt.data.tokenizer = str(tokenizer)
-    t = time.time()
-    pt_summary = mumc_pretrain.train(pt, root / "pretrain")
-    pretrain_s = time.time() - t
+        BertTokenizer.train(mumc_pretrain.training_texts(pretrain_config(0)) + mumc_vqa.vqa_texts(vqa_cfg),
+                            str(tokenizer), vocab_size=1000)
 
-    results, rows = {}, []
-    for name, init in (("from pretraining", str(root / "pretrain")), ("from scratch", "")):
-        cfg = load_config("configs/mumc_vqa.py:tiny", SIZES + [
-            f"data.root={root / 'vqa'}", f"total_steps={finetune_steps}", f"eval_every={max(1, finetune_steps // 4)}",
-            f"ckpt_every={finetune_steps}", "log_every=50", f"init_from={init}"]
-            + [f"data.tokenizer={tokenizer}", f"optim.lr={finetune_lr}"])
-        wd = root / ("vqa_" + name.replace(" ", "_"))
+    per_seed = {}
+    for seed in seeds:
+        pt = pretrain_config(seed)
+        pt.data.tokenizer = str(tokenizer)
         t = time.time()
-        summary = mumc_vqa.train(cfg, wd)
-        seconds = time.time() - t
-        acc = mumc_vqa.evaluate(cfg, wd, "test")
-        results[name] = {"test": acc, "best_val": summary["best_metric"], "best_step": summary["best_step"],
-                         "seconds": seconds}
+        pt_summary = mumc_pretrain.train(pt, root / f"pretrain_s{seed}")
+        results = {"pretrain_s": time.time() - t, "pretrain_last": pt_summary["last_train"]}
+        for name, init in (("from pretraining", str(root / f"pretrain_s{seed}")), ("from scratch", "")):
+            cfg = load_config("configs/mumc_vqa.py:tiny", SIZES + [
+                f"data.root={root / 'vqa'}", f"total_steps={finetune_steps}",
+                f"eval_every={max(1, finetune_steps // 4)}", f"ckpt_every={finetune_steps}", "log_every=50",
+                f"init_from={init}", f"data.tokenizer={tokenizer}", f"optim.lr={finetune_lr}", f"seed={seed}"])
+            wd = root / ("vqa_" + name.replace(" ", "_") + f"_s{seed}")
+            t = time.time()
+            summary = mumc_vqa.train(cfg, wd)
+            seconds = time.time() - t
+            results[name] = {"test": mumc_vqa.evaluate(cfg, wd, "test"), "best_val": summary["best_metric"],
+                             "best_step": summary["best_step"], "seconds": seconds}
+        per_seed[seed] = results
+
+    rows = []
+    for name in ("from pretraining", "from scratch"):
+        acc = lambda key: 100 * np.array([per_seed[s][name]["test"][key] for s in seeds])
+        overall, open_, closed = acc("test_overall"), acc("test_open"), acc("test_closed")
+        seconds = float(np.mean([per_seed[s][name]["seconds"] for s in seeds]))
+        span = lambda a: f"{a.mean():.1f}" + (f" [{a.min():.1f}-{a.max():.1f}]" if len(a) > 1 else "")
         rows.append(Row(f"mumc/echo-vqa finetune {finetune_steps} steps", name, seconds / finetune_steps,
-                        cfg.batch_size * finetune_steps / seconds,
-                        note=f"test acc {100 * acc['test_overall']:.1f} (open {100 * acc['test_open']:.1f}, "
-                             f"closed {100 * acc['test_closed']:.1f}); val {100 * summary['best_metric']:.1f}"))
+                        BATCH * finetune_steps / seconds,
+                        note=f"test acc {span(overall)} (open {span(open_)}, closed {span(closed)}), "
+                             f"{len(seeds)} seed(s)"))
     extra = {"vqa_pretrain_gain": {"patients": patients, "pretrain_steps": pretrain_steps, "finetune_lr": finetune_lr,
-                                   "finetune_steps": finetune_steps, "pretrain_s": pretrain_s,
-                                   "pretrain_last": pt_summary["last_train"], **results}}
+                                   "finetune_steps": finetune_steps, "seeds": list(seeds),
+                                   "per_seed": {str(k): v for k, v in per_seed.items()}}}
     return rows, extra
 
 
@@ -77,9 +92,11 @@ if __name__ == "__main__":
     p.add_argument("--patients", type=int)
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--seeds", default="0", help="comma-separated; each seeds pretraining and both finetunes")
     p.add_argument("--workdir")
     a = p.parse_args()
-    rows, extra = run(a.quick, a.patients, a.pretrain_steps, a.finetune_steps, a.workdir)
+    rows, extra = run(a.quick, a.patients, a.pretrain_steps, a.finetune_steps, a.workdir,
+                      seeds=tuple(int(x) for x in a.seeds.split(",")))
     for r in rows:
         print(r)
     print(json.dumps(extra, indent=1, default=str))

@@ -45,7 +45,9 @@ def first_batch(task, batch_size=8):
 
 @pytest.mark.parametrize("model", ["clipseg", pytest.param("cris", marks=pytest.mark.slow)])
 def test_tiny_segmenter_loss_falls(model, corpus, tmp_path):
-    task = vl_seg.setup(config(model, corpus, "optim.lr=1e-2"), tmp_path)
+    # CRIS's deeper decoder oscillates on one batch at 1e-2 (and 3e-3); 2e-3 falls step by step.
+    lr = {"clipseg": 1e-2, "cris": 2e-3}[model]
+    task = vl_seg.setup(config(model, corpus, f"optim.lr={lr}"), tmp_path)
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
     state = jax.jit(task.init_fn)()
     batch = parallel.shard_batch(mesh, first_batch(task))
