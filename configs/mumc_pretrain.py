@@ -1,7 +1,9 @@
 """MUMC pretraining (SPEC B1-B2): MLM + ITA (with unimodal terms) + ITM, momentum distillation, queues.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
-`tiny`: phantom corpus captions (P6/P7), 32 px (4 px patches: 8x8 tokens), two-layer towers, queue 16, WordPiece trained on the corpus.
+`tiny`: phantom corpus captions (P6/P7), 32 px (4 px patches: 8x8 tokens), two-layer towers, queue 16, WordPiece trained on
+the corpus; lr 1e-3 decayed every 50 steps, momentum 0.99 (600 steps on a 6-patient corpus: i2t 3.44 -> 2.15, mlm
+4.38 -> 2.15 vs 3.48 -> 2.71, 4.80 -> 3.67 with the full config's 3e-4, 0.995 and 20% crops).
 `full`: SPEC B (ViT-B/16 at 256 px, BERT-base, queue 65,536, AdamW 3e-4 wd 0.05, 30 epochs, 32/GPU,
 warm-up 3000 steps then 3e-4 * 0.9^epoch, alpha 0.4 ramped over 2 epochs) on ROCO/MedICaT/ImageCLEF json.
 """
@@ -35,11 +37,13 @@ def get_config(arg=None):
         one_per_image=False,              # corpus: one record (the LV one) per image instead of three
         highlight_structure=True,         # corpus: tint the caption's structure into the image (its subject)
         augment=True,                     # random resized crop, flip, RandAugment (host, per-record rng)
-        crop_scale=(0.2, 1.0), flip=True, randaugment=(2, 7))
+        # tiny: a 20% crop of a 32 px image often cuts the highlighted structure (the caption's subject) away
+        crop_scale=(0.5, 1.0) if tiny else (0.2, 1.0), flip=True, randaugment=(2, 7))
     # tiny: one batch. On a corpus of a few hundred images a longer queue keeps the positives' own images as
     # negatives and collapses the image features (measured on the phantom; MUMC's 65,536 is for ~100k images).
     c.queue_size = 16 if tiny else 65_536
-    c.momentum = 0.995
+    # tiny: a run of hundreds of steps; at 0.995 the momentum model (the targets) lags by ~200 steps.
+    c.momentum = 0.99 if tiny else 0.995
     c.alpha = 0.4
     c.alpha_ramp_epochs = 2.0
     c.patch_drop = 0.15
@@ -48,7 +52,7 @@ def get_config(arg=None):
     c.batch_size = 16 if tiny else 32 * 8     # global batch (32 per GPU on 8 GPUs)
     c.epochs = 4 if tiny else 30
     c.total_steps = 200 if tiny else 0        # full: set from epochs * steps_per_epoch by the trainer
-    c.optim = dict(name="adamw", lr=3e-4, weight_decay=0.05, grad_clip=0.0,
+    c.optim = dict(name="adamw", lr=1e-3 if tiny else 3e-4, weight_decay=0.05, grad_clip=0.0,
                    schedule="warmup_epoch_decay", warmup_steps=20 if tiny else 3000, warmup_lr=1e-5,
                    epoch_decay=0.9,
                    epoch_steps=50 if tiny else 0)  # an epoch of the decay and the alpha ramp; 0: the data's
