@@ -77,6 +77,14 @@ def test_tiny_pretraining_lowers_every_term(pretrained, term):
     assert after < before - MARGIN.get(term, 0.3), f"{term}: {before:.4f} -> {after:.4f}"
 
 
+def test_lr_decay_epoch_is_fixed_on_tiny_and_the_data_pass_on_full():
+    """The x0.9 decay and the alpha ramp count 50-step epochs on `tiny` whatever the corpus size (a
+    72-record corpus would decay every 9 steps) and one pass over the data on `full` (MUMC)."""
+    tiny, full = (load_config(f"configs/mumc_pretrain.py:{v}") for v in ("tiny", "full"))
+    assert mumc_pretrain.schedule_epoch_steps(tiny, 72) == mumc_pretrain.schedule_epoch_steps(tiny, 7200) == 50
+    assert mumc_pretrain.schedule_epoch_steps(full, 256 * 300) == 300
+
+
 def test_pretraining_evaluation_reports_every_term_and_retrieval(pretrained, corpus):
     """`jaxboost eval` of a pretraining run: the loss terms (batch scalars) and in-batch recall@1 on val."""
     workdir, _ = pretrained
