@@ -60,12 +60,13 @@ def test_validation_carved_from_train_by_image_when_absent(tmp_path):
 def test_strict_vs_lenient_match_and_accuracy_by_type():
     assert not vqa.strict_match("lung", "left lung") and vqa.lenient_match("lung", "left lung")
     assert vqa.strict_match("X-ray", "xray") and not vqa.lenient_match("", "xray")
-    items = [vqa.VQAItem("0", None, "q", "left lung", "OPEN"), vqa.VQAItem("1", None, "q", "yes", "CLOSED"),
-             vqa.VQAItem("2", None, "q", "no", "CLOSED")]
+    items = [vqa.VQAItem("0", None, "q", "left lung", "OPEN", "organ"),
+             vqa.VQAItem("1", None, "q", "yes", "CLOSED", "organ"), vqa.VQAItem("2", None, "q", "no", "CLOSED")]
     preds = ["lung", "Yes.", "yes"]
     fixed = vqa.accuracy(preds, items, "fixed")
     original = vqa.accuracy(preds, items, "original")
     assert (fixed["overall"], fixed["open"], fixed["closed"]) == (1 / 3, 0.0, 0.5)
+    assert (fixed["type/organ"], fixed["n_type/organ"]) == (0.5, 2) and len([k for k in fixed if "type/" in k]) == 2
     assert (original["overall"], original["open"]) == (2 / 3, 1.0)
 
 

@@ -177,13 +177,18 @@ def count_unanswerable(items: Sequence[VQAItem], candidates: Sequence[str], what
 
 
 def accuracy(predictions: Sequence[str], items: Sequence[VQAItem], protocol: str = "fixed") -> dict:
-    """-> {"overall", "open", "closed"} accuracy (fraction; nan for an empty type) and counts."""
+    """-> {"overall", "open", "closed"} accuracy (fraction; nan for an empty type) and counts, plus
+    "type/{question_type}" and "n_type/{question_type}" for each question type the items name."""
     if len(predictions) != len(items):
         raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
     match = get_protocol(protocol).match
     correct = np.array([match(p, it.answer) for p, it in zip(predictions, items)], bool)
     types = np.array([it.answer_type for it in items])
     mean = lambda m: float(correct[m].mean()) if m.any() else float("nan")
-    return {"overall": mean(np.ones(len(items), bool)), "open": mean(types == "OPEN"),
-            "closed": mean(types == "CLOSED"), "n": len(items), "n_open": int((types == "OPEN").sum()),
-            "n_closed": int((types == "CLOSED").sum())}
+    out = {"overall": mean(np.ones(len(items), bool)), "open": mean(types == "OPEN"),
+           "closed": mean(types == "CLOSED"), "n": len(items), "n_open": int((types == "OPEN").sum()),
+           "n_closed": int((types == "CLOSED").sum())}
+    question_types = np.array([it.question_type for it in items])
+    for qt in sorted(set(question_types) - {""}):
+        out[f"type/{qt}"], out[f"n_type/{qt}"] = mean(question_types == qt), int((question_types == qt).sum())
+    return out

@@ -279,7 +279,9 @@ def evaluate(config, workdir, split: str = "test") -> dict:
     images = ImageCache(config.data.size)
     result = evaluate_split(config, model, state.params, tokenizer, split, mesh, images, candidates)
     print(f"MUMC VQA {workdir.name} step {step}, {split} ({config.protocol} protocol, {len(candidates)} candidates)")
-    print(f"  {'':8s} {'accuracy':>9s} {'n':>6s}")
-    for kind, n in (("overall", "n"), ("open", "n_open"), ("closed", "n_closed")):
-        print(f"  {kind:8s} {100 * result[f'{split}_{kind}']:8.1f}% {int(result[f'{split}_{n}']):6d}")
+    print(f"  {'':16s} {'accuracy':>9s} {'n':>6s}")
+    rows = [("overall", "n"), ("open", "n_open"), ("closed", "n_closed")]
+    rows += [(k[len(split) + 1:], f"n_{k[len(split) + 1:]}") for k in result if k.startswith(f"{split}_type/")]
+    for kind, n in rows:
+        print(f"  {kind:16s} {100 * result[f'{split}_{kind}']:8.1f}% {int(result[f'{split}_{n}']):6d}")
     return result
