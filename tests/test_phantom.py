@@ -91,3 +91,15 @@ def test_phantom_rejects_bad_arguments(tmp_path):
     phantom.write_phantom(tmp_path / "p", patients=2, size=(32, 32))  # the same phantom again: fine
     with pytest.raises(ValueError, match=r"p: not empty and not this phantom"):
         phantom.write_phantom(tmp_path / "p", patients=3, size=(32, 32))
+
+
+def test_phantom_anatomy_shows_sex_and_age():
+    """The captions name sex and age, so the picture carries them: a woman's LV is smaller, an older
+    heart has a thicker wall and a larger LA (same shape draws otherwise)."""
+    areas = {}
+    for sex, age in (("M", 30), ("F", 30), ("M", 85)):
+        anatomy = phantom._patient_anatomy(np.random.default_rng(0), sex, age)
+        _, mask = phantom._draw_view(np.random.default_rng(1), anatomy, "2CH", "ED", "Good", 160, 128)
+        areas[sex, age] = {label: int((mask == label).sum()) for label in (1, 2, 3)}
+    assert areas["F", 30][1] < 0.8 * areas["M", 30][1]
+    assert areas["M", 85][2] > 1.3 * areas["M", 30][2] and areas["M", 85][3] > 1.3 * areas["M", 30][3]
