@@ -12,6 +12,8 @@ reference.
 """
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +45,6 @@ def run(quick: bool = False, workdir: str | None = None, sdm_steps: int | None =
     from jaxboost.data import labels as labels_lib
     from jaxboost.data import phantom
     from jaxboost.diffusion import samplers
-    from jaxboost.train import loop
     from jaxboost.train import sdm as sdm_train
     from jaxboost.train import unet_seg
 
@@ -137,4 +138,6 @@ if __name__ == "__main__":
     for row in rows:
         print(f"{row.case:<32} {row.seconds:8.2f}s  {row.note}")
     print(extra["table"])
-    Path(extra["workdir"], "fidelity.json").write_text(__import__("json").dumps(extra, indent=1))
+    out = Path(extra["workdir"], "fidelity.json")
+    out.with_suffix(".json.tmp").write_text(json.dumps(extra, indent=1))
+    os.replace(out.with_suffix(".json.tmp"), out)  # no half-written result

@@ -86,17 +86,23 @@ def run(quick: bool = False, patients: int | None = None, pretrain_steps: int | 
     return rows, extra
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2) (argparse names the flag and the value when this raises)."""
+    return tuple(int(x) for x in text.split(","))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--patients", type=int)
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--finetune-steps", type=int)
-    p.add_argument("--seeds", default="0", help="comma-separated; each seeds pretraining and both finetunes")
+    p.add_argument("--seeds", default=(0,), type=seed_list,
+                   help="comma-separated integers; each seeds pretraining and both finetunes")
     p.add_argument("--workdir")
     a = p.parse_args()
     rows, extra = run(a.quick, a.patients, a.pretrain_steps, a.finetune_steps, a.workdir,
-                      seeds=tuple(int(x) for x in a.seeds.split(",")))
+                      seeds=a.seeds)
     for r in rows:
         print(r)
     print(json.dumps(extra, indent=1, default=str))

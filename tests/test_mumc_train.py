@@ -83,6 +83,9 @@ def test_lr_decay_epoch_is_fixed_on_tiny_and_the_data_pass_on_full():
     tiny, full = (load_config(f"configs/mumc_pretrain.py:{v}") for v in ("tiny", "full"))
     assert mumc_pretrain.schedule_epoch_steps(tiny, 72) == mumc_pretrain.schedule_epoch_steps(tiny, 7200) == 50
     assert mumc_pretrain.schedule_epoch_steps(full, 256 * 300) == 300
+    tiny.optim.epoch_steps = -5
+    with pytest.raises(ValueError, match="config.optim.epoch_steps=-5"):
+        mumc_pretrain.schedule_epoch_steps(tiny, 72)
 
 
 def test_pretraining_evaluation_reports_every_term_and_retrieval(pretrained, corpus):

@@ -418,7 +418,6 @@ def fit(config: ConfigDict, workdir: str | Path, *, init_fn: Callable[[], TrainS
     best, best_step, stale = meta.get("best_metric"), meta.get("best_step"), meta.get("stale_evals", 0)
     plateau_state = _restore_plateau(meta.get("plateau")) or plateau_state
 
-    batch_sharding_tree = None
     jit_step = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
     writer = MetricWriter(workdir)
     start = int(state.step)

@@ -19,7 +19,6 @@ first 2 epochs. Every term (mlm, ita, i2t, t2i, i2i, t2t, itm) is logged.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -208,7 +207,11 @@ def schedule_epoch_steps(config, examples: int) -> int:
     `optim.epoch_steps` when set, else one pass over the data (MUMC). A phantom corpus of a few dozen
     records has 9-step epochs: counted in those, the lr reached ~0 within a few hundred steps and every term
     stalled (ITM at its prior), so the tiny config counts 50-step epochs (its 200 steps decay 4 times)."""
-    return int(config.optim.get("epoch_steps", 0) or 0) or steps_per_epoch(config, examples)
+    steps = int(config.optim.get("epoch_steps", 0) or 0)
+    if steps < 0:
+        raise ValueError(f"config.optim.epoch_steps={steps}: give a positive number of steps, or 0 for one pass "
+                         f"over the data")
+    return steps or steps_per_epoch(config, examples)
 
 
 def make_init_fn(config, model: mumc.Model, tx):
