@@ -14,6 +14,9 @@ from jaxboost.train import workdir as workdir_lib
 from jaxboost.train.task import Task
 
 
+RUN_NAMES = {"sdm": "an SDM", "mumc_pretrain": "a MUMC pretraining"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     workdir: Any
@@ -36,7 +39,7 @@ def open_run(workdir, config: ConfigDict | None = None, *, prefer: str = "best",
     config = config if config is not None else workdir_lib.read_config(workdir)
     if expect is not None and config.get("trainer") != expect:
         raise ValueError(f"{workdir}: a {config.get('trainer')!r} run ({config.get('model_name')!r} model), not "
-                         f"a {expect!r} run (its config.json trainer)")
+                         f"{RUN_NAMES.get(expect, repr(expect))} run (config.json trainer must be {expect!r})")
     mesh = mesh or parallel.mesh_from_config(config)
     task = registry.trainer(config.trainer).make_task(config, workdir, mesh=mesh, opening=True)
     replicated = parallel.replicated(mesh)
