@@ -5,6 +5,7 @@ only resolves where `configs/` lives and gives the trainer CLIs one function to 
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -33,32 +34,159 @@ def load_config(spec: str, overrides: list[str] | None = None) -> ConfigDict:
     return config
 
 
+class ConfigError(ValueError):
+    """A config file, variant or `--config.KEY=VALUE` override the user got wrong; the message names it."""
+
+
 def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] | None = None):
     """Parses `--config ... --config.x=y` plus string flags `extra` {name: (kind, default, help)}.
 
-    Returns (config, {name: value}). Unknown flags raise absl's own error naming the flag.
+    Returns (config, {name: value}). An unknown field, a value of the wrong type or a broken config file
+    raises ConfigError naming the file and the field; unknown flags raise absl's own error naming the flag.
     """
-    fv = flags.FlagValues()
+    argv = _resolve_config_args(argv)
+    fv = _flag_values(argv, extra)
+    try:
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError, ImportError) as e:
+        if isinstance(e, flags.UnrecognizedFlagError):
+            raise ValueError(str(e)) from None
+        raise _explain_failure(e, argv) from None
+    if fv.config is None:
+        raise ConfigError("--config configs/NAME.py:VARIANT is required")
+    return fv.config, {name: getattr(fv, name) for name in (extra or {})}
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """`--config X` / `--config=X` with X resolved to an existing file (see resolve_config_path)."""
     argv = list(argv)
     for i, a in enumerate(argv):
-        if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv)):
-            if a == "--config":
-                argv[i + 1] = resolve_config_path(argv[i + 1])
-            else:
-                argv[i] = "--config=" + resolve_config_path(a.split("=", 1)[1])
+        if a == "--config" and i + 1 < len(argv):
+            argv[i + 1] = resolve_config_path(argv[i + 1])
+        elif a.startswith("--config="):
+            argv[i] = "--config=" + resolve_config_path(a.split("=", 1)[1])
+    return argv
+
+
+def _flag_values(argv: list[str], extra=None) -> flags.FlagValues:
+    fv = flags.FlagValues()
     # sys_argv: config_flags registers the `--config.x` override flags from the argv it is given.
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py:VARIANT", flag_values=fv,
                                     lock_config=False, sys_argv=argv)
     for name, (kind, default, help_) in (extra or {}).items():
         getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=fv)
+    return fv
+
+
+def _config_spec(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """[(dotted key, value)] of the `--config.KEY=VALUE` (or `--config.KEY VALUE`) arguments."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--config."):
+            key, sep, value = a[len("--config."):].partition("=")
+            out.append((key, value if sep else (argv[i + 1] if i + 1 < len(argv) else "")))
+    return out
+
+
+def _explain_failure(error: Exception, argv: list[str]) -> ConfigError:
+    """Which part of `argv` made ml_collections fail: the file itself, an unknown field or a bad value.
+
+    ml_collections reports these as a bare AttributeError / "invalid literal for int()" without the file or
+    the field; re-parsing the pieces one at a time (only on failure) finds the culprit.
+    """
+    spec = _config_spec(argv)
     try:
-        fv(argv)
-    except flags.Error as e:  # absl wraps the config file's own error; surface the cause
-        cause = e.__cause__ or e.__context__
-        raise (cause if isinstance(cause, (ValueError, FileNotFoundError)) else ValueError(str(e))) from e
-    if fv.config is None:
-        raise ValueError("--config configs/NAME.py:VARIANT is required")
-    return fv.config, {name: getattr(fv, name) for name in (extra or {})}
+        base = _load_spec(spec)
+    except Exception as e:  # the file, its variant or its get_config is broken: say which file
+        return ConfigError(f"{spec}: {_root_cause(e)}")
+    for key, value in _overrides(argv):
+        if not _has_field(base, key):
+            return ConfigError(f"{spec}: unknown config field {key!r}{_close_matches(base, key)}; "
+                               f"`jaxboost config show {spec}` lists every field")
+        try:
+            _load_spec(spec, [f"--config.{key}={value}"])
+        except Exception:
+            return ConfigError(f"{spec}: --config.{key}={value!r}: {_expected(base, key)}")
+    return ConfigError(f"{spec}: {_root_cause(error)}")
+
+
+def _load_spec(spec: str, overrides: list[str] = ()) -> ConfigDict:
+    argv = ["jaxboost", f"--config={spec}", *overrides]
+    fv = _flag_values(argv)
+    fv(argv)
+    return fv.config
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, ConfigError):
+        return str(error)
+    if isinstance(error, SyntaxError):
+        return f"syntax error on line {error.lineno}: {error.msg}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return "the file defines no get_config(arg) function"
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"{type(error).__name__}: {message}"
+
+
+def _field(config: ConfigDict, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _has_field(config: ConfigDict, key: str) -> bool:
+    try:
+        _field(config, key)
+        return True
+    except (KeyError, AttributeError, TypeError):
+        return False
+
+
+def flat_fields(config: ConfigDict, prefix: str = "") -> dict:
+    """{"optim.lr": 3e-3, ...}: every leaf field of `config` under its dotted name."""
+    out = {}
+    for name, value in config.items():
+        if isinstance(value, ConfigDict) and len(value):
+            out.update(flat_fields(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def _close_matches(config: ConfigDict, key: str) -> str:
+    names = list(flat_fields(config))
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    close += [n for n in names if n.rsplit(".", 1)[-1] == leaf and n not in close]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple such as '(1, 2)'"}
+
+
+def _expected(config: ConfigDict, key: str) -> str:
+    current = _field(config, key)
+    if current is None:
+        return (f"field {key} is None in this config, so its type is unknown and the command line cannot set it; "
+                "edit the config file")
+    if isinstance(current, ConfigDict):
+        fields = ", ".join(list(flat_fields(current, f"{key}."))[:4])
+        return f"{key} is a group of fields ({fields}, ...); set one as --config.{key}.FIELD=VALUE"
+    kind = next((w for t, w in _TYPE_WORDS.items() if isinstance(current, t)), type(current).__name__)
+    return f"field {key} expects {kind} (it is {current!r})"
 
 
 def flags_help(extra: dict[str, tuple[str, str | None, str]] | None = None) -> str:
@@ -69,11 +197,17 @@ def flags_help(extra: dict[str, tuple[str, str | None, str]] | None = None) -> s
     return "\n".join(lines)
 
 
-def variant(arg: str | None, known: tuple[str, ...]) -> str:
-    """The variant string of `get_config(arg)`, checked against the config's known variants."""
-    arg = arg or known[0]
+def variant(arg: str | None, known: tuple[str, ...], default: str | None = None) -> str:
+    """The variant string of `get_config(arg)`, checked against the config's known variants.
+
+    No variant (`configs/x.py` without `:VARIANT`) is refused unless the config names a `default`:
+    silently training `tiny` when `full` was meant costs a whole run.
+    """
+    arg = arg or default
+    if not arg:
+        raise ConfigError(f"no config variant given; append one of :{', :'.join(known)} to the file name")
     if arg not in known:
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {known}")
+        raise ConfigError(f"unknown config variant {arg!r}; choose one of {', '.join(known)}")
     return arg
 
 
