@@ -81,16 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         print("jaxboost: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `jaxboost ... | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's docs' recipe
+        _silence_stdout()
         return 141
-    except SystemExit as e:  # modules end bad input with SystemExit("message")
+    except SystemExit as e:  # argparse's exits and modules' SystemExit("message") for bad input
         if isinstance(e.code, str) and not debug:
             return _error(e.code)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
         raise
     except USER_ERRORS as e:
         if debug:
             raise
         return _error(e)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into the closed pipe raises nothing
+    (the recipe of Python's signal docs)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, redirected in-process)
+        pass
 
 
 def _error(error) -> int:
@@ -133,7 +144,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help ends with its default, except required flags and flags without one."""
 
     def _get_help_string(self, action):
-        if action.required or action.default in (None, argparse.SUPPRESS, False):
+        if action.required or any(action.default is d for d in (None, argparse.SUPPRESS, False)):
             return action.help
         return super()._get_help_string(action)
 

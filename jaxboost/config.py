@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -47,7 +48,7 @@ def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] |
     argv = _resolve_config_args(argv)
     fv = _flag_values(argv, extra)
     try:
-        fv(argv)
+        _parse(fv, argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError, ImportError) as e:
         if isinstance(e, flags.UnrecognizedFlagError):
             raise ValueError(str(e)) from None
@@ -122,8 +123,16 @@ def _explain_failure(error: Exception, argv: list[str]) -> ConfigError:
 def _load_spec(spec: str, overrides: list[str] = ()) -> ConfigDict:
     argv = ["jaxboost", f"--config={spec}", *overrides]
     fv = _flag_values(argv)
-    fv(argv)
+    _parse(fv, argv)
     return fv.config
+
+
+def _parse(fv: flags.FlagValues, argv: list[str]) -> None:
+    # ml_collections loads the file as module "config_config" with SourceFileLoader.load_module, which
+    # re-executes into the module already in sys.modules: a name the new file lacks (even get_config)
+    # would survive from the config loaded before it in this process.
+    sys.modules.pop("config_config", None)
+    fv(argv)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -51,6 +51,9 @@ class ImageRecord:
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8 [H, W], mask uint8 [H, W] labels 0-3), validated."""
         image = read_image(self.image_path)
+        if image.size and np.all(image == image.flat[0]):  # NaN never equals itself: to_uint8 names those
+            raise ValueError(f"{self.image_path}: every pixel is {image.flat[0].item()!r}: a blank or damaged export, "
+                             "not an echo image")
         mask = read_image(self.mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{self.mask_path}: mask shape {mask.shape} does not match image shape "
