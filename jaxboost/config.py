@@ -39,6 +39,10 @@ class ConfigError(ValueError):
     """A config file, variant or `--config.KEY=VALUE` override the user got wrong; the message names it."""
 
 
+# What absl / ml_collections raise for a bad config file, field or value.
+PARSE_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError, ImportError)
+
+
 def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] | None = None):
     """Parses `--config ... --config.x=y` plus string flags `extra` {name: (kind, default, help)}.
 
@@ -49,7 +53,7 @@ def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] |
     fv = _flag_values(argv, extra)
     try:
         _parse(fv, argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError, ImportError) as e:
+    except PARSE_ERRORS as e:
         if isinstance(e, flags.UnrecognizedFlagError):
             raise ValueError(str(e)) from None
         raise _explain_failure(e, argv) from None
@@ -109,15 +113,48 @@ def _explain_failure(error: Exception, argv: list[str]) -> ConfigError:
         base = _load_spec(spec)
     except Exception as e:  # the file, its variant or its get_config is broken: say which file
         return ConfigError(f"{spec}: {_root_cause(e)}")
-    for key, value in _overrides(argv):
+    return _explain_overrides(error, base, _overrides(argv), spec, lambda o: _load_spec(spec, [o]))
+
+
+def _explain_overrides(error, base: ConfigDict, overrides, source: str, apply_one) -> ConfigError:
+    """The first of `overrides` [(key, value)] that names no field of `base` or that `apply_one` refuses."""
+    for key, value in overrides:
         if not _has_field(base, key):
-            return ConfigError(f"{spec}: unknown config field {key!r}{_close_matches(base, key)}; "
-                               f"`jaxboost config show {spec}` lists every field")
+            listing = f"; `jaxboost config show {source}` lists every field" if ".py" in source else ""
+            return ConfigError(f"{source}: unknown config field {key!r}{_close_matches(base, key)}{listing}")
         try:
-            _load_spec(spec, [f"--config.{key}={value}"])
+            apply_one(f"--config.{key}={value}")
         except Exception:
-            return ConfigError(f"{spec}: --config.{key}={value!r}: {_expected(base, key)}")
-    return ConfigError(f"{spec}: {_root_cause(error)}")
+            return ConfigError(f"{source}: --config.{key}={value!r}: {_expected(base, key)}")
+    return ConfigError(f"{source}: {_root_cause(error)}")
+
+
+def override_config(config: ConfigDict, overrides: list[str], source: str) -> ConfigDict:
+    """A copy of `config` with `overrides` (`--config.KEY=VALUE` or `KEY=VALUE`) applied, parsed and typed
+    as on `jaxboost train`; errors name `source` (where `config` came from, e.g. W/config.json).
+    Lists become tuples first: a config read back from JSON has lists where the file had tuples, and
+    ml_collections overrides tuples only."""
+    argv = ["jaxboost", *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
+    config = ConfigDict(_lists_to_tuples(config.to_dict()))
+
+    def apply(argv_):
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_dict("config", ConfigDict(config.to_dict()), flag_values=fv, lock_config=False,
+                                        sys_argv=argv_)
+        fv(argv_)
+        return fv.config
+    try:
+        return apply(argv)
+    except PARSE_ERRORS as e:
+        if isinstance(e, flags.UnrecognizedFlagError):
+            raise ValueError(f"{source}: {e}") from None
+        raise _explain_overrides(e, config, _overrides(argv), source, lambda o: apply(["jaxboost", o])) from None
+
+
+def _lists_to_tuples(tree):
+    if isinstance(tree, dict):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    return tuple(_lists_to_tuples(v) for v in tree) if isinstance(tree, (list, tuple)) else tree
 
 
 def _load_spec(spec: str, overrides: list[str] = ()) -> ConfigDict:

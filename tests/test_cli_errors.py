@@ -266,6 +266,23 @@ def test_answer_list_with_a_non_string_entry_is_refused_by_index(tmp_path, bad):
         vqa.answer_candidates(tmp_path, "original")
 
 
+@pytest.mark.parametrize("caption", [7, {"text": "LV"}, ["ok", None]])
+def test_caption_that_is_not_a_string_is_refused_by_item(tmp_path, caption):
+    from jaxboost.data import captions
+    path = tmp_path / "captions_train.json"
+    path.write_text(json.dumps([{"image": "a.png", "caption": "fine"}, {"image": "b.png", "caption": caption}]))
+    with pytest.raises(ValueError, match=r"captions_train\.json: item 1: image and caption must be strings"):
+        captions.read_caption_json(path, tmp_path)
+
+
+def test_phantom_negative_seed_and_huge_size_are_named(capsys, tmp_path):
+    for flags, needle in [(["--seed", "-1"], "--seed must be >= 0"), (["--size", "40", "100000"], "--size must be")]:
+        status, _, err = run(capsys, "phantom", "--out", str(tmp_path / "p"), "--patients", "1", *flags)
+        assert status == 2
+        assert_one_error_line(err, needle)
+    assert not (tmp_path / "p").exists()
+
+
 def test_malformed_tokenizer_config_json_is_named(tmp_path):
     from jaxboost.data.tokenize_clip import ClipTokenizer
     ClipTokenizer.train(["left ventricle of the heart."] * 4, str(tmp_path), vocab_size=300)

@@ -25,6 +25,7 @@ VIEWS = ("2CH", "4CH")
 PHASES = ("ED", "ES")
 QUALITIES = ("Good", "Medium", "Poor")
 DEFAULT_SIZE = (320, 256)  # (H, W); CAMUS images are taller than wide
+MAX_SIZE = 4096  # CAMUS images are at most ~1200 px a side; NIfTI/MetaImage headers hold up to 32767
 CONE_HALF_ANGLE = np.deg2rad(38.0)
 PHANTOM_NOTE = ("jaxboost echo phantom: procedurally drawn pictures in the CAMUS layout, not patient data.\n"
                 "patients: {n}\nseed: {seed}\nformat: {fmt}\nsize: {h} {w}\n")
@@ -178,8 +179,10 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
         raise ValueError(f"--patients must be >= 1, got {patients}")
     if fmt not in ("nii", "mhd"):
         raise ValueError(f"--format must be 'nii' or 'mhd', got {fmt!r}")
-    if min(size) < 32:
-        raise ValueError(f"--size must be at least 32x32, got {size}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+    if min(size) < 32 or max(size) > MAX_SIZE:
+        raise ValueError(f"--size must be between 32 and {MAX_SIZE} pixels each, got {tuple(size)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file, not a folder")
@@ -208,7 +211,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=("nii", "mhd"), default="nii",
                         help="nii: .nii.gz as the 2023 CAMUS release; mhd: .mhd + .raw as the 2017 release")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=list(DEFAULT_SIZE),
-                        help="image height and width in pixels (at least 32 each)")
+                        help=f"image height and width in pixels (32 to {MAX_SIZE} each)")
 
 
 def main(args) -> int:
