@@ -50,15 +50,17 @@ def parse_flags(argv: list[str], extra: dict[str, tuple[str, str | None, str]] |
     raises ConfigError naming the file and the field; unknown flags raise absl's own error naming the flag.
     """
     argv = _resolve_config_args(argv)
+    if not _config_spec(argv):
+        raise ConfigError("--config configs/NAME.py:VARIANT is required")
     fv = _flag_values(argv, extra)
     try:
-        _parse(fv, argv)
+        positional = _parse(fv, argv)[1:]
     except PARSE_ERRORS as e:
         if isinstance(e, flags.UnrecognizedFlagError):
             raise ValueError(str(e)) from None
         raise _explain_failure(e, argv) from None
-    if fv.config is None:
-        raise ConfigError("--config configs/NAME.py:VARIANT is required")
+    if positional:
+        raise ValueError(f"unexpected argument {positional[0]!r} (flags are --name=value)")
     return fv.config, {name: getattr(fv, name) for name in (extra or {})}
 
 
@@ -164,12 +166,12 @@ def _load_spec(spec: str, overrides: list[str] = ()) -> ConfigDict:
     return fv.config
 
 
-def _parse(fv: flags.FlagValues, argv: list[str]) -> None:
+def _parse(fv: flags.FlagValues, argv: list[str]) -> list[str]:
     # ml_collections loads the file as module "config_config" with SourceFileLoader.load_module, which
     # re-executes into the module already in sys.modules: a name the new file lacks (even get_config)
     # would survive from the config loaded before it in this process.
     sys.modules.pop("config_config", None)
-    fv(argv)
+    return fv(argv)
 
 
 def _root_cause(error: BaseException) -> str:

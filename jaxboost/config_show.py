@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from ml_collections import ConfigDict
+
 from jaxboost import config as config_lib
 from jaxboost import jsonio
 
@@ -19,7 +21,8 @@ def format_fields(config) -> str:
     """`name = repr(value)` lines, names padded to one column."""
     fields = config_lib.flat_fields(config)
     width = max(map(len, fields), default=0)
-    return "\n".join(f"{name:<{width}} = {value!r}" for name, value in fields.items())
+    return "\n".join(f"{name:<{width}} = {value.to_dict() if isinstance(value, ConfigDict) else value!r}"
+                     for name, value in fields.items())
 
 
 def main(argv: list[str]) -> int:

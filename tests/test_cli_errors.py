@@ -326,3 +326,15 @@ def test_transformers_no_torch_notice_is_dropped_other_warnings_kept():
     finally:
         logger.removeHandler(handler)
     assert seen == ["Token indices sequence length is longer than the specified maximum"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--workdir", "W", "--config.total_steps=1"], "--config configs/NAME.py:VARIANT is required"),
+    (["train", "--config"], "--config configs/NAME.py:VARIANT is required"),
+    (["config", "show", "configs/sdm.py:tiny", "stray"], "unexpected argument 'stray'"),
+    (["config", "show", "configs/sdm.py:tiny", "--jsn"], "Unknown command line flag 'jsn'"),
+])
+def test_config_flags_missing_or_stray_are_named(capsys, argv, needle):
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert_one_error_line(err, needle)
