@@ -252,6 +252,13 @@ def test_vqa_answer_that_is_not_a_string_is_refused_by_item_and_qid(tmp_path, an
         vqa.read_vqa_json(path, tmp_path)
 
 
+def test_empty_vqa_list_is_refused(tmp_path):
+    path = tmp_path / "trainset.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"trainset\.json: the list is empty"):
+        vqa.read_vqa_json(path, tmp_path)
+
+
 def test_vqa_answer_of_only_punctuation_is_refused(tmp_path):
     path = tmp_path / "testset.json"
     path.write_text(json.dumps([_vqa_item(0, answer="?!")]))
@@ -298,6 +305,14 @@ def test_constant_camus_image_is_refused_by_name(tmp_path):
     phantom.write_image(record.image_path.parent / record.name, np.full((48, 40), 7, np.uint8), "nii")
     with pytest.raises(ValueError, match=rf"{record.name}\.nii\.gz: every pixel is 7"):
         record.load()
+
+
+@pytest.mark.parametrize("age", ["-5", "300"])
+def test_camus_age_out_of_range_is_named(tmp_path, age):
+    path = tmp_path / "Info_2CH.cfg"
+    path.write_text(f"ED: 1\nES: 9\nNbFrame: 20\nSex: F\nAge: {age}\nImageQuality: Good\n")
+    with pytest.raises(ValueError, match=rf"Info_2CH\.cfg: Age must be between 0 and 130, got '{age}'"):
+        camus.read_cfg(path)
 
 
 def test_write_json_writes_nan_as_null_and_is_strict_json(tmp_path):

@@ -24,6 +24,7 @@ VIEWS = ("2CH", "4CH")
 PHASES = ("ED", "ES")
 SEXES = ("M", "F")
 QUALITIES = ("Good", "Medium", "Poor")
+MAX_AGE = 130
 CFG_KEYS = ("ED", "ES", "NbFrame", "Sex", "Age", "ImageQuality")
 _PATIENT_RE = re.compile(r"^patient\d{4}$")
 
@@ -127,6 +128,8 @@ def read_cfg(path: str | Path) -> dict:
             out[key] = int(float(values[key]))
         except ValueError:
             raise ValueError(f"{path}: {key} must be a number, got {values[key]!r}") from None
+    if not 0 <= out["Age"] <= MAX_AGE:  # the prompts spell it out: "a minus-five-year-old" helps nobody
+        raise ValueError(f"{path}: Age must be between 0 and {MAX_AGE}, got {values['Age']!r}")
     out["Sex"] = values["Sex"].upper()[:1]
     if out["Sex"] not in SEXES:
         raise ValueError(f"{path}: Sex must be M or F, got {values['Sex']!r}")

@@ -38,4 +38,6 @@ def read_json_list(path, what: str, items: str) -> list:
     data = read_json(path, f"{what} not found: {path}")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a json list of {items}, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: the list is empty (expected {items})")
     return data
