@@ -123,15 +123,17 @@ def _dispatch(argv: list[str]) -> int:
             return _run(words, module_name, help_, argv[len(words):])
     groups = {words[0] for words, _, _ in SUBCOMMANDS if len(words) > 1}
     if argv[0] in groups:
-        if argv[1:2] in ([], ["-h"], ["--help"]):
-            print(_usage((argv[0],)), file=sys.stdout if argv[1:] else sys.stderr)
-            return 0 if argv[1:] else 2
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(_usage((argv[0],)))
+            return 0
         raise _unknown(argv[:2], (argv[0],))
     raise _unknown(argv[:1], ())
 
 
 def _unknown(typed: list[str], prefix: tuple[str, ...]) -> UsageError:
     known = [" ".join(words) for words, _, _ in SUBCOMMANDS if words[: len(prefix)] == prefix]
+    if typed == list(prefix):  # `jaxboost convert` alone
+        return UsageError(f"'{typed[0]}' needs a command; choose one of: {', '.join(known)}", _usage(prefix))
     tails = {" ".join(words[len(prefix):]): " ".join(words) for words, _, _ in SUBCOMMANDS
              if words[: len(prefix)] == prefix}  # `convert foo` is compared with clipseg, cris, ... only
     close = difflib.get_close_matches(typed[-1], list(tails), n=1)
