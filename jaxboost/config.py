@@ -1,12 +1,14 @@
 """Config loading the big_vision way: `--config configs/NAME.py:VARIANT --config.key=value`.
 
 Parsing and the typed `--config.a.b=value` overrides are ml_collections' own `config_flags`; this module
-only resolves where `configs/` lives and gives the trainer CLIs one function to call.
+resolves where `configs/` lives, gives the trainer CLIs one function to call (`parse_flags`; `override_config`
+for a run's saved config) and turns ml_collections' bare errors into one ConfigError naming the config file
+and the field: an unknown field (with close matches), a value of the wrong type (with the expected type), a
+file without a variant or without get_config.
 """
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from pathlib import Path
 
@@ -258,6 +260,3 @@ def variant(arg: str | None, known: tuple[str, ...], default: str | None = None)
         raise ConfigError(f"unknown config variant {arg!r}; choose one of {', '.join(known)}")
     return arg
 
-
-def env_flag(name: str, default: bool = False) -> bool:
-    return os.environ.get(name, str(int(default))).lower() in ("1", "true", "yes")
