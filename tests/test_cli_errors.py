@@ -226,6 +226,19 @@ def test_config_show_json_is_the_config(capsys):
     assert status == 0 and json.loads(out) == json.loads(json.dumps(reference))
 
 
+def test_config_show_of_a_run_directory_shows_its_saved_config(capsys, tmp_path):
+    reference = _config_module("cris").get_config("tiny").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(reference))
+    status, out, _ = run(capsys, "config", "show", str(tmp_path), "--config.num_epochs=3")
+    shown = {k.strip(): v for k, v in (line.split(" = ", 1) for line in out.strip().splitlines())}
+    assert status == 0 and set(shown) == set(_leaves(reference)) and shown["num_epochs"] == "3"
+    status, _, err = run(capsys, "config", "show", str(tmp_path), "--config.num_epoch=3")
+    assert status == 2
+    assert_one_error_line(err, "config.json", "unknown config field 'num_epoch'", "num_epochs")
+    status, _, err = run(capsys, "config", "show", str(tmp_path / "none"))
+    assert status == 2
+
+
 # ------------------------------------------------------------------------------------------ JSON inputs
 def _vqa_item(i, **kw):
     return {"qid": i, "image_name": "img.png", "question": "q?", "answer": "yes", "answer_type": "CLOSED", **kw}
