@@ -28,7 +28,12 @@ def get_config(arg=None):
     c.trainer = "mumc_pretrain"
     c.model_name = "mumc"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, temp_init=0.07, dropout_rate=0.0 if tiny else 0.1,
-                   dtype="float32" if tiny else "bfloat16")
+                   dtype="float32" if tiny else "bfloat16",
+                   vision_posemb="sincos2d")  # "table": a frozen stored table (set it to start from ALBEF.pth)
+    # The paper's starting point (MUMC models/model.py), local paths; empty = fresh init. `bert`: an HF
+    # bert-base-uncased folder (its vocab.txt is the tokenizer unless data.tokenizer is set); `mae`: MAE's
+    # ViT-B/16 file; `albef`: ALBEF.pth, loaded over both (needs model.vision_posemb="table").
+    c.init = dict(bert="", mae="", albef="")
     c.data = dict(
         corpus="",                        # triplet corpus -> captions from P6/P7 (SPEC C); or caption json:
         caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}

@@ -74,10 +74,15 @@ class _Sizes(nn.Module):
 
 
 class Model(_Sizes):
-    """MUMC pretraining model."""
+    """MUMC pretraining model. `vision_posemb`: "sincos2d" computes MAE's fixed table; "table" holds it as a
+    `vision/pos_embedding` param (sin-cos initialised) that a checkpoint may overwrite, as MUMC's
+    load_checkpoint copies ALBEF.pth's learned table into MAE's frozen `pos_embed` (the trainer freezes it)."""
+    vision_posemb: str = "sincos2d"
 
     def setup(self):
-        self.vision = self._vision()
+        if self.vision_posemb not in ("sincos2d", "table"):
+            raise ValueError(f"vision_posemb must be 'sincos2d' or 'table', got {self.vision_posemb!r}")
+        self.vision = self._vision("learned" if self.vision_posemb == "table" else "sincos2d")
         self.text = self._bert(mlm_head=True)
         self.vision_proj = nn.Dense(self.embed_dim, dtype=self.dtype)
         self.text_proj = nn.Dense(self.embed_dim, dtype=self.dtype)
@@ -175,6 +180,11 @@ def overlay_params(base, loaded, where: str = ""):
             out[k] = jnp.asarray(v, dtype=base[k].dtype)
     kept += [f"{where}/{k}" for k in base if k not in loaded]
     return out, kept
+
+
+def sincos_table(grid: int, width: int) -> np.ndarray:
+    """MAE's fixed table with its class-token row: [1 + grid^2, width]."""
+    return np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(grid, width)])
 
 
 def clamp_params(params, low: float = 0.001, high: float = 0.5):
@@ -302,9 +312,8 @@ def vqa_params_from_pretrain(pretrain_params, pretrain_grid: int, first_layer: i
     """Pretraining params -> VQAModel params: ViT with its sin-cos table made explicit, text encoder without
     the MLM head, answer decoder from layers first_layer.. of the text encoder."""
     vision = dict(pretrain_params["vision"])
-    width = vision["cls_token"].shape[-1]
-    table = np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(pretrain_grid, width)])
-    vision["pos_embedding"] = jnp.asarray(table)
+    if "pos_embedding" not in vision:   # a "table" pretraining model (ALBEF.pth start) already holds one
+        vision["pos_embedding"] = jnp.asarray(sincos_table(pretrain_grid, vision["cls_token"].shape[-1]))
     text = {k: v for k, v in pretrain_params["text"].items() if not k.startswith("mlm")}
     return {"vision": vision, "text": text,
             "decoder": answer_decoder_from_text_encoder(pretrain_params["text"], first_layer, decoder_depth)}

@@ -68,7 +68,7 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
     `texts_fn()` (default: the training captions). Restarts and the VQA finetune read it from there."""
     d = config.data
     length = max_length or d.get("max_tokens", 25)
-    source = d.get("tokenizer", "")
+    source = d.get("tokenizer", "") or (config.get("init", {}) or {}).get("bert", "")
     if source and Path(source).is_dir():
         build = tokenizer_setup.copier(source)
     elif source:
@@ -217,6 +217,37 @@ def schedule_epoch_steps(config, examples: int) -> int:
     return steps or steps_per_epoch(config, examples)
 
 
+def starting_point(config, params, queues):
+    """The paper's start (MUMC models/model.py): text encoder from `init.bert` (a local HF folder), image
+    encoder from `init.mae` (an MAE ViT file), then `init.albef` (ALBEF.pth) over both, its momentum copies
+    and queues included where their shapes match (MUMC's load_checkpoint drops mismatched tensors; we refuse
+    a mismatched parameter, naming it). -> (params, momentum, queues)."""
+    from jaxboost.convert import albef, bert as convert_bert, mae
+    init = config.get("init", {}) or {}
+    if init.get("bert"):
+        _, text, _ = convert_bert.load_hf_bert(init["bert"])
+        params, _ = mumc.overlay_params(params, {"text": text})
+    if init.get("mae"):
+        vision, _ = mae.load_mae(init["mae"])
+        params, _ = mumc.overlay_params(params, {"vision": vision})
+    momentum = mumc.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
+    if init.get("albef"):
+        loaded, loaded_m, loaded_q, _ = albef.load_albef(init["albef"])
+        if "pos_embedding" in loaded["vision"] and config.model.get("vision_posemb") != "table":
+            raise ValueError(f"{init['albef']}: holds a learned position table; set "
+                             f"config.model.vision_posemb='table' to load it")
+        params, _ = mumc.overlay_params(params, loaded)
+        momentum = mumc.overlay_params(momentum, loaded_m)[0] if loaded_m else mumc.momentum_init(params)
+        if loaded_q is not None and loaded_q["image"].shape == queues["image"].shape:
+            queues = jax.tree_util.tree_map(jnp.asarray, loaded_q)
+    return params, momentum, queues
+
+
+def frozen_params(config) -> list[str]:
+    """A stored position table is MAE's frozen pos_embed (requires_grad=False): no update, no decay."""
+    return [r"^vision/pos_embedding$"] if config.model.get("vision_posemb") == "table" else []
+
+
 def make_init_fn(config, model: mumc.Model, tx):
     size = config.model.image_size
 
@@ -224,16 +255,25 @@ def make_init_fn(config, model: mumc.Model, tx):
         r_init, r_queue, r_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
-        extra = {"momentum": mumc.momentum_init(params),
-                 "queues": mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
+        if "pos_embedding" in params["vision"]:   # "table": MAE's sin-cos start
+            table = mumc.sincos_table(size // model.patch_size, model.vision_width)
+            params = dict(params, vision=dict(params["vision"], pos_embedding=jnp.asarray(table)))
+        queues = mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)
+        params, momentum, queues = starting_point(config, params, queues)
+        extra = {"momentum": momentum, "queues": queues}
         return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
     return init_fn
+
+
+def mlm_unmaskable_ids(tokenizer: BertTokenizer) -> tuple[int, int]:
+    """MUMC's `mask` spares [PAD] and [CLS] only: [SEP] can be picked (models/model.py)."""
+    return (tokenizer.pad_id, tokenizer.cls_id)
 
 
 def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_steps: int):
     """All MUMC terms with two masked views and MLM masking drawn from the step rng; aux = the global batch's
     momentum features (for the queues)."""
-    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
+    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=mlm_unmaskable_ids(tokenizer),
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
 
     def loss_fn(params, state, batch, rng):
@@ -282,7 +322,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     length = RunLength.from_config(config, steps_per_epoch(config, examples)) if not opening else RunLength(1)
     epoch_steps = schedule_epoch_steps(config, examples)
     model = build_model(config, tokenizer.vocab_size)
-    tx = make_optimizer(config, length.total_steps, epoch_steps)
+    tx = make_optimizer(config, length.total_steps, epoch_steps, frozen=frozen_params(config))
     evaluate = None
     if config.data.get("corpus"):
         scores = make_evaluator(config, model, tokenizer, mesh)
@@ -334,7 +374,7 @@ def make_evaluator(config, model, tokenizer, mesh):
     first); compiled once. Whole batches of `batch_size` only: in-batch retrieval depends on the batch."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     bs = max(shards, (config.batch_size // shards) * shards)
-    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
+    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=mlm_unmaskable_ids(tokenizer),
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability, deterministic=True)
 
     def fn(variables, batch):
