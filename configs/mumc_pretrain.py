@@ -51,6 +51,7 @@ def get_config(arg=None):
     c.queue_size = 16 if tiny else 65_536
     # tiny: a run of hundreds of steps; at 0.995 the momentum model (the targets) lags by ~200 steps.
     c.momentum = 0.99 if tiny else 0.995
+    c.teacher_dropout = True                  # MUMC's momentum teachers run in train mode (dropout on)
     c.alpha = 0.4
     c.alpha_ramp_epochs = 2.0
     c.patch_drop = 0.15

@@ -124,6 +124,7 @@ def test_albef_learned_table_without_table_model_is_refused(sources, albef_file,
         _init(config, tmp_path)
 
 
+@pytest.mark.slow   # one jitted MUMC step: ~110 s on the shared 2-core machine
 def test_one_pretraining_step_from_albef_keeps_the_table_frozen(sources, albef_file, tmp_path):
     config = _config(f"init.bert={sources[0] / 'bert'}", f"init.albef={albef_file[0]}", "model.vision_posemb=table")
     tokenizer, model, tx, state = _init(config, tmp_path)

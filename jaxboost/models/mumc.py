@@ -203,17 +203,23 @@ def keep_indices(rng, batch: int, num_patches: int, drop_ratio: float):
 # ------------------------------------------------------------------------------------------- the loss
 def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, alpha, *,
                     mask_token_id: int, special_token_ids, patch_drop: float = 0.15,
-                    mlm_probability: float = 0.15, deterministic: bool = False, draws=None):
+                    mlm_probability: float = 0.15, deterministic: bool = False, draws=None,
+                    teacher_params=None, teacher_deterministic: bool | None = None):
     """One MUMC pretraining loss (SPEC B2): total = MLM + ITA + ITM.
 
     batch: images [B, H, W, 3], input_ids [B, L], mask [B, L]. Call under `jax.jit` with the batch sharded
     over the data axis: the arrays are global, so similarities, hard negatives and queue writes span the
     global batch and XLA inserts the gathers (with gradient for the online features).
     Returns (total, {"mlm", "ita", "itm", "i2t", "t2i", "i2i", "t2t", "temp"}, (image_feat_m, text_feat_m));
-    the caller passes the last pair to `enqueue` and, after the optimizer step, applies `clamp_params` and
-    `momentum_update` (MUMC updates the momentum model at the start of the next forward: the same sequence).
+    the caller passes the last pair to `enqueue` and, after the optimizer step, applies `clamp_params`; the
+    momentum tree to keep is `momentum_update(params, momentum_params)` of this step's (pre-update) params.
     `draws` may fix any random choice (for parity tests): keep, keep_m [B, K]; masked_ids, target [B, L];
     neg_img, neg_txt [B]. Whatever it lacks is drawn from `rng`.
+    `teacher_params`: the momentum tree of the MLM teacher's text encoder (default `momentum_params`). MUMC's
+    get_contrastive_loss runs the EMA step after the momentum features and before get_mlm_loss, so its MLM
+    teacher reads the post-EMA text encoder over the pre-EMA image tokens: pass the EMA'd tree here.
+    `teacher_deterministic` (default `deterministic`): False runs the momentum model with dropout, as MUMC's
+    teachers do (they are in train mode with the rest of the model).
     """
     draws = dict(draws or {})
     images, ids, mask = batch["images"], batch["input_ids"], batch["mask"]
@@ -228,10 +234,15 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
     calls = iter(range(1 << 20))  # a fresh dropout key per apply call
     run = lambda method, *a: model.apply({"params": params}, *a, deterministic=deterministic, method=method,
                                          rngs={"dropout": jax.random.fold_in(r_drop, next(calls))})
-    # setup() creates `temp` eagerly, so the momentum tree borrows it (momentum methods never read it).
-    momentum_vars = {"params": dict(momentum_params, temp=params["temp"])}
-    run_m = lambda method, *a: jax.lax.stop_gradient(
-        model.apply(momentum_vars, *a, deterministic=True, method=method))
+    # setup() creates `temp` eagerly, so a momentum tree borrows it (momentum methods never read it).
+    teacher_det = deterministic if teacher_deterministic is None else teacher_deterministic
+    r_drop_m = jax.random.fold_in(r_drop, 1 << 21)
+    calls_m = iter(range(1 << 20))
+
+    def run_m(method, *a, tree=momentum_params):
+        return jax.lax.stop_gradient(model.apply(
+            {"params": dict(tree, temp=params["temp"])}, *a, deterministic=teacher_det, method=method,
+            rngs={"dropout": jax.random.fold_in(r_drop_m, next(calls_m))}))
 
     image_tokens, image_feat = run(Model.encode_image, images, keep)
     text_hidden, text_feat = run(Model.encode_text, ids, mask)
@@ -259,8 +270,10 @@ def pretrain_losses(model: Model, params, momentum_params, queues, batch, rng, a
     masked_ids, target = draws["masked_ids"], draws["target"]
     logits = run(Model.mlm_logits, run(Model.fuse, run(Model.encode_text, masked_ids, mask)[0], mask,
                                        image_tokens))
-    hidden_m = run_m(Model.encode_text, masked_ids, mask)[0]
-    logits_m = run_m(Model.mlm_logits, run_m(Model.fuse, hidden_m, mask, image_tokens_m))
+    teacher = momentum_params if teacher_params is None else teacher_params
+    hidden_m = run_m(Model.encode_text, masked_ids, mask, tree=teacher)[0]
+    logits_m = run_m(Model.mlm_logits, run_m(Model.fuse, hidden_m, mask, image_tokens_m, tree=teacher),
+                     tree=teacher)
     loss_mlm = mlm.mlm_distill_loss(logits, logits_m, ids, target, alpha)
 
     total = loss_mlm + loss_ita + loss_itm

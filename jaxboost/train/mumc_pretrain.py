@@ -12,10 +12,11 @@ trained on the training captions and saved there (restarts and the VQA finetune 
 State: params (online model + temperature), `extra = {"momentum": EMA sub-tree, "queues": image/text
 queues + pointer}`, all checkpointed. One step: two masked image views (online and momentum encoders draw
 independent patch masks) and the MLM masking are drawn in-graph from fold_in(rng, step), so a resumed run
-repeats the same draws; after the optimizer update the temperature is clamped, the momentum model moves
-towards the new params and the global batch's momentum features are written into the queues (MUMC's order:
-its momentum update at the start of the next forward sees the same params). alpha ramps 0 -> 0.4 over the
-first 2 epochs. Every term (mlm, ita, i2t, t2i, i2i, t2t, itm) is logged.
+repeats the same draws. In MUMC's order the momentum features come from the stored momentum tree, the EMA step
+towards this step's params follows, and the MLM teacher uses the EMA'd text encoder; teachers run with
+dropout (`teacher_dropout`, MUMC's train mode). After the optimizer update the temperature is clamped, the
+EMA'd tree is kept and the global batch's momentum features are written into the queues. alpha ramps
+0 -> 0.4 over the first 2 epochs. Every term (mlm, ita, i2t, t2i, i2i, t2t, itm) is logged.
 """
 from __future__ import annotations
 
@@ -278,20 +279,24 @@ def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_step
 
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, config.alpha_ramp_epochs)
-        total, terms, feats = mumc.pretrain_losses(model, params, state.extra["momentum"], state.extra["queues"],
-                                                   batch, rng, alpha, **loss_kw)
-        return total, (dict(terms, alpha=alpha), feats)
+        # MUMC's order: momentum features from the stored tree, then the EMA step towards this step's params,
+        # then the MLM teacher on the EMA'd text encoder (models/model.py get_contrastive_loss, get_mlm_loss).
+        momentum = state.extra["momentum"]
+        momentum_next = mumc.momentum_update(jax.lax.stop_gradient(params), momentum, config.momentum)
+        total, terms, feats = mumc.pretrain_losses(
+            model, params, momentum, state.extra["queues"], batch, rng, alpha, teacher_params=momentum_next,
+            teacher_deterministic=not config.get("teacher_dropout", True), **loss_kw)
+        return total, (dict(terms, alpha=alpha), (feats, momentum_next))
     return loss_fn
 
 
 def momentum_post_update(config):
-    """After the update (MUMC's order): clamp the temperature, move the momentum model towards the new params,
-    write the global batch's momentum features into the queues."""
-    def post_update(old, new, feats):
-        params = mumc.clamp_params(new.params)
-        extra = {"momentum": mumc.momentum_update(params, old.extra["momentum"], config.momentum),
-                 "queues": mumc.enqueue(old.extra["queues"], *feats)}
-        return new.replace(params=params, extra=extra), {}
+    """After the update: clamp the temperature (MUMC clamps at the start of the next forward: the same
+    values), keep the step's EMA'd momentum tree, write the global batch's momentum features into the queues."""
+    def post_update(old, new, aux):
+        feats, momentum_next = aux
+        extra = {"momentum": momentum_next, "queues": mumc.enqueue(old.extra["queues"], *feats)}
+        return new.replace(params=mumc.clamp_params(new.params), extra=extra), {}
     return post_update
 
 
