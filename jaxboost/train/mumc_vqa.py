@@ -103,18 +103,26 @@ def fresh_params(config, model: mumc.VQAModel):
 
 
 def pretrained_params(config, model, pretrain_workdir):
-    """Pretraining workdir -> (VQA params mapped from its latest params, its tokenizer)."""
+    """Pretraining workdir -> (VQA params mapped from its latest params, the VQA momentum model mapped from
+    its momentum encoders, its tokenizer). MUMC's VQA.py loads the pretraining checkpoint's `*_m` tensors into
+    the VQA model's momentum copies (its answer decoder's from the momentum text encoder's layers 6-11)."""
     run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
     tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
-    mapped = mumc.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
-                                           first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
-    params, kept = mumc.overlay_params(base, mapped)
-    if kept:
-        raise ValueError(f"pretraining run {pretrain_workdir} lacks VQA parameters {kept[:8]}")
-    print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step})", flush=True)
-    return params, tokenizer
+
+    def to_vqa(tree, what):
+        mapped = mumc.vqa_params_from_pretrain(jax.device_get(tree), m.image_size // m.patch_size,
+                                               first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
+        params, kept = mumc.overlay_params(base, mapped)
+        if kept:
+            raise ValueError(f"pretraining run {pretrain_workdir}: its {what} lack VQA parameters {kept[:8]}")
+        return params
+
+    params, momentum = to_vqa(state.params, "params"), to_vqa(state.extra["momentum"], "momentum encoders")
+    print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step}), momentum model from its momentum "
+          f"encoders", flush=True)
+    return params, momentum, tokenizer
 
 
 def get_tokenizer(config, workdir, *, use_init_from: bool = True):
@@ -197,10 +205,12 @@ def momentum_post_update(config):
     return post_update
 
 
-def _state_fn(tx, params_fn, seed: int):
+def _state_fn(tx, start_fn, seed: int):
+    """start_fn() -> (params, momentum params or None: a copy of params)."""
     def init_fn():
-        params = params_fn()
-        return initial_state(params, tx, seed + 1, extra={"momentum": jax.tree.map(jnp.array, params)})
+        params, momentum = start_fn()
+        momentum = params if momentum is None else momentum
+        return initial_state(params, tx, seed + 1, extra={"momentum": jax.tree.map(jnp.array, momentum)})
     return init_fn
 
 
@@ -212,11 +222,12 @@ def _check(config) -> None:
 
 
 def _initial_params(config, model, opening: bool):
-    """The pretraining run's mapped params (init_from: its tree is not the VQA tree), else a fresh init."""
+    """-> start_fn: the pretraining run's mapped params and momentum (init_from: its tree is not the VQA
+    tree), else a fresh init (momentum a copy)."""
     if config.get("init_from", "") and not opening:
-        start, _ = pretrained_params(config, model, config.init_from)
-        return lambda: jax.tree.map(jnp.asarray, start)
-    return lambda: fresh_params(config, model)
+        start, momentum, _ = pretrained_params(config, model, config.init_from)
+        return lambda: (jax.tree.map(jnp.asarray, start), jax.tree.map(jnp.asarray, momentum))
+    return lambda: (fresh_params(config, model), None)
 
 
 def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
