@@ -28,7 +28,8 @@ def get_config(arg=None):
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, dropout_rate=0.0 if tiny else 0.1,
                    dtype="float32" if tiny else "bfloat16")
     c.data = dict(root="", image_dir="images", size=c.model.image_size, val_fraction=0.1,
-                  max_question_tokens=25 if tiny else 35, max_answer_tokens=8, tokenizer="")
+                  # MUMC: "[CLS] question" (no [SEP]) cut at 25 tokens; answers untruncated (0: the longest)
+                  max_question_tokens=25, max_answer_tokens=0, tokenizer="")
     c.protocol = "fixed"             # "fixed" | "original"
     c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood
     c.momentum = 0.995

@@ -55,6 +55,23 @@ class ImageCache:
         return self._cache[path]
 
 
+def tokenize_questions(tokenizer: BertTokenizer, questions, max_tokens: int):
+    """MUMC's VQA question input: pre_question, then "[CLS] q" with no [SEP], cut at `max_tokens` tokens."""
+    enc = tokenizer.hf([vqa_lib.pre_question(q) for q in questions], add_special_tokens=False, truncation=True,
+                       max_length=max_tokens - 1, padding="max_length")
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.asarray(enc["attention_mask"], np.int32)
+    ones = np.ones((len(ids), 1), np.int32)
+    return np.concatenate([ones * tokenizer.cls_id, ids], 1), np.concatenate([ones, mask], 1)
+
+
+def tokenize_answers(tokenizer: BertTokenizer, answers, max_tokens: int = 0):
+    """"[CLS] answer [SEP]" padded; `max_tokens=0`: untruncated, as MUMC (the longest answer sets the length)."""
+    answers = list(answers)
+    longest = max((len(tokenizer.hf(a)["input_ids"]) for a in answers), default=2)
+    return tokenizer.tokenize(answers, max_tokens or longest)
+
+
 class VQASource:
     """grain source: item index -> {images, question_ids, question_mask, answer_ids, answer_mask}.
 
@@ -63,8 +80,8 @@ class VQASource:
 
     def __init__(self, items, images: ImageCache, tokenizer: BertTokenizer, q_len: int, a_len: int):
         self.items, self.images = list(items), images
-        self.q, self.qm = tokenizer.tokenize([it.question for it in self.items], q_len)
-        self.a, self.am = tokenizer.tokenize([it.answer for it in self.items], a_len)
+        self.q, self.qm = tokenize_questions(tokenizer, [it.question for it in self.items], q_len)
+        self.a, self.am = tokenize_answers(tokenizer, [it.answer for it in self.items], a_len)
 
     def __len__(self):
         return len(self.items)
@@ -153,7 +170,7 @@ def candidate_answers(config, train_items):
 
 def make_predictor(config, model, tokenizer, candidates, mesh):
     """(params, items, images) -> the ranked-candidate answer of each item; compiled once."""
-    a_ids, a_mask = tokenizer.tokenize(candidates, config.data.max_answer_tokens)
+    a_ids, a_mask = tokenize_answers(tokenizer, candidates, config.data.max_answer_tokens)
     a_ids, a_mask = jnp.asarray(a_ids), jnp.asarray(a_mask)
     k = min(int(config.top_k), len(candidates))
     bs = evaluator.eval_batch_size(config, mesh)
@@ -170,7 +187,7 @@ def make_predictor(config, model, tokenizer, candidates, mesh):
         def batches():
             for i in range(0, len(items), bs):
                 chunk = items[i:i + bs]
-                q, qm = tokenizer.tokenize([it.question for it in chunk], config.data.max_question_tokens)
+                q, qm = tokenize_questions(tokenizer, [it.question for it in chunk], config.data.max_question_tokens)
                 yield {"images": np.stack([images(it.image_path) for it in chunk]), "question_ids": q,
                        "question_mask": qm}
         return [candidates[int(j)] for _, out in mapper(params, batches()) for j in out]
