@@ -60,8 +60,10 @@ def get_config(arg=None):
     c.batch_size = 16 if tiny else 32 * 8     # global batch (32 per GPU on 8 GPUs)
     c.epochs = 4 if tiny else 30
     c.total_steps = 200 if tiny else 0        # full: set from epochs * steps_per_epoch by the trainer
+    # full: MUMC's schedule (warm-up from 1e-6, the 0.9^epoch decay counted from step 0); tiny keeps its own.
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 3e-4, weight_decay=0.05, grad_clip=0.0,
-                   schedule="warmup_epoch_decay", warmup_steps=20 if tiny else 3000, warmup_lr=1e-5,
+                   schedule="warmup_epoch_decay" if tiny else "mumc_epoch_decay", warmup_steps=20 if tiny else 3000,
+                   warmup_lr=1e-5 if tiny else 1e-6,
                    epoch_decay=0.9,
                    epoch_steps=50 if tiny else 0)  # an epoch of the decay and the alpha ramp; 0: the data's
     c.log_every = 20 if tiny else 100

@@ -38,8 +38,9 @@ def get_config(arg=None):
     c.batch_size = 16 if tiny else 8 * 8
     c.epochs = 10 if tiny else 40
     c.total_steps = 200 if tiny else 0
-    c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05, schedule="cosine",
-                   warmup_steps=0)
+    # full: MUMC's cosine set once per epoch with its 1e-8 floor; tiny keeps the per-step cosine.
+    c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05,
+                   schedule="cosine" if tiny else "mumc_epoch_cosine", min_lr=1e-8, warmup_steps=0)
     c.init_from = ""                 # pretraining workdir; answer decoder from its text layers 6-11
     c.best_metric = "val_overall"
     c.best_mode = "max"

@@ -2,16 +2,13 @@
 here in its own format, load into the pretraining state with every tensor equal to its source, and one
 pretraining step runs from them."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from torch import nn
 
 from benchmarks.torch_ref import mumc as ref
 from jaxboost.config import load_config
-from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.models import mumc
 from jaxboost.train import mumc_pretrain
 

@@ -298,7 +298,8 @@ def test_mlm_teacher_reads_the_ema_step_taken_after_the_momentum_features(torch_
     mask = np.ones((b, 7), np.int32)
     masked, target = (np.asarray(x) for x in mlm.mask_tokens(jax.random.PRNGKey(8), jnp.asarray(ids), VOCAB, 3,
                                                               (0, 1), 0.4))
-    draws = {"keep": np.tile(np.arange(13, dtype=np.int32), (b, 1)), "keep_m": np.tile(np.arange(3, 16, dtype=np.int32), (b, 1)),
+    draws = {"keep": np.tile(np.arange(13, dtype=np.int32), (b, 1)),
+             "keep_m": np.tile(np.arange(3, 16, dtype=np.int32), (b, 1)),
              "masked_ids": masked, "target": target, "neg_img": np.roll(np.arange(b), 1).astype(np.int32),
              "neg_txt": np.roll(np.arange(b), 2).astype(np.int32)}
     t = lambda x: torch.tensor(np.asarray(x)).long()

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxboost import parallel, registry
 from jaxboost.data import caption_augment, captions as captions_lib, pipeline
@@ -37,6 +38,7 @@ from jaxboost.losses import contrastive
 from jaxboost.models import mumc
 from jaxboost.train import evaluator, loop, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
+from jaxboost.train import optim
 from jaxboost.train.optim import make_optimizer
 from jaxboost.train.state import initial_state
 from jaxboost.train.task import RunLength, Task, compute_dtype, make_train_step
@@ -200,6 +202,17 @@ def build_model(config, vocab_size: int) -> mumc.Model:
                          f"{vocab_size} tokens")
     fields["dtype"] = compute_dtype(config)
     return registry.model_class(config.model_name)(**fields)
+
+
+@optim.SCHEDULES.register("mumc_epoch_decay")
+def mumc_epoch_decay(o, total_steps: int, steps_per_epoch: int):
+    """MUMC's Pretrain.py: lr * decay ** epoch with the epoch counted from step 0 (warm-up included), the first
+    `warmup_steps` replaced by a linear ramp from `warmup_lr` (1e-6) to lr."""
+    del total_steps
+    warmup = int(o.get("warmup_steps", 0))
+    decay = optax.exponential_decay(o.lr, max(steps_per_epoch, 1), o.get("epoch_decay", 0.9), staircase=True)
+    ramp = optax.linear_schedule(o.get("warmup_lr", 1e-6), o.lr, max(warmup, 1))
+    return lambda step: jnp.where(step < warmup, ramp(step), decay(step))
 
 
 def steps_per_epoch(config, examples: int) -> int:

@@ -33,6 +33,7 @@ from jaxboost.losses import contrastive
 from jaxboost.models import mumc
 from jaxboost.train import evaluator, loop, mumc_pretrain, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
+from jaxboost.train import optim
 from jaxboost.train.optim import make_optimizer
 from jaxboost.train.state import ema_update, initial_state
 from jaxboost.train.task import RunLength, Task, compute_dtype
@@ -53,6 +54,15 @@ class ImageCache:
                 pixels = caption_augment.pretrain_augment(np.asarray(im.convert("RGB")), None, self.size)
             self._cache[path] = caption_augment.normalize(pixels)
         return self._cache[path]
+
+
+@optim.SCHEDULES.register("mumc_epoch_cosine")
+def mumc_epoch_cosine(o, total_steps: int, steps_per_epoch: int):
+    """MUMC's VQA.py cosine_lr_schedule, set once per epoch: min_lr + (lr - min_lr) * (1 + cos(pi e / E)) / 2
+    for epoch e of E, with its floor min_lr = 1e-8."""
+    per_epoch = max(steps_per_epoch, 1)
+    epochs, low = max(total_steps // per_epoch, 1), o.get("min_lr", 1e-8)
+    return lambda step: low + (o.lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * (step // per_epoch) / epochs))
 
 
 def tokenize_questions(tokenizer: BertTokenizer, questions, max_tokens: int):
