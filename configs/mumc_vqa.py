@@ -29,7 +29,9 @@ def get_config(arg=None):
                    dtype="float32" if tiny else "bfloat16")
     c.data = dict(root="", image_dir="images", size=c.model.image_size, val_fraction=0.1,
                   # MUMC: "[CLS] question" (no [SEP]) cut at 25 tokens; answers untruncated (0: the longest)
-                  max_question_tokens=25, max_answer_tokens=0, tokenizer="")
+                  max_question_tokens=25, max_answer_tokens=0, tokenizer="",
+                  # MUMC's VQA training view; tiny (32 px, a few hundred steps) trains on the plain image
+                  augment=not tiny, crop_scale=(0.5, 1.0), flip=True, randaugment=(2, 7))
     c.protocol = "fixed"             # "fixed" | "original"
     c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood
     c.momentum = 0.995

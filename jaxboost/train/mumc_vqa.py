@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,12 +49,16 @@ class ImageCache:
 
     def __call__(self, path: Path) -> np.ndarray:
         if path not in self._cache:
-            if not path.is_file():
-                raise FileNotFoundError(f"VQA image not found: {path}")
-            with Image.open(path) as im:
-                pixels = caption_augment.pretrain_augment(np.asarray(im.convert("RGB")), None, self.size)
+            pixels = caption_augment.pretrain_augment(self.decoded(path), None, self.size)
             self._cache[path] = caption_augment.normalize(pixels)
         return self._cache[path]
+
+    def decoded(self, path: Path) -> np.ndarray:
+        """uint8 [H, W, 3] as stored (the augmented training view is cut from it)."""
+        if not path.is_file():
+            raise FileNotFoundError(f"VQA image not found: {path}")
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
 
 
 @optim.SCHEDULES.register("mumc_epoch_cosine")
@@ -88,8 +93,9 @@ class VQASource:
     Text is tokenized once up front: grain reads records on several threads and a HF fast tokenizer's
     padding/truncation settings are shared state (two lengths in flight would mix)."""
 
-    def __init__(self, items, images: ImageCache, tokenizer: BertTokenizer, q_len: int, a_len: int):
-        self.items, self.images = list(items), images
+    def __init__(self, items, images: ImageCache, tokenizer: BertTokenizer, q_len: int, a_len: int,
+                 decoded: bool = False):
+        self.items, self.images, self.decoded = list(items), images, decoded
         self.q, self.qm = tokenize_questions(tokenizer, [it.question for it in self.items], q_len)
         self.a, self.am = tokenize_answers(tokenizer, [it.answer for it in self.items], a_len)
 
@@ -97,15 +103,33 @@ class VQASource:
         return len(self.items)
 
     def __getitem__(self, index):
-        i = int(index)
-        return {"images": self.images(self.items[i].image_path), "question_ids": self.q[i],
+        i, path = int(index), self.items[int(index)].image_path
+        image = self.images.decoded(path) if self.decoded else self.images(path)
+        return {"images": image, "question_ids": self.q[i],
                 "question_mask": self.qm[i], "answer_ids": self.a[i], "answer_mask": self.am[i]}
+
+
+class _AugmentImage(grain.RandomMapTransform):
+    """MUMC's VQA training view (VQA.py's train transform): random resized crop, flip, RandAugment."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def random_map(self, element, rng):
+        d = self.config.data
+        pixels = caption_augment.pretrain_augment(
+            element["images"], rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
+            randaugment=tuple(d.randaugment) if d.randaugment else None)
+        return dict(element, images=caption_augment.normalize(pixels))
 
 
 def train_loader(source: VQASource, config):
     """The corpus loader's host slicing: global batch k is the same on 1, 2 or 4 hosts, each host reading its
-    rows of it (grain's ShardByJaxProcess would give every host count other batches)."""
-    return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed)
+    rows of it (grain's ShardByJaxProcess would give every host count other batches). A source of decoded
+    images gets the augmented view (per-record rng from grain)."""
+    operations = [_AugmentImage(config)] if source.decoded else []
+    return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed,
+                                            operations=operations)
 
 
 def vqa_texts(config) -> list[str]:
@@ -273,7 +297,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     images = ImageCache(config.data.size)
     scores = make_evaluator(config, make_predictor(config, model, tokenizer, candidates, mesh), images)
     source = lambda: VQASource(train_items, images, tokenizer, config.data.max_question_tokens,
-                               config.data.max_answer_tokens)
+                               config.data.max_answer_tokens, decoded=config.data.get("augment", False))
     return Task("mumc_vqa", config, mesh, length, tx, _state_fn(tx, _initial_params(config, model, opening),
                                                                config.seed),
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
