@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.protocol = "fixed"             # "fixed" | "original"
     c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood
     c.momentum = 0.995
+    c.teacher_dropout = True         # MUMC's momentum model runs in train mode (dropout on)
     c.alpha = 0.4
     c.seed = 0
     c.batch_size = 16 if tiny else 8 * 8

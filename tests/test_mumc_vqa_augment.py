@@ -40,3 +40,25 @@ def test_training_loader_augments_and_repeats_with_the_seed(tmp_path):
     expected = caption_augment.normalize(caption_augment.pretrain_augment(
         np.asarray(Image.open(source.items[0].image_path).convert("RGB")), None, 32))
     np.testing.assert_array_equal(plain[0], expected)
+
+
+def test_vqa_teacher_runs_with_dropout_like_mumc():
+    """MUMC's momentum model is in train mode: with the online model deterministic, only the teacher's
+    dropout can make the loss depend on the rng."""
+    import jax
+    import jax.numpy as jnp
+    from jaxboost.models import mumc
+    model = mumc.VQAModel(image_size=16, pretrain_image_size=16, patch_size=8, vision_width=16, vision_depth=1,
+                          vision_heads=2, vision_mlp_dim=32, vocab_size=20, text_width=16, text_depth=2,
+                          text_heads=2, text_mlp_dim=32, fusion_layer=1, decoder_depth=1, max_position=16,
+                          dropout_rate=0.3)
+    ids = jnp.array([[2, 5, 6, 0]] * 2, jnp.int32)
+    batch = {"images": jnp.ones((2, 16, 16, 3)), "question_ids": ids, "question_mask": (ids > 0).astype(jnp.int32),
+             "answer_ids": ids, "answer_mask": (ids > 0).astype(jnp.int32)}
+    params = model.init(jax.random.PRNGKey(0), batch["images"], ids, batch["question_mask"], ids,
+                        batch["answer_mask"])["params"]
+    loss = lambda seed, teacher_det: float(mumc.vqa_loss(model, params, params, batch, jax.random.PRNGKey(seed), 0.4,
+                                                         deterministic=True, teacher_deterministic=teacher_det)[0])
+    assert loss(1, True) == loss(2, True)
+    assert loss(1, False) != loss(2, False)
+    assert load_config("configs/mumc_vqa.py:full").teacher_dropout

@@ -353,20 +353,23 @@ def rank_answers(model: VQAModel, params, question_states, question_mask, answer
     return jnp.take_along_axis(topk_ids, order, axis=1), scores
 
 
-def vqa_loss(model: VQAModel, params, momentum_params, batch, rng, alpha, deterministic: bool = False):
+def vqa_loss(model: VQAModel, params, momentum_params, batch, rng, alpha, deterministic: bool = False,
+             teacher_deterministic: bool | None = None):
     """MUMC VQA finetuning loss: answer LM loss distilled from the momentum model (EMA copy of all params),
     summed over answer tokens and averaged over questions (the original's loss.sum() / batch).
 
     batch: images [B, H, W, 3], question_ids/question_mask [B, Lq], answer_ids/answer_mask [B, La]
-    ("[CLS] answer [SEP]", padded). Returns (loss, per-question losses [B]).
+    ("[CLS] answer [SEP]", padded). Returns (loss, per-question losses [B]). `teacher_deterministic`
+    (default `deterministic`): False runs the momentum model with dropout, as MUMC's (in train mode).
     """
+    teacher_det = deterministic if teacher_deterministic is None else teacher_deterministic
     calls = iter(range(1 << 10))
     run = lambda p, method, *a, det: model.apply({"params": p}, *a, deterministic=det, method=method,
                                                  rngs={"dropout": jax.random.fold_in(rng, next(calls))})
     q, qm, a, am = batch["question_ids"], batch["question_mask"], batch["answer_ids"], batch["answer_mask"]
     states = run(params, VQAModel.encode_question, batch["images"], q, qm, det=deterministic)
     logits = run(params, VQAModel.decode, a, am, states, qm, det=deterministic)
-    states_m = run(momentum_params, VQAModel.encode_question, batch["images"], q, qm, det=True)
-    logits_m = jax.lax.stop_gradient(run(momentum_params, VQAModel.decode, a, am, states_m, qm, det=True))
+    states_m = run(momentum_params, VQAModel.encode_question, batch["images"], q, qm, det=teacher_det)
+    logits_m = jax.lax.stop_gradient(run(momentum_params, VQAModel.decode, a, am, states_m, qm, det=teacher_det))
     per_question = mlm.answer_lm_loss(logits, logits_m, a, am, alpha)
     return jnp.sum(per_question) / a.shape[0], per_question

@@ -245,7 +245,8 @@ def make_loss_fn(config, model, epoch_steps: int):
     """Answer LM loss distilled from the momentum model (alpha ramped over the first epoch, as ALBEF)."""
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, 1.0)
-        loss, _ = mumc.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha)
+        loss, _ = mumc.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha,
+                                teacher_deterministic=not config.get("teacher_dropout", True))
         return loss, ({"alpha": alpha}, None)
     return loss_fn
 
