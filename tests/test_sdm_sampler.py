@@ -1,5 +1,5 @@
-"""The compiled SDM sampler: DDIM against a step-by-step diffusers loop with the same model function, guidance,
-determinism, batch-composition independence, sharding over a mesh, bf16."""
+"""The compiled SDM sampler: DDIM and DPM-Solver++(2M) against step-by-step diffusers loops with the same model
+function, guidance, determinism, batch-composition independence, sharding over a mesh, bf16."""
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,48 @@ def test_ddim_loop_matches_diffusers_loop_with_guidance(params):
     # deterministic: other keys, same x_T -> same images
     again = run(params, labels, samplers.per_sample_keys(7, 0, 2), noise)
     np.testing.assert_array_equal(np.asarray(again), ours)
+
+
+def test_dpmpp_2m_loop_matches_diffusers_loop_with_guidance(params):
+    """One compiled program (history carried in the loop) vs diffusers' stateful scheduler, 8 model calls."""
+    labels, keys = masks(2, seed=3), samplers.per_sample_keys(2, 0, 2)
+    noise = samplers.initial_noise(keys, (16, 16, 1))
+    run = samplers.make_sampler(apply_fn, SCHEDULE, channels=1, sampler="dpmpp_2m", steps=8, guidance=1.5)
+    ours = np.asarray(run(params, labels, keys, noise))
+
+    model = jax.jit(apply_fn)
+    sch = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, trained_betas=np.asarray(SCHEDULE.betas, np.float32), algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type="epsilon", thresholding=True, sample_max_value=1.0, final_sigmas_type="zero")
+    sch.set_timesteps(8)
+    x = torch.tensor(np.asarray(noise)).permute(0, 3, 1, 2)
+    for t in sch.timesteps:
+        x_nhwc, tt = jnp.asarray(x.permute(0, 2, 3, 1).numpy()), jnp.full((2,), int(t))
+        cond = np.asarray(model(params, x_nhwc, tt, labels))[..., :1]
+        uncond = np.asarray(model(params, x_nhwc, tt, jnp.zeros_like(labels)))[..., :1]
+        x = sch.step(torch.tensor(uncond + 1.5 * (cond - uncond)).permute(0, 3, 1, 2), t, x).prev_sample
+    np.testing.assert_allclose(ours, x.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="eta=0.5: sampler 'dpmpp_2m' has no eta"):
+        samplers.make_sampler(apply_fn, SCHEDULE, channels=1, sampler="dpmpp_2m", steps=8, eta=0.5)
+
+
+def test_params_cast_once_leave_no_f32_weights_in_the_sampler_program(params):
+    """cast_params once (what synth does after loading): the compiled loop then gets bf16 weights and holds no
+    f32 copy; f32 params passed as they are still get cast inside the call. Traced only (no compile)."""
+    labels, keys = masks(2, seed=5), samplers.per_sample_keys(4, 0, 2)
+    run = samplers.make_sampler(apply_fn, SCHEDULE, channels=1, sampler="ddim", steps=3, guidance=1.5,
+                                dtype=jnp.bfloat16)
+    cast = samplers.cast_params(params, jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    assert samplers.cast_params(cast, jnp.bfloat16)["out_2"]["kernel"] is cast["out_2"]["kernel"]
+
+    def weight_casts(p):  # convert ops applied to the program's weight inputs
+        inner = jax.make_jaxpr(run)(p, labels, keys).jaxpr.eqns[0].params["jaxpr"].jaxpr
+        weights = set(inner.invars[:len(jax.tree.leaves(p))])
+        return sum(e.primitive.name == "convert_element_type" and e.invars[0] in weights for e in inner.eqns)
+
+    assert weight_casts(cast) == 0
+    assert weight_casts(params) == len(jax.tree.leaves(params))
 
 
 def test_guidance_one_equals_conditional_only_sampler_and_bf16_is_close(params):
