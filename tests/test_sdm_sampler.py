@@ -172,3 +172,46 @@ def test_compiled_sampler_matches_torch_reference_loop(sampler, eta):
         lambda *a, **k: diffusion.ddim_sample_loop(*a, eta=eta, **k))
     expected = loop(ref, x_T, y, s=1.5, noise_fn=noise_fn).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def _fill(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype) if a.dtype.kind == "f"
+                        else np.zeros(a.shape, a.dtype), tree)
+
+
+def test_sampling_loads_only_the_ema_params_fsdp_split_over_the_mesh(tmp_path):
+    """A run whose params, Adam moments and EMA differ: load_run returns the EMA alone (the saved values), its
+    large leaves split over fsdp (4 of the 8 simulated devices hold 1/4 each) and the rest replicated."""
+    import sys
+    from pathlib import Path
+
+    from jaxboost import parallel
+    from jaxboost.train import loop
+    from jaxboost.train import sdm as sdm_train
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sdm_helpers import tiny_config
+
+    config = tiny_config(tmp_path / "unused")
+    abstract = sdm_train.abstract_state(config)
+    state = abstract.replace(step=np.asarray(7, np.int32), rng=np.zeros(abstract.rng.shape, abstract.rng.dtype),
+                             params=_fill(abstract.params, 0), opt_state=_fill(abstract.opt_state, 1),
+                             ema_params=_fill(abstract.ema_params, 2))
+    ckpt = loop.Checkpoints(tmp_path / "run", async_save=False)
+    ckpt.save(7, state, meta={})
+    ckpt.close()
+    (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
+
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    _, ema, step = sdm_train.load_run(tmp_path / "run", mesh)
+    assert step == 7 and set(ema) == set(state.ema_params)
+    jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want), ema, state.ema_params)
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(ema)]
+    assert all(leaf.sharding.mesh == mesh for leaf in jax.tree.leaves(ema))
+    split = [s for s in specs if "fsdp" in s]
+    assert split and len(split) < len(specs)  # big kernels split, biases and norms replicated
+    for leaf in jax.tree.leaves(ema):
+        per_device = leaf.addressable_shards[0].data.size
+        assert per_device == (leaf.size // 4 if "fsdp" in leaf.sharding.spec else leaf.size)
+    held = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(ema))
+    assert held < 0.6 * sum(leaf.nbytes for leaf in jax.tree.leaves(ema))

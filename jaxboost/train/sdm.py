@@ -246,7 +246,8 @@ def train(config, workdir):
 # ------------------------------------------------------------------------------------------ evaluation
 
 def load_run(workdir, mesh=None):
-    """(config, EMA params replicated on `mesh`, step) of an SDM training run folder."""
+    """(config, EMA params on `mesh`, step) of an SDM training run folder: only the EMA params are read, each
+    leaf FSDP-split over the mesh's `fsdp` axis (replicated when fsdp = 1), as the sampler uses them."""
     import json
 
     import ml_collections
@@ -260,10 +261,35 @@ def load_run(workdir, mesh=None):
                          "not an SDM run (config.json trainer must be 'sdm')")
     mesh = mesh or parallel.mesh_from_config(config)
     abstract = abstract_state(config)
-    replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    state, _, step = loop.load_params(workdir, abstract, prefer="latest")
-    return config, state.ema_params, step
+    ema, step = restore_ema_params(workdir, abstract, parallel.shardings_for(abstract.ema_params, mesh))
+    return config, ema, step
+
+
+def restore_ema_params(workdir, abstract_state, shardings):
+    """The `ema_params` subtree alone of a run's newest readable checkpoint (ckpt/, then best/), each leaf
+    restored straight into its sharding (a tree like abstract_state.ema_params): sampling never holds the
+    params and Adam moments (3/4 of a TrainState) nor a replicated copy. A checkpoint of another config is
+    refused by name (loop's structure check). Returns (ema params, step)."""
+    import orbax.checkpoint as ocp
+    workdir = Path(workdir).absolute()
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract_state.ema_params, shardings)
+    args = ocp.args.PyTreeRestore(item={"ema_params": target}, partial_restore=True,
+                                  restore_args={"ema_params": ocp.checkpoint_utils.construct_restore_args(target)})
+    for sub in ("ckpt", "best"):
+        if not (workdir / sub).is_dir():
+            continue
+        manager = ocp.CheckpointManager(workdir / sub, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        for step in sorted(manager.all_steps(), reverse=True):
+            loop._check_same_structure(abstract_state, manager, step, workdir / sub)
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]["ema_params"]
+            except Exception as e:  # noqa: BLE001 - an unreadable step: fall back to the previous one
+                log.error("checkpoint %s/%s/%s: EMA params unreadable (%s: %s); trying the previous one",
+                          workdir, sub, step, type(e).__name__, str(e)[:300])
+                continue
+            return restored, step
+    raise FileNotFoundError(f"no readable checkpoint with EMA params under {workdir}/ckpt or {workdir}/best")
 
 
 def evaluate(config, workdir, split: str = "val") -> dict:
