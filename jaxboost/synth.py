@@ -130,6 +130,7 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if guidance is not None and float(guidance) in (0.0, 1.0):
         guidance = None
+    samplers.sampler_spec(sampler, eta)  # an unknown sampler or an eta it has none of fails before any output
     source_corpus = corpus_lib.open_corpus(masks)
 
     # The model first: a folder that is not an SDM run fails before anything is written.
@@ -169,10 +170,11 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     writer = corpus_lib.CorpusWriter(out, size=size, source="synthetic", writer_id=host,
                                      records_per_shard=records_per_shard, extra_config=extra_config)
 
+    dtype = None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype)
     run = samplers.make_sampler(
         sdm_train.apply_fn_for(sdm_train.build_model(config)), sdm_train.make_schedule(config), channels=channels,
-        sampler=sampler, steps=steps, eta=eta, guidance=guidance,
-        dtype=None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype))
+        sampler=sampler, steps=steps, eta=eta, guidance=guidance, dtype=dtype)
+    params = samplers.cast_params(params, dtype)  # once, not in every sampler call
     sample_fn = jax.jit(lambda p, labels, keys: run(p, sdm_train.one_hot_labels(labels, num_labels), keys))
     label_sharding = parallel.batch_sharding(mesh, 3)
     key_sharding = parallel.batch_sharding(mesh, 2)

@@ -25,6 +25,7 @@ from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.diffusion import losses as diffusion_losses
 from jaxboost.diffusion import samplers, schedules
+from jaxboost.train import checkpoints as ckpt_lib
 from jaxboost.train import evaluator, loop, runs
 from jaxboost.train import workdir as workdir_lib
 from jaxboost.train.optim import make_optimizer
@@ -271,9 +272,14 @@ def train(config, workdir):
 
 
 def load_run(workdir, mesh=None):
-    """(config, EMA params replicated on `mesh`, step) of an SDM training run folder."""
-    run = runs.open_run(workdir, prefer="latest", expect="sdm", mesh=mesh)
-    return run.config, run.sampling_params, run.step
+    """(config, EMA params on `mesh`, step) of an SDM training run folder: only the EMA params are read, each
+    leaf FSDP-split over the mesh's `fsdp` axis (replicated when fsdp = 1), as the sampler uses them."""
+    workdir = workdir_lib.resolve(workdir)
+    config = runs.read_run_config(workdir, expect="sdm")
+    mesh = mesh or parallel.mesh_from_config(config)
+    abstract = abstract_state(config)
+    ema, step = ckpt_lib.load_ema_params(workdir, abstract, parallel.shardings_for(abstract.ema_params, mesh))
+    return config, ema, int(step)
 
 
 def evaluate(config, workdir, split: str = "val") -> dict:
