@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,10 @@ def xla_flops(jitted, *args, trip_count: int = 1, **kwargs) -> float | None:
     the loop (initial noise: negligible against the model calls). The compiled HLO must hold a while loop
     of exactly that known trip count, so a wrong count fails loudly instead of giving a wrong MFU.
     """
+    captured = closed_over_bytes(jitted, *args, **kwargs)
+    if captured > MAX_CLOSED_OVER_BYTES:
+        raise ValueError(f"the timed function closes over {captured / 2 ** 20:.0f} MiB of arrays: pass weights and "
+                         "inputs as arguments (XLA constant-folds captured arrays: minutes and gigabytes at full size)")
     try:
         compiled = jitted.lower(*args, **kwargs).compile()
         cost = compiled.cost_analysis()
@@ -90,6 +95,24 @@ def xla_flops(jitted, *args, trip_count: int = 1, **kwargs) -> float | None:
                              f"trip counts {counts}")
         flops = flops and flops * trip_count
     return flops
+
+
+MAX_CLOSED_OVER_BYTES = 16 * 2 ** 20  # schedules and small tables are fine; weights and batches are not
+
+
+def closed_over_bytes(fn, *args, **kwargs) -> int:
+    """Bytes of the arrays `fn` captures instead of taking as arguments: the constants of its jaxpr and of
+    every jaxpr nested in it (a `jax.jit` of a closure keeps them in its inner jaxpr)."""
+    total, stack = 0, [jax.make_jaxpr(fn)(*args, **kwargs)]
+    while stack:
+        closed = stack.pop()
+        total += sum(int(getattr(c, "nbytes", 0)) for c in closed.consts)
+        for eqn in closed.jaxpr.eqns:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):
+                        stack.append(sub)
+    return total
 
 
 def known_trip_counts(hlo_text: str) -> list[int]:
@@ -165,12 +188,12 @@ def machine_info() -> dict:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # only if a case loaded it: importing torch costs seconds
+    if torch is not None and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if jax.default_backend() != "cpu":
+        info["device_kind"] = jax.devices()[0].device_kind
+    info["load_avg_1min"] = os.getloadavg()[0]
     return info
 
 
@@ -193,6 +216,8 @@ def results_document(rows: list[Row], cases: dict, **fields) -> dict:
     return {"schema_version": SCHEMA_VERSION,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": git_info(), "machine": machine_info(), "peak_matmul_flops_f32": dict(_PEAK),
+            "mfu_peak": dict(zip(("flops", "source"), reference_peak())) if _PEAK or jax.default_backend() != "cpu"
+            else None,
             "cases": cases, "failed": [n for n, c in cases.items() if c.get("status") == "failed"],
             "rows": [dataclasses.asdict(r) for r in rows], **fields}
 
@@ -245,9 +270,20 @@ def plot_ratios(path: str | Path, rows: list[Row], title: str = "jaxboost vs PyT
     return True
 
 
+def reference_peak() -> tuple[float, str]:
+    """(FLOP/s, what it is) that MFU divides by: on an accelerator its published bf16 peak (the figure
+    performance engineers quote), on a CPU (or an unknown device) the f32 matmul rate measured here."""
+    if jax.default_backend() != "cpu":
+        kind = jax.devices()[0].device_kind
+        peak = device_bf16_peak(kind)
+        if peak:
+            return peak, f"published bf16 peak of {kind}"
+    return peak_matmul_flops(), f"measured f32 matmul rate ({jax.default_backend()})"
+
+
 def mfu(flops: float | None, seconds: float, peak: float | None = None) -> float | None:
-    """Model FLOPs utilisation against `peak` (default: the measured f32 matmul peak of this machine)."""
-    return None if not flops else flops / seconds / (peak or peak_matmul_flops())
+    """Model FLOPs utilisation against `peak` (default: `reference_peak()`)."""
+    return None if not flops else flops / seconds / (peak or reference_peak()[0])
 
 
 def np_seed(seed: int = 0):
