@@ -220,7 +220,19 @@ def _jax_train(cfg, workdir: Path) -> tuple[list[dict], int]:
 
 def _model_runs(name: str, data: dict, plan: dict, root: Path) -> dict:
     """Both frameworks, real only (and synthetic pretrain -> real finetune when data has "synthetic")
-    -> {impl: {regime: evals}, "steps_per_epoch": {regime: n}}."""
+    -> {impl: {regime: evals}, "steps_per_epoch": {regime: n}}, kept in ROOT/<name>_runs.json."""
+    import json
+    import shutil
+    done = root / f"{name}_runs.json"
+    if done.exists():  # a rerun into the same --out keeps each finished model's curves
+        return json.loads(done.read_text())
+    shutil.rmtree(root / name, ignore_errors=True)  # a half-finished model starts over: jaxboost would resume
+    runs = _train_both(name, data, plan, root)
+    done.write_text(json.dumps(runs, default=float))
+    return runs
+
+
+def _train_both(name: str, data: dict, plan: dict, root: Path) -> dict:
     import torch
     from jaxboost.data.tokenize_clip import ClipTokenizer
     base = _config(name, data["real"], data["tokenizer"], root / name / "init" / "jax", plan["epochs"], plan["seed"])
@@ -264,7 +276,8 @@ def _data(root: Path, plan: dict, with_synthetic: bool) -> dict:
         data["synthetic"] = demo.stage_synth(root, demo.stage_sdm(root, data["real"], args), data["real"], args)
     prompts = sorted(set(vl_seg.corpus_prompts(str(data["real"])))
                      | set(vl_seg.corpus_prompts(str(data["synthetic"])) if with_synthetic else set()))
-    ClipTokenizer.train(prompts, str(data["tokenizer"]), 1000, 64)
+    if not (data["tokenizer"] / "tokenizer.json").exists():
+        ClipTokenizer.train(prompts, str(data["tokenizer"]), 1000, 64)
     return data
 
 
@@ -318,7 +331,7 @@ def run(quick: bool = False, out: str | None = None, models: tuple[str, ...] | N
         with torch.random.fork_rng():
             model_rows, summaries[name] = _rows(name, _model_runs(name, data, plan, root))
         rows += model_rows
-        print(f"[time_to_dice] {name} done in {time.time() - t:.0f}s", flush=True)
+        print(f"[time_to_dice] {name} done in {time.time() - t:.0f}s\n{_table({name: summaries[name]})}", flush=True)
     return harness.add_ratios(rows), {"plan": plan, "paper_speedup": PAPER_SPEEDUP, "models": summaries,
                                       "table": _table(summaries), "workdir": str(root)}
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import compare, harness, run
+from benchmarks import harness, run
 from benchmarks.harness import Row
 from jaxboost import cli
 
