@@ -33,6 +33,7 @@ SUBCOMMANDS = [
     (("vqa", "build"), "jaxboost.data.echo_vqa", "build an echo-VQA set (VQA-RAD json) from a corpus"),
     (("demo",), "jaxboost.demo", "the whole Synthetic Boost pipeline on the phantom, with a report"),
     (("bench",), "benchmarks.run", "JAX vs PyTorch speed and convergence benchmarks"),
+    (("bench", "compare"), "benchmarks.compare", "compare two benchmark results.json; non-zero on a slowdown"),
 ]
 # Bad input, named by the message; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
