@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jaxboost.models.resize import resize_nearest
 
 SPADE_HIDDEN = 128  # upstream's; `Model.spade_hidden` lowers it for CPU-sized configs
 
@@ -45,16 +45,6 @@ def group_norm(x, name: str, affine: bool = True):
     norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, use_scale=affine, use_bias=affine,
                         use_fast_variance=False, dtype=jnp.float32, name=name)
     return norm(x.astype(jnp.float32)).astype(x.dtype)
-
-
-def resize_nearest(labels, size):
-    """torch F.interpolate(mode='nearest') to `size` (h, w): source index floor(dst * in / out)."""
-    (h_in, w_in), (h, w) = labels.shape[1:3], size
-    if h_in % h == 0 and w_in % w == 0:  # the U-Net's case: a strided slice, no gather
-        return labels[:, :: h_in // h, :: w_in // w]
-    rows = np.floor(np.arange(h) * (h_in / h)).astype(np.int32)
-    cols = np.floor(np.arange(w) * (w_in / w)).astype(np.int32)
-    return labels[:, rows][:, :, cols]
 
 
 class SpadeGroupNorm(nn.Module):
