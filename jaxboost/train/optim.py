@@ -30,6 +30,12 @@ def _cosine(o: ConfigDict, total_steps: int, steps_per_epoch: int):
                                               int(o.get("warmup_steps", 0)), max(total_steps, 1), 0.0)
 
 
+@SCHEDULES.register("linear_to_zero")
+def _linear_to_zero(o: ConfigDict, total_steps: int, steps_per_epoch: int):
+    """guided-diffusion's lr_anneal_steps: lr * (1 - step / total_steps)."""
+    return optax.linear_schedule(o.lr, 0.0, max(total_steps, 1))
+
+
 @SCHEDULES.register("warmup_epoch_decay")
 def _warmup_epoch_decay(o: ConfigDict, total_steps: int, steps_per_epoch: int):
     """ALBEF/MUMC: linear warm-up, then lr * decay ** epoch."""
