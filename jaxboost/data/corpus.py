@@ -295,18 +295,22 @@ class CorpusWriter:
     def _shard_path(self, split: str, index: int) -> Path:
         return self.out_dir / shard_name(split, self.writer_id, index)
 
+    def is_finished(self, split: str, position: int) -> bool:
+        """Whether image `position` of this writer's `split` stream is in a shard finished by an earlier run."""
+        return (split, position // self.images_per_shard) in self._finished
+
     def wants(self, split: str, count: int = 1) -> bool:
         """Whether any of the next `count` images of `split` lands in a shard not yet finished."""
         start = self._position[split]
-        first, last = start // self.images_per_shard, (start + count - 1) // self.images_per_shard
-        return any((split, i) not in self._finished for i in range(first, last + 1))
+        return not all(self.is_finished(split, p) for p in range(start, start + count))
 
     def skip(self, split: str, count: int = 1) -> None:
         """Advance past `count` images whose shards are already finished (see `wants`)."""
         self._position[split] += count
 
-    def add_image(self, entry: dict) -> None:
-        """Append one image entry (make_image) to its split's stream; ignored when its shard is finished."""
+    def add_image(self, entry: dict, encoded: bytes | None = None) -> None:
+        """Append one image entry (make_image) to its split's stream; ignored when its shard is finished.
+        encoded: encode_record(entry), when a background thread made it already."""
         split = entry["split"]
         if split not in SPLITS:
             raise ValueError(f"image {entry.get('key')!r}: split must be one of {SPLITS}, got {split!r}")
@@ -326,7 +330,7 @@ class CorpusWriter:
             self._open[split] = {"index": index, "tmp": tmp, "images": 0, "absent": [],
                                  "writer": array_record_module.ArrayRecordWriter(str(tmp), _ARRAY_RECORD_OPTIONS)}
         shard = self._open[split]
-        shard["writer"].write(encode_record(entry))
+        shard["writer"].write(encode_record(entry) if encoded is None else encoded)
         shard["absent"] += [[shard["images"], s] for s in labels_lib.STRUCTURES if s not in entry["structures"]]
         shard["images"] += 1
         if (position + 1) % self.images_per_shard == 0:
