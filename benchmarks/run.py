@@ -23,6 +23,8 @@ CASES = {
     "fidelity": "benchmarks.sdm_fidelity",
     "vqa_gain": "benchmarks.vqa_pretrain_gain",
     "convergence": "benchmarks.convergence",
+    "synth_host": "benchmarks.synth_host",
+    "corpus_scale": "benchmarks.corpus_scale",
 }
 
 

@@ -82,11 +82,16 @@ def augmented_sample(source: dict, split_id: int, index: int, seed: int):
     return augment_lib.augment_mask(source["mask"], rng, cone=source["cone"])
 
 
-def sample_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
-    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s."""
+@jax.jit
+def _fold_in_keys(seed, split_id, indices):
     base = jax.random.fold_in(jax.random.key(seed), split_id)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
-    return np.asarray(jax.random.key_data(keys))
+    return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(indices))
+
+
+def sample_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
+    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s (one compiled
+    call, not one dispatch per op: the host pays it for every sampler call)."""
+    return np.asarray(_fold_in_keys(np.uint32(seed), np.uint32(split_id), np.asarray(indices, np.uint32)))
 
 
 # ------------------------------------------------------------------------------------------ planning

@@ -178,8 +178,17 @@ def test_image_mask_and_cone_are_stored_once_per_image(built):
     entry = corpus.decode_record(raw[0])
     assert entry["image"].shape == (SIZE, SIZE) and sorted(entry["prompts"]) == ["LA", "LV", "MYO"]
     assert c.num_bytes() == sum((built / s["file"]).stat().st_size for s in c.manifest["shards"])
-    per_record = sum(len(corpus.encode_record(r)) for s in corpus.SPLITS for r in c.iter(s))  # schema-1 layout
+    per_record = sum(len(corpus.encode_record(r)) for s in corpus.SPLITS for r in c.iter(s))  # one per record
     assert sum(map(len, raw)) < 0.75 * per_record
+
+
+def _encode_schema1(record: dict) -> bytes:
+    """A record as schema 1 encoded it: msgpack, arrays as {__nd__, dtype, shape, zlib data}, no codec field."""
+    import msgpack
+    import zlib
+    return msgpack.packb({k: ({"__nd__": True, "dtype": v.dtype.str, "shape": list(v.shape),
+                               "data": zlib.compress(v.tobytes(), 1)} if isinstance(v, np.ndarray) else v)
+                          for k, v in record.items()}, use_bin_type=True)
 
 
 def _write_schema1_corpus(root, records: list[dict]) -> None:
@@ -190,7 +199,7 @@ def _write_schema1_corpus(root, records: list[dict]) -> None:
     shard = root / "train-w000-00000.array_record"
     writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
     for record in records:
-        writer.write(corpus.encode_record(record))
+        writer.write(_encode_schema1(record))
     writer.close()
     manifest = {"format": corpus.FORMAT_NAME, "schema_version": 1, "size": SIZE, "num_records": len(records),
                 "config": {}, "counts": {"train": len(records), "val": 0, "test": 0}, "source": {},

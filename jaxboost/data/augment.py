@@ -70,7 +70,7 @@ def _elastic_field(rng: np.random.Generator, shape: tuple[int, int], cfg: Augmen
 def _sample_coordinates(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig) -> np.ndarray:
     """[2, H, W] float32 input coordinates for every output pixel: affine, then a smooth random displacement."""
     h, w = shape
-    inverse, offset = _affine_matrix(rng, shape, cfg)
+    inverse, offset = (a.astype(np.float32) for a in _affine_matrix(rng, shape, cfg))  # float64 scalars upcast
     rows = np.arange(h, dtype=np.float32)[:, None]
     cols = np.arange(w, dtype=np.float32)[None, :]
     coords = np.stack([inverse[i, 0] * rows + inverse[i, 1] * cols + offset[i] for i in (0, 1)])
@@ -87,15 +87,11 @@ def augment_label_maps(maps: list[np.ndarray], rng: np.random.Generator,
         if np.asarray(m).shape != shape:
             raise ValueError(f"augment_label_maps: shapes differ {np.asarray(m).shape} vs {shape}")
     h, w = shape
-    rows, cols = np.rint(_sample_coordinates(rng, shape, cfg)).astype(np.intp)
-    outside = (rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)
-    rows, cols = rows.clip(0, h - 1), cols.clip(0, w - 1)
-    out = []
-    for m in maps:
-        moved = np.asarray(m)[rows, cols]
-        moved[outside] = 0
-        out.append(moved)
-    return out
+    coords = np.rint(_sample_coordinates(rng, shape, cfg))
+    # One flat gather: pixel (r, c) of the input is index r * w + c; outside points read a zero pad at index h * w.
+    inside = (coords[0] >= 0) & (coords[0] <= h - 1) & (coords[1] >= 0) & (coords[1] <= w - 1)
+    flat = np.where(inside, coords[0] * w + coords[1], h * w).astype(np.int32)
+    return [np.append(np.asarray(m).reshape(-1), np.zeros(1, np.asarray(m).dtype))[flat] for m in maps]
 
 
 def augment_mask(mask: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig(),

@@ -67,10 +67,15 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
 
 
 def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
-    """Convex hull [K, 2] (row, col) of the pixel squares of a boolean region, counter-clockwise."""
-    edge = region & ~ndimage.binary_erosion(region)
-    rows, cols = np.nonzero(edge)
-    corners = np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)])
+    """Convex hull [K, 2] (row, col) of the pixel squares of a boolean region, counter-clockwise.
+
+    Only the outer corners of each row's leftmost and rightmost pixel can be hull vertices, so the hull is
+    taken over those 4 points per row (not the 4 corners of every edge pixel): the same polygon from ~3x
+    fewer points."""
+    rows = np.nonzero(region.any(1))[0]
+    left = region[rows].argmax(1)
+    right = region.shape[1] - 1 - region[rows, ::-1].argmax(1)
+    corners = np.concatenate([np.stack([rows + dr, col], 1) for dr in (0, 1) for col in (left, right + 1)])
     try:
         hull = ConvexHull(corners.astype(np.float64))
     except QhullError:
