@@ -392,3 +392,16 @@ def test_show_n0_prompt_variant_and_closed_pipe(built, tmp_path, monkeypatch):
                             stdout=write_end, stderr=subprocess.PIPE, text=True)
     os.close(write_end)
     assert closed.returncode == 0 and closed.stderr == ""
+
+
+@pytest.mark.slow
+def test_scale_run_killed_and_resumed_loses_and_duplicates_nothing(tmp_path):
+    """benchmarks.corpus_scale at a small size: 1 and 2 writer processes, each SIGKILLed midway and resumed;
+    the corpus verifies, holds every key exactly once and reads back whole through the training loader."""
+    from benchmarks import corpus_scale
+    results = corpus_scale.run_scale(tmp_path, 3000, writer_counts=(1, 2), records_per_shard=150,
+                                     sleep_per_image=0.004, timeout=120)
+    for r in results:
+        assert 0 < r["shards_before_kill"] < r["shards"] == 20  # killed midway, not before or after
+        assert (r["records"], r["images"], r["loader_records"]) == (3000, 1000, 2816)  # 11 full batches of 256
+        assert r["bytes_per_triplet"] > 0

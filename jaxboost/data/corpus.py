@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -485,6 +486,7 @@ class CorpusSource:
         self._starts = np.cumsum([0] + [int(s["records"]) for s in self._shards])
         self._readers: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -493,18 +495,20 @@ class CorpusSource:
         return os.path.join(self._root, self._shards[shard]["file"])
 
     def _reader(self, shard: int):
-        if shard in self._readers:
-            self._readers.move_to_end(shard)
-            return self._readers[shard]
+        with self._lock:  # grain reads from several threads
+            if shard in self._readers:
+                self._readers.move_to_end(shard)
+                return self._readers[shard]
+            while len(self._readers) >= MAX_OPEN_READERS:
+                self._readers.popitem(last=False)  # closed when the last thread reading it lets go, not now
         from array_record.python import array_record_module
-        while len(self._readers) >= MAX_OPEN_READERS:
-            self._readers.popitem(last=False)[1].close()
         try:  # random access: no readahead
             reader = array_record_module.ArrayRecordReader(self._path(shard), "readahead_buffer_size:0")
         except Exception as e:  # noqa: BLE001 — riegeli raises plain RuntimeError/ValueError without the file
             raise ValueError(f"{self._path(shard)}: unreadable ArrayRecord shard ({_first_line(e)}); "
                              "run `jaxboost corpus verify` on the corpus") from None
-        self._readers[shard] = reader
+        with self._lock:
+            self._readers[shard] = reader
         return reader
 
     def _table(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -562,8 +566,10 @@ class CorpusSource:
                 for i in np.flatnonzero(self._table(shard)[1] == kind)]
 
     def __getstate__(self):
-        return {"_root": self._root, "_shards": self._shards, "_schema": self._schema, "_starts": self._starts,
-                "_readers": collections.OrderedDict(), "_tables": {}}
+        return {"_root": self._root, "_shards": self._shards, "_schema": self._schema, "_starts": self._starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _readers=collections.OrderedDict(), _tables={}, _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"CorpusSource({len(self._shards)} shards, {len(self)} records)"
