@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     (("phantom",), "jaxboost.data.phantom", "write a procedural echo phantom in the CAMUS layout"),
     (("corpus", "build"), "jaxboost.data.corpus_build", "build the sharded ArrayRecord triplet corpus"),
     (("corpus", "show"), "jaxboost.data.corpus_show", "print counts/examples of a corpus, draw a PNG grid"),
+    (("corpus", "verify"), "jaxboost.data.corpus_verify", "re-check every shard's hash and count; name bad ones"),
     (("config", "show"), "jaxboost.config_show", "list every field of a config with its value"),
     (("train",), "jaxboost.train.cli", "train a model: --config configs/NAME.py:VARIANT --workdir DIR"),
     (("eval",), "jaxboost.train.cli_eval", "evaluate a trained workdir on a split"),
