@@ -36,41 +36,45 @@ def data(tmp_path_factory):
     return {"corpus": root / "corpus", "vqa": root / "vqa", "sdm": sdm_helpers.phantom_corpus(root / "sdm")}
 
 
-def task_configs(data):
-    one = ["total_steps=1", "log_every=1", "eval_every=1", "ckpt_every=0"]
-    corpus = f"data.corpus={data['corpus']}"
-    sdm = sdm_helpers.tiny_config(data["sdm"], total_steps=1, eval_every=1)
-    sdm.sampler.steps = 2
-    return {
-        "unet_seg": load_config("configs/unet_phantom.py:tiny", one + [corpus, f"data.size={SIZE}"]),
-        "sdm": sdm,
-        "clipseg": load_config("configs/clipseg.py:tiny", one + [corpus, f"data.size={SIZE}", "batch_size=8",
-                                                                 f"model.vision_image_size={SIZE}"]),
-        "mumc_pretrain": load_config("configs/mumc_pretrain.py:tiny", one + MUMC_TINY + [
-            corpus, "queue_size=8", "data.tokenizer_vocab_size=200", "model.embed_dim=16"]),
-        "mumc_vqa": load_config("configs/mumc_vqa.py:tiny", one + MUMC_TINY + [
-            f"data.root={data['vqa']}", "model.decoder_depth=1", "top_k=2"]),
-    }
+def one_step(config):
+    """One step, logged and evaluated; fields a config leaves out (unet: no evals) are added."""
+    for key, value in dict(total_steps=1, log_every=1, eval_every=1, ckpt_every=0).items():
+        setattr(config, key, value)
+    return config
+
+
+TASK_CONFIGS = {
+    "unet_seg": lambda d: load_config("configs/unet_phantom.py:tiny", [f"data.corpus={d['corpus']}",
+                                                                       f"data.size={SIZE}"]),
+    "sdm": lambda d: sdm_helpers.tiny_config(d["sdm"]),
+    "clipseg": lambda d: load_config("configs/clipseg.py:tiny", [f"data.corpus={d['corpus']}", f"data.size={SIZE}",
+                                                                 "batch_size=8", f"model.vision_image_size={SIZE}"]),
+    "mumc_pretrain": lambda d: load_config("configs/mumc_pretrain.py:tiny", MUMC_TINY + [
+        f"data.corpus={d['corpus']}", "queue_size=8", "data.tokenizer_vocab_size=200", "model.embed_dim=16"]),
+    "mumc_vqa": lambda d: load_config("configs/mumc_vqa.py:tiny", MUMC_TINY + [
+        f"data.root={d['vqa']}", "model.decoder_depth=1", "top_k=2"]),
+}
 
 
 @pytest.mark.slow
-def test_every_task_trains_one_step_through_fit_and_evaluates_through_the_evaluator(data, tmp_path):
+@pytest.mark.parametrize("name", sorted(TASK_CONFIGS))
+def test_every_task_trains_one_step_through_fit_and_evaluates_through_the_evaluator(name, data, tmp_path):
     from jaxboost import registry
-    for name, config in task_configs(data).items():
-        workdir = tmp_path / name
-        task = registry.trainer(config.trainer).make_task(config, workdir)
-        state, summary = loop.fit(task, workdir)
-        assert int(state.step) == 1 and summary["final_step"] == 1, name
-        rows = metrics_writer.read_metrics(workdir)
-        assert [r["step"] for r in rows if "train/loss" in r] == [1] and np.isfinite(rows[0]["train/loss"]), name
-        assert summary["evals"] and all(np.isfinite(v) for v in summary["evals"][0].values()), name
-        # the finished run opens by its workdir alone and evaluates through the same path
-        run = runs.open_run(workdir, prefer="latest")
-        assert run.step == 1 and run.task.name == task.name
-        result = run.task.evaluate(run.state, task.eval_split)
-        assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s")}, name
-        saved = json.loads((workdir / "run.json").read_text())
-        assert saved["total_steps"] == 1 and saved["task"] == task.name
+    config = one_step(TASK_CONFIGS[name](data))
+    workdir = tmp_path / name
+    task = registry.trainer(config.trainer).make_task(config, workdir)
+    state, summary = loop.fit(task, workdir)
+    assert int(state.step) == 1 and summary["final_step"] == 1, name
+    rows = metrics_writer.read_metrics(workdir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1] and np.isfinite(rows[0]["train/loss"]), name
+    assert summary["evals"] and all(np.isfinite(v) for v in summary["evals"][0].values()), name
+    # the finished run opens by its workdir alone and evaluates through the same path
+    run = runs.open_run(workdir, prefer="latest")
+    assert run.step == 1 and run.task.name == task.name
+    result = run.task.evaluate(run.state, task.eval_split)
+    assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s")}, name
+    saved = json.loads((workdir / "run.json").read_text())
+    assert saved["total_steps"] == 1 and saved["task"] == task.name
 
 
 def test_total_steps_zero_is_refused_by_name():
