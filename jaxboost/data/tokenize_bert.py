@@ -16,6 +16,8 @@ from collections import Counter
 
 import numpy as np
 
+from jaxboost.data import json_list
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -66,6 +68,7 @@ class BertTokenizer:
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
         if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.txt")):
             raise FileNotFoundError(f"{folder} holds no tokenizer.json or vocab.txt")
+        json_list.check_json_files(folder)
         return cls(BertTokenizerFast.from_pretrained(folder, local_files_only=True), max_length, folder)
 
     @classmethod
