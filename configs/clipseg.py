@@ -52,7 +52,6 @@ def get_config(arg=None):
                    frozen=(), lr_mults={},  # the trainer adds the encoders when model.freeze_encoders
                    backbone_lr_mult=1.0)    # lr multiplier of trainable CLIP encoders
     c.num_epochs = 8 if tiny else 200
-    c.total_steps = 0               # > 0 overrides num_epochs (steps, e.g. a one-step smoke run)
     c.early_stop_patience = 20      # epochs without a better val/dice_mean
     # epochs; lr x plateau_factor after more stale evals than this (torch semantics). tiny: off (few epochs)
     c.plateau_patience = 0 if tiny else 5

@@ -38,7 +38,6 @@ def get_config(arg=None):
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 2e-5, weight_decay=1e-3, grad_clip=0.5,
                    frozen=(), lr_mults={}, backbone_lr_mult=0.1)
     c.num_epochs = 8 if tiny else 200
-    c.total_steps = 0               # > 0 overrides num_epochs (steps, e.g. a one-step smoke run)
     c.early_stop_patience = 20
     c.plateau_patience = 0 if tiny else 5   # epochs (torch semantics); tiny: off (few epochs)
     c.plateau_factor = 0.1

@@ -97,6 +97,8 @@ class Task:
         if self.host_variables is None:
             return init()
         variables = self.host_variables()
+        if shardings is None:
+            return init(jax.tree.map(jnp.asarray, variables))
         placement = parallel.shardings_for(jax.eval_shape(lambda: variables), self.mesh)
         return init(jax.tree.map(lambda v, s: jax.make_array_from_callback(np.shape(v), s,
                                                                           lambda i, v=v: np.asarray(v)[i]),

@@ -1,4 +1,4 @@
-"""Vision-language segmenters (CLIPSeg, CRIS) finetuned on echo triplets (SPEC A4): one trainer for both.
+"""CLIPSeg and CRIS finetuned on echo triplets (Synthetic Boost, Adhikari et al. 2023): one trainer for both.
 
 One sample = (image, binary mask of one structure, prompt P0-P7). The step normalises the image with the
 model's mean/std, runs the model (CRIS: BatchNorm statistics in `state.extra["batch_stats"]`, dropout from
