@@ -23,6 +23,7 @@ CASES = {
     "fidelity": "benchmarks.sdm_fidelity",
     "vqa_gain": "benchmarks.vqa_pretrain_gain",
     "convergence": "benchmarks.convergence",
+    "input": "benchmarks.input_bench",
 }
 
 

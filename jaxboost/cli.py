@@ -54,10 +54,13 @@ def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, module_name, help_ in sorted(SUBCOMMANDS, key=lambda s: -len(s[0])):
         if tuple(argv[: len(words)]) == words:
+            from jaxboost import parallel
             module = importlib.import_module(module_name)
+            raw = getattr(module, "RAW_ARGV", False)
+            # compilation cache + jax.distributed, for every command, before it touches a device
+            rest = parallel.startup(argv[len(words):], keep_config_flag=raw)
             parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_)
-            rest = argv[len(words):]
-            if getattr(module, "RAW_ARGV", False):  # trainers parse absl/ml_collections flags themselves
+            if raw:  # trainers parse absl/ml_collections flags themselves
                 return int(module.main(rest) or 0)
             module.add_arguments(parser)
             return int(module.main(parser.parse_args(rest)) or 0)
