@@ -35,6 +35,7 @@ import optax  # noqa: E402
 
 from jaxboost import parallel, registry  # noqa: E402
 from jaxboost.config import load_config  # noqa: E402
+from jaxboost.models import layers  # noqa: E402
 from jaxboost.registry import Registry  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -150,6 +151,7 @@ class ProductionStep:
     step_fn: Callable             # (state, batch) -> (state, metrics)
     abstract_state: Any           # loop.TrainState of ShapeDtypeStructs
     example: dict                 # field -> (shape of one example, dtype)
+    loss_fn: Callable             # (params, state, batch) -> scalar: the differentiated part of the step
 
 
 # By trainer name. Each builds the step exactly as that trainer's `train` builds it: when the trainers are
@@ -167,7 +169,8 @@ def _sdm_step(config, workdir: Path) -> ProductionStep:
     s, c = int(config.model.image_size), int(config.model.in_channels)
     return ProductionStep(trainer.make_step_fn(loss_fn, tx, float(config.ema_decay)),
                           jax.eval_shape(trainer.make_init_fn(model, config, tx)),
-                          {"image": ((s, s, c), jnp.float32), "labels": ((s, s), jnp.int32)})
+                          {"image": ((s, s, c), jnp.float32), "labels": ((s, s), jnp.int32)},
+                          lambda p, state, batch: loss_fn(p, state, batch, state.rng)[0])
 
 
 @STEP_BUILDERS.register("vl_seg")
@@ -180,12 +183,16 @@ def _vl_seg_step(config, workdir: Path) -> ProductionStep:
     s, length = int(config.data.size), int(task.model.context_length)
     return ProductionStep(task.step_fn, state, {"image": ((s, s, 3), jnp.float32), "mask": ((s, s), jnp.float32),
                                                 "input_ids": ((length,), jnp.int32),
-                                                "attention_mask": ((length,), jnp.int32)})
+                                                "attention_mask": ((length,), jnp.int32)},
+                          lambda p, st, batch: task.loss_fn(p, st, batch, st.rng)[0])
 
 
 def _mumc_tokenizer(config, workdir: Path):
     from jaxboost.data.tokenize_bert import BertTokenizer
     return BertTokenizer.train(TOKENIZER_TEXTS, str(workdir / "tokenizer"), 200)
+
+
+from jaxboost.models import mumc  # noqa: E402
 
 
 @STEP_BUILDERS.register("mumc_pretrain")
@@ -197,10 +204,16 @@ def _mumc_pretrain_step(config, workdir: Path) -> ProductionStep:
     model = trainer.build_model(config, tokenizer.vocab_size)
     tx = loop.make_optimizer(config, int(config.total_steps) or int(config.epochs) * epoch_steps, epoch_steps)
     s, length = int(config.model.image_size), int(config.data.max_tokens)
+    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
+                   patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
+
+    def loss_fn(p, st, batch):
+        return mumc.pretrain_losses(model, p, st.extra["momentum"], st.extra["queues"], batch, st.rng,
+                                    float(config.alpha), **loss_kw)[0]
     return ProductionStep(trainer.make_step_fn(config, model, tx, tokenizer, epoch_steps),
                           jax.eval_shape(trainer.make_init_fn(config, model, tx)),
                           {"images": ((s, s, 3), jnp.float32), "input_ids": ((length,), jnp.int32),
-                           "mask": ((length,), jnp.int32)})
+                           "mask": ((length,), jnp.int32)}, loss_fn)
 
 
 @STEP_BUILDERS.register("mumc_vqa")
@@ -216,7 +229,23 @@ def _mumc_vqa_step(config, workdir: Path) -> ProductionStep:
     return ProductionStep(trainer.make_step_fn(config, model, tx, epoch_steps), jax.eval_shape(init_fn),
                           {"images": ((s, s, 3), jnp.float32), "question_ids": ((q,), jnp.int32),
                            "question_mask": ((q,), jnp.int32), "answer_ids": ((a,), jnp.int32),
-                           "answer_mask": ((a,), jnp.int32)})
+                           "answer_mask": ((a,), jnp.int32)},
+                          lambda p, st, batch: mumc.vqa_loss(model, p, st.extra["momentum"], batch, st.rng,
+                                                             float(config.alpha))[0])
+
+
+def saved_activation_bytes(step: ProductionStep, per_device_batch: int) -> int:
+    """Bytes the loss's backward pass keeps from its forward pass for one device's share of the batch, the
+    inputs themselves left out: what remat trades for recomputation (XLA:CPU's buffer assignment does not
+    show it: its peak is the same with and without remat, so the rows carry this figure beside it)."""
+    # jax.ad_checkpoint.print_saved_residuals prints this list; the function returning it is not exported.
+    from jax._src.ad_checkpoint import saved_residuals
+    batch = {k: jax.ShapeDtypeStruct((per_device_batch,) + tuple(shape), dtype)
+             for k, (shape, dtype) in step.example.items()}
+    state = step.abstract_state
+    residuals = saved_residuals(lambda p, b, st: step.loss_fn(p, st, b), state.params, batch, state)
+    return sum(int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize for aval, where in residuals
+               if not where.startswith("from the argument"))
 
 
 def sharded_abstract(tree, shardings):
@@ -231,14 +260,14 @@ def abstract_batch(example: dict, batch_size: int, mesh) -> dict:
 
 def lower_train_step(config, mesh, batch_size: int):
     """The production train step lowered (not compiled) for `mesh` with every input abstract and sharded as
-    `loop.fit` shards it (state donated). Returns (lowered, abstract_state, state shardings)."""
+    `loop.fit` shards it (state donated). Returns (lowered, the ProductionStep, state shardings)."""
     with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
         step = STEP_BUILDERS.get(config.trainer)(config, Path(tmp))
     shardings = parallel.shardings_for(step.abstract_state, mesh)
     jitted = jax.jit(step.step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
     lowered = jitted.lower(sharded_abstract(step.abstract_state, shardings),
                            abstract_batch(step.example, batch_size, mesh))
-    return lowered, step.abstract_state, shardings
+    return lowered, step, shardings
 
 
 def lower_sampler(config, mesh, batch_size: int):
@@ -293,28 +322,54 @@ def mesh_for(config, devices: list) -> tuple[int, int]:
     return int(m.get("data", -1)), int(m.get("fsdp", 1))
 
 
-def compile_row(spec: str, devices: list, step: str = "train", overrides: dict | None = None) -> dict:
-    """One JSON row: `spec`'s train step (or the SDM sampler) compiled for `devices` at its paper batch."""
+def _remat_field(config) -> str:
+    """The config's remat field: `remat_policy` (SDM, CLIPSeg, CRIS) or MUMC's `remat` (a policy name)."""
+    return "remat_policy" if "remat_policy" in config.model else "remat"
+
+
+def _load(spec: str, overrides: dict | None):
     config = load_config(str(CONFIGS / spec))
     for key, value in (overrides or {}).items():
         config.model[key] = value
+    return config
+
+
+def compile_row(spec: str, devices: list, step: str = "train", overrides: dict | None = None) -> dict:
+    """One JSON row: `spec`'s train step (or the SDM sampler) compiled for `devices` at its paper batch.
+
+    peak_bytes_per_device is XLA:CPU's; it keeps every activation whatever the remat policy, so for a
+    rematerialised step `estimated_peak_bytes` takes off the activations remat does not keep (the saved
+    residuals without remat minus those with it) and `fits` is judged on that estimate."""
+    config = _load(spec, overrides)
     data, fsdp = mesh_for(config, devices)
     mesh = parallel.make_mesh(data, fsdp, devices=devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = int(config.batch_size) if step == "train" else SAMPLER_PER_DEVICE_BATCH * shards
+    policy = layers.remat_policy_name(config.model.get(_remat_field(config), "none"))
     t0 = time.perf_counter()
-    lowered, abstract, shardings = (lower_train_step if step == "train" else lower_sampler)(config, mesh, batch)
-    compiled = lowered.compile()
-    parts = (_state_bytes(abstract, shardings) if step == "train"
-             else {"params_bytes": parallel.bytes_per_device(abstract, shardings), "optimizer_bytes": 0,
-                   "ema_bytes": 0, "extra_bytes": 0})
-    row = {"config": spec, "step": step, "devices": len(devices), "mesh": f"data={mesh.shape['data']},fsdp="
-           f"{mesh.shape['fsdp']}", "batch": batch, "per_device_batch": batch // shards,
-           "remat_policy": str(config.model.get("remat_policy", config.model.get("remat", "none"))),
-           **peak_bytes(compiled), **parts, "compile_s": round(time.perf_counter() - t0, 1)}
-    budget = BUDGETS.get(len(devices))
-    row["budget_bytes"] = budget
-    row["fits"] = None if budget is None else row["peak_bytes_per_device"] <= budget
+    row = {"config": spec, "step": step, "devices": len(devices), "batch": batch, "per_device_batch": batch // shards,
+           "mesh": f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']}", "remat_policy": policy}
+    if step == "train":
+        lowered, production, shardings = lower_train_step(config, mesh, batch)
+        row.update(**peak_bytes(lowered.compile()), **_state_bytes(production.abstract_state, shardings))
+        row["saved_activation_bytes"] = saved_activation_bytes(production, batch // shards)
+        without = row["saved_activation_bytes"]
+        if policy != "none":
+            with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
+                plain = STEP_BUILDERS.get(config.trainer)(_load(spec, {**(overrides or {}),
+                                                                       _remat_field(config): "none"}), Path(tmp))
+            without = saved_activation_bytes(plain, batch // shards)
+        row["saved_activation_bytes_without_remat"] = without
+        row["estimated_peak_bytes"] = row["peak_bytes_per_device"] - (without - row["saved_activation_bytes"])
+    else:
+        lowered, params, shardings = lower_sampler(config, mesh, batch)
+        row.update(**peak_bytes(lowered.compile()), params_bytes=parallel.bytes_per_device(params, shardings),
+                   optimizer_bytes=0, ema_bytes=0, extra_bytes=0, saved_activation_bytes=0,
+                   saved_activation_bytes_without_remat=0)
+        row["estimated_peak_bytes"] = row["peak_bytes_per_device"]
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    row["budget_bytes"] = BUDGETS.get(len(devices))
+    row["fits"] = None if row["budget_bytes"] is None else row["estimated_peak_bytes"] <= row["budget_bytes"]
     return row
 
 
@@ -335,13 +390,15 @@ def write_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def peak_table(rows: list[dict]) -> str:
-    lines = ["| config | step | devices | mesh | batch | remat | peak GB/device | params+opt+EMA GB/device | fits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | step | devices | mesh | batch | remat | XLA:CPU peak GB/device | saved activations GB "
+             "(no remat) | est. peak GB/device | params+opt+EMA GB/device | fits |", "|---|" * 1 + "---|" * 10]
     for r in rows:
         state = (r["params_bytes"] + r["optimizer_bytes"] + r["ema_bytes"] + r["extra_bytes"]) / GB
-        fits = "" if r["fits"] is None else f"yes (< {r['budget_bytes'] / GB:.0f})" if r["fits"] else "NO"
+        fits = "" if r["fits"] is None else f"yes (<= {r['budget_bytes'] / GB:.0f})" if r["fits"] else "NO"
         lines.append(f"| {r['config']} | {r['step']} | {r['devices']} | {r['mesh']} | {r['batch']} | "
-                     f"{r['remat_policy']} | {r['peak_bytes_per_device'] / GB:.2f} | {state:.2f} | {fits} |")
+                     f"{r['remat_policy']} | {r['peak_bytes_per_device'] / GB:.2f} | "
+                     f"{r['saved_activation_bytes'] / GB:.2f} ({r['saved_activation_bytes_without_remat'] / GB:.2f}) | "
+                     f"{r['estimated_peak_bytes'] / GB:.2f} | {state:.2f} | {fits} |")
     return "\n".join(lines)
 
 

@@ -39,11 +39,11 @@ def test_full_sdm_train_step_lowers_for_data_and_fsdp_mesh():
     from jaxboost.config import load_config
     config = load_config(str(memory.CONFIGS / "sdm.py:full"))
     mesh = parallel.make_mesh(2, 4, devices=jax.devices()[:8])
-    lowered, abstract, shardings = memory.lower_train_step(config, mesh, 8)
+    lowered, production, shardings = memory.lower_train_step(config, mesh, 8)
     specs = [str(s.spec) for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))]
     assert any("fsdp" in s for s in specs)
     text = lowered.as_text()
     # The sharded program: params arrive split over fsdp (4-way) and the batch over all 8 devices.
     assert "mhlo.sharding" in text or "sdy.sharding" in text
     # params, EMA, mu, nu: each split 4 ways
-    assert parallel.bytes_per_device(abstract, shardings) / MIB < 4 * 2_487.9 / 4 * 1.02
+    assert parallel.bytes_per_device(production.abstract_state, shardings) / MIB < 4 * 2_487.9 / 4 * 1.02
