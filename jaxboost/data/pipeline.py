@@ -206,8 +206,8 @@ def segmentation_transform(prompt_index: int, size: int | None = None, *, ending
     Output: image float32 [S, S, 3] in [0, 1] (grayscale replicated; model normalisation comes later),
     mask float32 [S, S] binary mask of the record's structure, prompt str (P_{prompt_index}, ending chosen
     with the rng unless `ending` fixes it), label int32, key str. size resizes when it differs from the corpus.
-    host_uint8: image uint8 [S0, S0] and mask uint8 [S0, S0] at the corpus size, no flip: `device_preprocess`
-    resizes, casts and flips them in the step.
+    host_uint8: image uint8 [S0, S0] and the CAMUS mask uint8 [S0, S0] (0-3) as stored, no flip:
+    `device_preprocess` takes the structure's mask, resizes, casts and flips them in the step.
     """
     if not 0 <= prompt_index < 8:
         raise ValueError(f"prompt_index must be in 0..7, got {prompt_index}")
@@ -219,9 +219,8 @@ def segmentation_transform(prompt_index: int, size: int | None = None, *, ending
 
     def transform(record: dict, rng: np.random.Generator) -> dict:
         image, mask = record["image"], record["mask"]
-        if host_uint8:
-            binary = labels_lib.binary_mask(mask, record["label"]).astype(np.uint8)
-            return {"image": image, "mask": binary, **text(record, rng)}
+        if host_uint8:  # no array work on the host: the structure's mask is taken on device
+            return {"image": image, "mask": mask, **text(record, rng)}
         if size is not None and image.shape[0] != size:
             image, mask = corpus_lib.resize(image, size, False), corpus_lib.resize(mask, size, True)
         binary = labels_lib.binary_mask(mask, record["label"]).astype(np.float32)
@@ -237,14 +236,17 @@ def sdm_transform(size: int | None = None, *, sdm_labels: bool = True, channels:
     """Record -> SDM example: image float32 [S, S, channels] in [-1, 1], labels int32 [S, S]
     (5 SDM labels with the cone when sdm_labels, else CAMUS 0-3), key str. The returned function carries
     `record_filter = sdm_filter`, which make_loader applies so each image is used once, not three times.
-    host_uint8: image uint8 [S0, S0] and labels uint8 [S0, S0] at the corpus size (`device_preprocess`)."""
+    host_uint8: image, mask and cone uint8 [S0, S0] as stored (`device_preprocess` makes the SDM labels;
+    the host_uint8 path always makes the 5 SDM labels)."""
+
+    if host_uint8 and not sdm_labels:
+        raise ValueError("sdm_transform: host_uint8 makes the 5 SDM labels on device (sdm_labels=True)")
 
     def transform(record: dict, rng: np.random.Generator) -> dict:
         del rng
         image, mask, cone = record["image"], record["mask"], record["cone"]
-        if host_uint8:
-            labels = labels_lib.sdm_labels(mask, cone, is_cone=True) if sdm_labels else mask
-            return {"image": image, "labels": labels.astype(np.uint8), "key": record["key"]}
+        if host_uint8:  # the 5-label map is made on device
+            return {"image": image, "mask": mask, "cone": cone, "key": record["key"]}
         if size is not None and image.shape[0] != size:
             image = corpus_lib.resize(image, size, False)
             mask, cone = corpus_lib.resize(mask, size, True), corpus_lib.resize(cone, size, True)
@@ -292,13 +294,15 @@ def _random_hflip(rng, *arrays):
 
 @DEVICE_PREPROCESS.register("vl_seg")
 def _segmentation_on_device(batch: dict, config, rng=None) -> dict:
-    """image uint8 [B, S0, S0] -> float32 [B, S, S, 3] in [0, 1]; mask uint8 -> float32 binary [B, S, S]."""
+    """image uint8 [B, S0, S0] -> float32 [B, S, S, 3] in [0, 1]; the CAMUS mask uint8 [B, S0, S0] and the
+    record's label [B] -> float32 binary mask of that structure [B, S, S] (labels.binary_mask)."""
     import jax.numpy as jnp
     if batch["image"].dtype != jnp.uint8:
         return batch
     size = int(config.data.size)
     image = _resize_square(batch["image"].astype(jnp.float32) / 255.0, size, "bilinear")
-    mask = _resize_square(batch["mask"], size, "nearest").astype(jnp.float32)
+    structure = (batch["mask"] == batch["label"].astype(jnp.uint8)[:, None, None]).astype(jnp.uint8)
+    mask = _resize_square(structure, size, "nearest").astype(jnp.float32)
     if config.data.get("hflip", False) and rng is not None:
         image, mask = _random_hflip(rng, image, mask)
     return dict(batch, image=jnp.repeat(image[..., None], 3, axis=-1), mask=mask)
@@ -306,11 +310,15 @@ def _segmentation_on_device(batch: dict, config, rng=None) -> dict:
 
 @DEVICE_PREPROCESS.register("sdm")
 def _sdm_on_device(batch: dict, config, rng=None) -> dict:
-    """image uint8 [B, S0, S0] -> float32 [B, S, S, channels] in [-1, 1]; labels uint8 -> int32 [B, S, S]."""
+    """image uint8 [B, S0, S0] -> float32 [B, S, S, channels] in [-1, 1]; CAMUS mask + cone uint8 -> the
+    5 SDM labels int32 [B, S, S] (labels.sdm_labels: structures clipped to the cone)."""
     import jax.numpy as jnp
     if batch["image"].dtype != jnp.uint8:
         return batch
     size, channels = int(config.data.size), int(config.model.in_channels)
     image = _resize_square(batch["image"].astype(jnp.float32), size, "bilinear") / 127.5 - 1.0
-    labels = _resize_square(batch["labels"], size, "nearest").astype(jnp.int32)
-    return dict(batch, image=jnp.repeat(image[..., None], channels, axis=-1), labels=labels)
+    camus_to_sdm = jnp.asarray(labels_lib.CAMUS_TO_SDM)
+    labels = jnp.where(batch["cone"] > 0, camus_to_sdm[batch["mask"].astype(jnp.int32)], 0).astype(jnp.uint8)
+    labels = _resize_square(labels, size, "nearest").astype(jnp.int32)
+    rest = {k: v for k, v in batch.items() if k not in ("mask", "cone")}
+    return dict(rest, image=jnp.repeat(image[..., None], channels, axis=-1), labels=labels)
