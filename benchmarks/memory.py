@@ -147,44 +147,56 @@ TOKENIZER_TEXTS = ["the left ventricle of the heart in a two chamber view",
 
 @dataclasses.dataclass
 class ProductionStep:
-    """What a trainer hands to `loop.fit`: the step it jits, its state's shapes, one example's fields."""
-    step_fn: Callable             # (state, batch) -> (state, metrics)
-    abstract_state: Any           # loop.TrainState of ShapeDtypeStructs
+    """What a trainer's Task hands to `loop.fit`: its loss, post-update and state, one example's fields."""
+    loss_fn: Callable             # (params, state, batch, rng) -> (loss, (metrics, aux))
+    post_update: Callable | None  # (old state, new state, aux) -> (state, metrics): EMA, momentum, BN stats
+    tx: Any                       # the optax optimiser
+    abstract_state: Any           # TrainState of ShapeDtypeStructs
     example: dict                 # field -> (shape of one example, dtype)
-    loss_fn: Callable             # (params, state, batch) -> scalar: the differentiated part of the step
+
+    @property
+    def step_fn(self):
+        from jaxboost.train import task as task_lib
+        return task_lib.make_train_step(self.loss_fn, self.tx, self.post_update)
 
 
-# By trainer name. Each builds the step exactly as that trainer's `train` builds it: when the trainers are
-# reorganised, these few lines are what to re-point.
+# By trainer name. Each builds the Task's pieces as that trainer's `make_task` does, without its data
+# (make_task needs a corpus / VQA folder): when the trainers change, these few lines are what to re-point.
 STEP_BUILDERS = Registry("production step")
+SCHEDULE_STEPS = 1000   # steps per epoch and run length for the schedules: they change no buffer
 
 
 @STEP_BUILDERS.register("sdm")
 def _sdm_step(config, workdir: Path) -> ProductionStep:
-    from jaxboost.train import loop
+    from jaxboost.train import optim
     from jaxboost.train import sdm as trainer
     model = trainer.build_model(config)
-    tx = loop.make_optimizer(config, int(config.total_steps))
-    loss_fn = trainer.make_loss_fn(model, config, trainer.make_schedule(config))
+    tx = optim.make_optimizer(config, int(config.total_steps))
     s, c = int(config.model.image_size), int(config.model.in_channels)
-    return ProductionStep(trainer.make_step_fn(loss_fn, tx, float(config.ema_decay)),
+    return ProductionStep(trainer.make_loss_fn(model, config, trainer.make_schedule(config)),
+                          trainer.ema_post_update(float(config.ema_decay)), tx,
                           jax.eval_shape(trainer.make_init_fn(model, config, tx)),
-                          {"image": ((s, s, c), jnp.float32), "labels": ((s, s), jnp.int32)},
-                          lambda p, state, batch: loss_fn(p, state, batch, state.rng)[0])
+                          {"image": ((s, s, c), jnp.float32), "labels": ((s, s), jnp.int32)})
 
 
 @STEP_BUILDERS.register("vl_seg")
 def _vl_seg_step(config, workdir: Path) -> ProductionStep:
     from jaxboost.data.tokenize_clip import ClipTokenizer
-    from jaxboost.train import vl_seg
-    ClipTokenizer.train(TOKENIZER_TEXTS, str(workdir / vl_seg.TOKENIZER_DIR), 300, int(config.model.context_length))
-    task = vl_seg.setup(config, workdir, host_init=False)
-    state = jax.eval_shape(lambda v: vl_seg.build_state(v, task.tx, int(config.seed)), task.abstract_variables)
-    s, length = int(config.data.size), int(task.model.context_length)
-    return ProductionStep(task.step_fn, state, {"image": ((s, s, 3), jnp.float32), "mask": ((s, s), jnp.float32),
-                                                "input_ids": ((length,), jnp.int32),
-                                                "attention_mask": ((length,), jnp.int32)},
-                          lambda p, st, batch: task.loss_fn(p, st, batch, st.rng)[0])
+    from jaxboost.train import optim, state as state_lib, task as task_lib, vl_seg
+    folder = workdir / vl_seg.TOKENIZER_DIR
+    tokenizer = ClipTokenizer.train(TOKENIZER_TEXTS, str(folder), 300, int(config.model.context_length))
+    model = vl_seg.build_model(config, tokenizer)
+    frozen, lr_mults = vl_seg.encoder_groups(config)
+    tx = optim.make_optimizer(config, SCHEDULE_STEPS, SCHEDULE_STEPS, frozen=frozen, lr_mults=lr_mults)
+
+    def init_state():
+        variables = vl_seg.variable_shapes(config, model)
+        stats = {k: v for k, v in variables.items() if k != "params"}
+        return state_lib.initial_state(variables["params"], tx, int(config.seed) + 1, extra=stats or None)
+    s, length = int(config.data.size), int(model.context_length)
+    return ProductionStep(vl_seg.make_loss_fn(config, model), task_lib.keep_model_state, tx, jax.eval_shape(init_state),
+                          {"image": ((s, s, 3), jnp.float32), "mask": ((s, s), jnp.float32),
+                           "input_ids": ((length,), jnp.int32), "attention_mask": ((length,), jnp.int32)})
 
 
 def _mumc_tokenizer(config, workdir: Path):
@@ -192,46 +204,34 @@ def _mumc_tokenizer(config, workdir: Path):
     return BertTokenizer.train(TOKENIZER_TEXTS, str(workdir / "tokenizer"), 200)
 
 
-from jaxboost.models import mumc  # noqa: E402
-
-
 @STEP_BUILDERS.register("mumc_pretrain")
 def _mumc_pretrain_step(config, workdir: Path) -> ProductionStep:
-    from jaxboost.train import loop
     from jaxboost.train import mumc_pretrain as trainer
+    from jaxboost.train import optim
     tokenizer = _mumc_tokenizer(config, workdir)
-    epoch_steps = 1000   # the schedule's length changes no buffer
     model = trainer.build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, int(config.total_steps) or int(config.epochs) * epoch_steps, epoch_steps)
+    tx = optim.make_optimizer(config, SCHEDULE_STEPS, SCHEDULE_STEPS)
     s, length = int(config.model.image_size), int(config.data.max_tokens)
-    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
-                   patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
-
-    def loss_fn(p, st, batch):
-        return mumc.pretrain_losses(model, p, st.extra["momentum"], st.extra["queues"], batch, st.rng,
-                                    float(config.alpha), **loss_kw)[0]
-    return ProductionStep(trainer.make_step_fn(config, model, tx, tokenizer, epoch_steps),
-                          jax.eval_shape(trainer.make_init_fn(config, model, tx)),
+    return ProductionStep(trainer.make_loss_fn(config, model, tokenizer, SCHEDULE_STEPS),
+                          trainer.momentum_post_update(config), tx, jax.eval_shape(trainer.make_init_fn(config, model, tx)),
                           {"images": ((s, s, 3), jnp.float32), "input_ids": ((length,), jnp.int32),
-                           "mask": ((length,), jnp.int32)}, loss_fn)
+                           "mask": ((length,), jnp.int32)})
 
 
 @STEP_BUILDERS.register("mumc_vqa")
 def _mumc_vqa_step(config, workdir: Path) -> ProductionStep:
-    from jaxboost.train import loop
     from jaxboost.train import mumc_vqa as trainer
+    from jaxboost.train import optim
     tokenizer = _mumc_tokenizer(config, workdir)
-    epoch_steps = 1000
     model = trainer.build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, int(config.total_steps) or int(config.epochs) * epoch_steps, epoch_steps)
-    init_fn = trainer._state_fn(config, tx, lambda: trainer.fresh_params(config, model))
+    tx = optim.make_optimizer(config, SCHEDULE_STEPS, SCHEDULE_STEPS)
+    init_fn = trainer._state_fn(tx, lambda: trainer.fresh_params(config, model), config.seed)
     s, q, a = int(config.model.image_size), int(config.data.max_question_tokens), int(config.data.max_answer_tokens)
-    return ProductionStep(trainer.make_step_fn(config, model, tx, epoch_steps), jax.eval_shape(init_fn),
+    return ProductionStep(trainer.make_loss_fn(config, model, SCHEDULE_STEPS), trainer.momentum_post_update(config),
+                          tx, jax.eval_shape(init_fn),
                           {"images": ((s, s, 3), jnp.float32), "question_ids": ((q,), jnp.int32),
                            "question_mask": ((q,), jnp.int32), "answer_ids": ((a,), jnp.int32),
-                           "answer_mask": ((a,), jnp.int32)},
-                          lambda p, st, batch: mumc.vqa_loss(model, p, st.extra["momentum"], batch, st.rng,
-                                                             float(config.alpha))[0])
+                           "answer_mask": ((a,), jnp.int32)})
 
 
 def saved_activation_bytes(step: ProductionStep, per_device_batch: int) -> int:
@@ -243,7 +243,7 @@ def saved_activation_bytes(step: ProductionStep, per_device_batch: int) -> int:
     batch = {k: jax.ShapeDtypeStruct((per_device_batch,) + tuple(shape), dtype)
              for k, (shape, dtype) in step.example.items()}
     state = step.abstract_state
-    residuals = saved_residuals(lambda p, b, st: step.loss_fn(p, st, b), state.params, batch, state)
+    residuals = saved_residuals(lambda p, b, st: step.loss_fn(p, st, b, st.rng)[0], state.params, batch, state)
     return sum(int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize for aval, where in residuals
                if not where.startswith("from the argument"))
 
