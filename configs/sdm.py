@@ -43,6 +43,7 @@ def get_config(arg=None):
     c.eval_every = 100 if tiny else 5000   # sample a PNG grid for fixed masks
     c.ckpt_every = 100 if tiny else 5000
     c.mesh = dict(data=-1, fsdp=1)
+    c.init_from = ""  # a run folder or a `jaxboost convert sdm` folder: start from its params and EMA params
     if v == "echo_from_noise":
         _echo_from_noise(c)
     return c
