@@ -22,7 +22,7 @@ _NECK_CONV_BN = ("f1_v_proj", "f2_v_proj", "f2_cat", "f3_v_proj", "f3_cat", "f4_
                  "aggr")
 
 
-class _Giver:
+class StateDictWriter:
     """Writes torch tensors by name from our variables (the converter's Taker, backwards)."""
 
     def __init__(self):
@@ -60,7 +60,7 @@ class _Giver:
         self.dense(prefix + ".out_proj", p["out"])
 
 
-def _visual(give: _Giver, p: dict, s: dict, prefix: str = "backbone.visual.") -> None:
+def _visual(give: StateDictWriter, p: dict, s: dict, prefix: str = "backbone.visual.") -> None:
     for i in (1, 2, 3):
         give.conv_bn(f"{prefix}conv{i}", f"{prefix}bn{i}", p[f"stem{i}"], s[f"stem{i}"])
     for block in sorted(k for k in p if k.startswith("layer")):
@@ -77,7 +77,7 @@ def _visual(give: _Giver, p: dict, s: dict, prefix: str = "backbone.visual.") ->
     give.conv_bn(a + "connect.0", a + "connect.1", pool["connect"], s["attnpool"]["connect"])
 
 
-def _text(give: _Giver, p: dict, prefix: str = "backbone.") -> None:
+def _text(give: StateDictWriter, p: dict, prefix: str = "backbone.") -> None:
     give.put(prefix + "token_embedding.weight", p["token_embedding"]["embedding"])
     give.put(prefix + "positional_embedding", p["pos_embedding"])
     give.ln(prefix + "ln_final", p["ln_final"])
@@ -92,7 +92,7 @@ def _text(give: _Giver, p: dict, prefix: str = "backbone.") -> None:
     give.put(prefix + "logit_scale", np.float32(math.log(1 / 0.07)))  # CLIP's init; CRIS never uses it
 
 
-def _head(give: _Giver, p: dict, s: dict) -> None:
+def _head(give: StateDictWriter, p: dict, s: dict) -> None:
     neck, neck_s = p["neck"], s["neck"]
     give.put("neck.txt_proj.0.weight", np.asarray(neck["txt_proj"]["kernel"]).T)
     give.bn("neck.txt_proj.1", neck["txt_proj_bn"], neck_s["txt_proj_bn"])
@@ -123,7 +123,7 @@ def cris_state_dict(variables: dict) -> dict[str, np.ndarray]:
     """Our CRIS variables ({"params", "batch_stats"}) -> CRIS.pytorch state dict (numpy)."""
     variables = jax.device_get(variables)
     p, s = variables["params"], variables["batch_stats"]
-    give = _Giver()
+    give = StateDictWriter()
     _visual(give, p["visual"], s["visual"])
     _text(give, p["text"])
     _head(give, p, s)
