@@ -122,21 +122,22 @@ def sdm_from_torch_state_dict(state_dict: dict, model_config, source: str = "sta
 
 def save_params(params, out_dir: str, config) -> None:
     """Write DIR as a finished SDM run at step 0 (see the module docstring); `config` is the whole run config."""
-    from jaxboost.train import loop
-    from jaxboost.train import sdm as sdm_train
+    from jaxboost.train.checkpoints import Checkpoints
+    from jaxboost.train.optim import make_optimizer
+    from jaxboost.train.sdm import abstract_state
+    from jaxboost.train.state import initial_state
     out_dir = os.path.abspath(out_dir)
     if any(os.path.exists(os.path.join(out_dir, n)) for n in ("config.json", "ckpt")):
         raise ValueError(f"{out_dir} already holds a run (config.json / ckpt); choose an empty --out folder")
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
-    abstract = sdm_train.abstract_state(config)
+    abstract = abstract_state(config)
     params = jax.tree.map(lambda a, want: np.asarray(a, want.dtype), params, abstract.params)
-    tx = loop.make_optimizer(config, config.total_steps)
-    state = abstract.replace(step=np.zeros((), np.int32), params=params, opt_state=jax.device_get(tx.init(params)),
-                             rng=np.asarray(jax.random.PRNGKey(config.seed + 1)), ema_params=params)
+    # what the SDM trainer's init makes, with the converted weights: EMA = params, a fresh optimiser
+    state = initial_state(params, make_optimizer(config, 1), config.seed + 1, ema=True)
     tmp = tempfile.mkdtemp(prefix=".sdm_convert_", dir=parent)
     try:
-        ckpts = loop.Checkpoints(tmp, keep=1, async_save=False)
+        ckpts = Checkpoints(tmp, keep=1, async_save=False)
         ckpts.save(0, state, {"step": 0, "converted_from": "torch state dict"}, force=True)
         ckpts.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:

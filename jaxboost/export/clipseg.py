@@ -99,17 +99,14 @@ def load_model(workdir: str) -> tuple[dict, dict]:
     else:
         import ml_collections
 
-        from jaxboost.train import loop, vl_seg
+        from jaxboost.train import runs, vl_seg
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: neither a converted folder (model.json) nor a run (config.json)")
         config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
         if config.get("model_name") != "clipseg":
             raise ValueError(f"{path}/config.json: a {config.get('model_name')!r} run, not CLIPSeg")
-        config.init_from = ""
-        task = vl_seg.setup(config, path, host_init=False)
-        abstract = jax.eval_shape(lambda v: vl_seg.build_state(v, task.tx, 0), task.abstract_variables)
-        state, _, _ = loop.load_params(path, abstract, prefer="best")
-        module, variables = task.model, vl_seg.model_variables(state)
+        run = runs.open_run(path, config, prefer="best")
+        module, variables = run.task.model, vl_seg.model_variables(run.state)
     fields = {k: getattr(module, k) for k in type(module).__dataclass_fields__ if k not in ("parent", "name")}
     return fields, variables["params"]
 

@@ -140,17 +140,14 @@ def load_variables(workdir: str) -> dict:
 
     import ml_collections
 
-    from jaxboost.train import loop, vl_seg
+    from jaxboost.train import runs, vl_seg
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a converted folder (model.json) nor a run (config.json)")
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
     if config.get("model_name") != "cris":
         raise ValueError(f"{path}/config.json: a {config.get('model_name')!r} run, not CRIS")
-    config.init_from = ""
-    task = vl_seg.setup(config, path, host_init=False)
-    abstract = jax.eval_shape(lambda v: vl_seg.build_state(v, task.tx, 0), task.abstract_variables)
-    state, _, _ = loop.load_params(path, abstract, prefer="best")
-    return vl_seg.model_variables(state)
+    run = runs.open_run(path, config, prefer="best")
+    return vl_seg.model_variables(run.state)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

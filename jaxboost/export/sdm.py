@@ -85,12 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from jaxboost.train import loop
+    from jaxboost.train import runs
     from jaxboost.train import sdm as sdm_train
-    config, ema, _ = sdm_train.load_run(args.workdir)
-    params = ema
     if args.weights == "params":
-        params = loop.load_params(args.workdir, sdm_train.abstract_state(config), prefer="latest")[0].params
+        run = runs.open_run(args.workdir, prefer="latest", expect="sdm")
+        config, params = run.config, run.state.params
+    else:
+        config, params, _ = sdm_train.load_run(args.workdir)
     order = {"run": None, "legacy": False, "new": True}[args.attention_order]
     state_dict = torch_state_dict(jax.device_get(params), config.model, order)
     write_state_dict(state_dict, args.out)
