@@ -103,3 +103,20 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     assert "CAMUS data" in text and "not reachedx" not in text
     assert np.isfinite(report["timings"]["sdm"]["cpu_s"])
     assert cli.main(argv) == 0    # a second run resumes: every stage is complete, the report is rewritten
+
+
+def test_clipseg_demo_head_draws_at_the_input_size():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxboost.config import load_config
+    from jaxboost.models.clipseg import Model
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in load_config("configs/clipseg.py:demo").model.items()}
+    model = Model(**{**fields, "vocab_size": 100})
+    args = (jnp.zeros((2, 64, 64, 3)), jnp.zeros((2, 64), jnp.int32), jnp.ones((2, 64), jnp.int32))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+    assert jax.eval_shape(model.apply, variables, *args).shape == (2, 64, 64)   # 16x16 tokens, x2 x2 upsampled
+    assert variables["params"]["head_up1"]["kernel"].shape[:2] == (2, 2)
+    with pytest.raises(ValueError, match="must multiply to the patch size 4"):
+        jax.eval_shape(Model(**{**fields, "vocab_size": 100, "head_kernels": (2, 4)}).init, jax.random.PRNGKey(0),
+                       *args)
