@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     corpus = phantom_corpus(root)
     run = root / "sdm"
-    sdm_train.train(tiny_config(corpus, total_steps=0), run)
+    sdm_train.train(tiny_config(corpus, total_steps=1), run)
     reference = root / "reference"
     synth.generate(run, corpus, reference, batch_size=4,
                    mesh=parallel.make_mesh(devices=jax.devices()[:1]), **OPTS)

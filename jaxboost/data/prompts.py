@@ -31,6 +31,12 @@ def age_in_words(age: int) -> str:
     return num2words(int(age))
 
 
+def indefinite_article(words: str) -> str:
+    """'an' before a vowel sound, else 'a'. Of the number words only eight (eighteen, eighty-...) and eleven
+    begin with one ("one" is said "wun"): "an eighty-six-year-old", "a one-hundred-..."."""
+    return "an" if words.startswith(("eight", "eleven")) else "a"
+
+
 def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, quality: str | None,
                  shape: str, *, drop_quality: bool = False) -> list[list[str]]:
     """All prompts for one sample: 8 lists [ending "of the heart", ending "in the cardiac ultrasound"].
@@ -48,7 +54,8 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     view_part = f"in {view_word}-chamber view"
     cycle_part = f" at end of the {cycle} cycle"
     sex_part = f" of a {sex_word}"
-    age_sex_part = f" of a {age_in_words(age)}-year-old {sex_word}"
+    age_words = age_in_words(age)
+    age_sex_part = f" of {indefinite_article(age_words)} {age_words}-year-old {sex_word}"
     quality_part = "" if drop_quality else f" with {str(quality).lower()} image quality"
     shaped = f"{name} of {shape} shape"
 
