@@ -151,11 +151,11 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def _config(name: str, variant: str, overrides: dict):
-    cfg = config_lib.load_config(f"{name}.py:{variant}")
-    try:
-        cfg.update_from_flattened_dict(overrides)
-    except (KeyError, AttributeError, TypeError) as e:
-        raise ValueError(f"configs/{name}.py:{variant}: cannot set {sorted(overrides)} ({e})") from None
+    cfg = config_lib.load_config(f"configs/{name}.py:{variant}")
+    unknown = sorted(set(overrides) - set(config_lib.flat_fields(cfg)))
+    if unknown:
+        raise ValueError(f"configs/{name}.py:{variant} has no field {unknown[0]!r} (from --set or a demo flag)")
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 
