@@ -1,7 +1,6 @@
 """`jaxboost demo`: the convergence speed-up against hand-worked figures, the scarce-label corpus, the
 report's wording, bad flags, and (slow) the whole pipeline on a phantom written in the CAMUS layout."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
