@@ -130,14 +130,14 @@ def table(rows: list[MemoryRow]) -> str:
 def lower_sdm_train_step(data: int = 2, fsdp: int = 4, batch_size: int | None = None, spec: str = "sdm.py:full"):
     """Lowers (no compile) the full SDM train step — diffusion loss forward + backward, AdamW, EMA — for a
     data x fsdp mesh with every input abstract and sharded as `fit` shards it. Returns (lowered, info)."""
-    from jaxboost.train import loop
+    from jaxboost.train import optim, task as task_lib
     from jaxboost.train import sdm as sdm_trainer
     config = load_config(str(CONFIGS / spec))
     mesh = parallel.make_mesh(data, fsdp)
     batch_size = batch_size or int(config.batch_size)
     parallel.check_batch_divides(mesh, batch_size)
     model = sdm_trainer.build_model(config)
-    tx = loop.make_optimizer(config, int(config.total_steps))
+    tx = optim.make_optimizer(config, int(config.total_steps))
     abstract = jax.eval_shape(sdm_trainer.make_init_fn(model, config, tx))
     shardings = parallel.shardings_for(abstract, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -145,8 +145,8 @@ def lower_sdm_train_step(data: int = 2, fsdp: int = 4, batch_size: int | None = 
     batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, c), jnp.float32,
                                            sharding=parallel.batch_sharding(mesh, 4)),
              "labels": jax.ShapeDtypeStruct((batch_size, s, s), jnp.int32, sharding=parallel.batch_sharding(mesh, 3))}
-    step_fn = loop.make_step_fn(sdm_trainer.make_loss_fn(model, config, sdm_trainer.make_schedule(config)), tx,
-                                ema_decay=float(config.ema_decay))
+    step_fn = task_lib.make_train_step(sdm_trainer.make_loss_fn(model, config, sdm_trainer.make_schedule(config)), tx,
+                                       sdm_trainer.ema_post_update(float(config.ema_decay)))
     t0 = time.perf_counter()
     lowered = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=(0,)).lower(state, batch)
     split = sum(1 for sh in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))

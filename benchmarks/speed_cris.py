@@ -41,7 +41,7 @@ def run(quick: bool = False):
     from benchmarks.torch_ref import cris as ref
     from jaxboost.convert.cris import cris_from_checkpoint
     from jaxboost.losses.segmentation import dice_bce
-    from jaxboost.train import loop
+    from jaxboost.train import optim
 
     torch.manual_seed(0)
     clip_kw, head_kw, heads, size, batch, seq = _configs(quick)
@@ -86,7 +86,7 @@ def run(quick: bool = False):
     lr = 2e-5
     cfg = ml_collections.ConfigDict(dict(optim=dict(name="adamw", lr=lr, weight_decay=1e-3, grad_clip=0.5,
                                                     frozen=(), lr_mults={r"^(visual|text)/": 0.1})))
-    tx = loop.make_optimizer(cfg, 1000)
+    tx = optim.make_optimizer(cfg, 1000)
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss_fn(params, stats, b):

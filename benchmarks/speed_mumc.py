@@ -114,8 +114,11 @@ def run(quick: bool = False):
         ref_losses = [float(x) for x in net(*tb, alpha, *tdraws)]
     net.image_queue.copy_(queue_state[0]), net.text_queue.copy_(queue_state[1]), net.queue_ptr.zero_()
     loss_kw = dict(mask_token_id=MASK_ID, special_token_ids=SPECIAL, deterministic=True)
-    _, terms, _ = jax.jit(lambda p: mumc.pretrain_losses(model, p, momentum, queues, jbatch, jax.random.PRNGKey(0),
-                                                         alpha, draws=jdraws, **loss_kw))(params)
+    # Everything is an argument: closed-over arrays become constants XLA folds (minutes, and out of memory,
+    # for the full-size ViT + BERT and the 65536-entry queues).
+    _, terms, _ = jax.jit(lambda p, m, q, b, d: mumc.pretrain_losses(model, p, m, q, b, jax.random.PRNGKey(0),
+                                                                     alpha, draws=d, **loss_kw))(
+        params, momentum, queues, jbatch, jdraws)
     ours = [float(terms[k]) for k in ("mlm", "ita", "itm")]
     err = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(ours, ref_losses))
     if err > 1e-4:

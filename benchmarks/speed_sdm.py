@@ -145,7 +145,7 @@ def run(quick: bool = False):
     err = float(np.abs(ours - theirs).max())
     if err > 1e-3:
         raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
-    flops = harness.xla_flops(run_sampler, params, labels, keys)
+    flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
     sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1, iters=2 if quick else 5)
     rows.append(Row(case_sample, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"max|dx|={err:.1e}"))
     sec = harness.time_call(lambda: diffusion.ddim_sample_loop(ref, x_T, ty, s=1.5), sync=harness.torch_sync,

@@ -65,6 +65,9 @@ def get_config(arg=None):
     c.seed = 0
     c.log_every = 10 if tiny else 50
     c.keep_checkpoints = 2
+    c.total_steps = 0               # > 0 overrides num_epochs x steps per epoch
+    c.eval_every = 0                # steps; 0 = once per epoch
+    c.ckpt_every = 0                # steps; 0 = once per epoch
     c.overlays = 6                  # samples drawn in workdir/overlays_<split>.png
     c.mesh = dict(data=-1, fsdp=1)
     return c

@@ -60,5 +60,6 @@ def get_config(arg=None):
                    epoch_steps=50 if tiny else 0)  # an epoch of the decay and the alpha ramp; 0: the data's
     c.log_every = 20 if tiny else 100
     c.ckpt_every = 100 if tiny else 5000
+    c.eval_every = 0                          # steps between held-out evaluations; 0 = none during training
     c.mesh = dict(data=-1, fsdp=1)
     return c

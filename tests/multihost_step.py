@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxboost import parallel
 from jaxboost.config import load_config
-from jaxboost.train import loop, mumc_pretrain, vl_seg
+from jaxboost.train import mumc_pretrain, optim, vl_seg
 
 SIZE = 32
 # SGD at lr 1 without clipping: the new params are init - gradient, so comparing them compares gradients.
@@ -63,15 +63,15 @@ def main(corpus: str, workdir: str, out: str) -> None:
     workdir = Path(workdir)
     saved = {"device_count": np.int32(jax.device_count()), "process_count": np.int32(jax.process_count())}
 
-    task = vl_seg.setup(clipseg_config(corpus), workdir / "clipseg")
+    task = vl_seg.make_task(clipseg_config(corpus), workdir / "clipseg")
     batch = dict(np.load(workdir / "clipseg_batch.npz"))
-    metrics, params, _ = _step(task.init_fn, task.step_fn, batch, mesh)
+    metrics, params, _ = _step(task.init_state, task.step_fn, batch, mesh)
     saved |= {f"clipseg/{k}": v for k, v in metrics.items()} | _flat("clipseg/params", params)
 
     config = mumc_config(corpus)
     tokenizer = mumc_pretrain.get_tokenizer(config, workdir / "mumc")
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, 10, 4)
+    tx = optim.make_optimizer(config, 10, 4)
     init_fn = mumc_pretrain.make_init_fn(config, model, tx)
     step_fn = mumc_pretrain.make_step_fn(config, model, tx, tokenizer, epoch_steps=4)
     batch = dict(np.load(workdir / "mumc_batch.npz"))

@@ -187,7 +187,7 @@ def test_sampling_loads_only_the_ema_params_fsdp_split_over_the_mesh(tmp_path):
     from pathlib import Path
 
     from jaxboost import parallel
-    from jaxboost.train import loop
+    from jaxboost.train import checkpoints
     from jaxboost.train import sdm as sdm_train
     sys.path.insert(0, str(Path(__file__).parent))
     from sdm_helpers import tiny_config
@@ -197,7 +197,7 @@ def test_sampling_loads_only_the_ema_params_fsdp_split_over_the_mesh(tmp_path):
     state = abstract.replace(step=np.asarray(7, np.int32), rng=np.zeros(abstract.rng.shape, abstract.rng.dtype),
                              params=_fill(abstract.params, 0), opt_state=_fill(abstract.opt_state, 1),
                              ema_params=_fill(abstract.ema_params, 2))
-    ckpt = loop.Checkpoints(tmp_path / "run", async_save=False)
+    ckpt = checkpoints.Checkpoints(tmp_path / "run", async_save=False)
     ckpt.save(7, state, meta={})
     ckpt.close()
     (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())

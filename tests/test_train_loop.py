@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxboost.train import loop
+from jaxboost.train import metrics_writer, optim
 
 TOY = Path(__file__).with_name("toy_task.py")
 
@@ -40,7 +40,7 @@ def test_optimizer_groups_match_torch_adamw():
     config = ml_collections.ConfigDict(dict(optim=dict(
         name="adamw", lr=0.1, weight_decay=0.01, schedule="constant", lr_mults={"backbone": 0.1},
         frozen=["frozen"])))
-    tx = loop.make_optimizer(config, total_steps=10)
+    tx = optim.make_optimizer(config, total_steps=10)
     rng = np.random.default_rng(0)
     p0 = {k: rng.normal(size=(3,)).astype(np.float32) for k in ("backbone", "head", "frozen")}
     grads = [{k: rng.normal(size=(3,)).astype(np.float32) for k in p0} for _ in range(3)]
@@ -128,7 +128,7 @@ def test_plateau_lr_matches_torch_reduce_lr_on_plateau(tmp_path):
     values = [0.5, 0.6, 0.6, 0.59, 0.6, 0.58, 0.7, 0.7, 0.69, 0.68, 0.7, 0.7, 0.71, 0.6]
     run_toy(tmp_path, len(values), "eval_every=1", "plateau_patience=2", "best_metric=val/score",
             f"eval_values={values!r}".replace(" ", ""))
-    logged = {m["step"]: m for m in loop.read_metrics(tmp_path) if "train/lr_scale" in m}
+    logged = {m["step"]: m for m in metrics_writer.read_metrics(tmp_path) if "train/lr_scale" in m}
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=2, factor=0.1, threshold=0.0)

@@ -95,7 +95,13 @@ class _Subset:
 
 def _kept_indices(source, keep: Callable[[dict], bool]) -> list[int]:
     """Indices of records passing `keep`, judged on metadata only (no array decoding) unless the filter
-    needs an array field."""
+    needs an array field. A filter on one structure (`keep.structure`, as sdm_filter) is answered from the
+    corpus manifest without reading a record (every host would otherwise scan the whole split at start)."""
+    structure = getattr(keep, "structure", None)
+    if structure is not None and hasattr(source, "indices_of_structure"):
+        indices = source.indices_of_structure(structure)
+        if indices is not None:
+            return indices
     try:
         return [i for i, r in enumerate(source.iter_sequential(arrays=False)) if keep(r)]
     except KeyError:
@@ -206,5 +212,8 @@ def sdm_transform(size: int | None = None, *, sdm_labels: bool = True,
 
 
 def sdm_filter(record: dict) -> bool:
-    """One record per image (the LV one): the corpus holds each image three times, once per structure."""
+    """One record per image (the LV one): a corpus has one record per structure of each image."""
     return record["structure"] == "LV"
+
+
+sdm_filter.structure = "LV"  # lets _kept_indices take the record indices from the manifest

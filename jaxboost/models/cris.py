@@ -11,8 +11,9 @@ pixel_values [B, H, W, 3] (416 px), input_ids/attention_mask [B, L] -> logits [B
   weights and bias come from the sentence state.
 `pad_mode="fixed"` hides padded words from cross-attention (attention_mask == 0); "original" is the public
 finetuning code, which tests `input_ids == 0` while the tokenizer pads with <|endoftext|>: nothing masked.
-`upsample`: "bilinear" (default; logits at the input size for the loss), "bicubic_align" (CRIS's test-time
-bicubic, align_corners=True), "none" (the H/4 map CRIS trains on against a nearest-downsampled mask).
+`upsample`: "bicubic_align" (default: bicubic with align_corners=True to the input size, as medvlsm, the
+Synthetic Boost code, trains and predicts), "bilinear", "none" (the H/4 map CRIS.pytorch trains on; the loss then
+compares it with the nearest-downsampled mask, and evaluation resizes the probabilities to each mask).
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ class Model(nn.Module):
     mlp_dim: int = 2048
     dropout_rate: float = 0.1             # 0.1 in CRIS; 0.2 in the Synthetic Boost finetuning code
     pad_mode: str = "fixed"               # "fixed" | "original" (see the module docstring)
-    upsample: str = "bilinear"            # "bilinear" | "bicubic_align" | "none"
+    upsample: str = "bicubic_align"       # "bicubic_align" | "bilinear" | "none"
     freeze_encoders: bool = False         # CRIS trains the backbone (at 0.1x the learning rate)
     attention_impl: str = "einsum"
     dtype: layers.Dtype | None = None

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jaxboost.models.resize import resize_nearest
 
 SPADE_HIDDEN = 128  # upstream's; `Model.spade_hidden` lowers it for CPU-sized configs
 
@@ -45,16 +45,6 @@ def group_norm(x, name: str, affine: bool = True):
     norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, use_scale=affine, use_bias=affine,
                         use_fast_variance=False, dtype=jnp.float32, name=name)
     return norm(x.astype(jnp.float32)).astype(x.dtype)
-
-
-def resize_nearest(labels, size):
-    """torch F.interpolate(mode='nearest') to `size` (h, w): source index floor(dst * in / out)."""
-    (h_in, w_in), (h, w) = labels.shape[1:3], size
-    if h_in % h == 0 and w_in % w == 0:  # the U-Net's case: a strided slice, no gather
-        return labels[:, :: h_in // h, :: w_in // w]
-    rows = np.floor(np.arange(h) * (h_in / h)).astype(np.int32)
-    cols = np.floor(np.arange(w) * (w_in / w)).astype(np.int32)
-    return labels[:, rows][:, :, cols]
 
 
 class SpadeGroupNorm(nn.Module):
@@ -117,23 +107,36 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all positions with fused qkv in guided-diffusion's legacy head order.
+    """Self-attention over all positions with guided-diffusion's fused qkv projection.
 
+    Heads: `channels // num_head_channels`, or `num_heads` when num_head_channels == -1 (upstream's rule).
+    The fused channels are laid out [head][q|k|v][head_dim] in the legacy order (QKVAttentionLegacy, SDM's
+    default) and [q|k|v][head][head_dim] with use_new_attention_order (QKVAttention, as echo_from_noise
+    trains); the weights look the same either way, so the order is a config field, never inferred.
     `implementation` goes to jax.nn.dot_product_attention (None: XLA; "cudnn": fused flash attention on GPU).
     """
     num_head_channels: int = 64
     dtype: Any = jnp.float32
     implementation: str | None = None
+    num_heads: int = 1
+    use_new_attention_order: bool = False
 
     @nn.compact
     def __call__(self, x):
         b, hgt, wid, c = x.shape
-        if c % self.num_head_channels:
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        elif c % self.num_head_channels:
             raise ValueError(f"attention channels {c} not divisible by num_head_channels {self.num_head_channels}")
-        heads = c // self.num_head_channels
+        else:
+            heads = c // self.num_head_channels
+        if c % heads:
+            raise ValueError(f"attention channels {c} not divisible by num_heads {heads}")
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(group_norm(x, "norm").reshape(b, hgt * wid, c))
-        # legacy order: channels are [head][q|k|v][head_dim]
-        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * self.num_head_channels), 3, axis=-1)
+        if self.use_new_attention_order:
+            q, k, v = (a[:, :, 0] for a in jnp.split(qkv.reshape(b, hgt * wid, 3, heads, c // heads), 3, axis=2))
+        else:
+            q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * (c // heads)), 3, axis=-1)
         h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
         h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
         return x + h.reshape(b, hgt, wid, c)
@@ -147,7 +150,10 @@ class Model(nn.Module):
     channel_mult: Sequence[int] = (1, 1, 2, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: Sequence[int] = (32, 16, 8)
-    num_head_channels: int = 64
+    num_head_channels: int = 64  # -1: a fixed head count, num_heads (num_heads_upsample in the decoder)
+    num_heads: int = 1
+    num_heads_upsample: int = -1  # -1: num_heads
+    use_new_attention_order: bool = False  # upstream's flag; echo_from_noise trains with True
     num_labels: int = 5
     learn_sigma: bool = True
     dropout: float = 0.0
@@ -176,8 +182,10 @@ class Model(nn.Module):
         attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
                                            spade_hidden=self.spade_hidden, name=name, **kw)
-        attention = lambda name: attn(self.num_head_channels, dtype, self.attention_implementation,
-                                        name=name)
+        decoder_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        attention = lambda name, heads=self.num_heads: attn(
+            self.num_head_channels, dtype, self.attention_implementation, heads, self.use_new_attention_order,
+            name=name)
         attend_at = {self.image_size // r for r in self.attention_resolutions}  # as downsample factors
 
         temb_dim = 4 * self.model_channels
@@ -211,7 +219,7 @@ class Model(nn.Module):
                 h = res(f"output_blocks_{idx}_0", mult * self.model_channels, spade=True)(h, labels, emb, train)
                 j = 1
                 if ds in attend_at:
-                    h = attention(f"output_blocks_{idx}_1")(h)
+                    h = attention(f"output_blocks_{idx}_1", decoder_heads)(h)
                     j = 2
                 if level and i == self.num_res_blocks:
                     h = self._upsample(f"output_blocks_{idx}_{j}", res, h, labels, emb, train)
