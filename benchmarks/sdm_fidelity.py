@@ -158,7 +158,7 @@ def run(quick: bool = False, workdir: str | None = None, sdm_steps: int | None =
     real, unet_cfg, sdm_cfg = prepare(root, quick, sdm_steps)
     mesh = parallel.mesh_from_config(unet_cfg)
     unet, unet_params, _ = unet_seg.restore(unet_cfg, root / "unet")
-    real_dice = unet_seg.evaluate_params(unet_cfg, unet, unet_params, "test", mesh)["test/dice_mean"]
+    real_dice = unet_seg.make_evaluator(unet_cfg, unet, mesh)(unet_params, "test")["test/dice_mean"]
     config, ema, _ = sdm_train.load_run(root / "sdm")
     n_masks = max_masks or (4 if quick else 32)
     masks, labels = held_out_masks(real, n_masks)
