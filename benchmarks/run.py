@@ -29,6 +29,7 @@ CASES = {
     "time_to_dice": "benchmarks.time_to_dice",
     "synth_host": "benchmarks.synth_host",
     "corpus_scale": "benchmarks.corpus_scale",
+    "input": "benchmarks.input_bench",
 }
 
 

@@ -154,8 +154,12 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _run(words: tuple[str, ...], module_name: str, help_: str, rest: list[str]) -> int:
+    from jaxboost import parallel
     module = importlib.import_module(module_name)
-    if getattr(module, "RAW_ARGV", False):  # trainers parse absl/ml_collections flags themselves
+    raw = getattr(module, "RAW_ARGV", False)
+    # compilation cache + jax.distributed, for every command, before it touches a device
+    rest = parallel.startup(rest, keep_config_flag=raw)
+    if raw:  # trainers parse absl/ml_collections flags themselves
         return int(module.main(rest) or 0)
     parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_,
                                      formatter_class=_DefaultsHelpFormatter)
