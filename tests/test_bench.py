@@ -165,7 +165,6 @@ def test_results_survive_a_process_killed_in_a_later_case(fake_cases):
     assert np.isclose(doc["rows"][0]["seconds"], 0.5)
 
 
-@pytest.mark.slow  # two child processes, each importing jax
 def test_case_timeout_runs_each_case_apart_so_a_killed_one_is_named(fake_cases):
     out = fake_cases / "out"
     assert run.main(_args(out, "fakebench.dies,fakebench.ok", case_timeout=120)) == 1
