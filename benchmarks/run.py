@@ -27,6 +27,9 @@ CASES = {
     "vqa_gain": "benchmarks.vqa_pretrain_gain",
     "convergence": "benchmarks.convergence",
     "time_to_dice": "benchmarks.time_to_dice",
+    "synth_host": "benchmarks.synth_host",
+    "corpus_scale": "benchmarks.corpus_scale",
+    "input": "benchmarks.input_bench",
 }
 
 

@@ -43,16 +43,16 @@ def _unet_case(quick: bool, devices):
     from benchmarks.harness import Row, time_call
     from jaxboost import parallel, registry
     from jaxboost.config import load_config
-    from jaxboost.train import loop
+    from jaxboost.train import optim, state as state_lib, task as task_lib
 
     config = load_config(str(CONFIGS / "unet_phantom.py:tiny"))
     size, batch = (32, 8) if quick else (64, 32)
     model = registry.model_class(config.model_name)(**config.model)
-    tx = loop.make_optimizer(config, int(config.total_steps))
+    tx = optim.make_optimizer(config, int(config.total_steps))
 
     def init_fn():
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))["params"]
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                rng=jax.random.PRNGKey(1))
 
     def loss_fn(params, state, b, rng):
@@ -67,7 +67,7 @@ def _unet_case(quick: bool, devices):
     for n in DEVICE_COUNTS:
         mesh = parallel.make_mesh(n, 1, devices=devices[:n])
         state, shardings = parallel.create_sharded(init_fn, mesh)
-        step = jax.jit(loop.make_step_fn(loss_fn, tx), out_shardings=(shardings, None))
+        step = jax.jit(task_lib.make_train_step(loss_fn, tx), out_shardings=(shardings, None))
         sharded = parallel.shard_batch(mesh, host)
         _, metrics = step(state, sharded)
         got = np.array([float(metrics["loss"]), float(metrics["grad_norm"])])

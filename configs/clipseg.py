@@ -35,8 +35,9 @@ def get_config(arg=None):
     # freeze_encoders: HF-exact. (tiny on the 30-patient phantom: frozen random towers reached val Dice 47 in 8
     # epochs at lr 3e-3; trained towers 18, at 1e-3 36.)
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=True,
-                   attention_impl="einsum")                  # vocab_size 0: the tokenizer's size
+                   attention_impl="auto", remat_policy="none")                  # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="",            # training corpus
+                  workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
                   eval_corpus="",       # validation/test corpus ("": the training corpus)
                   size=64 if tiny else 352,
                   prompt=3,             # prompt index P0-P7 used in training
@@ -65,6 +66,10 @@ def get_config(arg=None):
     c.seed = 0
     c.log_every = 10 if tiny else 50
     c.keep_checkpoints = 2
+    c.total_steps = 0               # > 0 overrides num_epochs x steps per epoch
+    c.eval_every = 0                # steps; 0 = once per epoch
+    c.ckpt_every = 0                # steps; 0 = once per epoch
     c.overlays = 6                  # samples drawn in workdir/overlays_<split>.png
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
     return c

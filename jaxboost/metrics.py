@@ -54,9 +54,10 @@ def hausdorff(pred, gt, spacing: tuple[float, float] = (1.0, 1.0)) -> float:
     return float(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]))
 
 
-def score_mask(logits, gt, threshold: float = 0.5, spacing=(1.0, 1.0), name: str = "mask") -> dict:
-    """logits [h, w] at model resolution, gt [H, W] binary at source resolution -> dice, iou, hausdorff."""
+def score_mask(logits, gt, threshold: float = 0.5, spacing=(1.0, 1.0), name: str = "mask",
+               with_hausdorff: bool = True) -> dict:
+    """logits [h, w] at model resolution, gt [H, W] binary at source resolution -> dice, iou (, hausdorff)."""
     gt = check_binary_mask(gt, name)
     pred = probabilities_at(logits, gt.shape) > threshold
     dice, iou = dice_iou(pred, gt)
-    return {"dice": dice, "iou": iou, "hausdorff": hausdorff(pred, gt, spacing)}
+    return {"dice": dice, "iou": iou, **({"hausdorff": hausdorff(pred, gt, spacing)} if with_hausdorff else {})}

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxboost import parallel
 from jaxboost.config import load_config
-from jaxboost.train import loop, mumc_pretrain, vl_seg
+from jaxboost.train import mumc_pretrain, optim, vl_seg
 
 SIZE = 32
 # SGD at lr 1 without clipping: the new params are init - gradient, so comparing them compares gradients.
@@ -44,8 +44,9 @@ def _gather(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def _step(init_fn, step_fn, batch, mesh, step=None):
-    state, shardings = parallel.create_sharded(init_fn, mesh)
+def _step(abstract, create, step_fn, batch, mesh, step=None):
+    shardings = parallel.shardings_for(abstract, mesh)
+    state = create(shardings)
     if step is not None:
         state = state.replace(step=jnp.asarray(step, jnp.int32))
     state, metrics = jax.jit(step_fn, out_shardings=(shardings, None))(
@@ -63,19 +64,20 @@ def main(corpus: str, workdir: str, out: str) -> None:
     workdir = Path(workdir)
     saved = {"device_count": np.int32(jax.device_count()), "process_count": np.int32(jax.process_count())}
 
-    task = vl_seg.setup(clipseg_config(corpus), workdir / "clipseg")
+    task = vl_seg.make_task(clipseg_config(corpus), workdir / "clipseg")
     batch = dict(np.load(workdir / "clipseg_batch.npz"))
-    metrics, params, _ = _step(task.init_fn, task.step_fn, batch, mesh)
+    metrics, params, _ = _step(task.abstract_state(), task.create_state, task.step_fn, batch, mesh)
     saved |= {f"clipseg/{k}": v for k, v in metrics.items()} | _flat("clipseg/params", params)
 
     config = mumc_config(corpus)
     tokenizer = mumc_pretrain.get_tokenizer(config, workdir / "mumc")
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, 10, 4)
+    tx = optim.make_optimizer(config, 10, 4)
     init_fn = mumc_pretrain.make_init_fn(config, model, tx)
     step_fn = mumc_pretrain.make_step_fn(config, model, tx, tokenizer, epoch_steps=4)
     batch = dict(np.load(workdir / "mumc_batch.npz"))
-    metrics, params, extra = _step(init_fn, step_fn, batch, mesh, step=5)  # step 5: alpha > 0, distillation on
+    metrics, params, extra = _step(jax.eval_shape(init_fn), lambda sh: jax.jit(init_fn, out_shardings=sh)(),
+                                   step_fn, batch, mesh, step=5)  # step 5: alpha > 0, distillation on
     saved |= {f"mumc/{k}": v for k, v in metrics.items()}
     saved |= _flat("mumc/params", params) | _flat("mumc/extra", extra)
 

@@ -22,7 +22,7 @@ import pytest
 from jaxboost import parallel, registry
 from jaxboost.config import load_config
 from jaxboost.data import pipeline
-from jaxboost.train import loop
+from jaxboost.train import metrics_writer, optim, state as state_lib, task as task_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -86,12 +86,12 @@ def test_two_processes_with_fsdp_train_like_one_process_with_four_devices(corpus
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=parallel._path_str(path))
     assert any(not np.allclose(a, b) for a, b in zip(  # the run really trained
         jax.tree.leaves(two["params"]), jax.tree.leaves(_init_params(corpus_dir))))
-    two_losses = [m["train/loss"] for m in loop.read_metrics(tmp_path / "two")]
-    one_losses = [m["train/loss"] for m in loop.read_metrics(tmp_path / "one")]
+    two_losses = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "two")]
+    one_losses = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "one")]
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
 
     # Only process 0 writes metrics, TensorBoard and the config: one line per step, not two.
-    assert [m["step"] for m in loop.read_metrics(tmp_path / "two")] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics_writer.read_metrics(tmp_path / "two")] == list(range(1, STEPS + 1))
     assert len(list((tmp_path / "two" / "tb").iterdir())) == 1
     assert not any("unet_phantom:" in line for line in multi.splitlines() if line.startswith("[p1]"))  # no bar
     assert json.loads((tmp_path / "two" / "config.json").read_text())["name"] == "unet_phantom"
@@ -157,11 +157,11 @@ def _unet_step(mesh, fsdp_min_size=256):
     # them), which Adam's g / sqrt(v) turns into full-size steps of the float-noise sign.
     config.optim = dict(name="sgd", lr=0.1, momentum=0.9, grad_clip=1.0, schedule="constant")
     model = registry.model_class(config.model_name)(**dict(config.model, widths=(8, 16)))
-    tx = loop.make_optimizer(config, total_steps=100)
+    tx = optim.make_optimizer(config, total_steps=100)
 
     def init_fn():
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)))["params"]
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                rng=jax.random.PRNGKey(1))
 
     def loss_fn(params, state, batch, rng):
@@ -172,7 +172,7 @@ def _unet_step(mesh, fsdp_min_size=256):
     state, shardings = parallel.create_sharded(init_fn, mesh, fsdp_min_size=fsdp_min_size)
     rng = np.random.default_rng(0)
     batch = {"image": rng.random((8, 16, 16, 1), np.float32), "labels": rng.integers(0, 4, (8, 16, 16), np.int32)}
-    step = jax.jit(loop.make_step_fn(loss_fn, tx), out_shardings=(shardings, None))
+    step = jax.jit(task_lib.make_train_step(loss_fn, tx), out_shardings=(shardings, None))
     for _ in range(2):  # two steps: the second uses sharded optimiser moments
         state, metrics = step(state, parallel.shard_batch(mesh, batch))
     return float(metrics["loss"]), jax.device_get(state.params), state

@@ -46,7 +46,7 @@ def _write_inputs(root: Path) -> Path:
     work = root / "work"
 
     config = multihost_step.clipseg_config(corpus)
-    task = vl_seg.setup(config, work / "clipseg")   # writes work/clipseg/tokenizer for every process
+    task = vl_seg.make_task(config, work / "clipseg")   # writes work/clipseg/tokenizer for every process
     loader = pipeline.make_loader(corpus, "train", global_batch_size=8, seed=0, shuffle=True,
                                   transform=pipeline.segmentation_transform(int(config.data.prompt), multihost_step.SIZE))
     np.savez(work / "clipseg_batch.npz", **_numeric(task.prepare_batch(next(iter(loader)))))

@@ -10,7 +10,7 @@ import pytest
 
 from jaxboost import parallel
 from jaxboost.config import load_config
-from jaxboost.train import loop, mumc_pretrain, mumc_vqa
+from jaxboost.train import metrics_writer, mumc_pretrain, mumc_vqa, optim
 
 TINY = ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1", "model.vision_width=32",
         "model.text_width=32", "model.vision_mlp_dim=64", "model.text_mlp_dim=64", "model.vision_heads=2",
@@ -54,7 +54,7 @@ TERMS = ("mlm", "ita", "i2t", "t2i", "i2i", "t2t", "itm")
 def _window_means(workdir, term):
     """Mean of a term over the 12 steps after the queue holds real features and alpha is at 0.4, and over
     the last 12 steps (before that the random queue makes ITA artificially easy)."""
-    rows = [r for r in loop.read_metrics(workdir) if "train/mlm" in r]
+    rows = [r for r in metrics_writer.read_metrics(workdir) if "train/mlm" in r]
     return np.mean([r[f"train/{term}"] for r in rows[2:14]]), np.mean([r[f"train/{term}"] for r in rows[-12:]])
 
 
@@ -64,7 +64,7 @@ MARGIN = {"itm": 0.05}
 
 def test_tiny_pretraining_logs_every_term_and_ramps_alpha(pretrained):
     workdir, summary = pretrained
-    rows = [r for r in loop.read_metrics(workdir) if "train/mlm" in r]
+    rows = [r for r in metrics_writer.read_metrics(workdir) if "train/mlm" in r]
     assert len(rows) == STEPS and summary["final_step"] == STEPS
     assert all(np.isfinite(r[f"train/{t}"]) for r in rows for t in TERMS)
     assert rows[0]["train/alpha"] == 0.0 and rows[-1]["train/alpha"] == pytest.approx(0.4)   # the ramp
@@ -135,7 +135,7 @@ def test_pretraining_step_on_4_devices_equals_1_device(pretrained, corpus, data,
     config = pretrain_config(corpus, "total_steps=10", "log_every=100", "optim.name=sgd", "optim.lr=1.0")
     tokenizer = mumc_pretrain.get_tokenizer(config, workdir)
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, 10, 4)
+    tx = optim.make_optimizer(config, 10, 4)
     init_fn = mumc_pretrain.make_init_fn(config, model, tx)
     step_fn = mumc_pretrain.make_step_fn(config, model, tx, tokenizer, epoch_steps=4)
     loader, _ = mumc_pretrain.make_train_loader(config)

@@ -94,3 +94,16 @@ def test_mask_shape_of_myocardium_u_is_judged_by_its_outline():
 def test_age_in_words():
     assert prompts.age_in_words(73) == "seventy-three"
     assert prompts.age_in_words(20) == "twenty"
+
+
+# Ages whose number word starts with a vowel sound, written out by hand: eight, eleven, eighteen, eighty-*.
+AN_AGES = {8, 11, 18, *range(80, 90)}
+
+
+def test_age_article_follows_the_spoken_word_for_every_age_0_to_120():
+    for age in range(121):
+        p5 = prompts.make_prompts("LV", "2CH", "ED", "F", age, "Good", "oval")[5][0]
+        article = "an" if age in AN_AGES else "a"
+        assert f" of {article} {prompts.age_in_words(age)}-year-old female." in p5, (age, p5)
+    assert prompts.make_prompts("LA", "4CH", "ES", "M", 86, "Poor", "oval")[7][0].endswith(
+        "of an eighty-six-year-old male with poor image quality.")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxboost.train import loop
+from jaxboost.train import checkpoints, metrics_writer
 from jaxboost.train import sdm as sdm_train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,7 +39,7 @@ def compile_cache(tmp_path_factory):
 
 def _state(workdir, config):
     _, ema, step = sdm_train.load_run(workdir)
-    state, _, _ = loop.load_params(workdir, sdm_train.abstract_state(config), prefer="latest")
+    state, _, _ = checkpoints.load_params(workdir, sdm_train.abstract_state(config), prefer="latest")
     return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, ema), step
 
 
@@ -49,7 +49,7 @@ def test_sdm_loss_falls_writes_ema_and_grid_and_resume_continues_exactly(corpus,
     config = tiny_config(corpus, total_steps=STEPS, eval_every=STEPS, **over)
     summary = sdm_train.train(config, tmp_path / "straight")
 
-    losses = [m["train/loss"] for m in loop.read_metrics(tmp_path / "straight") if "train/loss" in m]
+    losses = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "straight") if "train/loss" in m]
     assert len(losses) == STEPS
     assert np.mean(losses[-6:]) < 0.5 * np.mean(losses[:3]), losses
     assert summary["evals"] and np.isfinite(summary["evals"][-1]["val/loss"])
@@ -67,5 +67,5 @@ def test_sdm_loss_falls_writes_ema_and_grid_and_resume_continues_exactly(corpus,
     assert step2 == STEPS
     for a, b in zip(jax.tree.leaves((params, ema)), jax.tree.leaves((params2, ema2))):
         np.testing.assert_array_equal(a, b)
-    losses2 = [m["train/loss"] for m in loop.read_metrics(tmp_path / "restarted") if "train/loss" in m]
+    losses2 = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "restarted") if "train/loss" in m]
     assert losses2 == losses

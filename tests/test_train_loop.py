@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxboost.train import loop
+from jaxboost.train import metrics_writer, optim
 
 TOY = Path(__file__).with_name("toy_task.py")
 
@@ -40,7 +40,7 @@ def test_optimizer_groups_match_torch_adamw():
     config = ml_collections.ConfigDict(dict(optim=dict(
         name="adamw", lr=0.1, weight_decay=0.01, schedule="constant", lr_mults={"backbone": 0.1},
         frozen=["frozen"])))
-    tx = loop.make_optimizer(config, total_steps=10)
+    tx = optim.make_optimizer(config, total_steps=10)
     rng = np.random.default_rng(0)
     p0 = {k: rng.normal(size=(3,)).astype(np.float32) for k in ("backbone", "head", "frozen")}
     grads = [{k: rng.normal(size=(3,)).astype(np.float32) for k in p0} for _ in range(3)]
@@ -105,30 +105,37 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert steps and max(steps) == bad - 1
 
 
-def test_sigterm_saves_then_exits(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_then_exit(tmp_path, sig, code):
     proc = run_toy(tmp_path, 200, "sleep=0.1", "ckpt_every=1000", popen=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
         time.sleep(0.1)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, out
-    assert "SIGTERM: saved step" in out
-    assert any((tmp_path / "ckpt").glob("[0-9]*"))
+    assert proc.returncode == code, out
+    assert f"{signal.Signals(sig).name}: saved step" in out and "Traceback" not in out
+    saved = max(int(p.name) for p in (tmp_path / "ckpt").glob("[0-9]*"))
+    # the resumed run replays nothing: one row per step
+    run_toy(tmp_path, saved + 3)
+    steps = [m["step"] for m in metrics_writer.read_metrics(tmp_path) if "train/loss" in m]
+    assert steps == list(range(1, saved + 4))
 
 
-def test_checkpoint_from_other_config_names_keys(tmp_path):
+def test_checkpoint_from_other_config_names_keys_and_leaves_the_run_as_it_was(tmp_path):
     run_toy(tmp_path, 5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "metrics.jsonl")}
     out = run_toy(tmp_path, 10, "width=6", check=False)
     assert out.returncode != 0 and "different config" in out.stdout
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
 
 
 def test_plateau_lr_matches_torch_reduce_lr_on_plateau(tmp_path):
     values = [0.5, 0.6, 0.6, 0.59, 0.6, 0.58, 0.7, 0.7, 0.69, 0.68, 0.7, 0.7, 0.71, 0.6]
     run_toy(tmp_path, len(values), "eval_every=1", "plateau_patience=2", "best_metric=val/score",
             f"eval_values={values!r}".replace(" ", ""))
-    logged = {m["step"]: m for m in loop.read_metrics(tmp_path) if "train/lr_scale" in m}
+    logged = {m["step"]: m for m in metrics_writer.read_metrics(tmp_path) if "train/lr_scale" in m}
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=2, factor=0.1, threshold=0.0)

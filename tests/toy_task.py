@@ -14,7 +14,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxboost.train import loop  # noqa: E402
+from jaxboost import parallel  # noqa: E402
+from jaxboost.train import loop, optim, state as state_lib, task as task_lib  # noqa: E402
 
 
 def make_config(total_steps: int, **kw) -> ml_collections.ConfigDict:
@@ -45,17 +46,16 @@ class ToySource(grain.RandomAccessDataSource):
         return {"x": self.x[i], "y": self.y[i]}
 
 
-def run(workdir: str, config) -> loop.TrainState:
+def run(workdir: str, config) -> state_lib.TrainState:
     loader = grain.DataLoader(
         data_source=ToySource(width=config.width, nan_at=config.nan_at),
         sampler=grain.IndexSampler(64, grain.NoSharding(), shuffle=True, num_epochs=None, seed=config.seed),
         operations=[grain.Batch(config.batch_size, drop_remainder=True)], worker_count=0)
-    tx = loop.make_optimizer(config, config.total_steps)
+    tx = optim.make_optimizer(config, config.total_steps)
 
     def init_fn():
         params = {"w": jnp.zeros((config.width,)), "b": jnp.zeros(())}
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(config.seed))
+        return state_lib.initial_state(params, tx, config.seed)
 
     def loss_fn(params, state, batch, rng):
         noise = 0.01 * jax.random.normal(rng, batch["y"].shape)  # uses the step rng: resume must restore it
@@ -63,15 +63,17 @@ def run(workdir: str, config) -> loop.TrainState:
         return loss, ({}, None)
 
     values = list(config.eval_values)
-    eval_fn = (lambda state: {"val/score": values.pop(0) if values else 0.0}) if values else None
+    eval_fn = (lambda state, split: {"val/score": values.pop(0) if values else 0.0}) if values else None
 
     def prepare(b):
         if config.sleep:
             time.sleep(config.sleep)
         return b
 
-    state, summary = loop.fit(config, workdir, init_fn=init_fn, step_fn=loop.make_step_fn(loss_fn, tx),
-                              train_iter=iter(loader), eval_fn=eval_fn, prepare_batch=prepare)
+    task = task_lib.Task(name="toy", config=config, mesh=parallel.mesh_from_config(config),
+                         length=task_lib.RunLength.from_config(config), tx=tx, init_state=init_fn, loss_fn=loss_fn,
+                         train_loader=lambda: iter(loader), prepare_batch=prepare, evaluate=eval_fn)
+    state, summary = loop.fit(task, workdir)
     return state, summary
 
 

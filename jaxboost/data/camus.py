@@ -24,6 +24,7 @@ VIEWS = ("2CH", "4CH")
 PHASES = ("ED", "ES")
 SEXES = ("M", "F")
 QUALITIES = ("Good", "Medium", "Poor")
+MAX_AGE = 130
 CFG_KEYS = ("ED", "ES", "NbFrame", "Sex", "Age", "ImageQuality")
 _PATIENT_RE = re.compile(r"^patient\d{4}$")
 
@@ -51,6 +52,9 @@ class ImageRecord:
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8 [H, W], mask uint8 [H, W] labels 0-3), validated."""
         image = read_image(self.image_path)
+        if image.size and np.all(image == image.flat[0]):  # NaN never equals itself: to_uint8 names those
+            raise ValueError(f"{self.image_path}: every pixel is {image.flat[0].item()!r}: a blank or damaged export, "
+                             "not an echo image")
         mask = read_image(self.mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{self.mask_path}: mask shape {mask.shape} does not match image shape "
@@ -124,6 +128,8 @@ def read_cfg(path: str | Path) -> dict:
             out[key] = int(float(values[key]))
         except ValueError:
             raise ValueError(f"{path}: {key} must be a number, got {values[key]!r}") from None
+    if not 0 <= out["Age"] <= MAX_AGE:  # the prompts spell it out: "a minus-five-year-old" helps nobody
+        raise ValueError(f"{path}: Age must be between 0 and {MAX_AGE}, got {values['Age']!r}")
     out["Sex"] = values["Sex"].upper()[:1]
     if out["Sex"] not in SEXES:
         raise ValueError(f"{path}: Sex must be M or F, got {values['Sex']!r}")

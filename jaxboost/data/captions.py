@@ -42,6 +42,10 @@ def read_caption_json(path, image_root, max_words: int = MAX_WORDS) -> tuple[lis
             if not isinstance(raw, dict) or field not in raw or raw[field] is None:
                 raise ValueError(f"{path}: item {i} is missing field {field!r}")
         caps = raw["caption"] if isinstance(raw["caption"], list) else [raw["caption"]]
+        for value in [raw["image"], *caps]:  # a number or a dict would become the caption "2" or "a b"
+            if not isinstance(value, str):
+                raise ValueError(f"{path}: item {i}: image and caption must be strings, got "
+                                 f"{type(value).__name__} {value!r}")
         cleaned = [clean_caption(c, max_words) for c in caps]
         empty_captions += sum(not c for c in cleaned)
         cleaned = tuple(c for c in cleaned if c)

@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from jaxboost.jsonio import write_atomic
+
 VIEWS = ("2CH", "4CH")
 PHASES = ("ED", "ES")
 QUALITIES = ("Good", "Medium", "Poor")
 DEFAULT_SIZE = (320, 256)  # (H, W); CAMUS images are taller than wide
+MAX_SIZE = 4096  # CAMUS images are at most ~1200 px a side; NIfTI/MetaImage headers hold up to 32767
 CONE_HALF_ANGLE = np.deg2rad(38.0)
 PHANTOM_NOTE = ("jaxboost echo phantom: procedurally drawn pictures in the CAMUS layout, not patient data.\n"
                 "patients: {n}\nseed: {seed}\nformat: {fmt}\nsize: {h} {w}\n")
@@ -123,28 +126,22 @@ def _nifti_bytes(array: np.ndarray) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_image(path_stem: Path, array: np.ndarray, fmt: str) -> list[Path]:
     """Write [H, W] uint8 as path_stem.nii.gz or path_stem.mhd + .raw (MetaImage, W x H x 1 like CAMUS)."""
     h, w = array.shape
     if fmt == "nii":
         path = path_stem.with_name(path_stem.name + ".nii.gz")
-        _write_atomic(path, _nifti_bytes(array))
+        write_atomic(path, _nifti_bytes(array))
         return [path]
     if fmt == "mhd":
         raw = path_stem.with_name(path_stem.name + ".raw")
         mhd = path_stem.with_name(path_stem.name + ".mhd")
-        _write_atomic(raw, np.ascontiguousarray(array, np.uint8).tobytes())
+        write_atomic(raw, np.ascontiguousarray(array, np.uint8).tobytes())
         header = (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
                   f"CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\n"
                   f"CenterOfRotation = 0 0 0\nElementSpacing = 0.308 0.154 1\nDimSize = {w} {h} 1\n"
                   f"ElementType = MET_UCHAR\nElementDataFile = {raw.name}\n")
-        _write_atomic(mhd, header.encode())
+        write_atomic(mhd, header.encode())
         return [mhd, raw]
     raise ValueError(f"unknown image format {fmt!r}: use 'nii' or 'mhd'")
 
@@ -172,7 +169,7 @@ def write_patient(folder: Path, number: int, seed: int, fmt: str, size: tuple[in
             write_image(folder / f"{name}_{view}_{phase}", image, fmt)
             write_image(folder / f"{name}_{view}_{phase}_gt", mask, fmt)
         cfg = f"ED: 1\nES: {es}\nNbFrame: {frames}\nSex: {sex}\nAge: {age}\nImageQuality: {quality}\n"
-        _write_atomic(folder / f"Info_{view}.cfg", cfg.encode())
+        write_atomic(folder / f"Info_{view}.cfg", cfg.encode())
 
 
 def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str = "nii",
@@ -182,9 +179,13 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
         raise ValueError(f"--patients must be >= 1, got {patients}")
     if fmt not in ("nii", "mhd"):
         raise ValueError(f"--format must be 'nii' or 'mhd', got {fmt!r}")
-    if min(size) < 32:
-        raise ValueError(f"--size must be at least 32x32, got {size}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+    if min(size) < 32 or max(size) > MAX_SIZE:
+        raise ValueError(f"--size must be between 32 and {MAX_SIZE} pixels each, got {tuple(size)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file, not a folder")
     note = PHANTOM_NOTE.format(n=patients, seed=seed, fmt=fmt, h=size[0], w=size[1])
     if out.is_dir() and any(out.iterdir()):
         marker = out / "PHANTOM.txt"
@@ -192,7 +193,7 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
             raise ValueError(f"{out}: not empty and not this phantom (other files or other settings); "
                              "use a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "PHANTOM.txt", note.encode())
+    write_atomic(out / "PHANTOM.txt", note.encode())
     n_test = num_test_patients(patients)
     for number in range(1, patients + 1):
         split_dir = "testing" if number > patients - n_test else "training"
@@ -201,11 +202,16 @@ def write_phantom(out: str | os.PathLike, patients: int, seed: int = 0, fmt: str
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (CAMUS layout)")
-    parser.add_argument("--patients", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("nii", "mhd"), default="nii")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=list(DEFAULT_SIZE))
+    parser.add_argument("--out", required=True,
+                        help="output folder (CAMUS layout: training/ and testing/ patientXXXX folders); "
+                             "new or empty, or an earlier run of the same settings")
+    parser.add_argument("--patients", type=int, default=10,
+                        help="number of patients (4 images each); about 1 in 10 goes to testing/")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    parser.add_argument("--format", choices=("nii", "mhd"), default="nii",
+                        help="nii: .nii.gz as the 2023 CAMUS release; mhd: .mhd + .raw as the 2017 release")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=list(DEFAULT_SIZE),
+                        help=f"image height and width in pixels (32 to {MAX_SIZE} each)")
 
 
 def main(args) -> int:

@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
+
+from jaxboost.data import json_list
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -65,6 +68,7 @@ class BertTokenizer:
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
         if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.txt")):
             raise FileNotFoundError(f"{folder} holds no tokenizer.json or vocab.txt")
+        json_list.check_json_files(folder)
         return cls(BertTokenizerFast.from_pretrained(folder, local_files_only=True), max_length, folder)
 
     @classmethod
@@ -78,30 +82,32 @@ class BertTokenizer:
 
     @classmethod
     def train(cls, texts, out_dir: str, vocab_size: int = 2000, max_length: int = 25) -> "BertTokenizer":
-        """Train an uncased WordPiece on `texts` and save it (save_pretrained layout, with vocab.txt)."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        """Build an uncased WordPiece vocabulary from `texts` and save it (save_pretrained layout + vocab.txt).
+
+        The same texts always give the same vocabulary in the same order: `tokenizers`' WordPieceTrainer breaks
+        ties between equally frequent merges in hash order, so it returns another vocabulary on every call.
+        Here the vocabulary is the special tokens, every character (alone and as a ##continuation, so nothing
+        is [UNK]), then whole words by frequency (ties by spelling) up to `vocab_size`; tokenization is the
+        usual WordPiece greedy longest match (`tokenizers.models.WordPiece`)."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
         from transformers import BertTokenizerFast
         texts = list(texts)
         if not texts:
             raise ValueError("BertTokenizer.train needs at least one text")
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                 special_tokens=list(SPECIAL_TOKENS)))
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        vocab = _wordpiece_vocab(texts, normalizer, pre_tokenizer, vocab_size)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id),
-                                                                                    ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
         hf = BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, unk_token="[UNK]", pad_token="[PAD]",
                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
         os.makedirs(out_dir, exist_ok=True)
         hf.save_pretrained(out_dir)
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        assert [i for _, i in vocab] == list(range(len(vocab))), "WordPiece ids are not contiguous"
         with open(os.path.join(out_dir, "vocab.txt"), "w") as f:  # for vocab.txt-based BERT tokenizers
-            f.write("".join(token + "\n" for token, _ in vocab))
+            f.write("".join(token + "\n" for token in vocab))
         return cls.from_folder(out_dir, max_length)
 
     def tokenize(self, texts, max_length: int | None = None):
@@ -110,3 +116,16 @@ class BertTokenizer:
         enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=length,
                       return_attention_mask=True)
         return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+
+
+def _wordpiece_vocab(texts, normalizer, pre_tokenizer, vocab_size: int) -> dict[str, int]:
+    """token -> id: special tokens, characters, ##characters, then words by (-count, word)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    known = set(tokens)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in known]
+    tokens += words[:max(0, vocab_size - len(tokens))]
+    return {token: i for i, token in enumerate(tokens)}

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from jaxboost.data import json_list
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -47,6 +49,7 @@ class ClipTokenizer:
         if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
             raise FileNotFoundError(f"{folder} holds no tokenizer.json or vocab.json (a save_pretrained "
                                     "tokenizer folder is expected)")
+        json_list.check_json_files(folder)
         return cls(AutoTokenizer.from_pretrained(folder, local_files_only=True), context_length, folder)
 
     @classmethod

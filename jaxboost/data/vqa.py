@@ -14,7 +14,6 @@ Protocols (named, so runs can be compared):
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import string
 import warnings
@@ -60,26 +59,49 @@ def safe_image_path(root: Path, name: str, where: str) -> Path:
     return path
 
 
+TEXT_FIELDS = ("image_name", "question", "answer", "answer_type")
+
+
 def read_vqa_json(path, image_root) -> list[VQAItem]:
-    """One VQA json -> items; a missing field or bad answer_type raises naming the field and item index."""
+    """One VQA json -> items; a missing field, a non-string text field (an answer 2, [..] or {..} is
+    refused, not turned into the string "2") or a bad answer_type raises naming the item and its qid."""
     path = Path(path)
     data = read_json_list(path, "VQA file", "items")
     items = []
     for i, raw in enumerate(data):
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: item {i} is not an object")
+        where, qid = f"{path}: item {i}", (f" (qid {raw['qid']!r})" if raw.get("qid") is not None else "")
         for field in REQUIRED_FIELDS:
             if field not in raw or raw[field] is None:
-                raise ValueError(f"{path}: item {i} is missing field {field!r}")
-        answer_type = str(raw["answer_type"]).upper()
+                raise ValueError(f"{where} is missing field {field!r}{qid}")
+        for field in TEXT_FIELDS + (("question_type",) if "question_type" in raw else ()):
+            if not isinstance(raw[field], str):
+                raise ValueError(f"{where} field {field!r} must be a string, got {type(raw[field]).__name__} "
+                                 f"{raw[field]!r}{qid}")
+        if isinstance(raw["qid"], bool) or not isinstance(raw["qid"], (str, int)):
+            raise ValueError(f"{where} field 'qid' must be a string or an integer, got {raw['qid']!r}")
+        answer_type = raw["answer_type"].upper()
         if answer_type not in ANSWER_TYPES:
-            raise ValueError(f"{path}: item {i} field 'answer_type' is {raw['answer_type']!r}, "
-                             f"expected one of {ANSWER_TYPES}")
-        items.append(VQAItem(qid=str(raw["qid"]),
-                             image_path=safe_image_path(image_root, raw["image_name"], f"{path} item {i}"),
-                             question=str(raw["question"]), answer=normalize_answer(raw["answer"]),
-                             answer_type=answer_type, question_type=str(raw.get("question_type", ""))))
+            raise ValueError(f"{where} field 'answer_type' is {raw['answer_type']!r}, expected one of "
+                             f"{ANSWER_TYPES}{qid}")
+        answer = normalize_answer(raw["answer"])
+        if not answer:
+            raise ValueError(f"{where} field 'answer' {raw['answer']!r} is empty once normalised "
+                             f"(punctuation removed){qid}")
+        items.append(VQAItem(qid=str(raw["qid"]), image_path=safe_image_path(image_root, raw["image_name"], where),
+                             question=raw["question"], answer=answer, answer_type=answer_type,
+                             question_type=raw.get("question_type", "")))
     return items
+
+
+def read_answer_list(path) -> list[str]:
+    """answer_list.json -> its sorted unique normalised answers; a non-string entry is refused by index."""
+    answers = read_json_list(path, "answer list", "answer strings")
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str):
+            raise ValueError(f"{path}: entry {i} must be an answer string, got {type(answer).__name__} {answer!r}")
+    return sorted({normalize_answer(a) for a in answers} - {""})
 
 
 def _split_file(root: Path, split: str) -> Path | None:
@@ -157,10 +179,7 @@ def answer_candidates(root, protocol: str = "fixed", train_items: Sequence[VQAIt
         path = Path(root) / "answer_list.json"
         if not path.is_file():
             raise FileNotFoundError(f"protocol 'original' needs the public answer list: {path}")
-        answers = json.loads(path.read_text())
-        if not isinstance(answers, list):
-            raise ValueError(f"{path}: expected a json list of strings")
-        return sorted({normalize_answer(a) for a in answers} - {""})
+        return read_answer_list(path)
     items = train_items if train_items is not None else load_vqa(root, "train", **load_kwargs)
     return sorted({it.answer for it in items} - {""})
 

@@ -1,9 +1,9 @@
-"""MUMC pretraining (SPEC B2): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
+"""MUMC pretraining (Li et al. 2023): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
 
 Data: (a) the triplet corpus (`data.corpus`): every record is an (image, caption) pair, the caption one of
-its P6/P7 prompts (SPEC C) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
+its P6/P7 prompts (the corpus prompts) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
 format) with their image folders (`data.image_roots`). Images get random resized crop, flip and a light
 RandAugment (jaxboost/data/caption_augment.py) on the host, from grain's per-record rng.
 Tokenizer: `data.tokenizer` (a folder or vocab.txt), else the WordPiece saved in WORKDIR/tokenizer, else one
@@ -27,17 +27,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from jaxboost import parallel, registry
 from jaxboost.data import caption_augment, captions as captions_lib, pipeline
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
-from jaxboost.train import loop
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_state
+from jaxboost.train import evaluator, loop, runs, tokenizer_setup
+from jaxboost.train import workdir as workdir_lib
+from jaxboost.train.optim import make_optimizer
+from jaxboost.train.state import initial_state
+from jaxboost.train.task import RunLength, Task, compute_dtype, make_train_step
 
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = tokenizer_setup.TOKENIZER_DIR
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -61,25 +65,20 @@ def training_texts(config) -> list[str]:
 
 
 def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None) -> BertTokenizer:
-    """The configured vocabulary, else WORKDIR/tokenizer, else a WordPiece trained on `texts_fn()` there."""
+    """WORKDIR/tokenizer: a copy of `data.tokenizer` (a folder or a vocab.txt), else a WordPiece built from
+    `texts_fn()` (default: the training captions). Restarts and the VQA finetune read it from there."""
     d = config.data
     length = max_length or d.get("max_tokens", 25)
     source = d.get("tokenizer", "")
-    folder = Path(workdir) / TOKENIZER_DIR
-    if source:
-        tok = (BertTokenizer.from_folder(source, length) if Path(source).is_dir()
-               else BertTokenizer.from_vocab(source, length))
-        if not folder.is_dir() and parallel.is_main_process():
-            tok.hf.save_pretrained(str(folder))   # recorded with the run (a VQA finetune reads it from here)
-        return tok
-    if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
-        return BertTokenizer.from_folder(str(folder), length)
-    if not parallel.is_main_process():
-        raise FileNotFoundError(f"{folder}: process 0 trains the tokenizer; give config.data.tokenizer on "
-                                f"multi-host runs")
-    texts = (texts_fn or (lambda: training_texts(config)))()
-    return BertTokenizer.train(texts, str(folder), vocab_size=d.get("tokenizer_vocab_size", 2000),
-                               max_length=length)
+    if source and Path(source).is_dir():
+        build = tokenizer_setup.copier(source)
+    elif source:
+        build = lambda tmp: BertTokenizer.from_vocab(source, length).hf.save_pretrained(tmp)
+    else:
+        vocab_size = d.get("tokenizer_vocab_size", 2000)
+        build = lambda tmp: BertTokenizer.train((texts_fn or (lambda: training_texts(config)))(), tmp,
+                                                vocab_size=vocab_size, max_length=length)
+    return BertTokenizer.from_folder(tokenizer_setup.run_tokenizer_dir(workdir, build), length)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -145,18 +144,28 @@ class _CaptionTransform(grain.RandomMapTransform):
         return {"images": out["images"], "caption": np.asarray(caption)}
 
 
+def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=(), process_index=None,
+                       process_count=None):
+    """A grain loader over any random-access source with the corpus loader's host slicing
+    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts, host p its rows
+    [p*b, (p+1)*b). The process defaults to jax's."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    sampler = pipeline._HostSliceSampler(
+        grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
+                           num_epochs=None, seed=seed), global_batch_size, count, False)
+    return grain.DataLoader(
+        data_source=source, sampler=sampler,
+        operations=[*operations, grain.Batch(global_batch_size // count, True)],
+        shard_options=grain.ShardOptions(index, count, drop_remainder=True))
+
+
 def caption_loader(items, *, global_batch_size, seed, config):
-    """A grain loader over caption-json items with the same host slicing as the corpus loader."""
     source = CaptionSource(items)
     if not len(source):
         raise ValueError("the caption files hold no usable entry")
-    sampler = pipeline._HostSliceSampler(
-        grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
-                           num_epochs=None, seed=seed), global_batch_size, jax.process_count(), False)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler,
-        operations=[_CaptionTransform(config), grain.Batch(global_batch_size // jax.process_count(), True)],
-        shard_options=grain.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True))
+    return host_sliced_loader(source, global_batch_size=global_batch_size, seed=seed,
+                              operations=[_CaptionTransform(config)])
 
 
 def make_train_loader(config, split: str = "train"):
@@ -193,8 +202,7 @@ def build_model(config, vocab_size: int) -> mumc.Model:
     if fields["vocab_size"] < vocab_size:
         raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
                          f"{vocab_size} tokens")
-    if isinstance(fields.get("dtype"), str):
-        fields["dtype"] = jnp.dtype(fields["dtype"])
+    fields["dtype"] = compute_dtype(config)
     return registry.model_class(config.model_name)(**fields)
 
 
@@ -218,77 +226,84 @@ def make_init_fn(config, model: mumc.Model, tx):
     size = config.model.image_size
 
     def init_fn():
-        rng = jax.random.PRNGKey(config.seed)
-        r_init, r_queue, r_state = jax.random.split(rng, 3)
+        r_init, r_queue, r_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
-        extra = {"momentum": mumc.momentum_init(params),
-                 "queues": mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=r_state, extra=extra)
+        extra = {"momentum": mumc_state.momentum_init(params),
+                 "queues": mumc_state.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
+        return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
     return init_fn
 
 
-def make_step_fn(config, model: mumc.Model, tx, tokenizer: BertTokenizer, epoch_steps: int):
-    """MUMC step: loss and grads, update, temperature clamp, momentum EMA, enqueue the global features."""
+def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_steps: int):
+    """All MUMC terms with two masked views and MLM masking drawn from the step rng; aux = the global batch's
+    momentum features (for the queues)."""
     loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
 
-    def step_fn(state: loop.TrainState, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+    def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, config.alpha_ramp_epochs)
-        momentum, queues = state.extra["momentum"], state.extra["queues"]
-
-        def loss_fn(params):
-            total, terms, feats = mumc.pretrain_losses(model, params, momentum, queues, batch, rng, alpha,
-                                                       **loss_kw)
-            return total, (terms, feats)
-
-        (loss, (terms, feats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = mumc.clamp_params(optax.apply_updates(state.params, updates))
-        extra = {"momentum": mumc.momentum_update(params, momentum, config.momentum),
-                 "queues": mumc.enqueue(queues, *feats)}
-        metrics = dict(terms, loss=loss, alpha=alpha, grad_norm=optax.global_norm(grads),
-                       lr_scale=opt_state.hyperparams["lr_scale"])
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
-    return step_fn
+        total, terms, feats = mumc_losses.pretrain_losses(model, params, state.extra["momentum"], state.extra["queues"],
+                                                   batch, rng, alpha, **loss_kw)
+        return total, (dict(terms, alpha=alpha), feats)
+    return loss_fn
 
 
-def _resolved(config, examples: int):
-    """A copy with total_steps set from epochs when 0 (the `full` config)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if not config.total_steps:
-        config.total_steps = int(config.epochs) * steps_per_epoch(config, examples)
-    return config
+def momentum_post_update(config):
+    """After the update (MUMC's order): clamp the temperature, move the momentum model towards the new params,
+    write the global batch's momentum features into the queues."""
+    def post_update(old, new, feats):
+        params = mumc_state.clamp_params(new.params)
+        extra = {"momentum": mumc_state.momentum_update(params, old.extra["momentum"], config.momentum),
+                 "queues": mumc_state.enqueue(old.extra["queues"], *feats)}
+        return new.replace(params=params, extra=extra), {}
+    return post_update
 
 
-def setup(config, workdir):
-    """Everything a run needs: (config, tokenizer, model, tx, loader, epoch_steps, mesh)."""
-    mesh = parallel.mesh_from_config(config)
+def make_step_fn(config, model: mumc.Model, tx, tokenizer: BertTokenizer, epoch_steps: int):
+    """The MUMC train step (the loop's own step with MUMC's loss and post-update)."""
+    return make_train_step(make_loss_fn(config, model, tokenizer, epoch_steps), tx, momentum_post_update(config))
+
+
+def _train_examples(config) -> int:
+    d = config.data
+    if d.get("corpus"):
+        n = corpus_lib.open_corpus(d.corpus).split_len("train")
+        return n // 3 if d.get("one_per_image", False) else n
+    items, _ = captions_lib.read_caption_sets(list(d.caption_files), list(d.image_roots), d.max_words)
+    return len(items)
+
+
+def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
+    config = workdir_lib.with_absolute_paths(config)
+    mesh = mesh or parallel.mesh_from_config(config)
     parallel.check_batch_divides(mesh, config.batch_size)
     if config.queue_size % config.batch_size:
         raise ValueError(f"queue_size={config.queue_size} must be a multiple of batch_size={config.batch_size}")
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    if not opening and not config.data.get("corpus") and not config.data.get("caption_files"):
+        raise ValueError("config.data.corpus or config.data.caption_files must be given")
     tokenizer = get_tokenizer(config, workdir)
-    loader, examples = make_train_loader(config)
-    config = _resolved(config, examples)
+    examples = _train_examples(config) if (config.data.get("corpus") or not opening) else 1
+    length = RunLength.from_config(config, steps_per_epoch(config, examples)) if not opening else RunLength(1)
     epoch_steps = schedule_epoch_steps(config, examples)
     model = build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, config.total_steps, epoch_steps)
-    return config, tokenizer, model, tx, loader, epoch_steps, mesh
+    tx = make_optimizer(config, length.total_steps, epoch_steps)
+    evaluate = None
+    if config.data.get("corpus"):
+        scores = make_evaluator(config, model, tokenizer, mesh)
+        evaluate = lambda state, split: scores(state.params, state.extra, split)
+    return Task("mumc_pretrain", config, mesh, length, tx, make_init_fn(config, model, tx),
+                make_loss_fn(config, model, tokenizer, epoch_steps), post_update=momentum_post_update(config),
+                train_loader=lambda: iter(make_train_loader(config)[0]),
+                prepare_batch=tokenize_batch(tokenizer, config.data.max_tokens), evaluate=evaluate,
+                info={"epoch_steps": epoch_steps, "vocab_size": tokenizer.vocab_size}, model=model,
+                tokenizer=tokenizer)
 
 
 def train(config, workdir):
-    config, tokenizer, model, tx, loader, epoch_steps, mesh = setup(config, workdir)
-    eval_fn = None
-    if config.get("eval_every", 0):
-        eval_fn = lambda state: evaluate_params(config, model, state.params, state.extra, tokenizer, "val", mesh)
-    _, summary = loop.fit(config, workdir, init_fn=make_init_fn(config, model, tx),
-                          step_fn=make_step_fn(config, model, tx, tokenizer, epoch_steps),
-                          train_iter=iter(loader), eval_fn=eval_fn,
-                          prepare_batch=tokenize_batch(tokenizer, config.data.max_tokens), mesh=mesh)
-    summary["vocab_size"] = tokenizer.vocab_size
+    task = make_task(config, workdir)
+    _, summary = loop.fit(task, workdir)
+    summary["vocab_size"] = task.tokenizer.vocab_size
     return summary
 
 
@@ -318,16 +333,18 @@ def _stack(chunk, tokenizer, max_tokens):
     return {"images": np.stack([i for i, _ in chunk]), "input_ids": ids, "mask": mask}
 
 
-def evaluate_params(config, model, params, extra, tokenizer, split: str, mesh) -> dict:
-    """Mean loss terms on `split` (fixed draws, alpha at its final value, no dropout) and in-batch
-    image->text / text->image retrieval accuracy (the caption of the same record ranked first)."""
+def make_evaluator(config, model, tokenizer, mesh):
+    """(params, extra, split) -> mean loss terms on `split` (fixed draws, alpha at its final value, no
+    dropout) and in-batch image->text / text->image retrieval accuracy (the caption of the same record ranked
+    first); compiled once. Whole batches of `batch_size` only: in-batch retrieval depends on the batch."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     bs = max(shards, (config.batch_size // shards) * shards)
     loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability, deterministic=True)
 
-    def fn(p, batch):
-        total, terms, _ = mumc.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
+    def fn(variables, batch):
+        p, extra = variables
+        total, terms, _ = mumc_losses.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
                                                jax.random.PRNGKey(0), config.alpha, **loss_kw)
         _, image_feat = model.apply({"params": p}, batch["images"], method=mumc.Model.encode_image)
         _, text_feat = model.apply({"params": p}, batch["input_ids"], batch["mask"], method=mumc.Model.encode_text)
@@ -336,8 +353,16 @@ def evaluate_params(config, model, params, extra, tokenizer, split: str, mesh) -
         return dict(terms, loss=total, i2t_hit=jnp.argmax(sim, 1) == jnp.arange(n),
                     t2i_hit=jnp.argmax(sim, 0) == jnp.arange(n))
 
+    mapper = evaluator.BatchMapper(fn, mesh, bs)
+
+    def evaluate(params, extra, split: str) -> dict:
+        return _summarise(mapper((params, extra), eval_batches(config, tokenizer, split, bs)), bs, split)
+    return evaluate
+
+
+def _summarise(outputs, bs: int, split: str) -> dict:
     sums, count, hits = {}, 0, {"i2t_hit": [], "t2i_hit": []}
-    for host, out in loop.map_batches(fn, params, eval_batches(config, tokenizer, split, bs), mesh, bs):
+    for host, out in outputs:
         n = len(host["input_ids"])
         if n < bs:
             continue  # padded batch: loss terms and in-batch retrieval would count repeated rows
@@ -355,33 +380,18 @@ def evaluate_params(config, model, params, extra, tokenizer, split: str, mesh) -
 
 
 def restore(config, workdir, prefer: str = "latest"):
-    """-> (config resolved, tokenizer, model, state, step) of a pretraining workdir."""
-    workdir = Path(workdir)
-    if not (workdir / TOKENIZER_DIR).is_dir() and not config.data.get("tokenizer"):
-        raise FileNotFoundError(f"{workdir}: no tokenizer folder; is this a MUMC pretraining workdir?")
-    tokenizer = get_tokenizer(config, workdir)
-    examples = 1
-    if config.data.get("corpus"):
-        examples = corpus_lib.open_corpus(config.data.corpus).split_len("train")
-    config = _resolved(config, examples) if not config.total_steps else config
-    model = build_model(config, tokenizer.vocab_size)
-    tx = loop.make_optimizer(config, config.total_steps, schedule_epoch_steps(config, examples))
-    abstract = jax.eval_shape(make_init_fn(config, model, tx))
-    state, _, step = loop.load_params(workdir, abstract, prefer=prefer)
-    return config, tokenizer, model, state, step
+    """-> (config, tokenizer, model, state, step) of a pretraining workdir."""
+    run = runs.open_run(workdir, config, prefer=prefer)
+    return run.config, run.task.tokenizer, run.task.model, run.state, run.step
 
 
 def load_run_config(workdir) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return workdir_lib.read_config(workdir)
 
 
 def evaluate(config, workdir, split: str = "test") -> dict:
-    config, tokenizer, model, state, step = restore(config, workdir)
-    mesh = parallel.mesh_from_config(config)
-    result = evaluate_params(config, model, state.params, state.extra, tokenizer, split, mesh)
-    print(f"MUMC pretraining {Path(workdir).name} step {step} on {split}: " +
+    run = runs.open_run(workdir, config, prefer="latest")
+    result = run.task.evaluate(run.state, split)
+    print(f"MUMC pretraining {run.workdir.name} step {run.step} on {split}: " +
           ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(result.items())), flush=True)
     return result

@@ -1,4 +1,4 @@
-"""MUMC VQA finetuning and evaluation (SPEC B3) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
+"""MUMC VQA finetuning and evaluation (Li et al. 2023) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
 
   jaxboost train --config configs/mumc_vqa.py:tiny --workdir runs/vqa --config.data.root=ECHO_VQA \
       --config.init_from=runs/mumc_pt
@@ -17,24 +17,26 @@ match, and the best checkpoint chosen on the test split (the public protocol, fo
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
-import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from PIL import Image
 
 from jaxboost import parallel
 from jaxboost.data import caption_augment, vqa as vqa_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
-from jaxboost.train import loop, mumc_pretrain
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_answers, mumc_surgery
+from jaxboost.train import evaluator, loop, mumc_pretrain, runs, tokenizer_setup
+from jaxboost.train import workdir as workdir_lib
+from jaxboost.train.optim import make_optimizer
+from jaxboost.train.state import ema_update, initial_state
+from jaxboost.train.task import RunLength, Task, compute_dtype
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -75,12 +77,9 @@ class VQASource:
 
 
 def train_loader(source: VQASource, config):
-    b = config.batch_size
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.ShardByJaxProcess(drop_remainder=True),
-                                 shuffle=True, num_epochs=None, seed=config.seed)
-    return grain.DataLoader(data_source=source, sampler=sampler,
-                            operations=[grain.Batch(b // jax.process_count(), drop_remainder=True)],
-                            shard_options=grain.ShardByJaxProcess(drop_remainder=True))
+    """The corpus loader's host slicing: global batch k is the same on 1, 2 or 4 hosts, each host reading its
+    rows of it (grain's ShardByJaxProcess would give every host count other batches)."""
+    return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed)
 
 
 def vqa_texts(config) -> list[str]:
@@ -93,8 +92,7 @@ def vqa_texts(config) -> list[str]:
 def build_model(config, vocab_size: int) -> mumc.VQAModel:
     fields = dict(config.model)
     fields["vocab_size"] = fields.get("vocab_size") or vocab_size
-    if isinstance(fields.get("dtype"), str):
-        fields["dtype"] = jnp.dtype(fields["dtype"])
+    fields["dtype"] = compute_dtype(config)
     return mumc.VQAModel(**fields)
 
 
@@ -107,41 +105,31 @@ def fresh_params(config, model: mumc.VQAModel):
 
 def pretrained_params(config, model, pretrain_workdir):
     """Pretraining workdir -> (VQA params mapped from its latest params, its tokenizer)."""
-    pt_config = mumc_pretrain.load_run_config(pretrain_workdir)
-    pt_config, tokenizer, _, state, step = mumc_pretrain.restore(pt_config, pretrain_workdir)
-    m = pt_config.model
-    mapped = mumc.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
+    run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
+    tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
+    mapped = mumc_surgery.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
                                            first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
-    params, kept = mumc.overlay_params(base, mapped)
+    params, kept = mumc_surgery.overlay_params(base, mapped)
     if kept:
         raise ValueError(f"pretraining run {pretrain_workdir} lacks VQA parameters {kept[:8]}")
     print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step})", flush=True)
     return params, tokenizer
 
 
-def get_tokenizer(config, workdir):
-    """The run's vocabulary, recorded in WORKDIR/tokenizer: a copy of `data.tokenizer` (a folder) or of the
-    pretraining run's (init_from); else a vocab.txt; else a WordPiece trained on the questions and answers."""
-    init_from = config.get("init_from", "")
+def get_tokenizer(config, workdir, *, use_init_from: bool = True):
+    """The run's vocabulary in WORKDIR/tokenizer: a copy of `data.tokenizer` (a folder or vocab.txt) or of the
+    pretraining run's (init_from); else a WordPiece built from the questions and answers."""
+    init_from = config.get("init_from", "") if use_init_from else ""
     length = config.data.max_question_tokens
-    own = Path(workdir) / mumc_pretrain.TOKENIZER_DIR
-    source = config.data.get("tokenizer", "") or (str(Path(init_from) / mumc_pretrain.TOKENIZER_DIR) if init_from else "")
-    if not own.is_dir() and source and Path(source).is_dir():
-        shutil.copytree(source, own)   # the finetune workdir records the vocabulary it was trained with
-    elif init_from and not source:
-        raise FileNotFoundError(f"{source}: the pretraining run's tokenizer is missing")
-    if own.is_dir() or not source:
-        return mumc_pretrain.get_tokenizer(_no_source(config),
-                                           workdir, lambda: vqa_texts(config), length)
-    return BertTokenizer.from_vocab(source, length)
-
-
-def _no_source(config):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.data.tokenizer = ""
-    return c
+    if init_from and not config.data.get("tokenizer", ""):
+        source = Path(init_from) / tokenizer_setup.TOKENIZER_DIR
+        if not tokenizer_setup.is_ready(source):
+            raise FileNotFoundError(f"{source}: the pretraining run's tokenizer is missing")
+        return BertTokenizer.from_folder(tokenizer_setup.run_tokenizer_dir(workdir, tokenizer_setup.copier(source)),
+                                         length)
+    return mumc_pretrain.get_tokenizer(config, workdir, lambda: vqa_texts(config), length)
 
 
 # ------------------------------------------------------------------------------------------------ answering
@@ -156,129 +144,132 @@ def candidate_answers(config, train_items):
     return cands
 
 
-def predict(config, model, params, tokenizer, items, candidates, mesh, images: ImageCache) -> list[str]:
-    """Ranked-candidate answer for each item."""
+def make_predictor(config, model, tokenizer, candidates, mesh):
+    """(params, items, images) -> the ranked-candidate answer of each item; compiled once."""
     a_ids, a_mask = tokenizer.tokenize(candidates, config.data.max_answer_tokens)
     a_ids, a_mask = jnp.asarray(a_ids), jnp.asarray(a_mask)
     k = min(int(config.top_k), len(candidates))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    bs = max(shards, (config.get("eval_batch_size", config.batch_size) // shards) * shards)
+    bs = evaluator.eval_batch_size(config, mesh)
 
     def fn(p, batch):
         states = model.apply({"params": p}, batch["images"], batch["question_ids"], batch["question_mask"],
                              method=mumc.VQAModel.encode_question)
-        order, _ = mumc.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
+        order, _ = mumc_answers.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
         return order[:, 0]
 
-    def batches():
-        for i in range(0, len(items), bs):
-            chunk = items[i:i + bs]
-            q, qm = tokenizer.tokenize([it.question for it in chunk], config.data.max_question_tokens)
-            yield {"images": np.stack([images(it.image_path) for it in chunk]), "question_ids": q,
-                   "question_mask": qm}
+    mapper = evaluator.BatchMapper(fn, mesh, bs)
 
-    best = [int(j) for _, out in loop.map_batches(fn, params, batches(), mesh, bs) for j in out]
-    return [candidates[j] for j in best]
+    def predict(params, items, images: ImageCache) -> list[str]:
+        def batches():
+            for i in range(0, len(items), bs):
+                chunk = items[i:i + bs]
+                q, qm = tokenizer.tokenize([it.question for it in chunk], config.data.max_question_tokens)
+                yield {"images": np.stack([images(it.image_path) for it in chunk]), "question_ids": q,
+                       "question_mask": qm}
+        return [candidates[int(j)] for _, out in mapper(params, batches()) for j in out]
+    return predict
 
 
-def evaluate_split(config, model, params, tokenizer, split, mesh, images, candidates) -> dict:
-    items = vqa_lib.load_vqa(config.data.root, split, image_dir=config.data.image_dir,
-                             val_fraction=config.data.val_fraction, seed=config.seed)
-    if not items:
-        raise ValueError(f"{config.data.root}: split {split!r} is empty")
-    preds = predict(config, model, params, tokenizer, items, candidates, mesh, images)
-    acc = vqa_lib.accuracy(preds, items, config.protocol)
-    return {f"{split}_{k}": float(v) for k, v in acc.items()}
+def make_evaluator(config, predict, images: ImageCache):
+    """(params, split) -> {split}_overall, _open, _closed, per question type (accuracy)."""
+    def evaluate(params, split: str) -> dict:
+        items = vqa_lib.load_vqa(config.data.root, split, image_dir=config.data.image_dir,
+                                 val_fraction=config.data.val_fraction, seed=config.seed)
+        if not items:
+            raise ValueError(f"{config.data.root}: split {split!r} is empty")
+        acc = vqa_lib.accuracy(predict(params, items, images), items, config.protocol)
+        return {f"{split}_{k}": float(v) for k, v in acc.items()}
+    return evaluate
 
 
 # ------------------------------------------------------------------------------------------------ training
-def make_step_fn(config, model, tx, epoch_steps: int):
-    def step_fn(state, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+def make_loss_fn(config, model, epoch_steps: int):
+    """Answer LM loss distilled from the momentum model (alpha ramped over the first epoch, as ALBEF)."""
+    def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, 1.0)
-        momentum = state.extra["momentum"]
-        loss_fn = lambda p: mumc.vqa_loss(model, p, momentum, batch, rng, alpha)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        momentum = jax.tree.map(lambda m, p: config.momentum * m + (1.0 - config.momentum) * p, momentum, params)
-        metrics = {"loss": loss, "alpha": alpha, "grad_norm": optax.global_norm(grads),
-                   "lr_scale": opt_state.hyperparams["lr_scale"]}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                             extra={"momentum": momentum}), metrics
-    return step_fn
+        loss, _ = mumc_losses.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha)
+        return loss, ({"alpha": alpha}, None)
+    return loss_fn
 
 
-def _state_fn(config, tx, params_fn):
+def momentum_post_update(config):
+    def post_update(old, new, aux):
+        return new.replace(extra={"momentum": ema_update(old.extra["momentum"], new.params, config.momentum)}), {}
+    return post_update
+
+
+def _state_fn(tx, params_fn, seed: int):
     def init_fn():
         params = params_fn()
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(config.seed + 1),
-                               extra={"momentum": jax.tree.map(jnp.array, params)})
+        return initial_state(params, tx, seed + 1, extra={"momentum": jax.tree.map(jnp.array, params)})
     return init_fn
 
 
-def setup(config, workdir):
+def _check(config) -> None:
     if config.protocol not in vqa_lib.PROTOCOLS:
         raise ValueError(f"config.protocol must be one of {sorted(vqa_lib.PROTOCOLS)}, got {config.protocol!r}")
     if not config.data.get("root"):
         raise ValueError("config.data.root (a VQA-RAD-format folder) is required")
-    mesh = parallel.mesh_from_config(config)
+
+
+def _initial_params(config, model, opening: bool):
+    """The pretraining run's mapped params (init_from: its tree is not the VQA tree), else a fresh init."""
+    if config.get("init_from", "") and not opening:
+        start, _ = pretrained_params(config, model, config.init_from)
+        return lambda: jax.tree.map(jnp.asarray, start)
+    return lambda: fresh_params(config, model)
+
+
+def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
+    config = workdir_lib.with_absolute_paths(config)
+    _check(config)
+    mesh = mesh or parallel.mesh_from_config(config)
     parallel.check_batch_divides(mesh, config.batch_size)
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    tokenizer = get_tokenizer(config, workdir)
+    tokenizer = get_tokenizer(config, workdir, use_init_from=not opening)
     train_items = vqa_lib.load_vqa(config.data.root, "train", image_dir=config.data.image_dir,
                                    val_fraction=config.data.val_fraction, seed=config.seed)
     candidates = candidate_answers(config, train_items)
-    config = ml_collections.ConfigDict(config.to_dict())
     epoch_steps = max(1, len(train_items) // config.batch_size)
-    if not config.total_steps:
-        config.total_steps = int(config.epochs) * epoch_steps
+    length = RunLength.from_config(config, epoch_steps) if not opening else RunLength(1, epoch_steps)
     model = build_model(config, tokenizer.vocab_size)
-    return config, mesh, tokenizer, train_items, candidates, epoch_steps, model
+    tx = make_optimizer(config, length.total_steps, epoch_steps)
+    images = ImageCache(config.data.size)
+    scores = make_evaluator(config, make_predictor(config, model, tokenizer, candidates, mesh), images)
+    source = lambda: VQASource(train_items, images, tokenizer, config.data.max_question_tokens,
+                               config.data.max_answer_tokens)
+    return Task("mumc_vqa", config, mesh, length, tx, _state_fn(tx, _initial_params(config, model, opening),
+                                                               config.seed),
+                make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
+                train_loader=lambda: iter(train_loader(source(), config)),
+                evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
+                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates),
+                      "train_items": train_items}, model=model, tokenizer=tokenizer)
 
 
 def train(config, workdir):
-    init_from = config.get("init_from", "") or ""
-    config, mesh, tokenizer, train_items, candidates, epoch_steps, model = setup(config, workdir)
+    if not config.get("best_metric", ""):
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.best_metric = f"{selection_split(config)}_overall"
+    task = make_task(config, workdir)
+    train_items = task.info.pop("train_items")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        unanswerable = vqa_lib.count_unanswerable(train_items, candidates, "training questions")
+        unanswerable = vqa_lib.count_unanswerable(train_items, candidate_answers(task.config, train_items),
+                                                  "training questions")
     for w in caught:
         print(f"[mumc_vqa] warning: {w.message}", flush=True)
-    tx = loop.make_optimizer(config, config.total_steps, epoch_steps)
-    if init_from:
-        start, _ = pretrained_params(config, model, init_from)
-        params_fn = lambda: jax.tree.map(jnp.asarray, start)
-    else:
-        params_fn = lambda: fresh_params(config, model)
-    images = ImageCache(config.data.size)
-    source = VQASource(train_items, images, tokenizer, config.data.max_question_tokens, config.data.max_answer_tokens)
-    split = selection_split(config)
-    fit_config = ml_collections.ConfigDict(config.to_dict())
-    fit_config.init_from = ""   # mapped here: the pretraining tree is not the VQA tree
-    fit_config.best_metric = f"{split}_overall"
-    eval_fn = lambda state: evaluate_split(config, model, state.params, tokenizer, split, mesh, images, candidates)
-    _, summary = loop.fit(fit_config, workdir, init_fn=_state_fn(config, tx, params_fn),
-                          step_fn=make_step_fn(config, model, tx, epoch_steps), train_iter=iter(train_loader(source, config)),
-                          eval_fn=eval_fn, mesh=mesh)
-    summary.update(unanswerable_train=unanswerable, candidates=len(candidates), init_from=init_from,
-                   selection_split=split)
+    _, summary = loop.fit(task, workdir)
+    summary.update(unanswerable_train=unanswerable, candidates=task.info["candidates"],
+                   init_from=config.get("init_from", "") or "", selection_split=task.eval_split)
     return summary
 
 
 def evaluate(config, workdir, split: str = "test") -> dict:
     """Accuracy of the best checkpoint (selected on validation, or on test for protocol 'original')."""
-    workdir = Path(workdir)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.init_from = ""   # the workdir's own tokenizer (copied from the pretraining run) and checkpoint
-    config, mesh, tokenizer, train_items, candidates, epoch_steps, model = setup(config, workdir)
-    tx = loop.make_optimizer(config, config.total_steps, epoch_steps)
-    abstract = jax.eval_shape(_state_fn(config, tx, lambda: fresh_params(config, model)))
-    state, _, step = loop.load_params(workdir, abstract, prefer="best")
-    images = ImageCache(config.data.size)
-    result = evaluate_split(config, model, state.params, tokenizer, split, mesh, images, candidates)
-    print(f"MUMC VQA {workdir.name} step {step}, {split} ({config.protocol} protocol, {len(candidates)} candidates)")
+    run = runs.open_run(workdir, config)
+    result = run.task.evaluate(run.state, split)
+    print(f"MUMC VQA {run.workdir.name} step {run.step}, {split} ({run.config.protocol} protocol, "
+          f"{run.task.info['candidates']} candidates)")
     print(f"  {'':16s} {'accuracy':>9s} {'n':>6s}")
     rows = [("overall", "n"), ("open", "n_open"), ("closed", "n_closed")]
     rows += [(k[len(split) + 1:], f"n_{k[len(split) + 1:]}") for k in result if k.startswith(f"{split}_type/")]

@@ -1,4 +1,4 @@
-"""Semantic diffusion model training (SPEC A3): MSE + lambda * VLB, label dropout for guidance, EMA params.
+"""SDM training (Wang et al. 2022): MSE + lambda * VLB (improved-diffusion), label dropout for guidance, EMA params.
 
   jaxboost train --config configs/sdm.py:tiny --workdir runs/sdm --config.data.corpus=CORPUS
 
@@ -10,13 +10,14 @@ by the loop) is all `jaxboost synth` needs to rebuild the model, schedule and sa
 """
 from __future__ import annotations
 
+import io
 import itertools
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxboost import parallel, registry
@@ -24,7 +25,12 @@ from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.diffusion import losses as diffusion_losses
 from jaxboost.diffusion import samplers, schedules
-from jaxboost.train import loop
+from jaxboost.train import checkpoints as ckpt_lib
+from jaxboost.train import evaluator, loop, runs
+from jaxboost.train import workdir as workdir_lib
+from jaxboost.train.optim import make_optimizer
+from jaxboost.train.state import ema_update, initial_state
+from jaxboost.train.task import RunLength, Task
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +61,15 @@ def init_params(model, config, rng):
 
 def make_init_fn(model, config, tx):
     def init_fn():
-        params = init_params(model, config, jax.random.PRNGKey(config.seed))
         # The EMA starts as a copy of the initial params (as improved-diffusion).
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(config.seed + 1),
-                               ema_params=jax.tree.map(jnp.copy, params))
+        return initial_state(init_params(model, config, jax.random.PRNGKey(config.seed)), tx, config.seed + 1,
+                             ema=True)
     return init_fn
 
 
 def abstract_state(config):
     """The TrainState tree of an SDM run (shapes only): what synth and evaluate restore into."""
-    model = build_model(config)
-    tx = loop.make_optimizer(config, config.total_steps)
-    return jax.eval_shape(make_init_fn(model, config, tx))
+    return jax.eval_shape(make_init_fn(build_model(config), config, make_optimizer(config, 1)))
 
 
 def guidance_of(config) -> float | None:
@@ -107,19 +109,14 @@ def make_loss_fn(model, config, schedule):
     return loss_fn
 
 
-def make_step_fn(loss_fn, tx, ema_decay: float):
-    """The loop's step plus an EMA whose decay warms up as min(decay, (1 + step) / (10 + step)): a short
-    CPU run's EMA is then not mostly the random initialisation (long runs see `ema_decay` after ~10/(1-d))."""
-    base = loop.make_step_fn(loss_fn, tx, ema_decay=None)
-
-    def step_fn(state, batch):
-        new, metrics = base(state, batch)
-        step = state.step.astype(jnp.float32)
+def ema_post_update(ema_decay: float):
+    """post_update: an EMA whose decay warms up as min(decay, (1 + step) / (10 + step)): a short CPU run's EMA
+    is then not mostly the random initialisation (long runs see `ema_decay` after ~10/(1-d) steps)."""
+    def post_update(old, new, aux):
+        step = old.step.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-        return new.replace(ema_params=loop.ema_update(state.ema_params, new.params, decay)), \
-            dict(metrics, ema_decay=decay)
-
-    return step_fn
+        return new.replace(ema_params=ema_update(old.ema_params, new.params, decay)), {"ema_decay": decay}
+    return post_update
 
 
 # ------------------------------------------------------------------------------------------ sample grid
@@ -139,12 +136,6 @@ def fixed_val_batch(config, n: int, split: str = "val") -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in ("image", "labels")}
 
 
-def global_array(mesh, host_array: np.ndarray) -> jax.Array:
-    """An array every host holds whole -> a global array split over the mesh's batch axes."""
-    sharding = parallel.batch_sharding(mesh, host_array.ndim)
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
-
-
 def to_host(array: jax.Array) -> np.ndarray:
     """A (possibly multi-host) global array -> numpy on every host."""
     if array.is_fully_addressable:
@@ -158,11 +149,6 @@ def images_to_uint8(images) -> np.ndarray:
     return np.clip(np.round((gray + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def replicated_value(array: jax.Array) -> np.ndarray:
-    """A replicated (possibly multi-host) array -> numpy, from this host's first copy."""
-    return np.asarray(array.addressable_data(0))
-
-
 _LABEL_COLOURS = np.array([[0, 0, 0], [220, 60, 60], [90, 90, 90], [60, 200, 90], [70, 120, 240]], np.uint8)
 
 
@@ -171,7 +157,7 @@ def label_colours(labels: np.ndarray) -> np.ndarray:
     return _LABEL_COLOURS[np.clip(labels, 0, len(_LABEL_COLOURS) - 1)]
 
 
-def write_grid(path: Path, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) -> None:
+def write_grid(path, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) -> None:
     """One row per mask: mask | real image | sample, as one PNG (uint8 arrays, no matplotlib)."""
     from PIL import Image
     rows = []
@@ -182,123 +168,122 @@ def write_grid(path: Path, labels: np.ndarray, real: np.ndarray, samples: np.nda
         rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(rows[:-1], axis=0)
     scale = max(1, 256 // labels.shape[1])
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(buffer, "PNG")
+    workdir_lib.write_atomic(path, buffer.getvalue())
 
 
-# ------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------ task
 
-def train(config, workdir):
-    mesh = parallel.mesh_from_config(config)
-    parallel.check_batch_divides(mesh, config.batch_size)
-    if not config.data.corpus:
-        raise ValueError("config.data.corpus is empty: pass --config.data.corpus=CORPUS (a corpus folder)")
-    model = build_model(config)
-    schedule = make_schedule(config)
-    size, channels, num_labels = config.model.image_size, config.model.in_channels, config.model.num_labels
-    if config.data.size != size:
-        raise ValueError(f"config.data.size={config.data.size} but config.model.image_size={size}")
-    transform = pipeline.sdm_transform(size, channels=channels)
-    loader = pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
-                                  seed=config.seed, shuffle=True, transform=transform)
-    tx = loop.make_optimizer(config, config.total_steps)
-    guidance = guidance_of(config)
-
-    # Fixed validation masks and noise: the grid and the val loss are comparable from step to step.
+def make_sample_grid(config, model, schedule, mesh, workdir):
+    """params, step -> writes workdir/samples/step_XXXXXX.png for fixed validation masks and noise (process 0),
+    so the grids are comparable from step to step."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = -(-GRID_ROWS // shards) * shards
-    val = fixed_val_batch(config, rows)
-    val_labels = global_array(mesh, val["labels"].astype(np.int32))
-    val_images = global_array(mesh, val["image"].astype(np.float32))
-    keys = jax.random.key_data(samplers.per_sample_keys(config.seed, 0, rows))
-    val_keys = global_array(mesh, np.asarray(keys))
+    val = fixed_val_batch(config, -(-GRID_ROWS // shards) * shards)
+    keys = np.asarray(jax.random.key_data(samplers.per_sample_keys(config.seed, 0, len(val["labels"]))))
+    fixed = parallel.shard_global_batch(mesh, {"labels": val["labels"].astype(np.int32), "keys": keys})
+    dtype = config.sampler.get("dtype", "float32")
     run_sampler = samplers.make_sampler(
-        apply_fn_for(model), schedule, channels=channels, sampler=config.sampler.name,
-        steps=config.sampler.steps, eta=config.sampler.eta, guidance=guidance,
-        dtype=None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype))
-
-    @jax.jit
-    def val_loss(params, images, labels):
-        loss, metrics = diffusion_losses.diffusion_loss(
-            apply_fn_for(model), params, schedule, images, one_hot_labels(labels, num_labels),
-            jax.random.PRNGKey(config.seed + 2), vlb_weight=float(config.diffusion.vlb_weight))
-        return metrics
-
-    def eval_fn(state):
-        step = int(jax.device_get(state.step))
-        params = state.ema_params
-        metrics = {k: replicated_value(v) for k, v in val_loss(params, val_images, val_labels).items()}
-        samples = to_host(run_sampler(params, one_hot_labels(val_labels, num_labels), val_keys))
-        if parallel.is_main_process():
-            write_grid(Path(workdir) / "samples" / f"step_{step:06d}.png", val["labels"][:GRID_ROWS],
-                       images_to_uint8(val["image"][:GRID_ROWS]), images_to_uint8(samples[:GRID_ROWS]))
-        return {"val/loss": float(metrics["loss"]), "val/mse": float(metrics["mse"]), "val/vb": float(metrics["vb"])}
-
-    _, summary = loop.fit(config, workdir, init_fn=make_init_fn(model, config, tx),
-                          step_fn=make_step_fn(make_loss_fn(model, config, schedule), tx, float(config.ema_decay)),
-                          train_iter=iter(loader), eval_fn=eval_fn, mesh=mesh,
-                          prepare_batch=lambda b: {"image": b["image"], "labels": b["labels"]})
-    return summary
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-def load_run(workdir, mesh=None):
-    """(config, EMA params replicated on `mesh`, step) of an SDM training run folder."""
-    import json
-
-    import ml_collections
-    workdir = Path(workdir)
-    cfg_path = workdir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: not found; {workdir} is not a jaxboost training run")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    if config.get("trainer") != "sdm" or config.get("model_name") != "sdm":
-        raise ValueError(f"{workdir}: a {config.get('trainer')!r} run ({config.get('model_name')!r} model), "
-                         "not an SDM run (config.json trainer must be 'sdm')")
-    mesh = mesh or parallel.mesh_from_config(config)
-    abstract = abstract_state(config)
-    replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    state, _, step = loop.load_params(workdir, abstract, prefer="latest")
-    return config, state.ema_params, step
-
-
-def evaluate(config, workdir, split: str = "val") -> dict:
-    """Diffusion loss (EMA params) over a split of the run's corpus."""
-    mesh = parallel.mesh_from_config(config)
-    _, params, step = load_run(workdir, mesh)
-    model, schedule = build_model(config), make_schedule(config)
+        apply_fn_for(model), schedule, channels=config.model.in_channels, sampler=config.sampler.name,
+        steps=config.sampler.steps, eta=config.sampler.eta, guidance=guidance_of(config),
+        dtype=None if dtype == "float32" else jnp.dtype(dtype))
     num_labels = config.model.num_labels
-    transform = pipeline.sdm_transform(config.data.size, channels=config.model.in_channels)
-    corpus = corpus_lib.open_corpus(config.data.corpus)
-    records = (transform(r, None) for r in corpus.iter(split) if pipeline.sdm_filter(r))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    bs = max(shards, (config.batch_size // shards) * shards)
 
-    def batches():
-        start = 0
-        while chunk := list(itertools.islice(records, bs)):
-            yield {"image": np.stack([c["image"] for c in chunk]), "labels": np.stack([c["labels"] for c in chunk]),
-                   "index": np.arange(start, start + len(chunk), dtype=np.int32)}  # fixed noise per image
-            start += len(chunk)
+    def write(params, step: int) -> None:
+        samples = to_host(run_sampler(params, one_hot_labels(fixed["labels"], num_labels), fixed["keys"]))
+        if parallel.is_main_process():
+            write_grid(workdir / "samples" / f"step_{step:06d}.png", val["labels"][:GRID_ROWS],
+                       images_to_uint8(val["image"][:GRID_ROWS]), images_to_uint8(samples[:GRID_ROWS]))
+    return write
+
+
+def make_loss_evaluator(config, model, schedule, mesh):
+    """(params, split) -> {split}/loss, mse, vb: the diffusion loss per image with fixed noise, streamed."""
+    num_labels, vlb = config.model.num_labels, float(config.diffusion.vlb_weight)
 
     def per_sample(params, batch):
         def one(image, labels, key):
-            _, m = diffusion_losses.diffusion_loss(
-                apply_fn_for(model), params, schedule, image[None], one_hot_labels(labels[None], num_labels), key,
-                vlb_weight=float(config.diffusion.vlb_weight))
+            _, m = diffusion_losses.diffusion_loss(apply_fn_for(model), params, schedule, image[None],
+                                                   one_hot_labels(labels[None], num_labels), key, vlb_weight=vlb)
             return m
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), i))(batch["index"])
         return jax.vmap(one)(batch["image"], batch["labels"], keys)
 
-    totals = {"loss": [], "mse": [], "vb": []}
-    for _, out in loop.map_batches(per_sample, params, batches(), mesh, bs):
-        for k in totals:
-            totals[k].append(out[k])
-    result = {f"{split}/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items() if v}
-    print(f"SDM {Path(workdir).name} step {step} on {split}: " +
+    mapper = evaluator.BatchMapper(per_sample, mesh, evaluator.eval_batch_size(config, mesh))
+    transform = pipeline.sdm_transform(config.data.size, channels=config.model.in_channels)
+
+    def evaluate(params, split: str) -> dict:
+        corpus = corpus_lib.open_corpus(config.data.corpus)
+        records = (transform(r, None) for r in corpus.iter(split) if pipeline.sdm_filter(r))
+
+        def batches():
+            start = 0
+            while chunk := list(itertools.islice(records, mapper.batch_size)):
+                yield {"image": np.stack([c["image"] for c in chunk]), "labels": np.stack([c["labels"] for c in chunk]),
+                       "index": np.arange(start, start + len(chunk), dtype=np.int32)}  # fixed noise per image
+                start += len(chunk)
+
+        totals = {"loss": [], "mse": [], "vb": []}
+        for _, out in mapper(params, batches()):
+            for k in totals:
+                totals[k].append(out[k])
+        if not totals["loss"]:
+            raise ValueError(f"{config.data.corpus}: split {split!r} holds no images")
+        return {f"{split}/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items()}
+    return evaluate
+
+
+def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
+    config = workdir_lib.with_absolute_paths(config)
+    mesh = mesh or parallel.mesh_from_config(config)
+    parallel.check_batch_divides(mesh, config.batch_size)
+    if not config.data.corpus:
+        raise ValueError("config.data.corpus is empty: pass --config.data.corpus=CORPUS (a corpus folder)")
+    size, channels = config.model.image_size, config.model.in_channels
+    if config.data.size != size:
+        raise ValueError(f"config.data.size={config.data.size} but config.model.image_size={size}")
+    model, schedule = build_model(config), make_schedule(config)
+    length = RunLength.from_config(config) if not opening else RunLength(max(int(config.total_steps), 1))
+    tx = make_optimizer(config, length.total_steps)
+    losses = make_loss_evaluator(config, model, schedule, mesh)
+    grid = None if opening else make_sample_grid(config, model, schedule, mesh, workdir_lib.resolve(workdir))
+
+    def evaluate(state, split):
+        if grid is not None and split == "val":
+            grid(state.ema_params, int(jax.device_get(state.step)))
+        return losses(state.ema_params, split)
+
+    def train_loader():
+        return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
+                                         seed=config.seed, shuffle=True,
+                                         transform=pipeline.sdm_transform(size, channels=channels)))
+
+    return Task("sdm", config, mesh, length, tx, make_init_fn(model, config, tx), make_loss_fn(model, config, schedule),
+                post_update=ema_post_update(float(config.ema_decay)), train_loader=train_loader,
+                prepare_batch=lambda b: {"image": b["image"], "labels": b["labels"]}, evaluate=evaluate, model=model)
+
+
+def train(config, workdir):
+    return loop.fit(make_task(config, workdir), workdir)[1]
+
+
+def load_run(workdir, mesh=None):
+    """(config, EMA params on `mesh`, step) of an SDM training run folder: only the EMA params are read, each
+    leaf FSDP-split over the mesh's `fsdp` axis (replicated when fsdp = 1), as the sampler uses them."""
+    workdir = workdir_lib.resolve(workdir)
+    config = runs.read_run_config(workdir, expect="sdm")
+    mesh = mesh or parallel.mesh_from_config(config)
+    abstract = abstract_state(config)
+    ema, step = ckpt_lib.load_ema_params(workdir, abstract, parallel.shardings_for(abstract.ema_params, mesh))
+    return config, ema, int(step)
+
+
+def evaluate(config, workdir, split: str = "val") -> dict:
+    """Diffusion loss (EMA params) over a split of the run's corpus."""
+    run = runs.open_run(workdir, config, prefer="latest", expect="sdm")
+    result = run.task.evaluate(run.state, split)
+    print(f"SDM {run.workdir.name} step {run.step} on {split}: " +
           ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in result.items()))
     return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,11 @@ from jaxboost import parallel, registry
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.data.labels import STRUCTURES
-from jaxboost.train import loop
+from jaxboost.train import evaluator, loop, runs
+from jaxboost.train import workdir as workdir_lib
+from jaxboost.train.optim import make_optimizer
+from jaxboost.train.state import initial_state
+from jaxboost.train.task import RunLength, Task
 
 
 def image_transform(record, rng=None, *, size: int):
@@ -37,89 +40,89 @@ def build_model(config):
     return registry.model_class(config.model_name)(**config.model)
 
 
-def train(config, workdir):
-    mesh = parallel.mesh_from_config(config)
-    parallel.check_batch_divides(mesh, config.batch_size)
-    model = build_model(config)
-    size = config.data.size
-    loader = pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
-                                  seed=config.seed, shuffle=True,
-                                  transform=functools.partial(image_transform, size=size), filter_fn=one_per_image)
-    train_iter = iter(loader)
-    tx = loop.make_optimizer(config, config.total_steps)
+def label_predictor(model):
+    return lambda p, b: jnp.argmax(model.apply({"params": p}, b["image"]), -1)
 
-    def init_fn():
+
+def predict_labels(config, model, params, images: np.ndarray, mesh=None) -> np.ndarray:
+    """images [N, S, S] uint8 -> predicted label maps [N, S, S] (used for SDM label fidelity)."""
+    mesh = mesh or parallel.mesh_from_config(config)
+    bs = evaluator.eval_batch_size(config, mesh)
+    batches = ({"image": images[i:i + bs, ..., None].astype(np.float32) / 255.0} for i in range(0, len(images), bs))
+    mapper = evaluator.BatchMapper(label_predictor(model), mesh, bs)
+    return np.concatenate([out for _, out in mapper(params, batches)])
+
+
+def make_evaluator(config, model, mesh):
+    """split -> params -> {split}/dice_{S}, dice_mean (x100); compiled once."""
+    mapper = evaluator.BatchMapper(label_predictor(model), mesh, evaluator.eval_batch_size(config, mesh))
+    size = config.data.size
+
+    def evaluate(params, split: str) -> dict:
+        records = (r for r in corpus_lib.open_corpus(config.data.corpus).iter(split) if one_per_image(r))
+
+        def batches():
+            while chunk := list(itertools.islice(records, mapper.batch_size)):
+                yield {"image": np.stack([image_transform(r, size=size)["image"] for r in chunk]),
+                       "labels": np.stack([r["mask"] for r in chunk])}
+
+        per_structure = {s: [] for s in STRUCTURES}
+        for host_batch, pred in mapper(params, batches()):
+            for label, s in enumerate(STRUCTURES, start=1):
+                per_structure[s] += [metrics_lib.dice_iou(p == label, g == label)[0]
+                                     for p, g in zip(pred, host_batch["labels"])]
+        out = {f"{split}/dice_{s}": float(np.mean(v)) for s, v in per_structure.items() if v}
+        out[f"{split}/dice_mean"] = float(np.mean([out[f"{split}/dice_{s}"] for s in per_structure
+                                                   if per_structure[s]]))
+        return out
+    return evaluate
+
+
+def evaluate_params(config, model, params, split: str, mesh) -> dict:
+    """One split's scores (compiles its evaluator; a run's own evaluation reuses the task's)."""
+    return make_evaluator(config, model, mesh)(params, split)
+
+
+def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
+    config = workdir_lib.with_absolute_paths(config)
+    mesh = mesh or parallel.mesh_from_config(config)
+    parallel.check_batch_divides(mesh, config.batch_size)
+    model, size = build_model(config), config.data.size
+    length = RunLength.from_config(config)
+    tx = make_optimizer(config, length.total_steps)
+
+    def init_state():
         params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 1)))["params"]
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(config.seed + 1))
+        return initial_state(params, tx, config.seed + 1)
 
     def loss_fn(params, state, batch, rng):
         logits = model.apply({"params": params}, batch["image"])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
         return ce, ({"ce": ce}, None)
 
-    def eval_fn(state):
-        return evaluate_params(config, model, state.params, "val", mesh)
+    def train_loader():
+        return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
+                                         seed=config.seed, shuffle=True, filter_fn=one_per_image,
+                                         transform=functools.partial(image_transform, size=size)))
 
-    _, summary = loop.fit(config, workdir, init_fn=init_fn, step_fn=loop.make_step_fn(loss_fn, tx),
-                          train_iter=train_iter, eval_fn=eval_fn, mesh=mesh)
-    return summary
-
-
-def predict_labels(config, model, params, images: np.ndarray, mesh=None) -> np.ndarray:
-    """images [N, S, S] uint8 -> predicted label maps [N, S, S] (used for SDM label fidelity)."""
-    mesh = mesh or parallel.mesh_from_config(config)
-    bs = _eval_batch(config, mesh)
-    batches = ({"image": images[i:i + bs, ..., None].astype(np.float32) / 255.0} for i in range(0, len(images), bs))
-    fn = lambda p, b: jnp.argmax(model.apply({"params": p}, b["image"]), -1)
-    return np.concatenate([out for _, out in loop.map_batches(fn, params, batches, mesh, bs)])
+    scores = make_evaluator(config, model, mesh)
+    return Task("unet_seg", config, mesh, length, tx, init_state, loss_fn, train_loader=train_loader,
+                evaluate=lambda state, split: scores(state.params, split), model=model)
 
 
-def _eval_batch(config, mesh):
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(shards, (config.get("eval_batch_size", config.batch_size) // shards) * shards)
-
-
-def evaluate_params(config, model, params, split: str, mesh) -> dict:
-    corpus = corpus_lib.open_corpus(config.data.corpus)
-    records = (r for r in corpus.iter(split) if one_per_image(r))
-    size = config.data.size
-    bs = _eval_batch(config, mesh)
-
-    def batches():
-        while chunk := list(itertools.islice(records, bs)):
-            yield {"image": np.stack([image_transform(r, size=size)["image"] for r in chunk]),
-                   "labels": np.stack([r["mask"] for r in chunk])}
-
-    fn = lambda p, b: jnp.argmax(model.apply({"params": p}, b["image"]), -1)
-    per_structure = {s: [] for s in STRUCTURES}
-    for host_batch, pred in loop.map_batches(fn, params, batches(), mesh, bs):
-        for label, s in enumerate(STRUCTURES, start=1):
-            per_structure[s] += [metrics_lib.dice_iou(p == label, g == label)[0]
-                                 for p, g in zip(pred, host_batch["labels"])]
-    out = {f"{split}/dice_{s}": float(np.mean(v)) for s, v in per_structure.items() if v}
-    out[f"{split}/dice_mean"] = float(np.mean([out[f"{split}/dice_{s}"] for s in per_structure if per_structure[s]]))
-    return out
+def train(config, workdir):
+    return loop.fit(make_task(config, workdir), workdir)[1]
 
 
 def restore(config, workdir, prefer: str = "best"):
     """-> (model, params, step) of a U-Net workdir (the best checkpoint by default)."""
-    model = build_model(config)
-    size = config.data.size
-    tx = loop.make_optimizer(config, config.total_steps)
-
-    def state():
-        params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))["params"]
-        return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(0))
-    restored, _, step = loop.load_params(workdir, jax.eval_shape(state), prefer=prefer)
-    return model, restored.params, step
+    run = runs.open_run(workdir, config, prefer=prefer)
+    return run.task.model, run.state.params, run.step
 
 
 def evaluate(config, workdir, split: str = "test") -> dict:
-    mesh = parallel.mesh_from_config(config)
-    model, params, step = restore(config, workdir)
-    result = evaluate_params(config, model, params, split, mesh)
-    print(f"U-Net {Path(workdir).name} step {step} on {split}: " +
+    run = runs.open_run(workdir, config)
+    result = run.task.evaluate(run.state, split)
+    print(f"U-Net {run.workdir.name} step {run.step} on {split}: " +
           ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result.items()))
     return result

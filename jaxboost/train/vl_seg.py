@@ -1,4 +1,4 @@
-"""Vision-language segmenters (CLIPSeg, CRIS) finetuned on echo triplets (SPEC A4): one trainer for both.
+"""CLIPSeg and CRIS finetuned on echo triplets (Synthetic Boost, Adhikari et al. 2023): one trainer for both.
 
 One sample = (image, binary mask of one structure, prompt P0-P7). The step normalises the image with the
 model's mean/std, runs the model (CRIS: BatchNorm statistics in `state.extra["batch_stats"]`, dropout from
@@ -19,15 +19,10 @@ the training corpus prompts. Restarts and `evaluate` reload it.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxboost import metrics as metrics_lib
@@ -37,15 +32,18 @@ from jaxboost.data import pipeline
 from jaxboost.data.labels import STRUCTURES
 from jaxboost.data.tokenize_clip import ClipTokenizer
 from jaxboost.losses.segmentation import dice_bce
-from jaxboost.train import loop
+from jaxboost.train import evaluator, loop, runs, tokenizer_setup
+from jaxboost.train import workdir as workdir_lib
+from jaxboost.train.optim import make_optimizer
+from jaxboost.train.state import initial_state
+from jaxboost.train.task import RunLength, Task, compute_dtype, keep_model_state
 
 # Parameters of the CLIP encoders, per model (the optimiser freezes them or scales their lr).
 ENCODER_PARAMS = {"clipseg": r"^(vision|text)/", "cris": r"^(visual|text)/"}
 # Model fields that are training options, not architecture: a `pretrained` folder's model.json does not
 # override them.
 RUNTIME_FIELDS = ("freeze_encoders", "attention_impl", "pad_mode", "upsample", "dropout_rate")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = tokenizer_setup.TOKENIZER_DIR
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -59,42 +57,23 @@ def corpus_prompts(corpus_dir: str) -> list[str]:
     return sorted(texts)
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """Atomic copy (several hosts may do this at once; the first rename wins)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    try:
-        os.replace(tmp, dst)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def tokenizer_for(config, workdir) -> ClipTokenizer:
-    """The run's tokenizer, recorded in WORKDIR/tokenizer (see the module docstring for the order)."""
-    workdir = Path(workdir).absolute()
-    folder = workdir / TOKENIZER_DIR
+def tokenizer_for(config, workdir, use_init_from: bool = True) -> ClipTokenizer:
+    """The run's tokenizer in WORKDIR/tokenizer: a copy of config.data.tokenizer (a local CLIP folder), else of
+    the init_from run's (so a finetune reads prompts as its pretraining did), else a BPE trained on the
+    training corpus prompts."""
     context = int(config.model.context_length)
-    if not (folder / "tokenizer.json").exists() and not (folder / "vocab.json").exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        if config.data.get("tokenizer", ""):
-            _copy_tokenizer(Path(ClipTokenizer.from_folder(config.data.tokenizer, context).source), folder)
-        elif config.get("init_from", ""):
-            src = Path(config.init_from) / TOKENIZER_DIR
-            if not src.is_dir():
-                raise FileNotFoundError(f"config.init_from={config.init_from}: no {TOKENIZER_DIR}/ folder there "
-                                        "(is it a vl_seg run directory?)")
-            _copy_tokenizer(src, folder)
-        else:
-            if not config.data.corpus:
-                raise ValueError("config.data.corpus is empty: set --config.data.corpus=CORPUS_DIR")
-            tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir))
-            ClipTokenizer.train(corpus_prompts(config.data.corpus), str(tmp),
-                                int(config.data.get("tokenizer_vocab_size", 1000)), context)
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return ClipTokenizer.from_folder(str(folder), context)
+    if config.data.get("tokenizer", ""):
+        build = tokenizer_setup.copier(ClipTokenizer.from_folder(config.data.tokenizer, context).source)
+    elif use_init_from and config.get("init_from", ""):
+        src = Path(config.init_from) / tokenizer_setup.TOKENIZER_DIR
+        if not src.is_dir():
+            raise FileNotFoundError(f"config.init_from={config.init_from}: no {tokenizer_setup.TOKENIZER_DIR}/ "
+                                    "folder there (is it a vl_seg run directory?)")
+        build = tokenizer_setup.copier(src)
+    else:
+        build = lambda tmp: ClipTokenizer.train(corpus_prompts(config.data.corpus), tmp,
+                                                int(config.data.get("tokenizer_vocab_size", 1000)), context)
+    return ClipTokenizer.from_folder(tokenizer_setup.run_tokenizer_dir(workdir, build), context)
 
 
 def _tuples(d: dict) -> dict:
@@ -115,10 +94,8 @@ def build_model(config, tokenizer: ClipTokenizer):
     if fields["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens ({tokenizer.source})")
-    dtype = config.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return registry.model_class(config.model_name)(**fields, dtype=DTYPES[dtype] if dtype != "float32" else None)
+    dtype = compute_dtype(config, "dtype")
+    return registry.model_class(config.model_name)(**fields, dtype=None if dtype == jnp.float32 else dtype)
 
 
 def _converted(path: str):
@@ -156,29 +133,16 @@ def host_variables(config, model) -> dict:
     return variables
 
 
-def optimizer_config(config) -> ml_collections.ConfigDict:
-    """config with optim.frozen / optim.lr_mults completed from model.freeze_encoders and backbone_lr_mult."""
-    config = ml_collections.ConfigDict(config.to_dict())
+def encoder_groups(config) -> tuple[list[str], dict[str, float]]:
+    """(frozen, lr_mults) for the CLIP encoders, from model.freeze_encoders and optim.backbone_lr_mult."""
     encoders = ENCODER_PARAMS[config.model_name]
-    frozen = list(config.optim.get("frozen", ()) or ())
-    mults = dict(config.optim.get("lr_mults", {}) or {})
-    if config.model.get("freeze_encoders", False) and encoders not in frozen:
-        frozen.append(encoders)
-    elif float(config.optim.get("backbone_lr_mult", 1.0)) != 1.0:
-        mults[encoders] = float(config.optim.backbone_lr_mult)
-    config.optim.frozen = tuple(frozen)
-    config.optim.lr_mults = mults
-    return config
+    if config.model.get("freeze_encoders", False):
+        return [encoders], {}
+    mult = float(config.optim.get("backbone_lr_mult", 1.0))
+    return [], ({encoders: mult} if mult != 1.0 else {})
 
 
-def build_state(variables, tx, seed: int) -> loop.TrainState:
-    params = variables["params"]
-    stats = {k: v for k, v in variables.items() if k != "params"}
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                           rng=jax.random.PRNGKey(seed + 1), extra=stats or None)
-
-
-def model_variables(state: loop.TrainState) -> dict:
+def model_variables(state) -> dict:
     return {"params": state.params, **(state.extra or {})}
 
 
@@ -189,98 +153,90 @@ def normalise(config, images):
     return (images - mean) / std
 
 
-class Task(NamedTuple):
-    config: Any               # resolved: total_steps, eval_every, ckpt_every, optim.frozen/lr_mults
-    model: Any
-    tokenizer: ClipTokenizer
-    tx: Any
-    init_fn: Any
-    abstract_variables: Any
-    loss_fn: Any
-    step_fn: Any
-    prepare_batch: Any
-    steps_per_epoch: int
+def _steps_per_epoch(config) -> int:
+    n = corpus_lib.open_corpus(config.data.corpus).split_len("train")
+    steps = n // int(config.batch_size)
+    if steps == 0:
+        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} training records of "
+                         f"{config.data.corpus}")
+    return steps
 
 
-def setup(config, workdir, *, host_init: bool = True) -> Task:
-    """Everything `train` hands to `loop.fit` (tests use it to run steps on chosen meshes)."""
+def _check(config) -> None:
     if config.model_name not in ENCODER_PARAMS:
         raise ValueError(f"config.model_name={config.model_name!r}: vl_seg trains {sorted(ENCODER_PARAMS)}")
     if config.loss.get("mode", "fixed") not in ("fixed", "original"):
         raise ValueError(f"config.loss.mode must be 'fixed' or 'original', got {config.loss.mode!r}")
-    config = optimizer_config(config)
-    tokenizer = tokenizer_for(config, workdir)
-    model = build_model(config, tokenizer)
-    steps_per_epoch = 1
-    if config.data.get("corpus", ""):
-        n = corpus_lib.open_corpus(config.data.corpus).split_len("train")
-        steps_per_epoch = n // int(config.batch_size)
-        if steps_per_epoch == 0:
-            raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} training records of "
-                             f"{config.data.corpus}")
-    config.steps_per_epoch = steps_per_epoch
-    config.total_steps = int(config.get("total_steps", 0) or int(config.num_epochs) * steps_per_epoch)
-    config.eval_every = config.get("eval_every", 0) or steps_per_epoch
-    config.ckpt_every = config.get("ckpt_every", 0) or steps_per_epoch
-    tx = loop.make_optimizer(config, config.total_steps, steps_per_epoch)
-    abstract_variables = variable_shapes(config, model)
-    seed = int(config.seed)
+    if not config.data.get("corpus", ""):
+        raise ValueError("config.data.corpus is empty: set --config.data.corpus=CORPUS_DIR")
 
-    def init_fn():
-        variables = jax.tree.map(jnp.asarray, host_variables(config, model)) if host_init else abstract_variables
-        return build_state(variables, tx, seed)
 
+def make_loss_fn(config, model):
     lc = config.loss
 
     def loss_fn(params, state, batch, rng):
         variables = {"params": params, **(state.extra or {})}
         args = (normalise(config, batch["image"]), batch["input_ids"], batch["attention_mask"])
-        if state.extra:
+        if state.extra:   # CRIS: BatchNorm statistics, returned to post_update
             logits, updates = model.apply(variables, *args, train=True, mutable=list(state.extra),
                                           rngs={"dropout": rng})
-            new_extra = dict(updates)
+            new_stats = dict(updates)
         else:
-            logits, new_extra = model.apply(variables, *args, train=True, rngs={"dropout": rng}), None
+            logits, new_stats = model.apply(variables, *args, train=True, rngs={"dropout": rng}), None
         loss, terms = dice_bce(logits, batch["mask"], lc.dice_weight, lc.bce_weight, lc.get("mode", "fixed"))
-        return loss, (terms, new_extra)
+        return loss, (terms, new_stats)
+    return loss_fn
+
+
+def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
+    """Everything `train` hands to `loop.fit`; `opening`: an existing run (its own tokenizer and weights)."""
+    config = workdir_lib.with_absolute_paths(config)
+    _check(config)
+    mesh = mesh or parallel.mesh_from_config(config)
+    parallel.check_batch_divides(mesh, int(config.batch_size))
+    tokenizer = tokenizer_for(config, workdir, use_init_from=not opening)
+    model = build_model(config, tokenizer)
+    spe = _steps_per_epoch(config)
+    length = RunLength.from_config(config, spe, per_epoch_default=True) if not opening else RunLength(1, spe)
+    frozen, lr_mults = encoder_groups(config)
+    tx = make_optimizer(config, length.total_steps, spe, frozen=frozen, lr_mults=lr_mults)
+    abstract_variables = variable_shapes(config, model)
+    seed = int(config.seed)
+
+    def init_state(variables=None):
+        # `fit` passes the numpy init + converted weights (host_variables) placed on the mesh; without them
+        # (shapes for eval_shape, a run about to be restored) the state holds zeros.
+        if variables is None:
+            variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_variables)
+        params = variables["params"]
+        stats = {k: v for k, v in variables.items() if k != "params"}
+        return initial_state(params, tx, seed + 1, extra=stats or None)
 
     def prepare_batch(host_batch: dict) -> dict:
         ids, mask = tokenizer.tokenize([str(p) for p in host_batch["prompt"]], model.context_length)
         return {"image": host_batch["image"], "mask": host_batch["mask"], "input_ids": ids, "attention_mask": mask}
 
-    return Task(config, model, tokenizer, tx, init_fn, abstract_variables, loss_fn,
-                loop.make_step_fn(loss_fn, tx), prepare_batch, steps_per_epoch)
+    def train_loader():
+        transform = pipeline.segmentation_transform(int(config.data.prompt), int(config.data.size))
+        return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=int(config.batch_size),
+                                         seed=seed, shuffle=True, transform=transform))
 
+    scorer = SegmentationScorer(config, model, tokenizer, mesh)
+    return Task(config.model_name, config, mesh, length, tx, init_state, make_loss_fn(config, model),
+                post_update=keep_model_state, train_loader=train_loader, prepare_batch=prepare_batch,
+                host_variables=None if opening else (lambda: host_variables(config, model)),
+                evaluate=lambda state, split: scorer(model_variables(state), split, hausdorff=False),
+                model=model, tokenizer=tokenizer)
 
-# ------------------------------------------------------------------------------------------ train
 
 def train(config, workdir) -> dict:
-    if not config.data.get("corpus", ""):
-        raise ValueError("config.data.corpus is empty: set --config.data.corpus=CORPUS_DIR")
-    mesh = parallel.mesh_from_config(config)
-    parallel.check_batch_divides(mesh, int(config.batch_size))
-    task = setup(config, workdir)
-    cfg = task.config
-    loader = pipeline.make_loader(cfg.data.corpus, "train", global_batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-                                  shuffle=True, transform=pipeline.segmentation_transform(int(cfg.data.prompt),
-                                                                                          int(cfg.data.size)))
-
-    def eval_fn(state):
-        return evaluate_params(cfg, task.model, task.tokenizer, model_variables(state), "val", mesh,
-                               hausdorff=False)
-
-    _, summary = loop.fit(cfg, workdir, init_fn=task.init_fn, step_fn=task.step_fn, train_iter=iter(loader),
-                          eval_fn=eval_fn, prepare_batch=task.prepare_batch, mesh=mesh)
-    summary["steps_per_epoch"] = task.steps_per_epoch
+    task = make_task(config, workdir)
+    _, summary = loop.fit(task, workdir)
+    summary["steps_per_epoch"] = task.length.steps_per_epoch
     return summary
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-
-def _eval_batch(config, mesh) -> int:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(shards, (int(config.get("eval_batch_size", config.batch_size)) // shards) * shards)
-
 
 def _ground_truth(record) -> np.ndarray:
     """The record's structure as a binary mask at the source resolution (corpus size when not kept)."""
@@ -297,49 +253,58 @@ def eval_prompts(config) -> list[int]:
     return prompts
 
 
-def evaluate_params(config, model, tokenizer, variables, split: str, mesh, *, prompts=None, hausdorff=True,
-                    overlay_path: str | None = None, n_overlays: int = 6) -> dict:
-    """Scores every (image, structure) record of `split` at the source resolution.
+class SegmentationScorer:
+    """(variables, split) -> {split}/dice_{S}, iou_{S}, dice_mean, iou_mean (and hd_{S}, hd_mean) for the
+    first prompt, and {split}/P{k}/... for every prompt when several are scored; x100 (Dice, IoU), pixels (HD).
+    Every (image, structure) record is scored at the source resolution, batch by batch; compiled once."""
 
-    Returns {split}/dice_{S}, iou_{S}, dice_mean, iou_mean (and hd_{S}, hd_mean) for the first prompt, and
-    {split}/P{k}/... for every prompt when several are scored. Values are x100 (Dice, IoU) and pixels (HD).
-    """
-    corpus_dir = config.data.get("eval_corpus", "") or config.data.corpus
-    records = list(corpus_lib.open_corpus(corpus_dir).iter(split))
-    if not records:
-        raise ValueError(f"{corpus_dir}: split {split!r} is empty")
-    size, bs = int(config.data.size), _eval_batch(config, mesh)
-    prompts = prompts or eval_prompts(config)
-    fn = lambda v, b: model.apply(v, normalise(config, b["image"]), b["input_ids"], b["attention_mask"])
-    out = {}
-    for pi, p in enumerate(prompts):
-        transform = pipeline.segmentation_transform(p, size)
-        examples = (transform(r, np.random.default_rng(i)) for i, r in enumerate(records))
+    def __init__(self, config, model, tokenizer, mesh):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        fn = lambda v, b: model.apply(v, normalise(config, b["image"]), b["input_ids"], b["attention_mask"])
+        self.mapper = evaluator.BatchMapper(fn, mesh, evaluator.eval_batch_size(config, mesh))
 
-        def batches():
-            while chunk := list(itertools.islice(examples, bs)):
-                ids, mask = tokenizer.tokenize([e["prompt"] for e in chunk], model.context_length)
-                yield {"image": np.stack([e["image"] for e in chunk]), "input_ids": ids, "attention_mask": mask}
+    def _batches(self, records, prompt: int):
+        transform = pipeline.segmentation_transform(prompt, int(self.config.data.size))
+        examples = ((r, transform(r, np.random.default_rng(i))) for i, r in enumerate(records))
+        while chunk := list(itertools.islice(examples, self.mapper.batch_size)):
+            ids, mask = self.tokenizer.tokenize([e["prompt"] for _, e in chunk], self.model.context_length)
+            yield {"image": np.stack([e["image"] for _, e in chunk]), "input_ids": ids, "attention_mask": mask,
+                   "record": [r for r, _ in chunk]}
 
-        scores = {s: [] for s in STRUCTURES}
-        logits_all = []
-        for _, logits in loop.map_batches(fn, variables, batches(), mesh, bs):
-            logits_all.append(logits)
-        logits_all = np.concatenate(logits_all)
-        for record, logits in zip(records, logits_all):
-            gt = _ground_truth(record)
-            pred = metrics_lib.probabilities_at(logits, gt.shape) > float(config.threshold)
-            dice, iou = metrics_lib.dice_iou(pred, gt)
-            row = {"dice": dice, "iou": iou}
-            if hausdorff:
-                row["hd"] = metrics_lib.hausdorff(pred, gt)
-            scores[record["structure"]].append(row)
-        prefixes = [f"{split}/"] if len(prompts) == 1 else ([f"{split}/P{p}/"] + ([f"{split}/"] if pi == 0 else []))
-        for prefix in prefixes:
-            out.update(_summarise(scores, prefix))
-        if pi == 0 and overlay_path:
-            _draw_overlays(overlay_path, records, logits_all, float(config.threshold), n_overlays, p)
-    return out
+    def _score_prompt(self, variables, records, prompt: int, hausdorff: bool, keep: set[int]):
+        scores, kept, threshold, i = {s: [] for s in STRUCTURES}, {}, float(self.config.threshold), 0
+        for host_batch, logits in self.mapper(variables, self._batches(records, prompt)):
+            for record, record_logits in zip(host_batch["record"], logits):
+                row = metrics_lib.score_mask(record_logits, _ground_truth(record), threshold,
+                                             name=str(record.get("key", i)), with_hausdorff=hausdorff)
+                if hausdorff:
+                    row["hd"] = row.pop("hausdorff")
+                scores[record["structure"]].append(row)
+                if i in keep:
+                    kept[i] = (record, record_logits)
+                i += 1
+        return scores, kept
+
+    def __call__(self, variables, split: str, *, prompts=None, hausdorff=True, overlay_path=None,
+                 n_overlays: int = 6) -> dict:
+        config = self.config
+        corpus_dir = config.data.get("eval_corpus", "") or config.data.corpus
+        corpus = corpus_lib.open_corpus(corpus_dir)
+        n = corpus.split_len(split)
+        if not n:
+            raise ValueError(f"{corpus_dir}: split {split!r} is empty")
+        prompts = prompts or eval_prompts(config)
+        keep = set(np.linspace(0, n - 1, min(n_overlays, n)).astype(int).tolist()) if overlay_path else set()
+        out = {}
+        for pi, p in enumerate(prompts):
+            scores, kept = self._score_prompt(variables, corpus.iter(split), p, hausdorff,
+                                              keep if pi == 0 else set())
+            prefixes = [f"{split}/"] if len(prompts) == 1 else ([f"{split}/P{p}/"] + ([f"{split}/"] if pi == 0 else []))
+            for prefix in prefixes:
+                out.update(_summarise(scores, prefix))
+            if pi == 0 and overlay_path:
+                _draw_overlays(overlay_path, kept, float(config.threshold), p)
+        return out
 
 
 def _summarise(scores: dict, prefix: str) -> dict:
@@ -357,18 +322,17 @@ def _summarise(scores: dict, prefix: str) -> dict:
     return out
 
 
-def _draw_overlays(path, records, logits, threshold, n, prompt):
-    """Rows of (image, ground truth, prediction) for `n` records spread over the split."""
+def _draw_overlays(path, kept: dict, threshold, prompt):
+    """Rows of (image, ground truth, prediction) for the kept records (index -> (record, logits))."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    idx = np.linspace(0, len(records) - 1, min(n, len(records))).astype(int)
-    fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
-    for row, i in zip(axes, idx):
-        r = records[i]
+    fig, axes = plt.subplots(len(kept), 3, figsize=(7.5, 2.5 * len(kept)), squeeze=False)
+    for row, i in zip(axes, sorted(kept)):
+        r, logits = kept[i]
         image = np.asarray(r["image"], np.float32)
         gt = np.asarray(r["mask"]) == int(r["label"])
-        pred = metrics_lib.probabilities_at(logits[i], image.shape) > threshold
+        pred = metrics_lib.probabilities_at(logits, image.shape) > threshold
         for ax, (title, m) in zip(row, (("image", None), ("ground truth", gt), ("prediction", pred))):
             ax.imshow(image, cmap="gray")
             if m is not None:
@@ -401,19 +365,15 @@ def format_table(result: dict, split: str, prompts: list[int]) -> str:
 def evaluate(config, workdir, split: str = "test") -> dict:
     """Best checkpoint of WORKDIR on `split`: prints the table, writes WORKDIR/overlays_<split>.png and
     returns {split}/dice_mean, {split}/dice_LV, ... (x100)."""
-    workdir = Path(workdir).absolute()
-    if not (workdir / TOKENIZER_DIR).is_dir():
-        raise FileNotFoundError(f"{workdir}/{TOKENIZER_DIR} not found: is {workdir} a trained vl_seg run?")
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.init_from = ""  # the tokenizer and weights are the run's own
-    mesh = parallel.mesh_from_config(config)
-    task = setup(config, workdir, host_init=False)
-    abstract = jax.eval_shape(lambda v: build_state(v, task.tx, 0), task.abstract_variables)
-    state, _, step = loop.load_params(workdir, abstract, prefer="best")
-    prompts = eval_prompts(config)
-    result = evaluate_params(task.config, task.model, task.tokenizer, model_variables(state), split, mesh,
-                             prompts=prompts, overlay_path=str(workdir / f"overlays_{split}.png"),
-                             n_overlays=int(config.get("overlays", 6)))
-    print(f"{config.model_name} {workdir.name} (step {step}) on {split}, source resolution, mean ± std over "
-          f"masks:\n" + format_table(result, split, prompts))
+    run = runs.open_run(workdir, config)
+    task = run.task
+    if not (run.workdir / TOKENIZER_DIR).is_dir():
+        raise FileNotFoundError(f"{run.workdir}/{TOKENIZER_DIR} not found: is {run.workdir} a trained vl_seg run?")
+    prompts = eval_prompts(task.config)
+    scorer = SegmentationScorer(task.config, task.model, task.tokenizer, task.mesh)
+    result = scorer(model_variables(run.state), split, prompts=prompts,
+                    overlay_path=str(run.workdir / f"overlays_{split}.png"),
+                    n_overlays=int(task.config.get("overlays", 6)))
+    print(f"{task.config.model_name} {run.workdir.name} (step {run.step}) on {split}, source resolution, mean ± std "
+          f"over masks:\n" + format_table(result, split, prompts))
     return result

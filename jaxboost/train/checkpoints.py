@@ -1,0 +1,156 @@
+"""orbax checkpoints of a run: the latest N steps (with the data iterator's position) and the best step,
+a structure check that names mismatched keys, and fallback to the previous good step when one is corrupt."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxboost import parallel
+from jaxboost.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is readable but holds another model/config's tree."""
+
+
+def _handlers(with_data: bool) -> dict:
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if with_data:
+        import grain.python as grain
+        handlers["data"] = grain.PyGrainCheckpointHandler()
+    return handlers
+
+
+class Checkpoints:
+    """orbax managers for the latest N steps and the best-by-metric step, with the data iterator's
+    position and a small JSON of loop state (early stopping, plateau, best) saved beside the arrays."""
+
+    def __init__(self, workdir: epath.Path, keep: int = 3, async_save: bool = True, best_metric: str | None = None,
+                 best_mode: str = "max", data_iter=None):
+        self.workdir = epath.Path(workdir)
+        self.has_data = data_iter is not None and hasattr(data_iter, "get_state")
+        self.latest = ocp.CheckpointManager(
+            self.workdir / "ckpt", item_handlers=_handlers(self.has_data),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
+        self.best = None
+        if best_metric:
+            self.best = ocp.CheckpointManager(
+                self.workdir / "best", item_handlers=_handlers(False),
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[best_metric],
+                                                     best_mode=best_mode, enable_async_checkpointing=False))
+
+    def save(self, step: int, state: TrainState, meta: dict, data_iter=None, force: bool = False) -> None:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if self.has_data and data_iter is not None:
+            import grain.python as grain
+            items["data"] = grain.PyGrainCheckpointSave(data_iter)
+        self.latest.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def save_best(self, step: int, state: TrainState, meta: dict, metrics: dict) -> None:
+        if self.best is not None:
+            self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self.latest.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def _check_same_structure(abstract_state, manager: ocp.CheckpointManager, step: int, where) -> None:
+    meta = manager.item_metadata(step)
+    stored = meta["state"] if meta is not None and "state" in meta else None
+    if stored is None:
+        return
+    flat = lambda t: {parallel._path_str(p): getattr(l, "shape", None)
+                      for p, l in jax.tree_util.tree_flatten_with_path(t)[0]}
+    want, have = flat(abstract_state), flat(stored)
+    missing, unexpected = sorted(set(want) - set(have))[:8], sorted(set(have) - set(want))[:8]
+    reshaped = [f"{k}: checkpoint {tuple(have[k])} vs config {tuple(want[k])}" for k in sorted(set(want) & set(have))
+                if want[k] is not None and have[k] is not None and tuple(want[k]) != tuple(have[k])][:8]
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatchError(
+            f"checkpoint {where}/{step} was written by a different config: missing keys {missing}, "
+            f"unexpected keys {unexpected}, different shapes {reshaped}")
+
+
+def restore_state(manager: ocp.CheckpointManager, abstract_state, where, data_iter=None,
+                  with_data: bool = True, step: int | None = None):
+    """Restores the newest readable step (or `step`); a corrupt or truncated one is reported by name and
+    the previous good one used. Returns (state, meta, step) or None when there is nothing to restore."""
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if with_data and data_iter is not None and hasattr(data_iter, "get_state"):
+            import grain.python as grain
+            items["data"] = grain.PyGrainCheckpointRestore(data_iter)
+        try:
+            _check_same_structure(abstract_state, manager, s, where)
+            restored = manager.restore(s, args=ocp.args.Composite(**items))
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
+            log.error("checkpoint %s/%s is unreadable (%s: %s); trying the previous one", where, s,
+                      type(e).__name__, str(e)[:300])
+            print(f"[jaxboost] checkpoint {where}/{s} is corrupt or truncated ({type(e).__name__}); "
+                  f"falling back to the previous good checkpoint: {str(e)[:300]}", flush=True)
+            continue
+        return restored["state"], dict(restored["meta"]), s
+    if steps:
+        raise RuntimeError(f"none of the checkpoints {sorted(steps)} under {where} could be read; move the "
+                           f"folder away to start afresh")
+    return None
+
+
+def load_params(workdir, abstract_state, prefer: str = "best"):
+    """(state, meta, step) of a finished or running run's best (or latest) checkpoint."""
+    workdir = epath.Path(workdir)
+    order = ["best", "ckpt"] if prefer == "best" else ["ckpt", "best"]
+    for sub in order:
+        if not (workdir / sub).is_dir():
+            continue
+        # latest checkpoints also hold the data position, which is not wanted here
+        mgr = ocp.CheckpointManager(workdir / sub, item_handlers=_handlers(sub == "ckpt"))
+        if mgr.latest_step() is None:
+            continue
+        got = restore_state(mgr, abstract_state, workdir / sub, with_data=False)
+        if got is not None:
+            return got
+    raise FileNotFoundError(f"no readable checkpoint under {workdir}/best or {workdir}/ckpt")
+
+
+def load_ema_params(workdir, abstract_state, shardings):
+    """The `ema_params` subtree alone of a run's newest readable checkpoint (ckpt/, then best/), each leaf
+    restored straight into its sharding (a tree like abstract_state.ema_params): sampling never holds the
+    params and Adam moments (3/4 of a TrainState) nor a replicated copy. A checkpoint of another config is
+    refused by name (the structure check). Returns (ema params, step)."""
+    workdir = epath.Path(workdir)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract_state.ema_params, shardings)
+    args = ocp.args.PyTreeRestore(item={"ema_params": target}, partial_restore=True,
+                                  restore_args={"ema_params": ocp.checkpoint_utils.construct_restore_args(target)})
+    for sub in ("ckpt", "best"):
+        if not (workdir / sub).is_dir():
+            continue
+        manager = ocp.CheckpointManager(workdir / sub, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        for step in sorted(manager.all_steps(), reverse=True):
+            _check_same_structure(abstract_state, manager, step, workdir / sub)
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]["ema_params"]
+            except Exception as e:  # noqa: BLE001 - an unreadable step: fall back to the previous one
+                log.error("checkpoint %s/%s/%s: EMA params unreadable (%s: %s); trying the previous one",
+                          workdir, sub, step, type(e).__name__, str(e)[:300])
+                continue
+            return restored, step
+    raise FileNotFoundError(f"no readable checkpoint with EMA params under {workdir}/ckpt or {workdir}/best")

@@ -1,0 +1,47 @@
+"""The one evaluation path: a jitted function mapped over streamed host batches.
+
+`BatchMapper(fn, mesh, batch_size)` compiles `fn(params, batch) -> pytree of arrays [B, ...] (or scalars)`
+once; each call streams host batches of any size through it: a batch is padded to `batch_size` (a multiple of
+the mesh's batch shards), split over the mesh (each host places only its devices' rows, so the work is split
+across hosts), and the padding cut off the per-example outputs, which come back replicated so every host can
+score them. Tasks score each batch as it arrives: no split's outputs are held whole.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from jaxboost import parallel
+
+
+def eval_batch_size(config, mesh) -> int:
+    """`eval_batch_size` (else `batch_size`) rounded down to a multiple of the mesh's batch shards."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return max(shards, (int(config.get("eval_batch_size", 0) or config.batch_size) // shards) * shards)
+
+
+def _numeric(v) -> bool:
+    return np.asarray(v).dtype.kind in "biuf"
+
+
+def _pad(host_batch: dict, batch_size: int) -> tuple[dict, int]:
+    n = len(next(iter(v for v in host_batch.values() if _numeric(v))))
+    padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], batch_size - n, 0)])
+              if _numeric(v) else v for k, v in host_batch.items()}
+    return padded, n
+
+
+class BatchMapper:
+    def __init__(self, fn: Callable, mesh, batch_size: int):
+        parallel.check_batch_divides(mesh, batch_size)
+        self.mesh, self.batch_size = mesh, batch_size
+        self._fn = jax.jit(fn, out_shardings=parallel.replicated(mesh))
+
+    def __call__(self, params, batches: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
+        """Yields (host_batch, numpy outputs) per batch."""
+        for host_batch in batches:
+            padded, n = _pad(host_batch, self.batch_size)
+            out = jax.device_get(self._fn(params, parallel.shard_global_batch(self.mesh, padded)))
+            yield host_batch, jax.tree.map(lambda a: np.asarray(a)[:n] if np.ndim(a) else np.asarray(a), out)
