@@ -124,7 +124,7 @@ def _torch_param_groups(name: str, model, config) -> list[dict]:
 # ------------------------------------------------------------------------------------------ torch training
 
 def _torch_validate(name: str, model, config, tokenizer) -> float:
-    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.evaluate_params` does: the same
+    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.SegmentationScorer` does: the same
     records, per-record transform rng, threshold, resize and per-structure mean."""
     import itertools
 
@@ -195,12 +195,11 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, keep_best: bo
 def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dict:
     """Correctness first: the converted initial weights score the same validation Dice in jaxboost's
     evaluation as the torch model in the baseline's (else the two runs would not start from one model)."""
-    from jaxboost import parallel
     from jaxboost.train import vl_seg
-    task = vl_seg.setup(config, workdir)
+    task = vl_seg.make_task(config, workdir)
     variables = vl_seg.host_variables(task.config, task.model)
-    ours = vl_seg.evaluate_params(task.config, task.model, task.tokenizer, variables, "val",
-                                  parallel.mesh_from_config(task.config), hausdorff=False)[METRIC]
+    scorer = vl_seg.SegmentationScorer(task.config, task.model, task.tokenizer, task.mesh)
+    ours = scorer(variables, "val", hausdorff=False)[METRIC]
     theirs = _torch_validate(name, model, config, tokenizer)
     if not abs(ours - theirs) <= 0.5:  # Dice x100; a few pixels at the threshold may flip
         raise AssertionError(f"{name}: initial validation Dice jaxboost {ours:.3f} vs torch {theirs:.3f}")
