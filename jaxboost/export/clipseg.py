@@ -25,12 +25,16 @@ from jaxboost.export.cris import StateDictWriter
 
 def hf_config(fields: dict) -> dict:
     """clipseg.Model fields -> CLIPSegConfig kwargs (the inverse of convert's model_fields)."""
+    if tuple(fields.get("head_kernels", ()) or ()):
+        raise ValueError(f"model.head_kernels={tuple(fields['head_kernels'])}: HF CLIPSeg's head has no such option "
+                         "(its transposed convolutions are patch_size // 4); export needs head_kernels=()")
+    eos = 2 if fields["eos_token_id"] is None else fields["eos_token_id"]  # 2: HF's legacy argmax pooling
     return dict(
         model_type="clipseg", architectures=["CLIPSegForImageSegmentation"],
         text_config=dict(vocab_size=fields["vocab_size"], hidden_size=fields["text_width"],
                          num_hidden_layers=fields["text_depth"], num_attention_heads=fields["text_heads"],
                          intermediate_size=fields["text_mlp_dim"], max_position_embeddings=fields["context_length"],
-                         eos_token_id=fields["eos_token_id"], hidden_act="quick_gelu"),
+                         eos_token_id=eos, hidden_act="quick_gelu"),
         vision_config=dict(hidden_size=fields["vision_width"], num_hidden_layers=fields["vision_depth"],
                            num_attention_heads=fields["vision_heads"], intermediate_size=fields["vision_mlp_dim"],
                            patch_size=fields["patch_size"], image_size=fields["vision_image_size"],
