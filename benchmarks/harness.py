@@ -1,16 +1,21 @@
 """Timing, FLOPs and reporting shared by every benchmark: one way to time JAX and PyTorch alike.
 
-A case returns `Row`s; `run.py` prints them as one table, writes results.json, results.md and a PNG.
-Ratios are PyTorch time / JAX time (> 1 means JAX is faster). MFU = model FLOPs (XLA cost analysis of the
-compiled step) / step time / the machine's measured peak matmul rate.
+A case returns `Row`s; `run.py` prints them as one table and writes results.json (schema in
+benchmarks/schema.md, version `SCHEMA_VERSION`), results.md and a PNG. Ratios are PyTorch time / JAX time
+(> 1 means JAX is faster). MFU = model FLOPs (XLA cost analysis of the compiled step) / step time / the peak
+rate (the machine's measured f32 matmul rate, or a device's published bf16 peak, `DEVICE_BF16_PEAK`).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +35,13 @@ class Row:
     mfu: float | None = None
     ratio_vs_jax: float | None = None  # this impl's time / jax time (torch rows); 1.0 for jax
     note: str = ""
+    group: str = ""           # the runner's case name that produced the row ("clipseg", "time_to_dice")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Row":
+        """A row of results.json (any schema version: unknown keys are ignored, missing ones defaulted)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 5, sync: Callable[[Any], Any] | None = None,
@@ -55,15 +67,57 @@ def torch_sync(out):
     return out
 
 
-def xla_flops(jitted, *args, **kwargs) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of the compiled program (None if unavailable)."""
+def xla_flops(jitted, *args, trip_count: int = 1, **kwargs) -> float | None:
+    """FLOPs of one call from XLA's cost analysis of the compiled program (None if unavailable).
+
+    XLA's cost analysis counts the body of a while loop once, whatever its trip count (a 25-step
+    `fori_loop` of a matmul reports one matmul), so a program that is one loop (the sampler) passes
+    `trip_count`: the reported FLOPs are multiplied by it, which also multiplies the little work outside
+    the loop (initial noise: negligible against the model calls). The compiled HLO must hold a while loop
+    of exactly that known trip count, so a wrong count fails loudly instead of giving a wrong MFU.
+    """
+    captured = closed_over_bytes(jitted, *args, **kwargs)
+    if captured > MAX_CLOSED_OVER_BYTES:
+        raise ValueError(f"the timed function closes over {captured / 2 ** 20:.0f} MiB of arrays: pass weights and "
+                         "inputs as arguments (XLA constant-folds captured arrays: minutes and gigabytes at full size)")
     try:
-        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) or None
+        compiled = jitted.lower(*args, **kwargs).compile()
+        cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 — some backends give no cost analysis
         return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    flops = float((cost or {}).get("flops", 0.0)) or None
+    if trip_count != 1:
+        counts = known_trip_counts(compiled.as_text())
+        if trip_count not in counts:
+            raise ValueError(f"trip_count={trip_count}, but the compiled program's while loops have known "
+                             f"trip counts {counts}")
+        flops = flops and flops * trip_count
+    return flops
+
+
+MAX_CLOSED_OVER_BYTES = 16 * 2 ** 20  # schedules and small tables are fine; weights and batches are not
+
+
+def closed_over_bytes(fn, *args, **kwargs) -> int:
+    """Bytes of the arrays `fn` captures instead of taking as arguments: the constants of its jaxpr and of
+    every jaxpr nested in it (a `jax.jit` of a closure keeps them in its inner jaxpr)."""
+    total, stack = 0, [jax.make_jaxpr(fn)(*args, **kwargs)]
+    while stack:
+        closed = stack.pop()
+        total += sum(int(getattr(c, "nbytes", 0)) for c in closed.consts)
+        for eqn in closed.jaxpr.eqns:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):
+                        stack.append(sub)
+    return total
+
+
+def known_trip_counts(hlo_text: str) -> list[int]:
+    """The trip counts XLA proved for the while loops of a compiled program (its `known_trip_count`)."""
+    return [int(n) for n in re.findall(r'known_trip_count"?\s*[:=]\s*\{\s*"?n"?\s*[:=]\s*"?(\d+)', hlo_text)]
 
 
 _PEAK: dict[str, float] = {}
@@ -90,6 +144,37 @@ def add_ratios(rows: list[Row]) -> list[Row]:
     return rows
 
 
+# Published dense bf16 peaks (FLOP/s, per chip; without sparsity) for MFU on accelerators, matched as a
+# substring of the device kind (jax `device_kind` or torch's CUDA device name). Sources: Google Cloud TPU
+# system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s), NVIDIA data sheets (A100 312,
+# H100 SXM 989, H200 989 TFLOP/s; the PCIe/NVL H100 is 756).
+DEVICE_BF16_PEAK = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H100": 989e12, "H200": 989e12,
+}
+
+
+def device_bf16_peak(kind: str) -> float | None:
+    """The published bf16 peak of a device kind ("NVIDIA H200", "TPU v5 lite"), None if unknown; the
+    longest matching name wins (so "H100 PCIe" is not read as the SXM part)."""
+    hits = [k for k in DEVICE_BF16_PEAK if k.lower() in kind.lower()]
+    return DEVICE_BF16_PEAK[max(hits, key=len)] if hits else None
+
+
+def git_info() -> dict:
+    """Commit of the benchmarked tree and whether it had uncommitted changes (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def machine_info() -> dict:
     import importlib.metadata as md
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -103,12 +188,12 @@ def machine_info() -> dict:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # only if a case loaded it: importing torch costs seconds
+    if torch is not None and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if jax.default_backend() != "cpu":
+        info["device_kind"] = jax.devices()[0].device_kind
+    info["load_avg_1min"] = os.getloadavg()[0]
     return info
 
 
@@ -123,38 +208,82 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str | Path, rows: list[Row], extra: dict | None = None) -> dict:
+SCHEMA_VERSION = 2
+
+
+def results_document(rows: list[Row], cases: dict, **fields) -> dict:
+    """The results.json document (benchmarks/schema.md): what ran, where, on which commit, and each row."""
+    return {"schema_version": SCHEMA_VERSION,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git": git_info(), "machine": machine_info(), "peak_matmul_flops_f32": dict(_PEAK),
+            "mfu_peak": dict(zip(("flops", "source"), reference_peak())) if _PEAK or jax.default_backend() != "cpu"
+            else None,
+            "cases": cases, "failed": [n for n, c in cases.items() if c.get("status") == "failed"],
+            "rows": [dataclasses.asdict(r) for r in rows], **fields}
+
+
+def write_results(out_dir: str | Path, document: dict, plot: bool = True) -> dict:
+    """results.json (atomically: a reader or a crash mid-write never sees half a file), results.md and,
+    with `plot`, speed.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine_info(), "peak_matmul_flops_f32": _PEAK, "rows": [dataclasses.asdict(r) for r in rows],
-              **(extra or {})}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(document, indent=2, default=float, allow_nan=True))
+    os.replace(tmp, out_dir / "results.json")
+    rows = [Row.from_json(r) for r in document["rows"]]
     (out_dir / "results.md").write_text(format_table(rows) + "\n")
-    _plot(out_dir / "speed.png", rows)
-    return result
+    if plot:
+        plot_ratios(out_dir / "speed.png", rows, title=f"jaxboost vs PyTorch ({document['machine'].get('jax_backend')}"
+                                                      f", {str(document['git'].get('commit'))[:8]})")
+    return document
 
 
-def _plot(path: Path, rows: list[Row]) -> None:
+def plot_ratios(path: str | Path, rows: list[Row], title: str = "jaxboost vs PyTorch",
+                base_rows: list[Row] | None = None) -> bool:
+    """Horizontal bars of PyTorch time / JAX time per case and PyTorch impl (green: JAX faster), with the
+    baseline run's ratios beside them when given. False (no file) when no row has a ratio."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    torch_rows = [r for r in rows if r.impl != "jax" and r.ratio_vs_jax]
-    if not torch_rows:
-        return
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(torch_rows) + 1.5))
-    labels = [f"{r.case} vs {r.impl}" for r in torch_rows]
-    ax.barh(labels, [r.ratio_vs_jax for r in torch_rows], color=["tab:green" if r.ratio_vs_jax >= 1 else "tab:red"
-                                                                  for r in torch_rows])
-    ax.axvline(1.0, color="k", lw=1)
-    ax.set_xlabel("PyTorch time / JAX time (>1: JAX faster)")
-    ax.set_title(f"jaxboost speed ({jax.default_backend()})")
+    ratio_rows = [r for r in rows if r.impl != "jax" and r.ratio_vs_jax and r.ratio_vs_jax == r.ratio_vs_jax]
+    if not ratio_rows:
+        return False
+    base = {(r.case, r.impl): r.ratio_vs_jax for r in base_rows or [] if r.ratio_vs_jax}
+    labels = [f"{r.case} vs {r.impl}" for r in ratio_rows]
+    y = np.arange(len(ratio_rows))
+    height = 0.4 if base else 0.8
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ratio_rows) + 1.8))
+    ax.barh(y, [r.ratio_vs_jax for r in ratio_rows], height=height, label="this run",
+            color=["tab:green" if r.ratio_vs_jax >= 1 else "tab:red" for r in ratio_rows])
+    if base:
+        ax.barh(y + height, [base.get((r.case, r.impl), 0.0) for r in ratio_rows], height=height,
+                color="tab:gray", label="baseline")
+    ax.set_yticks(y + (height / 2 if base else 0), labels)
+    ax.axvline(1.0, color="k", lw=1, label="parity (1.0x)")
+    ax.set_xlabel("PyTorch time / JAX time (> 1: JAX faster)")
+    ax.set_ylabel("case vs PyTorch implementation")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
-def mfu(flops: float | None, seconds: float) -> float | None:
-    return None if not flops else flops / seconds / peak_matmul_flops()
+def reference_peak() -> tuple[float, str]:
+    """(FLOP/s, what it is) that MFU divides by: on an accelerator its published bf16 peak (the figure
+    performance engineers quote), on a CPU (or an unknown device) the f32 matmul rate measured here."""
+    if jax.default_backend() != "cpu":
+        kind = jax.devices()[0].device_kind
+        peak = device_bf16_peak(kind)
+        if peak:
+            return peak, f"published bf16 peak of {kind}"
+    return peak_matmul_flops(), f"measured f32 matmul rate ({jax.default_backend()})"
+
+
+def mfu(flops: float | None, seconds: float, peak: float | None = None) -> float | None:
+    """Model FLOPs utilisation against `peak` (default: `reference_peak()`)."""
+    return None if not flops else flops / seconds / (peak or reference_peak()[0])
 
 
 def np_seed(seed: int = 0):
@@ -178,3 +307,32 @@ def torch_seg_train_step(forward, params, opt):
         opt.step()
         return loss
     return step
+
+
+def time_product_step(step_fn: Callable, state, batch, *, iters: int = 5) -> tuple[float, float | None]:
+    """(median seconds, FLOPs) of a trainer's own train step (`task.step_fn` or the builder a trainer
+    exposes), jitted with the state donated as `loop.fit` runs it, on one fixed device batch."""
+    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    flops = xla_flops(jitted, state, batch)
+    holder = [state]
+
+    def call():
+        holder[0], metrics = jitted(holder[0], batch)
+        return metrics["loss"]
+    return time_call(call, iters=iters), flops
+
+
+def vl_seg_step(config_spec: str, overrides: list[str], module, variables, batch):
+    """(step, state, batch) of `jaxboost train` for a CLIPSeg / CRIS module: vl_seg's loss, step (BatchNorm
+    statistics kept by its post-update) and optimiser groups, from the config with `overrides`."""
+    from jaxboost.config import load_config
+    from jaxboost.train import optim, task as task_lib, vl_seg
+    from jaxboost.train.state import initial_state
+    config = load_config(config_spec, overrides)
+    frozen, lr_mults = vl_seg.encoder_groups(config)
+    tx = optim.make_optimizer(config, 1000, frozen=frozen, lr_mults=lr_mults)
+    step = task_lib.make_train_step(vl_seg.make_loss_fn(config, module), tx, task_lib.keep_model_state)
+    stats = {k: v for k, v in variables.items() if k != "params"} or None
+    images, ids, mask, target = batch
+    return step, initial_state(variables["params"], tx, 0, extra=stats), {
+        "image": images, "input_ids": ids, "attention_mask": mask, "mask": target}

@@ -17,7 +17,7 @@ TINY_MODEL = dict(image_size=32, patch_size=4, vision_width=64, vision_depth=2, 
                   fusion_layer=2, max_position=32, embed_dim=32, vocab_size=0)  # vocab: the trained tokenizer
 FULL_MODEL = dict(image_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
                   vision_mlp_dim=3072, text_width=768, text_depth=12, text_heads=12, text_mlp_dim=3072,
-                  fusion_layer=6, max_position=512, embed_dim=256, vocab_size=30522, remat=True)
+                  fusion_layer=6, max_position=512, embed_dim=256, vocab_size=30522, remat="full")
 
 
 def get_config(arg=None):
@@ -29,12 +29,14 @@ def get_config(arg=None):
     c.model_name = "mumc"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, temp_init=0.07, dropout_rate=0.0 if tiny else 0.1,
                    dtype="float32" if tiny else "bfloat16",
+                   attention_impl="auto",  # per backend: cuDNN flash on GPU, Pallas flash on TPU, einsum on CPU
                    vision_posemb="sincos2d")  # "table": a frozen stored table (set it to start from ALBEF.pth)
     # The paper's starting point (MUMC models/model.py), local paths; empty = fresh init. `bert`: an HF
     # bert-base-uncased folder (its vocab.txt is the tokenizer unless data.tokenizer is set); `mae`: MAE's
     # ViT-B/16 file; `albef`: ALBEF.pth, loaded over both (needs model.vision_posemb="table").
     c.init = dict(bert="", mae="", albef="")
     c.data = dict(
+        workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
         corpus="",                        # triplet corpus -> captions from P6/P7 (SPEC C); or caption json:
         caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}
         size=c.model.image_size, max_words=30, max_tokens=25,
@@ -70,4 +72,5 @@ def get_config(arg=None):
     c.ckpt_every = 100 if tiny else 5000
     c.eval_every = 0                          # steps between held-out evaluations; 0 = none during training
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
     return c

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     (("phantom",), "jaxboost.data.phantom", "write a procedural echo phantom in the CAMUS layout"),
     (("corpus", "build"), "jaxboost.data.corpus_build", "build the sharded ArrayRecord triplet corpus"),
     (("corpus", "show"), "jaxboost.data.corpus_show", "print counts/examples of a corpus, draw a PNG grid"),
+    (("corpus", "verify"), "jaxboost.data.corpus_verify", "re-check every shard's hash and count; name bad ones"),
     (("config", "show"), "jaxboost.config_show", "list every field of a config with its value"),
     (("train",), "jaxboost.train.cli", "train a model: --config configs/NAME.py:VARIANT --workdir DIR"),
     (("eval",), "jaxboost.train.cli_eval", "evaluate a trained workdir on a split"),
@@ -30,9 +31,13 @@ SUBCOMMANDS = [
     (("convert", "sdm"), "jaxboost.convert.sdm", "SDM/guided-diffusion state dict -> jaxboost params"),
     (("convert", "bert"), "jaxboost.convert.bert", "HF BERT folder -> jaxboost params"),
     (("convert", "albef"), "jaxboost.convert.albef", "ALBEF/MUMC checkpoint -> jaxboost params"),
+    (("export", "clipseg"), "jaxboost.export.clipseg", "CLIPSeg run or converted folder -> HF CLIPSeg folder"),
+    (("export", "cris"), "jaxboost.export.cris", "CRIS run or converted folder -> CRIS.pytorch state dict"),
+    (("export", "sdm"), "jaxboost.export.sdm", "SDM run -> guided-diffusion UNet state dict (safetensors)"),
     (("vqa", "build"), "jaxboost.data.echo_vqa", "build an echo-VQA set (VQA-RAD json) from a corpus"),
     (("demo",), "jaxboost.demo", "the whole Synthetic Boost pipeline on the phantom, with a report"),
     (("bench",), "benchmarks.run", "JAX vs PyTorch speed and convergence benchmarks"),
+    (("bench", "compare"), "benchmarks.compare", "compare two benchmark results.json; non-zero on a slowdown"),
 ]
 # Bad input, named by the message; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
@@ -152,8 +157,12 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _run(words: tuple[str, ...], module_name: str, help_: str, rest: list[str]) -> int:
+    from jaxboost import parallel
     module = importlib.import_module(module_name)
-    if getattr(module, "RAW_ARGV", False):  # trainers parse absl/ml_collections flags themselves
+    raw = getattr(module, "RAW_ARGV", False)
+    # compilation cache + jax.distributed, for every command, before it touches a device
+    rest = parallel.startup(rest, keep_config_flag=raw)
+    if raw:  # trainers parse absl/ml_collections flags themselves
         return int(module.main(rest) or 0)
     parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_,
                                      formatter_class=_DefaultsHelpFormatter)

@@ -18,15 +18,26 @@ Hosts: host p of P samples s with s % P == p and writes them, in order, as write
 batch is one global array split over the mesh (each host fills its rows). Process 0 writes manifest.json
 after a barrier (all writers closed).
 
-Resume: a shard is complete once renamed from *.tmp; a rerun with the same settings samples only the samples
-of shards not complete on disk, and ends with the same shards as an uninterrupted run. The settings are
-stored in OUT/config.json, so a folder holding another corpus (other checkpoint, seed, K, ...) is refused.
+Resume: a shard is complete once renamed from *.tmp and listed in its writer's part manifest; a rerun with
+the same settings samples only the samples of shards not listed (no per-sample file check), and ends with the
+same shards as an uninterrupted run. The settings are stored in OUT/config.json, so a folder holding another
+corpus (other checkpoint, seed, K, ...) is refused.
+
+Host pipeline (`sample_and_write`): while the device runs call n, the host augments the masks of call n+1
+and dispatches it (so the device always has the next call queued), then hands call n's images to a bounded
+background stage (a thread pool, at most `STAGE_DEPTH` calls queued) that measures shape words, builds the
+prompts and encodes the entries; the writer appends them in sample order. The run prints the fraction of
+the sampling time the device sat idle waiting for the host.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
+import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -44,9 +55,9 @@ from jaxboost.train import sdm as sdm_train
 
 log = logging.getLogger(__name__)
 
-RECORDS_PER_SAMPLE = len(labels_lib.STRUCTURES)
 SYNTH_SPLITS = ("train", "val")
 DEFAULT_PER_DEVICE_BATCH = 4
+STAGE_DEPTH = 4  # sampler calls whose images may wait for the background stage (bounds host memory)
 
 
 # ------------------------------------------------------------------------------------------ per sample
@@ -71,26 +82,19 @@ def augmented_sample(source: dict, split_id: int, index: int, seed: int):
     return augment_lib.augment_mask(source["mask"], rng, cone=source["cone"])
 
 
-def sample_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
-    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s."""
+@jax.jit
+def _fold_in_keys(seed, split_id, indices):
     base = jax.random.fold_in(jax.random.key(seed), split_id)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
-    return np.asarray(jax.random.key_data(keys))
+    return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(indices))
+
+
+def sample_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
+    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s (one compiled
+    call, not one dispatch per op: the host pays it for every sampler call)."""
+    return np.asarray(_fold_in_keys(np.uint32(seed), np.uint32(split_id), np.asarray(indices, np.uint32)))
 
 
 # ------------------------------------------------------------------------------------------ planning
-
-def _shard_complete(out: Path, split: str, writer_id: int, index: int) -> bool:
-    return (out / corpus_lib.shard_name(split, writer_id, index)).exists()
-
-
-def needed(out: Path, split: str, writer_id: int, local_position: int, records_per_shard: int) -> bool:
-    """Whether this writer's local sample at `local_position` has a record in a shard not yet complete."""
-    first = local_position * RECORDS_PER_SAMPLE
-    last = first + RECORDS_PER_SAMPLE - 1
-    return any(not _shard_complete(out, split, writer_id, i)
-               for i in range(first // records_per_shard, last // records_per_shard + 1))
-
 
 def _allgather(value: int) -> np.ndarray:
     """[process_count] values, one per host."""
@@ -104,6 +108,157 @@ def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------ host pipeline
+
+@dataclasses.dataclass
+class HostStats:
+    sampled: int = 0            # images this host sampled
+    seconds: float = 0.0        # wall time of the sampling loops (from the first dispatch)
+    idle_seconds: float = 0.0   # upper bound on the time the device had no sampler call to run
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.idle_seconds / max(self.seconds, 1e-9)
+
+
+class _IdleClock:
+    """Upper bound on the device's idle time: from the last moment the newest call was known to be queued or
+    running (its dispatch, or a later is_ready() == False) to the next dispatch, when it had finished by then."""
+
+    def __init__(self, stats: HostStats):
+        self._stats, self._output, self._busy_at = stats, None, None
+
+    def seen(self) -> None:
+        if self._output is not None and not _is_ready(self._output):
+            self._busy_at = time.perf_counter()
+
+    def dispatched(self, output, started: float) -> None:
+        if self._output is not None and _is_ready(self._output):
+            self._stats.idle_seconds += started - self._busy_at
+        self._output, self._busy_at = output, time.perf_counter()
+
+
+def _is_ready(output) -> bool:
+    return getattr(output, "is_ready", lambda: True)()
+
+
+class _BackgroundStage:
+    """A thread pool for the per-image host work with at most `depth` calls queued; results are handed to
+    `write` in submission order on the caller's thread (the corpus writer is not shared between threads)."""
+
+    def __init__(self, write, workers: int, depth: int = STAGE_DEPTH):
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="synth-host")
+        self._queue: collections.deque = collections.deque()
+        self._write, self._depth = write, depth
+
+    def submit(self, fn, *args) -> None:
+        while self._queue and (len(self._queue) >= self._depth or self._queue[0].done()):
+            self._write(self._queue.popleft().result())
+        self._queue.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self._queue:
+            self._write(self._queue.popleft().result())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoded_entries(metas: list, pixels: np.ndarray, per_mask: int) -> list:
+    """(local position, entry, its bytes) for each sampled image of one call: shape words, prompts, encoding."""
+    done = []
+    for (j, s, src, aug_mask, aug_cone), image in zip(metas, pixels):
+        entry = corpus_lib.make_image(
+            image, aug_mask, name=f"{src['key'].split('/')[1]}_aug{s % per_mask}", patient=src["patient"],
+            view=src["view"], phase=src["phase"], sex=src["sex"], age=src["age"], quality=src["quality"],
+            split=src["split"], source="synthetic", size=image.shape[0], cone=aug_cone, drop_quality=True,
+            keep_orig_mask=False)
+        done.append((j, entry, corpus_lib.encode_record(entry)))
+    return done
+
+
+def sample_and_write(sample, fetch, writer: corpus_lib.CorpusWriter, source_corpus: corpus_lib.Corpus, *,
+                     splits, per_mask: int, seed: int, num_labels: int, local_batch: int, where: str,
+                     progress: bool = False, workers: int | None = None) -> HostStats:
+    """Samples every split's missing images and writes them; returns this host's timings.
+
+    sample(labels int32 [local_batch, S, S], keys uint32 [local_batch, 2]) -> images (dispatched, not waited
+    for); fetch(images) -> uint8 [local_batch, S, S] on this host. Every host runs the same number of calls.
+    """
+    stats = HostStats()
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    for split in splits:
+        stats = _sample_split(sample, fetch, writer, source_corpus, split, stats, per_mask=per_mask, seed=seed,
+                              num_labels=num_labels, local_batch=local_batch, where=where, progress=progress,
+                              workers=workers)
+    return stats
+
+
+def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mask, seed, num_labels, local_batch,
+                  where, progress, workers) -> HostStats:
+    split_id, hosts, host = corpus_lib.SPLITS.index(split), jax.process_count(), jax.process_index()
+    sources = [r for r in source_corpus.iter(split) if pipeline.sdm_filter(r)]
+    total = len(sources) * per_mask
+    mine = list(range(host, total, hosts))  # this host's samples, in order
+    todo = [j for j in range(len(mine)) if not writer.is_finished(split, j)]
+    todo_per_host = _allgather(len(todo))
+    calls = -(-int(todo_per_host.max()) // local_batch)
+    size = source_corpus.size
+    written = 0  # local samples handed to the writer so far (added or skipped)
+
+    def prepare(call: int):
+        rows, label_maps, metas = todo[call * local_batch:(call + 1) * local_batch], [], []
+        for j in rows:
+            src = sources[mine[j] // per_mask]
+            aug_mask, aug_cone = augmented_sample(src, split_id, mine[j], seed)
+            label_maps.append(model_labels(aug_mask, aug_cone, num_labels, f"{where}/{split}/{src['key']}"))
+            metas.append((j, mine[j], src, aug_mask, aug_cone))
+        # A host with fewer samples left pads its rows (every host runs the same number of calls).
+        labels_np = np.stack(label_maps or [np.zeros((size, size), np.uint8)]).astype(np.int32)
+        keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
+        labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
+        keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])
+        return labels_np, keys_np, metas
+
+    def write(done: list) -> None:
+        nonlocal written
+        for j, entry, data in done:
+            writer.skip(split, j - written)  # samples before j: their shard was finished by an earlier run
+            writer.add_image(entry, data)
+            written = j + 1
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=total - int(todo_per_host.sum()), desc=f"synth {split}", unit="img",
+               disable=not progress, dynamic_ncols=True, mininterval=2.0)
+    stage, ahead = _BackgroundStage(write, workers), concurrent.futures.ThreadPoolExecutor(1)
+    clock, inflight, start = _IdleClock(stats), None, time.perf_counter()
+    try:
+        upcoming = ahead.submit(prepare, 0) if calls else None
+        for call in range(calls):
+            labels_np, keys_np, metas = upcoming.result()
+            upcoming = ahead.submit(prepare, call + 1) if call + 1 < calls else None  # masks of the next call
+            dispatch = time.perf_counter()
+            output = sample(labels_np, keys_np)
+            clock.dispatched(output, dispatch)
+            start = start if call else time.perf_counter()  # the first call compiles: not sampling time
+            if inflight is not None:
+                stage.submit(_encoded_entries, inflight[1], fetch(inflight[0]), per_mask)
+                clock.seen()
+            inflight = (output, metas)
+            stats.sampled += len(metas)
+            bar.update(int(np.clip(todo_per_host - call * local_batch, 0, local_batch).sum()))
+        if inflight is not None:
+            stage.submit(_encoded_entries, inflight[1], fetch(inflight[0]), per_mask)
+        stage.drain()
+    finally:
+        stage.close()
+        ahead.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    writer.skip(split, len(mine) - written)
+    stats.seconds += time.perf_counter() - start
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -130,6 +285,7 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if guidance is not None and float(guidance) in (0.0, 1.0):
         guidance = None
+    samplers.sampler_spec(sampler, eta)  # an unknown sampler or an eta it has none of fails before any output
     source_corpus = corpus_lib.open_corpus(masks)
 
     # The model first: a folder that is not an SDM run fails before anything is written.
@@ -154,7 +310,6 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * shards
     parallel.check_batch_divides(mesh, batch_size)
     hosts, host = jax.process_count(), jax.process_index()
-    local_batch = batch_size // hosts
 
     settings = {"checkpoint": str(checkpoint.absolute()), "checkpoint_step": int(ckpt_step),
                 "masks": str(masks.absolute()), "per_mask": int(per_mask), "sampler": sampler, "steps": int(steps),
@@ -164,72 +319,34 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     # Process 0 claims the folder first (config.json), then every host opens its writer.
     if host == 0:
         corpus_lib.claim_folder(out, {"format": corpus_lib.FORMAT_NAME, "schema_version": corpus_lib.SCHEMA_VERSION,
-                                      "size": size, "records_per_shard": int(records_per_shard), **extra_config})
+                                      "size": size, "images_per_shard": corpus_lib.images_per_shard(records_per_shard),
+                                      **extra_config})
     _barrier("synth_claim")
     writer = corpus_lib.CorpusWriter(out, size=size, source="synthetic", writer_id=host,
                                      records_per_shard=records_per_shard, extra_config=extra_config)
 
+    dtype = None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype)
     run = samplers.make_sampler(
         sdm_train.apply_fn_for(sdm_train.build_model(config)), sdm_train.make_schedule(config), channels=channels,
-        sampler=sampler, steps=steps, eta=eta, guidance=guidance,
-        dtype=None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype))
+        sampler=sampler, steps=steps, eta=eta, guidance=guidance, dtype=dtype)
+    params = samplers.cast_params(params, dtype)  # once, not in every sampler call
     sample_fn = jax.jit(lambda p, labels, keys: run(p, sdm_train.one_hot_labels(labels, num_labels), keys))
     label_sharding = parallel.batch_sharding(mesh, 3)
     key_sharding = parallel.batch_sharding(mesh, 2)
 
-    from tqdm.auto import tqdm
-    t0, made = time.time(), 0
-    for split_id, split in ((corpus_lib.SPLITS.index(s), s) for s in splits):
-        sources = [r for r in source_corpus.iter(split) if pipeline.sdm_filter(r)]
-        total = len(sources) * per_mask
-        mine = list(range(host, total, hosts))  # this host's samples, in order
-        todo = [j for j, s in enumerate(mine) if needed(out, split, host, j, records_per_shard)]
-        todo_per_host = _allgather(len(todo))
-        calls = -(-int(todo_per_host.max()) // local_batch)
-        bar = tqdm(total=total, initial=total - int(todo_per_host.sum()), desc=f"synth {split}", unit="img", disable=not (progress and parallel.is_main_process()),
-                   dynamic_ncols=True, mininterval=2.0)
-        written = 0  # local samples handed to the writer so far (added or skipped)
+    def sample(labels_np, keys_np):  # dispatched, not waited for
+        return sample_fn(params, jax.make_array_from_process_local_data(label_sharding, labels_np),
+                         jax.make_array_from_process_local_data(key_sharding, keys_np))
 
-        def hand_over(upto: int) -> None:  # skip complete samples before local position `upto`
-            nonlocal written
-            while written < upto:
-                writer.skip(split, RECORDS_PER_SAMPLE)
-                written += 1
+    def fetch(images) -> np.ndarray:  # this host's rows, as uint8 images
+        local = np.concatenate([np.asarray(s.data) for s in
+                                sorted(images.addressable_shards, key=lambda s: s.index[0].start or 0)])
+        return sdm_train.images_to_uint8(local)
 
-        for call in range(calls):
-            rows = todo[call * local_batch:(call + 1) * local_batch]
-            label_maps, metas = [], []
-            for j in rows:
-                s = mine[j]
-                src = sources[s // per_mask]
-                aug_mask, aug_cone = augmented_sample(src, split_id, s, seed)
-                where = f"{masks}/{split}/{src['key']}"
-                label_maps.append(model_labels(aug_mask, aug_cone, num_labels, where))
-                metas.append((j, s, src, aug_mask, aug_cone))
-            # A host with fewer samples left pads its rows (every host runs the same number of calls).
-            labels_np = np.stack(label_maps or [np.zeros((size, size), np.uint8)]).astype(np.int32)
-            keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
-            labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
-            keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])
-            images = sample_fn(params, jax.make_array_from_process_local_data(label_sharding, labels_np),
-                               jax.make_array_from_process_local_data(key_sharding, keys_np))
-            local = np.concatenate([np.asarray(s.data) for s in
-                                    sorted(images.addressable_shards, key=lambda s: s.index[0].start or 0)])
-            pixels = sdm_train.images_to_uint8(local)
-            for (j, s, src, aug_mask, aug_cone), image in zip(metas, pixels):
-                hand_over(j)
-                name = f"{src['key'].split('/')[1]}_aug{s % per_mask}"
-                for record in corpus_lib.make_records(
-                        image, aug_mask, name=name, patient=src["patient"], view=src["view"], phase=src["phase"],
-                        sex=src["sex"], age=src["age"], quality=src["quality"], split=split, source="synthetic",
-                        size=size, cone=aug_cone, drop_quality=True, keep_orig_mask=False):
-                    writer.add(record)
-                written += 1
-            made += len(rows)
-            bar.update(int(np.clip(todo_per_host - call * local_batch, 0, local_batch).sum()))
-            bar.set_postfix(img_per_s=f"{made * hosts / max(time.time() - t0, 1e-9):.2f}")
-        hand_over(len(mine))
-        bar.close()
+    stats = sample_and_write(sample, fetch, writer, source_corpus, splits=splits, per_mask=per_mask, seed=seed,
+                             num_labels=num_labels, local_batch=batch_size // hosts, where=str(masks),
+                             progress=progress and parallel.is_main_process())
+    made = stats.sampled
     writer.close()
     _barrier("synth_writers_closed")
     if host == 0:
@@ -239,7 +356,8 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     manifest = json.loads((out / "manifest.json").read_text())
     if progress and parallel.is_main_process():
         print(f"[jaxboost] synth: {manifest['counts']} records in {out} ({made * hosts} images sampled in "
-              f"{time.time() - t0:.1f}s)", flush=True)
+              f"{stats.seconds:.1f}s; device idle {stats.idle_fraction:.1%} of the sampling time, waiting "
+              f"for the host)", flush=True)
     return manifest
 
 

@@ -88,8 +88,8 @@ def test_cris_train_mode_batch_norm_and_upsampling_match_torch(tmp_path):
     # Batch statistics over small batches are ill-conditioned; torch runs in float64 as the exact reference.
     model.double().train()
     out = model(torch.tensor(pixels).double(), torch.tensor(ids), torch.tensor(mask))
-    # Our default returns logits at the input size (torch bilinear, align_corners=False).
-    expected = torch.nn.functional.interpolate(out, size=(96, 96), mode="bilinear", align_corners=False)[:, 0]
+    # Our default returns logits at the input size as medvlsm (torch bicubic, align_corners=True).
+    expected = torch.nn.functional.interpolate(out, size=(96, 96), mode="bicubic", align_corners=True)[:, 0]
     apply = jax.jit(lambda v, *a: module.apply(v, *a, train=True, mutable=["batch_stats"]))
     logits, updates = apply(variables, _nhwc(pixels), jnp.asarray(ids), jnp.asarray(mask))
     assert logits.shape == (4, 96, 96)

@@ -120,6 +120,47 @@ def test_ddim_step_matches_diffusers(steps, eta):
     assert worst <= 1e-5, worst
 
 
+def _dpmpp_scheduler(base, clip: bool):
+    """diffusers' DPM-Solver++(2M) as the sampler's: learned-range output (eps = first 3 channels), x_0 clipped
+    to [-1, 1] when `clip` (dynamic thresholding with sample_max_value=1 is a plain clip), last step to sigma 0."""
+    return diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, trained_betas=np.asarray(base.betas, np.float32), algorithm_type="dpmsolver++",
+        solver_order=2, solver_type="midpoint", prediction_type="epsilon", variance_type="learned_range",
+        thresholding=clip, sample_max_value=1.0, lower_order_final=True, final_sigmas_type="zero",
+        timestep_spacing="linspace")
+
+
+@pytest.mark.parametrize("steps,spacing,clip", [(15, None, True), (10, "10", False), (20, None, False)])
+def test_dpmpp_2m_step_matches_diffusers(steps, spacing, clip):
+    """spacing None: our default ("linspaceN") must be diffusers' own set_timesteps(N); "10": an
+    improved-diffusion respacing handed to diffusers as custom timesteps."""
+    base = schedules.make_schedule("cosine", 1000)
+    spaced = schedules.respace(base, spacing or f"linspace{steps}")
+    ref = _dpmpp_scheduler(base, clip)
+    if spacing is None:
+        ref.set_timesteps(steps)
+    else:
+        ref.set_timesteps(timesteps=spaced.timesteps[::-1].tolist())
+    np.testing.assert_array_equal(ref.timesteps.numpy(), spaced.timesteps[::-1])
+    # float64 sigma table (diffusers rounds it to float32; improved-diffusion builds its tables in float64)
+    acp = np.asarray(base.alphas_cumprod)[ref.timesteps.numpy()]
+    ref.sigmas = torch.tensor(np.append(np.sqrt((1 - acp) / acp), 0.0), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    step = jax.jit(lambda out, i, x, prev: samplers.dpmpp_2m_step(spaced, out, i, x, prev, clip_denoised=clip))
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    prev_x0, worst = jnp.zeros(to_nhwc(x).shape), 0.0
+    for i, t in zip(reversed(range(steps)), ref.timesteps):
+        out = torch.cat([torch.randn(SHAPE, generator=gen), torch.rand(SHAPE, generator=gen) * 2 - 1], dim=1).double()
+        expected = ref.step(out, t, x).prev_sample
+        got, prev_x0 = step(to_nhwc(out), i, to_nhwc(x), prev_x0)
+        # relative to the step's scale: unclipped x_0 at t = 999 is ~1e4 (alpha_bar = 1e-8 on the cosine schedule)
+        scale = max(1.0, float(expected.abs().max()))
+        worst = max(worst, float(np.abs(np.asarray(got) - to_nhwc(expected)).max()) / scale)
+        x = expected
+    assert worst <= 1e-5, worst
+    assert np.abs(np.asarray(prev_x0)).max() <= 1.0 or not clip
+
+
 def test_q_sample_matches_diffusers_add_noise():
     base = schedules.make_schedule("linear", 1000)
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(base.betas, np.float32))
@@ -204,3 +245,23 @@ def test_diffusion_loss_drops_whole_label_maps_with_probability_p():
                                           vlb_weight=0.0, cond_drop_prob=0.5)
     assert float(loss) == pytest.approx(float(metrics["mse"])) and np.isfinite(float(metrics["vb"]))
     assert seen["labels"].shape == (8, 4, 4, 3)
+
+
+def test_decoder_likelihood_at_t0_matches_torch_float32():
+    """improved-diffusion's discretized_gaussian_log_likelihood in torch float32 (torch.tanh) on t = 0 values:
+    means within ~0.006 of x0 and log-scales near the cosine schedule's first step. XLA's float32 tanh was
+    7e-4 nats off here; through the logistic function it is within torch's own float32 rounding."""
+    import math
+    from jaxboost.diffusion import losses
+    rng = np.random.default_rng(0)
+    x0 = np.clip(rng.standard_normal(4096) * 0.7, -1, 1).astype(np.float32)
+    means = (x0 + rng.standard_normal(4096) * 0.006).astype(np.float32)
+    log_scales = rng.uniform(-5.5, -4.5, 4096).astype(np.float32)
+    x, m, ls = (torch.tensor(a) for a in (x0, means, log_scales))
+    cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3))))
+    plus, minus = cdf(torch.exp(-ls) * (x - m + 1 / 255)), cdf(torch.exp(-ls) * (x - m - 1 / 255))
+    expected = torch.where(x < -0.999, torch.log(plus.clamp(min=1e-12)),
+                           torch.where(x > 0.999, torch.log((1 - minus).clamp(min=1e-12)),
+                                       torch.log((plus - minus).clamp(min=1e-12)))).numpy()
+    got = losses.discretized_gaussian_log_likelihood(jnp.asarray(x0), jnp.asarray(means), jnp.asarray(log_scales))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4, rtol=0)

@@ -20,6 +20,10 @@ MID = dict(SMALL, image_size=64, in_channels=3, model_channels=64, channel_mult=
            attention_resolutions=(32, 16), num_labels=5)
 # upstream's other switches: conv resampling, additive timestep embedding
 SMALL_PLAIN = dict(SMALL, resblock_updown=False, use_scale_shift_norm=False)
+# echo_from_noise's attention (QKVAttention: q|k|v split before heads), and upstream's fixed head counts
+NEW_ORDER = dict(SMALL, num_head_channels=16, use_new_attention_order=True)  # 2 heads of 16
+FIXED_HEADS = dict(SMALL, model_channels=64, num_head_channels=-1, num_heads=2, num_heads_upsample=4,
+                   use_new_attention_order=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,7 +54,8 @@ def torch_forward(ref, x, t, labels):
     return ref(nchw(x), torch.tensor(t), nchw(labels)).permute(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("fields", [SMALL, SMALL_PLAIN, MID], ids=["small", "small_plain", "mid"])
+@pytest.mark.parametrize("fields", [SMALL, SMALL_PLAIN, MID, NEW_ORDER, FIXED_HEADS],
+                         ids=["small", "small_plain", "mid", "new_attention_order", "fixed_heads"])
 def test_sdm_matches_torch_reference_outputs(fields):
     ref = random_reference(fields)
     params = convert_sdm.sdm_from_torch_state_dict({k: v.numpy() for k, v in ref.state_dict().items()},
@@ -63,6 +68,19 @@ def test_sdm_matches_torch_reference_outputs(fields):
     assert out.shape == expected.shape == x.shape[:3] + (2 * fields["in_channels"],)
     assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero outputs
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=0)
+
+
+def test_attention_order_is_not_interchangeable():
+    """A new-order checkpoint read in the legacy order gives other outputs: the flag must follow the source."""
+    ref = random_reference(NEW_ORDER)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    x, t, labels = random_inputs(NEW_ORDER)
+    with torch.no_grad():
+        expected = torch_forward(ref, x, t, labels).numpy()
+    legacy = dict(NEW_ORDER, use_new_attention_order=False)
+    out = jax.jit(convert_sdm.model_from_config(ConfigDict(legacy)).apply)(
+        {"params": convert_sdm.sdm_from_torch_state_dict(sd, ConfigDict(legacy))}, x, t, labels)
+    assert np.abs(np.asarray(out) - expected).max() > 0.1 * np.abs(expected).max()
 
 
 def test_sdm_gradients_match_torch_reference():
@@ -145,3 +163,32 @@ def test_label_resize_matches_torch_nearest(size):
     expected = torch.nn.functional.interpolate(torch.tensor(a).permute(0, 3, 1, 2), size=size, mode="nearest")
     np.testing.assert_array_equal(np.asarray(resize_nearest(jnp.asarray(a), size)),
                                   expected.permute(0, 2, 3, 1).numpy())
+
+
+# echo_from_noise's model at CPU size: its attention flags, the rest shrunk
+ECHO_SHRUNK = ["model.image_size=32", "model.in_channels=1", "model.model_channels=64", "model.channel_mult=(1, 2)",
+               "model.num_res_blocks=1", "model.attention_resolutions=(16,)", "model.num_head_channels=32",
+               "model.num_labels=4", "model.dtype=float32", "data.size=32", "data.num_labels=4"]
+
+
+def test_echo_from_noise_config_has_its_flags_and_converts_its_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+    config = load_config("configs/sdm.py:echo_from_noise")
+    assert config.model.use_new_attention_order and config.model.num_head_channels == 64
+    assert config.diffusion.cond_drop_prob == 0.0 and config.diffusion.vlb_weight == 0.001
+    assert (config.sampler.name, config.sampler.steps, config.sampler.guidance) == ("ddpm", 1000, None)
+    assert config.optim.schedule == "linear_to_zero" and config.total_steps == 50_000
+
+    config = load_config("configs/sdm.py:echo_from_noise", ECHO_SHRUNK)
+    ref = random_reference(config.model.to_dict(), seed=4)
+    assert ref.middle_block[1].new_order
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "ema.safetensors"))
+    from jaxboost.cli import main
+    assert main(["convert", "sdm", "--checkpoint", str(tmp_path / "ema.safetensors"), "--out", str(tmp_path / "out"),
+                 "--config", "configs/sdm.py:echo_from_noise", "--set", *ECHO_SHRUNK]) == 0
+    model = convert_sdm.model_from_config(config.model)
+    x, t, labels = random_inputs(config.model.to_dict(), seed=4)
+    with torch.no_grad():
+        expected = torch_forward(ref, x, t, labels).numpy()
+    out = jax.jit(model.apply)({"params": convert_sdm.load_params(str(tmp_path / "out"))}, x, t, labels)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)

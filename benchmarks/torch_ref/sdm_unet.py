@@ -155,11 +155,13 @@ class SDMResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Fused-qkv attention, legacy order: heads split before q/k/v."""
+    """Fused-qkv attention. Heads: channels // num_head_channels, or num_heads if num_head_channels == -1.
+    Legacy order (QKVAttentionLegacy): heads split before q/k/v; new order (QKVAttention): q/k/v first."""
 
-    def __init__(self, channels, num_head_channels=64):
+    def __init__(self, channels, num_head_channels=64, num_heads=1, use_new_attention_order=False):
         super().__init__()
-        self.num_heads = channels // num_head_channels
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        self.new_order = use_new_attention_order
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
@@ -170,7 +172,10 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))
         bs, width, length = qkv.shape
         ch = width // (3 * self.num_heads)
-        q, k, v = qkv.reshape(bs * self.num_heads, ch * 3, length).split(ch, dim=1)
+        if self.new_order:
+            q, k, v = (a.reshape(bs * self.num_heads, ch, length) for a in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(bs * self.num_heads, ch * 3, length).split(ch, dim=1)
         scale = 1 / math.sqrt(math.sqrt(ch))
         w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
         w = torch.softmax(w.float(), dim=-1).type(w.dtype)
@@ -190,8 +195,11 @@ class UNetModel(nn.Module):
 
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  num_classes, dropout=0.0, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64,
-                 use_scale_shift_norm=True, resblock_updown=True, conv_resample=True):
+                 use_scale_shift_norm=True, resblock_updown=True, conv_resample=True, num_heads=1,
+                 num_heads_upsample=-1, use_new_attention_order=False):
         super().__init__()
+        up_heads = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        attention = lambda ch, heads=num_heads: AttentionBlock(ch, num_head_channels, heads, use_new_attention_order)
         self.model_channels = model_channels
         temb = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, temb), nn.SiLU(), nn.Linear(temb, temb))
@@ -203,7 +211,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, temb, dropout, int(mult * model_channels), use_scale_shift_norm)]
                 ch = int(mult * model_channels)
                 if ds in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_head_channels))
+                    layers.append(attention(ch))
                 self.input_blocks.append(CondSequential(*layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -214,7 +222,7 @@ class UNetModel(nn.Module):
                 ds *= 2
         self.middle_block = CondSequential(
             SDMResBlock(ch, temb, dropout, num_classes, use_scale_shift_norm=use_scale_shift_norm),
-            AttentionBlock(ch, num_head_channels),
+            attention(ch),
             SDMResBlock(ch, temb, dropout, num_classes, use_scale_shift_norm=use_scale_shift_norm))
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -224,7 +232,7 @@ class UNetModel(nn.Module):
                                       use_scale_shift_norm)]
                 ch = int(model_channels * mult)
                 if ds in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_head_channels))
+                    layers.append(attention(ch, up_heads))
                 if level and i == num_res_blocks:
                     layers.append(SDMResBlock(ch, temb, dropout, num_classes, ch, use_scale_shift_norm, up=True)
                                   if resblock_updown else Upsample(ch, conv_resample))
@@ -252,7 +260,9 @@ def unet_from_config(model_config) -> UNetModel:
         out_channels=2 * c.in_channels if c.learn_sigma else c.in_channels, num_res_blocks=c.num_res_blocks,
         attention_resolutions=tuple(c.image_size // r for r in c.attention_resolutions), num_classes=c.num_labels,
         dropout=c.dropout, channel_mult=tuple(c.channel_mult), num_head_channels=c.num_head_channels,
-        use_scale_shift_norm=c.use_scale_shift_norm, resblock_updown=c.resblock_updown)
+        use_scale_shift_norm=c.use_scale_shift_norm, resblock_updown=c.resblock_updown,
+        num_heads=c.get("num_heads", 1), num_heads_upsample=c.get("num_heads_upsample", -1),
+        use_new_attention_order=c.get("use_new_attention_order", False))
 
 
 # ------------------------------------------------------------------------ diffusion (improved-diffusion)

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict, save_params
-from jaxboost.models import mumc
+from jaxboost.models import mumc_surgery
 
 
 def vit_params_from_state_dict(take: _Taker, prefix: str, depth: int) -> dict:
@@ -54,7 +54,7 @@ def _position_table(take: _Taker, name: str, width: int):
         return None
     table = take(name).reshape(-1, width)
     grid = int(round((table.shape[0] - 1) ** 0.5))
-    sincos = mumc.sincos_table(grid, width)
+    sincos = mumc_surgery.sincos_table(grid, width)
     return None if table.shape == sincos.shape and np.allclose(table, sincos, atol=1e-4) else table
 
 

@@ -1,16 +1,24 @@
-"""The triplet corpus: sharded ArrayRecord files of (image, mask, prompts, metadata) records + a manifest.
+"""The triplet corpus: sharded ArrayRecord files of images (image, mask, cone, prompts, metadata) + a manifest.
 
 Layout of a corpus folder:
     config.json                  what this folder is being built as (schema, size, shard size, source);
                                  a second build with another config is refused.
     {split}-w{writer:03d}-{index:05d}.array_record   complete shards only (written as *.tmp, then renamed)
-    parts/writer-{writer:03d}.json                    the shards one writer finished (its part manifest)
+    parts/writer-{writer:03d}.json                    the shards one writer finished (its part manifest),
+                                                      rewritten as each shard is finished and hashed
     manifest.json                written last, atomically, by `finalize_corpus` from all parts
 
-Shard i of (split, writer) holds that writer's records i*N .. i*N+N-1 of the split, in the order they were
-given, so a killed build that is rerun with the same input skips complete shards, redoes only the
-unfinished one, and ends with byte-identical shards and manifest. Several hosts write one corpus with
-distinct writer ids; `finalize_corpus` merges their parts.
+Storage (schema 2): one ArrayRecord entry per image holds the image, its multi-class mask, cone and the
+prompts of every structure present in the mask; a triplet (image, mask, prompt) record is the pair
+(entry, structure), so the pixels are stored once, not once per structure. The manifest lists, per shard,
+its images, its records and the (row, structure) pairs absent because that structure's mask is empty; a
+record index resolves to (shard, row, structure) from the manifest alone, with no read. Schema 1 corpora
+(one entry per record, the image repeated in each) are still read.
+
+Shard i of (split, writer) holds that writer's images i*N .. i*N+N-1 of the split, in the order they were
+given, so a killed build that is rerun with the same input skips the shards its part manifest lists,
+redoes only the unfinished one, and ends with byte-identical shards and manifest. Several hosts write one
+corpus with distinct writer ids; `finalize_corpus` merges their parts.
 
 Record contract (decoded dict): key, image uint8 [S, S], mask uint8 [S, S] (CAMUS labels 0-3), cone uint8
 [S, S], structure "LV"|"MYO"|"LA", label 1|2|3, prompts (8 x [ending "of the heart", ending "in the cardiac
@@ -20,11 +28,15 @@ Encoding: msgpack map; arrays as {dtype, shape, zlib bytes}.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
+import logging
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -37,25 +49,51 @@ from jaxboost.data import json_list
 from jaxboost.data import labels as labels_lib
 from jaxboost.data import prompts as prompts_lib
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 FORMAT_NAME = "jaxboost-triplet-corpus"
 SPLITS = ("train", "val", "test")
 SOURCES = ("camus", "phantom", "synthetic")
 ARRAY_FIELDS = ("image", "mask", "cone", "orig_mask")
+RECORDS_PER_IMAGE = len(labels_lib.STRUCTURES)
 DEFAULT_RECORDS_PER_SHARD = 1024
+MIN_SIZE, SIZE_MULTIPLE = 16, 8  # the U-Nets halve the image 3+ times; CLIP-style encoders patch it
+MAX_OPEN_READERS = 16  # per CorpusSource: a host holds a bounded number of shard files open
 _SHARD_RE = re.compile(r"^(train|val|test)-w(\d{3})-(\d{5})\.array_record$")
-_ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
+# One entry per chunk (cheap random access for grain); zstd:1 shrinks the prompt text ~4x at a tenth of the
+# CPU of ArrayRecord's default brotli (the arrays inside are zlib-compressed already).
+_ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
+
+
+def check_size(size: int, where: str = "--size") -> int:
+    """A corpus image size the models can take: a multiple of 8, at least 16."""
+    if int(size) != size or size < MIN_SIZE or size % SIZE_MULTIPLE:
+        raise ValueError(f"{where} {size}: the corpus size must be a multiple of {SIZE_MULTIPLE} and at least "
+                         f"{MIN_SIZE} (e.g. 64, 256, 352)")
+    return int(size)
+
+
+def images_per_shard(records_per_shard: int) -> int:
+    """Shards are cut by image (so a resume knows a shard's images before loading them): about
+    `records_per_shard` records each, i.e. that many / 3 images, rounded up."""
+    if records_per_shard < 1:
+        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    return -(-int(records_per_shard) // RECORDS_PER_IMAGE)
 
 
 # ----------------------------------------------------------------------------------------------- records
 def encode_record(record: dict) -> bytes:
-    """Record dict -> bytes (msgpack; numpy arrays zlib-compressed with dtype and shape)."""
+    """Record dict -> bytes (msgpack; numpy arrays as raw bytes with dtype and shape; fields sorted, so the
+    bytes do not depend on how the dict was put together). The shard's zstd chunks compress the arrays
+    (as well as zlib did and ~5x faster); schema-1 entries hold zlib-compressed arrays and still decode."""
     out = {}
-    for name, value in record.items():
+    for name, value in sorted(record.items()):
         if isinstance(value, np.ndarray):
             value = np.ascontiguousarray(value)
-            out[name] = {"__nd__": True, "dtype": value.dtype.str, "shape": list(value.shape),
-                         "data": zlib.compress(value.tobytes(), 1)}  # level 1: 2x faster than 6, ~6% larger
+            out[name] = {"__nd__": True, "dtype": value.dtype.str, "shape": list(value.shape), "codec": "raw",
+                         "data": value.tobytes()}
         elif isinstance(value, np.integer):
             out[name] = int(value)
         else:
@@ -72,8 +110,8 @@ def decode_record(data: bytes, arrays: bool = True) -> dict:
             if not arrays:
                 del record[name]
                 continue
-            array = np.frombuffer(zlib.decompress(value["data"]), dtype=np.dtype(value["dtype"]))
-            record[name] = array.reshape(value["shape"])
+            raw = value["data"] if value.get("codec") == "raw" else zlib.decompress(value["data"])
+            record[name] = np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"])
     return record
 
 
@@ -86,14 +124,15 @@ def resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(array, np.uint8)).resize((size, size), method))
 
 
-def make_records(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, view: str, phase: str,
-                 sex: str, age: int, quality: str, split: str, source: str, size: int,
-                 cone: np.ndarray | None = None, drop_quality: bool = False,
-                 keep_orig_mask: bool = True) -> list[dict]:
-    """One image + multi-class mask -> 3 records (LV, MYO, LA) following the record contract.
+def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, view: str, phase: str,
+               sex: str, age: int, quality: str, split: str, source: str, size: int,
+               cone: np.ndarray | None = None, drop_quality: bool = False,
+               keep_orig_mask: bool = True) -> dict:
+    """One image + multi-class mask -> its stored entry: resized arrays, and the prompts of each structure
+    present in the resized mask (a structure whose mask is empty gets no record claiming it is there).
 
     image, mask: [H0, W0] uint8 (mask labels 0-3); cone: [H0, W0] scan sector, derived from the image's
-    non-zero support when None. name: unique image name inside the source (key = source/name/structure).
+    non-zero support when None. name: unique image name inside the source (record key = source/name/structure).
     drop_quality: prompts as the original synthetic set (no image quality).
     """
     if source not in SOURCES:
@@ -105,20 +144,61 @@ def make_records(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str
         raise ValueError(f"{name}: image shape {image.shape} != mask shape {mask.shape}")
     if mask.max(initial=0) > 3:
         raise ValueError(f"{name}: mask labels must be in 0-3, found {int(mask.max())}")
+    if image.size and image.min() == image.max():
+        # A blank frame (a broken file, or a sampler gone wrong) is not an echo image; refuse real input,
+        # warn for a synthetic one (the run still writes it so its shards stay aligned with its samples).
+        message = f"{name}: the image is constant (every pixel {int(image.flat[0])})"
+        if source != "synthetic":
+            raise ValueError(message + "; not an echo frame")
+        log.warning("%s; written anyway", message)
     cone = labels_lib.cone_from_image(image) if cone is None else np.asarray(cone, np.uint8)
     image_s, mask_s, cone_s = resize(image, size, False), resize(mask, size, True), resize(cone, size, True)
-    records = []
-    for structure in labels_lib.STRUCTURES:
-        label = labels_lib.LABEL_OF[structure]
-        shape = prompts_lib.mask_shape(mask == label)
-        prompts = prompts_lib.make_prompts(structure, view, phase, sex, age, quality, shape,
-                                           drop_quality=drop_quality)
-        records.append(dict(
-            key=f"{source}/{name}/{structure}", image=image_s, mask=mask_s, cone=cone_s,
-            structure=structure, label=label, prompts=prompts, patient=patient, view=view, phase=phase,
-            sex=sex, age=int(age), quality=quality or "", split=split, source=source,
-            orig_mask=mask if keep_orig_mask else np.zeros((0, 0), np.uint8)))
-    return records
+    present = [s for s in labels_lib.STRUCTURES if (mask_s == labels_lib.LABEL_OF[s]).any()]
+    prompts = {s: prompts_lib.make_prompts(s, view, phase, sex, age, quality,
+                                           prompts_lib.mask_shape(mask == labels_lib.LABEL_OF[s]),
+                                           drop_quality=drop_quality) for s in present}
+    return dict(key=f"{source}/{name}", image=image_s, mask=mask_s, cone=cone_s,
+                orig_mask=mask if keep_orig_mask else np.zeros((0, 0), np.uint8), structures=present,
+                prompts=prompts, patient=patient, view=view, phase=phase, sex=sex, age=int(age),
+                quality=quality or "", split=split, source=source)
+
+
+def structure_record(entry: dict, structure: str) -> dict:
+    """The record of one structure of a stored image entry (the record contract)."""
+    record = {k: v for k, v in entry.items() if k not in ("structures", "prompts")}
+    record.update(key=f"{entry['key']}/{structure}", structure=structure, label=labels_lib.LABEL_OF[structure],
+                  prompts=entry["prompts"][structure])
+    return record
+
+
+def image_records(entry: dict) -> list[dict]:
+    """Stored image entry -> its records (LV, MYO, LA, those present), sharing the entry's arrays."""
+    return [structure_record(entry, s) for s in entry["structures"]]
+
+
+def make_records(image: np.ndarray, mask: np.ndarray, **kwargs) -> list[dict]:
+    """One image + multi-class mask -> its records (see make_image for the arguments)."""
+    return image_records(make_image(image, mask, **kwargs))
+
+
+def _entries_from_records(records: Iterable[dict]) -> Iterator[dict]:
+    """Records (as make_records gives them) -> image entries, grouping the consecutive records of one image."""
+    group: list[dict] = []
+
+    def entry_of(group):
+        first = group[0]
+        entry = {k: v for k, v in first.items() if k not in ("structure", "label", "prompts")}
+        entry.update(key=first["key"].rsplit("/", 1)[0], structures=[r["structure"] for r in group],
+                     prompts={r["structure"]: r["prompts"] for r in group})
+        return entry
+
+    for record in records:
+        if group and record["key"].rsplit("/", 1)[0] != group[0]["key"].rsplit("/", 1)[0]:
+            yield entry_of(group)
+            group = []
+        group.append(record)
+    if group:
+        yield entry_of(group)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -171,72 +251,110 @@ def claim_folder(out_dir: Path, config: dict) -> None:
 
 
 class CorpusWriter:
-    """Streams records into complete, renamed shards; resumable; one instance per writer id.
+    """Streams image entries into complete, renamed shards; resumable; one instance per writer id.
 
     Usage:
         writer = CorpusWriter(out_dir, size=256, source="synthetic", writer_id=jax.process_index())
-        for rec in records:                      # or: if writer.wants(split): writer.add(make_record())
-            writer.add(rec)
-        writer.close()                           # writes parts/writer-XXX.json
+        for entry in entries:                    # or: if writer.wants(split): writer.add_image(make_image(...))
+            writer.add_image(entry)
+        writer.close()                           # parts/writer-XXX.json lists every finished shard
         finalize_corpus(out_dir)                 # once, after every writer closed: manifest.json
+
+    Resume costs O(shards): the finished shards are the ones this writer's part manifest lists (each
+    hashed once, when it was finished), so nothing is stat-ed or re-hashed per sample.
     """
 
     def __init__(self, out_dir, *, size: int, source: str, writer_id: int = 0,
                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, extra_config: dict | None = None):
-        if records_per_shard < 1:
-            raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
         self.out_dir = Path(out_dir)
-        self.size, self.source, self.writer_id = int(size), source, int(writer_id)
-        self.records_per_shard = int(records_per_shard)
+        self.size, self.source, self.writer_id = check_size(size, "corpus size"), source, int(writer_id)
+        self.images_per_shard = images_per_shard(records_per_shard)
         self.config = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "size": self.size,
-                       "records_per_shard": self.records_per_shard, **(extra_config or {})}
+                       "images_per_shard": self.images_per_shard, **(extra_config or {})}
         claim_folder(self.out_dir, self.config)
         for stale in self.out_dir.glob(f"*-w{self.writer_id:03d}-*.array_record.tmp"):
-            stale.unlink()  # a shard a killed run left unfinished: redone from its first record
+            stale.unlink()  # a shard a killed run left unfinished: redone from its first image
         (self.out_dir / "parts").mkdir(exist_ok=True)
-        self._position = {s: 0 for s in SPLITS}  # records seen per split
-        self._open: dict[str, tuple[int, Any, Path]] = {}  # split -> (shard index, writer, tmp path)
+        self._part_path = self.out_dir / "parts" / f"writer-{self.writer_id:03d}.json"
+        self._finished = self._read_part()  # (split, index) -> shard info
+        self._position = {s: 0 for s in SPLITS}  # images seen per split
+        self._open: dict[str, dict] = {}  # split -> the shard being written
+
+    def _read_part(self) -> dict[tuple[str, int], dict]:
+        """Finished shards from an earlier run's part manifest (a listed file that is gone is redone)."""
+        if not self._part_path.is_file():
+            return {}
+        part = json_list.read_json(self._part_path, f"{self._part_path}: not found")
+        if not isinstance(part, dict) or part.get("config") != self.config or not isinstance(part.get("shards"), list):
+            raise ValueError(f"{self._part_path}: not a part manifest of this corpus config; use a new --out folder")
+        finished = {}
+        for shard in part["shards"]:
+            match = _SHARD_RE.match(str(shard.get("file")))
+            if match and (self.out_dir / shard["file"]).is_file():
+                finished[(match.group(1), int(match.group(3)))] = shard
+        return finished
 
     def _shard_path(self, split: str, index: int) -> Path:
         return self.out_dir / shard_name(split, self.writer_id, index)
 
+    def is_finished(self, split: str, position: int) -> bool:
+        """Whether image `position` of this writer's `split` stream is in a shard finished by an earlier run."""
+        return (split, position // self.images_per_shard) in self._finished
+
     def wants(self, split: str, count: int = 1) -> bool:
-        """Whether any of the next `count` records of `split` lands in a shard not yet complete on disk."""
+        """Whether any of the next `count` images of `split` lands in a shard not yet finished."""
         start = self._position[split]
-        first, last = start // self.records_per_shard, (start + count - 1) // self.records_per_shard
-        return any(not self._shard_path(split, i).exists() for i in range(first, last + 1))
+        return not all(self.is_finished(split, p) for p in range(start, start + count))
 
     def skip(self, split: str, count: int = 1) -> None:
-        """Advance past `count` records whose shards are already complete (see `wants`)."""
+        """Advance past `count` images whose shards are already finished (see `wants`)."""
         self._position[split] += count
 
-    def add(self, record: dict) -> None:
-        split = record["split"]
+    def add_image(self, entry: dict, encoded: bytes | None = None) -> None:
+        """Append one image entry (make_image) to its split's stream; ignored when its shard is finished.
+        encoded: encode_record(entry), when a background thread made it already."""
+        split = entry["split"]
         if split not in SPLITS:
-            raise ValueError(f"record {record.get('key')!r}: split must be one of {SPLITS}, got {split!r}")
-        if record["image"].shape != (self.size, self.size):
-            raise ValueError(f"record {record['key']!r}: image shape {record['image'].shape} != corpus size "
+            raise ValueError(f"image {entry.get('key')!r}: split must be one of {SPLITS}, got {split!r}")
+        if entry["image"].shape != (self.size, self.size):
+            raise ValueError(f"image {entry['key']!r}: image shape {entry['image'].shape} != corpus size "
                              f"({self.size}, {self.size})")
         position = self._position[split]
         self._position[split] += 1
-        index = position // self.records_per_shard
-        final = self._shard_path(split, index)
-        if final.exists():
-            return  # complete from an earlier run
-        if split in self._open and self._open[split][0] != index:
+        index = position // self.images_per_shard
+        if (split, index) in self._finished:
+            return
+        if split in self._open and self._open[split]["index"] != index:
             self._finish(split)
         if split not in self._open:
             from array_record.python import array_record_module
-            tmp = final.with_name(final.name + ".tmp")
-            self._open[split] = (index, array_record_module.ArrayRecordWriter(str(tmp), _ARRAY_RECORD_OPTIONS), tmp)
-        self._open[split][1].write(encode_record(record))
-        if (position + 1) % self.records_per_shard == 0:
+            tmp = self._shard_path(split, index).with_name(shard_name(split, self.writer_id, index) + ".tmp")
+            self._open[split] = {"index": index, "tmp": tmp, "images": 0, "absent": [],
+                                 "writer": array_record_module.ArrayRecordWriter(str(tmp), _ARRAY_RECORD_OPTIONS)}
+        shard = self._open[split]
+        shard["writer"].write(encode_record(entry) if encoded is None else encoded)
+        shard["absent"] += [[shard["images"], s] for s in labels_lib.STRUCTURES if s not in entry["structures"]]
+        shard["images"] += 1
+        if (position + 1) % self.images_per_shard == 0:
             self._finish(split)
 
     def _finish(self, split: str) -> None:
-        index, writer, tmp = self._open.pop(split)
-        writer.close()
-        os.replace(tmp, self._shard_path(split, index))
+        """Close, hash (once) and rename the open shard, then record it in the part manifest."""
+        shard = self._open.pop(split)
+        shard["writer"].close()
+        final = self._shard_path(split, shard["index"])
+        info = {"file": final.name, "split": split, "writer": self.writer_id, "images": shard["images"],
+                "records": shard["images"] * RECORDS_PER_IMAGE - len(shard["absent"]), "absent": shard["absent"],
+                "bytes": shard["tmp"].stat().st_size, "sha256": _sha256(shard["tmp"])}
+        os.replace(shard["tmp"], final)
+        self._finished[(split, shard["index"])] = info
+        self._write_part()
+
+    def _write_part(self) -> dict:
+        shards = [self._finished[k] for k in sorted(self._finished, key=lambda k: (SPLITS.index(k[0]), k[1]))]
+        part = {"config": self.config, "writer": self.writer_id, "shards": shards}
+        _write_json_atomic(self._part_path, part)
+        return part
 
     def __enter__(self) -> "CorpusWriter":
         return self
@@ -244,51 +362,55 @@ class CorpusWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # leave complete shards for a resume, drop the unfinished ones
-            for _, writer, tmp in self._open.values():
-                writer.close()
-                tmp.unlink(missing_ok=True)
+        else:  # leave finished shards for a resume, drop the unfinished ones
+            for shard in self._open.values():
+                shard["writer"].close()
+                shard["tmp"].unlink(missing_ok=True)
             self._open.clear()
 
     def close(self) -> dict:
         """Finish open shards and write this writer's part manifest; returns it."""
         for split in list(self._open):
             self._finish(split)
-        shards = []
         for split in SPLITS:
-            index = 0
-            while (path := self._shard_path(split, index)).exists():
-                shards.append({"file": path.name, "split": split, "writer": self.writer_id,
-                               "records": _num_records(path), "sha256": _sha256(path)})
-                index += 1
-            on_disk = sum(s["records"] for s in shards if s["split"] == split)
-            if on_disk != self._position[split]:  # shards kept from an earlier run of a different input
+            indices = sorted(i for s, i in self._finished if s == split)
+            on_disk = sum(self._finished[(split, i)]["images"] for i in indices)
+            if on_disk != self._position[split] or indices != list(range(len(indices))):
+                # shards kept from an earlier run of a different input
                 raise ValueError(f"{self.out_dir}: writer {self.writer_id} was given {self._position[split]} "
-                                 f"{split} records but its shards hold {on_disk}; the input changed since the "
+                                 f"{split} images but its shards hold {on_disk}; the input changed since the "
                                  "interrupted build: use a new --out folder")
-        part = {"config": self.config, "writer": self.writer_id, "shards": shards}
-        _write_json_atomic(self.out_dir / "parts" / f"writer-{self.writer_id:03d}.json", part)
-        return part
+        return self._write_part()
 
 
-def finalize_corpus(out_dir, *, expect_writers: int | None = None, source_info: dict | None = None) -> dict:
-    """Merge every writer's part manifest into manifest.json (written atomically, last)."""
-    out_dir = Path(out_dir)
+def _read_parts(out_dir: Path, expect_writers: int | None) -> list[dict]:
     part_paths = sorted((out_dir / "parts").glob("writer-*.json"))
     if not part_paths:
         raise FileNotFoundError(f"{out_dir / 'parts'}: no writer part manifests; did the writers close()?")
     if expect_writers is not None and len(part_paths) != expect_writers:
         raise ValueError(f"{out_dir / 'parts'}: expected {expect_writers} writer parts, found {len(part_paths)}")
-    parts = [json.loads(p.read_text()) for p in part_paths]
-    config = json.loads((out_dir / "config.json").read_text())
-    for path, part in zip(part_paths, parts):
-        if part["config"] != config:
+    config = json_list.read_json(out_dir / "config.json", f"{out_dir / 'config.json'}: not found")
+    parts = []
+    for path in part_paths:
+        part = json_list.read_json(path, f"{path}: not found")
+        if not isinstance(part, dict) or part.get("config") != config:
             raise ValueError(f"{path}: written with another corpus config than {out_dir / 'config.json'}")
+        parts.append(part)
+    return parts
+
+
+def finalize_corpus(out_dir, *, expect_writers: int | None = None, source_info: dict | None = None) -> dict:
+    """Merge every writer's part manifest into manifest.json (written atomically, last)."""
+    out_dir = Path(out_dir)
+    parts = _read_parts(out_dir, expect_writers)
+    config = parts[0]["config"]
     shards = sorted((s for part in parts for s in part["shards"]),
                     key=lambda s: (SPLITS.index(s["split"]), s["writer"], s["file"]))
     counts = {split: sum(s["records"] for s in shards if s["split"] == split) for split in SPLITS}
+    images = {split: sum(s["images"] for s in shards if s["split"] == split) for split in SPLITS}
     manifest = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "size": config["size"],
-                "config": config, "counts": counts, "num_records": sum(counts.values()),
+                "config": config, "counts": counts, "images": images, "num_records": sum(counts.values()),
+                "num_images": sum(images.values()), "bytes": sum(s["bytes"] for s in shards),
                 "shards": shards, "source": source_info or {}}
     _write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
@@ -300,26 +422,30 @@ def build_corpus(images: Iterable, out_dir, *, size: int = 256, source: str, wri
                  finalize: bool = True, on_image=None) -> dict | None:
     """Write a corpus from items; resumable; returns the manifest (when finalize).
 
-    images: iterable of items, each either a record dict (see make_records) or (split, load_fn) where
-    load_fn() -> the image's records (3); a lazy item's load is skipped when its records' shards are
-    already complete. With num_writers > 1 this writer takes items i with i % num_writers == writer_id;
-    call finalize_corpus once after all writers.
+    images: iterable of items, each an image entry (make_image), (split, load_fn) where load_fn() -> the
+    image's entry (its load is skipped when the image's shard is already finished), or records as
+    make_records gives them (the consecutive records of one image are stored as one entry). With
+    num_writers > 1 this writer takes images i with i % num_writers == writer_id; call finalize_corpus
+    once after all writers.
     """
+    images = iter(images)
+    first = next(images, None)
+    items = itertools.chain([] if first is None else [first], images)
+    if isinstance(first, dict) and "structures" not in first:  # records: group them by image
+        items = _entries_from_records(items)
     with CorpusWriter(out_dir, size=size, source=source, writer_id=writer_id,
                       records_per_shard=records_per_shard, extra_config=extra_config) as writer:
-        for item_index, item in enumerate(images):
+        for item_index, item in enumerate(items):
             if item_index % num_writers != writer_id:
                 continue
             if isinstance(item, dict):
-                writer.add(item)  # add() itself passes over records whose shard is already complete
+                writer.add_image(item)  # passes over images whose shard is already finished
                 continue
             split, load_fn = item
-            n = len(labels_lib.STRUCTURES)
-            if not writer.wants(split, n):
-                writer.skip(split, n)
+            if not writer.wants(split):
+                writer.skip(split)
                 continue
-            for record in load_fn():
-                writer.add(record)
+            writer.add_image(load_fn())
             if on_image is not None:
                 on_image()
     if finalize and num_writers == 1:
@@ -335,7 +461,7 @@ def camus_items(root, *, size: int, source: str = "camus") -> tuple[list, dict]:
     def loader(rec):
         def load():
             image, mask = rec.load()
-            return make_records(image, mask, name=rec.name, patient=rec.patient, view=rec.view,
+            return make_image(image, mask, name=rec.name, patient=rec.patient, view=rec.view,
                                 phase=rec.phase, sex=rec.sex, age=rec.age, quality=rec.quality,
                                 split=rec.split, source=source, size=size)
         return load
@@ -349,44 +475,108 @@ def camus_items(root, *, size: int, source: str = "camus") -> tuple[list, dict]:
 class CorpusSource:
     """grain RandomAccessDataSource over one split: len() records, [i] -> decoded record dict.
 
-    Reads the ArrayRecord shards directly (no grain import needed to inspect a corpus); readers open
-    lazily so the object pickles for grain worker processes.
+    Reads the ArrayRecord shards directly (no grain import needed to inspect a corpus). A record index
+    resolves to (shard, entry row, structure) from the manifest's shard list alone; readers open lazily, at
+    most MAX_OPEN_READERS at a time (least recently used closed first), so the object pickles for grain
+    worker processes and a host holds a bounded number of files open whatever the corpus size.
     """
 
-    def __init__(self, paths: list[str], counts: list[int]):
-        self._paths, self._counts = list(paths), [int(c) for c in counts]
-        self._starts = np.cumsum([0] + self._counts)
-        self._readers: dict[int, Any] = {}
+    def __init__(self, root: str, shards: list[dict], schema_version: int = SCHEMA_VERSION):
+        self._root, self._shards, self._schema = str(root), [dict(s) for s in shards], int(schema_version)
+        self._starts = np.cumsum([0] + [int(s["records"]) for s in self._shards])
+        self._readers: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def _path(self, shard: int) -> str:
+        return os.path.join(self._root, self._shards[shard]["file"])
+
     def _reader(self, shard: int):
-        if shard not in self._readers:
-            from array_record.python import array_record_module
-            self._readers[shard] = array_record_module.ArrayRecordReader(
-                self._paths[shard], "readahead_buffer_size:0")  # random access: no readahead
-        return self._readers[shard]
+        with self._lock:  # grain reads from several threads
+            if shard in self._readers:
+                self._readers.move_to_end(shard)
+                return self._readers[shard]
+            while len(self._readers) >= MAX_OPEN_READERS:
+                self._readers.popitem(last=False)  # closed when the last thread reading it lets go, not now
+        from array_record.python import array_record_module
+        try:  # random access: no readahead
+            reader = array_record_module.ArrayRecordReader(self._path(shard), "readahead_buffer_size:0")
+        except Exception as e:  # noqa: BLE001 — riegeli raises plain RuntimeError/ValueError without the file
+            raise ValueError(f"{self._path(shard)}: unreadable ArrayRecord shard ({_first_line(e)}); "
+                             "run `jaxboost corpus verify` on the corpus") from None
+        with self._lock:
+            self._readers[shard] = reader
+        return reader
+
+    def _table(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(entry row, structure index) of each record of a schema-2 shard, from its manifest entry."""
+        if shard not in self._tables:
+            info = self._shards[shard]
+            absent = {(int(row), structure) for row, structure in info.get("absent", [])}
+            pairs = [(row, k) for row in range(int(info["images"]))
+                     for k, structure in enumerate(labels_lib.STRUCTURES) if (row, structure) not in absent]
+            self._tables[shard] = (np.asarray([p[0] for p in pairs], np.int64),
+                                   np.asarray([p[1] for p in pairs], np.int64))
+        return self._tables[shard]
+
+    def _read(self, shard: int, rows: list[int], arrays: bool) -> list[dict]:
+        """Decoded entries of one shard; a read or decode failure names the shard file."""
+        try:
+            return [decode_record(data, arrays) for data in self._reader(shard).read(rows)]
+        except ValueError as e:
+            if self._path(shard) in str(e):
+                raise
+            raise ValueError(f"{self._path(shard)}: unreadable entry among rows {rows[0]}-{rows[-1]} "
+                             f"({_first_line(e)}); run `jaxboost corpus verify` on the corpus") from None
+        except Exception as e:  # noqa: BLE001 — riegeli/zlib/msgpack errors do not say which file
+            raise ValueError(f"{self._path(shard)}: unreadable entry among rows {rows[0]}-{rows[-1]} "
+                             f"({type(e).__name__}: {_first_line(e)}); run `jaxboost corpus verify` on the corpus") from None
+
+    def _records_of(self, shard: int, indices: list[int], arrays: bool) -> list[dict]:
+        """Records at shard-local indices."""
+        if self._schema == 1:
+            return self._read(shard, indices, arrays)
+        rows, kinds = self._table(shard)
+        wanted = sorted(set(int(rows[i]) for i in indices))
+        entries = dict(zip(wanted, self._read(shard, wanted, arrays)))
+        return [structure_record(entries[int(rows[i])], labels_lib.STRUCTURES[int(kinds[i])]) for i in indices]
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-        return decode_record(self._reader(shard).read([index - int(self._starts[shard])])[0])
+        return self._records_of(shard, [index - int(self._starts[shard])], True)[0]
 
     def iter_sequential(self, block: int = 64, arrays: bool = True) -> Iterator[dict]:
-        for shard, count in enumerate(self._counts):
-            reader = self._reader(shard)
+        for shard, info in enumerate(self._shards):
+            count = int(info["records"])
             for start in range(0, count, block):
-                for data in reader.read(list(range(start, min(start + block, count)))):
-                    yield decode_record(data, arrays)
+                yield from self._records_of(shard, list(range(start, min(start + block, count))), arrays)
+
+    def indices_of_structure(self, structure: str) -> list[int] | None:
+        """Indices of the records of one structure, from the manifest (no read); None for schema 1."""
+        if self._schema == 1:
+            return None
+        kind = labels_lib.STRUCTURES.index(structure)
+        return [int(self._starts[shard]) + int(i) for shard in range(len(self._shards))
+                for i in np.flatnonzero(self._table(shard)[1] == kind)]
 
     def __getstate__(self):
-        return {"_paths": self._paths, "_counts": self._counts, "_starts": self._starts, "_readers": {}}
+        return {"_root": self._root, "_shards": self._shards, "_schema": self._schema, "_starts": self._starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _readers=collections.OrderedDict(), _tables={}, _lock=threading.Lock())
 
     def __repr__(self) -> str:
-        return f"CorpusSource({len(self._paths)} shards, {len(self)} records)"
+        return f"CorpusSource({len(self._shards)} shards, {len(self)} records)"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 @dataclasses.dataclass
@@ -398,6 +588,10 @@ class Corpus:
     def size(self) -> int:
         return int(self.manifest["size"])
 
+    @property
+    def schema_version(self) -> int:
+        return int(self.manifest["schema_version"])
+
     def shard_paths(self, split: str) -> list[str]:
         return [str(self.path / s["file"]) for s in self.manifest["shards"] if s["split"] == split]
 
@@ -406,40 +600,80 @@ class Corpus:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return int(self.manifest["counts"][split])
 
+    def num_images(self, split: str | None = None) -> int:
+        """Stored images (entries) of a split or of the corpus; schema 1 stored one per record."""
+        shards = [s for s in self.manifest["shards"] if split is None or s["split"] == split]
+        return sum(int(s.get("images", s["records"])) for s in shards)
+
+    def num_bytes(self) -> int:
+        """Bytes of every shard (listed in a schema-2 manifest; measured on disk for schema 1)."""
+        return sum(int(s["bytes"]) if "bytes" in s else (self.path / s["file"]).stat().st_size
+                   for s in self.manifest["shards"])
+
     def source(self, split: str) -> CorpusSource:
         self.split_len(split)  # validates the split name
         shards = [s for s in self.manifest["shards"] if s["split"] == split]
-        return CorpusSource([str(self.path / s["file"]) for s in shards], [s["records"] for s in shards])
+        return CorpusSource(str(self.path), shards, self.schema_version)
 
     def iter(self, split: str, arrays: bool = True) -> Iterator[dict]:
         """Records of a split in stored order, read sequentially (arrays=False: metadata only)."""
         yield from self.source(split).iter_sequential(arrays=arrays)
 
-    def verify(self) -> None:
-        """Recompute every shard's sha256 and record count against the manifest."""
+    def verify(self) -> list[str]:
+        """Re-check every shard's sha256 and entry count against the manifest; one line per bad shard
+        (empty when the corpus is intact)."""
+        problems = []
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
-            if _sha256(path) != shard["sha256"]:
-                raise ValueError(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard)")
-            if _num_records(path) != shard["records"]:
-                raise ValueError(f"{path}: record count does not match manifest.json")
+            entries = int(shard.get("images", shard["records"]))
+            if not path.is_file():
+                problems.append(f"{path}: shard listed in manifest.json is missing")
+            elif _sha256(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard)")
+            else:
+                try:
+                    found = _num_records(path)
+                except Exception as e:  # noqa: BLE001 — riegeli's error does not name the file
+                    problems.append(f"{path}: unreadable ArrayRecord shard ({_first_line(e)})")
+                    continue
+                if found != entries:
+                    problems.append(f"{path}: holds {found} entries, manifest.json says {entries}")
+        return problems
+
+
+def _check_manifest(manifest, manifest_path: Path) -> None:
+    """One clear line for a manifest that is not a corpus manifest of a readable schema."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path}: expected a JSON object (a corpus manifest), got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
+        raise ValueError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r} is not supported "
+                         f"(this jaxboost reads versions {READABLE_SCHEMAS}); rebuild the corpus")
+    shards, counts = manifest.get("shards"), manifest.get("counts")
+    needed = ("file", "split", "records", "sha256") + (("images",) if manifest["schema_version"] >= 2 else ())
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and all(k in s for k in needed) for s in shards):
+        raise ValueError(f"{manifest_path}: 'shards' must be a list of objects with {list(needed)}")
+    if not isinstance(counts, dict) or not isinstance(manifest.get("size"), int):
+        raise ValueError(f"{manifest_path}: 'counts' (records per split) and 'size' are required")
+    for split in SPLITS:
+        listed = sum(int(s["records"]) for s in shards if s["split"] == split)
+        if counts.get(split) != listed:
+            raise ValueError(f"{manifest_path}: counts[{split!r}] is {counts.get(split)!r} but its shards hold "
+                             f"{listed} records (edited or mixed-up manifest)")
 
 
 def open_corpus(path, *, verify: bool = False) -> Corpus:
-    """Open a finished corpus folder; checks the manifest's format, schema version and shard files."""
+    """Open a finished corpus folder; checks the manifest's format, schema version, counts and shard files."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     manifest = json_list.read_json(
         manifest_path, f"{manifest_path}: no manifest (not a corpus, or its build did not finish)")
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r} is not supported "
-                         f"(this jaxboost reads version {SCHEMA_VERSION}); rebuild the corpus")
+    _check_manifest(manifest, manifest_path)
     for shard in manifest["shards"]:
         if not (path / shard["file"]).is_file():
             raise FileNotFoundError(f"{path / shard['file']}: shard listed in manifest.json is missing")
     corpus = Corpus(path, manifest)
-    if verify:
-        corpus.verify()
+    if verify and (problems := corpus.verify()):
+        raise ValueError("; ".join(problems))
     return corpus

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camus", required=True, help="CAMUS folder (mhd or nii release) or a phantom")
     parser.add_argument("--out", required=True, help="corpus output folder (new, empty, or an unfinished build)")
     parser.add_argument("--size", type=int, default=256, help="square image size of the corpus")
-    parser.add_argument("--records-per-shard", type=int, default=corpus_lib.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--records-per-shard", type=int, default=corpus_lib.DEFAULT_RECORDS_PER_SHARD,
+                        help="about this many records per shard (shards hold whole images, 3 records each)")
     parser.add_argument("--source", choices=("camus", "phantom"), default=None,
                         help="source tag (default: phantom if the folder has PHANTOM.txt, else camus)")
     parser.add_argument("--writer-id", type=int, default=0, help="this writer's index (multi-host builds)")
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    corpus_lib.check_size(args.size)  # before anything is read or written
     root = Path(args.camus)
     source = args.source or _detect_source(root)
     items, info = corpus_lib.camus_items(root, size=args.size, source=source)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import sys
 import textwrap
 
 import numpy as np
@@ -10,12 +12,15 @@ import numpy as np
 from jaxboost.data import corpus as corpus_lib
 
 _OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240]], np.float32)  # by label
+SHOWN_PROMPT = (7, 0)  # P7 (shape + every attribute), ending "of the heart": printed and drawn alike
 
 
 def summarize(corpus: corpus_lib.Corpus, n_examples: int = 8) -> dict:
     """Counts per split / source / structure / view / quality (one pass over the records) and examples."""
-    summary = {"path": str(corpus.path), "size": corpus.size, "schema_version": corpus.manifest["schema_version"],
-               "counts": corpus.manifest["counts"], "by_split": {}, "examples": []}
+    records, images, stored = int(sum(corpus.manifest["counts"].values())), corpus.num_images(), corpus.num_bytes()
+    summary = {"path": str(corpus.path), "size": corpus.size, "schema_version": corpus.schema_version,
+               "counts": corpus.manifest["counts"], "records": records, "images": images, "bytes": stored,
+               "bytes_per_triplet": stored / max(records, 1), "by_split": {}, "examples": []}
     for split in corpus_lib.SPLITS:
         tallies = {name: collections.Counter() for name in ("source", "structure", "view", "phase", "quality")}
         patients = set()
@@ -24,8 +29,8 @@ def summarize(corpus: corpus_lib.Corpus, n_examples: int = 8) -> dict:
                 tally[record[name]] += 1
             patients.add(record["patient"])
             if len(summary["examples"]) < n_examples:
-                summary["examples"].append({"key": record["key"], "split": split, "prompt_p6": record["prompts"][6][0],
-                                            "prompt_p7": record["prompts"][7][1]})
+                summary["examples"].append({"key": record["key"], "split": split,
+                                            "prompt": record["prompts"][SHOWN_PROMPT[0]][SHOWN_PROMPT[1]]})
         summary["by_split"][split] = {"patients": len(patients), **{k: dict(sorted(v.items())) for k, v in tallies.items()}}
     return summary
 
@@ -54,7 +59,8 @@ def draw_grid(corpus: corpus_lib.Corpus, png_path: str, n: int = 8, split: str |
         row[0].set_title(record["key"], fontsize=7)
         row[1].imshow(overlay(record["image"], record["mask"], record["label"]))
         row[1].set_title(f"{record['structure']} (label {record['label']})", fontsize=7)
-        row[2].text(0, 0.5, textwrap.fill(record["prompts"][7][0], 40), fontsize=7, va="center")
+        row[2].text(0, 0.5, textwrap.fill(record["prompts"][SHOWN_PROMPT[0]][SHOWN_PROMPT[1]], 40), fontsize=7,
+                    va="center")
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
@@ -66,24 +72,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("corpus", help="corpus folder (with manifest.json)")
     parser.add_argument("--png", default=None, help="write a grid of examples to this PNG file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--n", type=int, default=8, help="number of examples")
+    parser.add_argument("--n", type=int, default=8, help="number of examples (0: counts only)")
     parser.add_argument("--split", default=None, choices=corpus_lib.SPLITS, help="split drawn in the grid")
 
 
 def main(args) -> int:
+    if args.n < 0 or (args.png and args.n < 1):
+        raise ValueError(f"--n {args.n}: must be >= 1 with --png (rows of the grid), >= 0 otherwise")
     corpus = corpus_lib.open_corpus(args.corpus)
     summary = summarize(corpus, args.n)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"corpus {summary['path']}  size {summary['size']}  schema v{summary['schema_version']}")
-        for split, info in summary["by_split"].items():
-            print(f"  {split:<5} {summary['counts'][split]:>7} records  {info['patients']} patients  "
-                  f"source {info['source']}  structure {info['structure']}  quality {info['quality']}")
-        print("examples:")
-        for example in summary["examples"]:
-            print(f"  {example['key']}: {example['prompt_p7']}")
-    if args.png:
-        draw_grid(corpus, args.png, args.n, args.split)
-        print(f"wrote {args.png}")
+    try:
+        _print_summary(summary, args.json)
+        if args.png:
+            draw_grid(corpus, args.png, args.n, args.split)
+            print(f"wrote {args.png}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `corpus show | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"corpus {summary['path']}  size {summary['size']}  schema v{summary['schema_version']}  "
+          f"{summary['records']} records  {summary['images']} images  "
+          f"{summary['bytes_per_triplet']:.0f} bytes per triplet")
+    for split, info in summary["by_split"].items():
+        print(f"  {split:<5} {summary['counts'][split]:>7} records  {info['patients']} patients  "
+              f"source {info['source']}  structure {info['structure']}  quality {info['quality']}")
+    if summary["examples"]:
+        print(f"examples (P{SHOWN_PROMPT[0]}, ending {SHOWN_PROMPT[1]}):")
+    for example in summary["examples"]:
+        print(f"  {example['key']}: {example['prompt']}")

@@ -8,9 +8,6 @@ structure name; the original asked a VQA model for the shape, ours measures it f
 """
 from __future__ import annotations
 
-import functools
-import itertools
-
 import numpy as np
 from num2words import num2words
 from scipy import ndimage
@@ -77,10 +74,15 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
 
 
 def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
-    """Convex hull [K, 2] (row, col) of the pixel squares of a boolean region, counter-clockwise."""
-    edge = region & ~ndimage.binary_erosion(region)
-    rows, cols = np.nonzero(edge)
-    corners = np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)])
+    """Convex hull [K, 2] (row, col) of the pixel squares of a boolean region, counter-clockwise.
+
+    Only the outer corners of each row's leftmost and rightmost pixel can be hull vertices, so the hull is
+    taken over those 4 points per row (not the 4 corners of every edge pixel): the same polygon from ~3x
+    fewer points."""
+    rows = np.nonzero(region.any(1))[0]
+    left = region[rows].argmax(1)
+    right = region.shape[1] - 1 - region[rows, ::-1].argmax(1)
+    corners = np.concatenate([np.stack([rows + dr, col], 1) for dr in (0, 1) for col in (left, right + 1)])
     try:
         hull = ConvexHull(corners.astype(np.float64))
     except QhullError:
@@ -94,35 +96,28 @@ def _polygon_area(poly: np.ndarray) -> float:
 
 
 def _min_area_rect(poly: np.ndarray) -> tuple[float, float]:
-    """Side lengths (long, short) of the minimum-area bounding rectangle (rotating calipers over hull edges)."""
-    best = None
+    """Side lengths (long, short) of the minimum-area bounding rectangle (rotating calipers over hull edges,
+    all edges at once)."""
     edges = np.roll(poly, -1, axis=0) - poly
-    for edge in edges:
-        norm = np.hypot(*edge)
-        if norm == 0:
-            continue
-        u = edge / norm
-        v = np.array([-u[1], u[0]])
-        pu, pv = poly @ u, poly @ v
-        sides = (pu.max() - pu.min(), pv.max() - pv.min())
-        if best is None or sides[0] * sides[1] < best[0] * best[1]:
-            best = sides
-    return (max(best), min(best))
-
-
-@functools.lru_cache(maxsize=64)
-def _triangle_indices(n: int) -> np.ndarray:
-    return np.array(list(itertools.combinations(range(n), 3)))
+    norms = np.hypot(edges[:, 0], edges[:, 1])
+    u = edges[norms > 0] / norms[norms > 0, None]
+    pu = poly[:, :1] * u[:, 0] + poly[:, 1:] * u[:, 1]     # [K, E] projections on each edge direction
+    pv = poly[:, :1] * -u[:, 1] + poly[:, 1:] * u[:, 0]    # ... and on its normal
+    sides_u, sides_v = pu.max(0) - pu.min(0), pv.max(0) - pv.min(0)
+    best = int(np.argmin(sides_u * sides_v))
+    return (max(sides_u[best], sides_v[best]), min(sides_u[best], sides_v[best]))
 
 
 def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = 40) -> float:
-    """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points)."""
+    """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points).
+
+    Twice a triangle's area is p_i x p_j + p_j x p_k + p_k x p_i, so one [n, n] table of cross products gives
+    every triangle by broadcasting (pixel-corner coordinates are integers: the sums are exact)."""
     if len(poly) > max_vertices:
         poly = poly[np.linspace(0, len(poly) - 1, max_vertices).astype(int)]
-    idx = _triangle_indices(len(poly))
-    a, b, c = poly[idx[:, 0]], poly[idx[:, 1]], poly[idx[:, 2]]
-    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-    return float(np.abs(cross).max() / 2)
+    cross = poly[:, None, 0] * poly[None, :, 1] - poly[:, None, 1] * poly[None, :, 0]
+    doubled = cross[:, :, None] + cross[None, :, :] + cross.T[:, None, :]  # [i, j, k]
+    return float(np.abs(doubled).max() / 2)
 
 
 def mask_shape(mask: np.ndarray) -> str:

@@ -95,8 +95,15 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
     """Which of `num_timesteps` steps to keep (improved-diffusion's rule), sorted ascending.
 
     "ddimN": a stride so that range(0, T, stride) has exactly N steps (DDIM paper's spacing);
+    "linspaceN": round(linspace(0, T - 1, N + 1))[1:], diffusers' timestep_spacing="linspace" (its DPM-Solver
+    default: t = 0 is left out, the last step goes straight to x_0);
     "N" or "N1,N2,...": split T into equal sections and take Ni evenly spaced steps (ends included) in each.
     """
+    if isinstance(section_counts, str) and section_counts.startswith("linspace"):
+        desired = int(section_counts[len("linspace"):])
+        if not 1 <= desired < num_timesteps:
+            raise ValueError(f"cannot take {desired} linspace steps out of {num_timesteps}")
+        return np.linspace(0, num_timesteps - 1, desired + 1).round()[1:].astype(int).tolist()
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
@@ -122,7 +129,7 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
 def respace(schedule: Schedule, spacing) -> Schedule:
     """Keep only the steps `space_timesteps` picks; betas are recomputed so alphas_cumprod is unchanged there.
 
-    `spacing` is "" (keep all), "ddim50", "25", "10,10,5" or an int. Works on the host (concrete arrays).
+    `spacing` is "" (keep all), "ddim50", "linspace15", "25", "10,10,5" or an int. Works on the host (concrete arrays).
     """
     if spacing in ("", None) or spacing == schedule.num_steps:
         return schedule

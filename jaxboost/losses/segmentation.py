@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxboost.models.resize import resize_nearest
+
 
 def sigmoid_dice_loss(logits, masks, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
     """MONAI DiceLoss(sigmoid=True) per sample: 1 - (2|P∩G| + nr) / (|P| + |G| + dr) -> [B]."""
@@ -40,9 +42,16 @@ CE_TERMS = {"fixed": bce_with_logits, "original": single_channel_softmax_ce}
 
 
 def dice_bce(logits, masks, dice_weight: float = 1.0, bce_weight: float = 0.2, ce_mode: str = "fixed"):
-    """dice_weight * Dice + bce_weight * CE, batch mean -> (loss, {"dice": .., "ce": ..})."""
+    """dice_weight * Dice + bce_weight * CE, batch mean -> (loss, {"dice": .., "ce": ..}).
+
+    logits [B, h, w], masks [B, H, W]. Logits smaller than the masks (CRIS's H/4 map, model.upsample="none")
+    are compared with the nearest-downsampled mask, as CRIS.pytorch trains."""
+    if logits.shape != masks.shape and logits.ndim == masks.ndim == 3 and logits.shape[0] == masks.shape[0] \
+            and all(a <= b for a, b in zip(logits.shape[1:], masks.shape[1:])):
+        masks = resize_nearest(masks[..., None], logits.shape[1:])[..., 0]
     if logits.shape != masks.shape:
-        raise ValueError(f"logits {logits.shape} and masks {masks.shape} must have the same shape [B, H, W]")
+        raise ValueError(f"logits {logits.shape} and masks {masks.shape} must both be [B, H, W] (logits may be "
+                         "smaller: the mask is then nearest-downsampled)")
     if ce_mode not in CE_TERMS:
         raise ValueError(f"ce_mode must be one of {sorted(CE_TERMS)}, got {ce_mode!r}")
     dice = sigmoid_dice_loss(logits, masks).mean()

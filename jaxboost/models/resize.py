@@ -63,3 +63,14 @@ def resize_nhwc(x, size: tuple[int, int], mode: str = "bilinear", align_corners:
     mw = jnp.asarray(make(x.shape[2], size[1], align_corners), x.dtype)
     x = jnp.einsum("ph,bhwc->bpwc", mh, x)
     return jnp.einsum("qw,bpwc->bpqc", mw, x)
+
+
+def resize_nearest(labels, size):
+    """labels [B, H, W, ...] -> [B, h, w, ...] as torch F.interpolate(mode='nearest'): source index
+    floor(dst * in / out)."""
+    (h_in, w_in), (h, w) = labels.shape[1:3], size
+    if h_in % h == 0 and w_in % w == 0:  # the U-Net's case: a strided slice, no gather
+        return labels[:, :: h_in // h, :: w_in // w]
+    rows = np.floor(np.arange(h) * (h_in / h)).astype(np.int32)
+    cols = np.floor(np.arange(w) * (w_in / w)).astype(np.int32)
+    return labels[:, rows][:, :, cols]

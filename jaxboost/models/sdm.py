@@ -19,7 +19,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jaxboost.models.resize import resize_nearest
+
+from jaxboost.models import layers
 
 SPADE_HIDDEN = 128  # upstream's; `Model.spade_hidden` lowers it for CPU-sized configs
 
@@ -47,30 +49,25 @@ def group_norm(x, name: str, affine: bool = True):
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def resize_nearest(labels, size):
-    """torch F.interpolate(mode='nearest') to `size` (h, w): source index floor(dst * in / out)."""
-    (h_in, w_in), (h, w) = labels.shape[1:3], size
-    if h_in % h == 0 and w_in % w == 0:  # the U-Net's case: a strided slice, no gather
-        return labels[:, :: h_in // h, :: w_in // w]
-    rows = np.floor(np.arange(h) * (h_in / h)).astype(np.int32)
-    cols = np.floor(np.arange(w) * (w_in / w)).astype(np.int32)
-    return labels[:, rows][:, :, cols]
-
-
 class SpadeGroupNorm(nn.Module):
-    """GroupNorm(32, affine=False)(x) * (1 + gamma) + beta with gamma/beta predicted from the label map."""
+    """GroupNorm(32, affine=False)(x) * (1 + gamma) + beta with gamma/beta predicted from the label map.
+
+    The convs run in `dtype`; the modulation runs in float32 on the float32 norm (a bf16 product would round
+    the normalised activations to 8 bits before the residual sum), cast back to x's dtype at the end.
+    """
     dtype: Any = jnp.float32
     hidden: int = SPADE_HIDDEN
 
     @nn.compact
     def __call__(self, x, labels):
         c = x.shape[-1]
-        normed = group_norm(x, "norm", affine=False)
+        normed = group_norm(x.astype(jnp.float32), "norm", affine=False)
         seg = resize_nearest(labels, x.shape[1:3]).astype(self.dtype)
         actv = nn.relu(conv3x3(self.hidden, "mlp_shared", self.dtype)(seg))
         gamma = conv3x3(c, "mlp_gamma", self.dtype)(actv)
         beta = conv3x3(c, "mlp_beta", self.dtype)(actv)
-        return (normed * (1 + gamma) + beta).astype(x.dtype)
+        f32 = lambda a: a.astype(jnp.float32)
+        return (normed * (1 + f32(gamma)) + f32(beta)).astype(x.dtype)
 
 
 def upsample_nearest2x(x):
@@ -117,23 +114,36 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all positions with fused qkv in guided-diffusion's legacy head order.
+    """Self-attention over all positions with guided-diffusion's fused qkv projection.
 
+    Heads: `channels // num_head_channels`, or `num_heads` when num_head_channels == -1 (upstream's rule).
+    The fused channels are laid out [head][q|k|v][head_dim] in the legacy order (QKVAttentionLegacy, SDM's
+    default) and [q|k|v][head][head_dim] with use_new_attention_order (QKVAttention, as echo_from_noise
+    trains); the weights look the same either way, so the order is a config field, never inferred.
     `implementation` goes to jax.nn.dot_product_attention (None: XLA; "cudnn": fused flash attention on GPU).
     """
     num_head_channels: int = 64
     dtype: Any = jnp.float32
     implementation: str | None = None
+    num_heads: int = 1
+    use_new_attention_order: bool = False
 
     @nn.compact
     def __call__(self, x):
         b, hgt, wid, c = x.shape
-        if c % self.num_head_channels:
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        elif c % self.num_head_channels:
             raise ValueError(f"attention channels {c} not divisible by num_head_channels {self.num_head_channels}")
-        heads = c // self.num_head_channels
+        else:
+            heads = c // self.num_head_channels
+        if c % heads:
+            raise ValueError(f"attention channels {c} not divisible by num_heads {heads}")
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(group_norm(x, "norm").reshape(b, hgt * wid, c))
-        # legacy order: channels are [head][q|k|v][head_dim]
-        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * self.num_head_channels), 3, axis=-1)
+        if self.use_new_attention_order:
+            q, k, v = (a[:, :, 0] for a in jnp.split(qkv.reshape(b, hgt * wid, 3, heads, c // heads), 3, axis=2))
+        else:
+            q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * (c // heads)), 3, axis=-1)
         h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation).reshape(b, hgt * wid, c)
         h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
         return x + h.reshape(b, hgt, wid, c)
@@ -147,14 +157,17 @@ class Model(nn.Module):
     channel_mult: Sequence[int] = (1, 1, 2, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: Sequence[int] = (32, 16, 8)
-    num_head_channels: int = 64
+    num_head_channels: int = 64  # -1: a fixed head count, num_heads (num_heads_upsample in the decoder)
+    num_heads: int = 1
+    num_heads_upsample: int = -1  # -1: num_heads
+    use_new_attention_order: bool = False  # upstream's flag; echo_from_noise trains with True
     num_labels: int = 5
     learn_sigma: bool = True
     dropout: float = 0.0
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat_policy: str = "none"  # layers.REMAT_POLICIES: activation checkpointing of ResBlocks and attention
     attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
     spade_hidden: int = SPADE_HIDDEN  # SPADE's shared conv width (upstream 128)
 
@@ -172,12 +185,14 @@ class Model(nn.Module):
             raise ValueError(f"x {x.shape} and labels {labels.shape} must be [B, H, W, {self.in_channels}] and "
                              f"[B, H, W, {self.num_labels}] with the same B, H, W")
         dtype = jnp.dtype(self.dtype)  # configs give it as a string ("bfloat16")
-        block = nn.remat(ResBlock, static_argnums=(4,)) if self.remat else ResBlock
-        attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        block = layers.remat(ResBlock, self.remat_policy, static_argnums=(4,))
+        attn = layers.remat(AttentionBlock, self.remat_policy)
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
                                            spade_hidden=self.spade_hidden, name=name, **kw)
-        attention = lambda name: attn(self.num_head_channels, dtype, self.attention_implementation,
-                                        name=name)
+        decoder_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        attention = lambda name, heads=self.num_heads: attn(
+            self.num_head_channels, dtype, self.attention_implementation, heads, self.use_new_attention_order,
+            name=name)
         attend_at = {self.image_size // r for r in self.attention_resolutions}  # as downsample factors
 
         temb_dim = 4 * self.model_channels
@@ -211,7 +226,7 @@ class Model(nn.Module):
                 h = res(f"output_blocks_{idx}_0", mult * self.model_channels, spade=True)(h, labels, emb, train)
                 j = 1
                 if ds in attend_at:
-                    h = attention(f"output_blocks_{idx}_1")(h)
+                    h = attention(f"output_blocks_{idx}_1", decoder_heads)(h)
                     j = 2
                 if level and i == self.num_res_blocks:
                     h = self._upsample(f"output_blocks_{idx}_{j}", res, h, labels, emb, train)

@@ -128,3 +128,29 @@ def load_params(workdir, abstract_state, prefer: str = "best"):
         if got is not None:
             return got
     raise FileNotFoundError(f"no readable checkpoint under {workdir}/best or {workdir}/ckpt")
+
+
+def load_ema_params(workdir, abstract_state, shardings):
+    """The `ema_params` subtree alone of a run's newest readable checkpoint (ckpt/, then best/), each leaf
+    restored straight into its sharding (a tree like abstract_state.ema_params): sampling never holds the
+    params and Adam moments (3/4 of a TrainState) nor a replicated copy. A checkpoint of another config is
+    refused by name (the structure check). Returns (ema params, step)."""
+    workdir = epath.Path(workdir)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract_state.ema_params, shardings)
+    args = ocp.args.PyTreeRestore(item={"ema_params": target}, partial_restore=True,
+                                  restore_args={"ema_params": ocp.checkpoint_utils.construct_restore_args(target)})
+    for sub in ("ckpt", "best"):
+        if not (workdir / sub).is_dir():
+            continue
+        manager = ocp.CheckpointManager(workdir / sub, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        for step in sorted(manager.all_steps(), reverse=True):
+            _check_same_structure(abstract_state, manager, step, workdir / sub)
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]["ema_params"]
+            except Exception as e:  # noqa: BLE001 - an unreadable step: fall back to the previous one
+                log.error("checkpoint %s/%s/%s: EMA params unreadable (%s: %s); trying the previous one",
+                          workdir, sub, step, type(e).__name__, str(e)[:300])
+                continue
+            return restored, step
+    raise FileNotFoundError(f"no readable checkpoint with EMA params under {workdir}/ckpt or {workdir}/best")

@@ -1,9 +1,9 @@
-"""MUMC pretraining (SPEC B2): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
+"""MUMC pretraining (Li et al. 2023): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
 
 Data: (a) the triplet corpus (`data.corpus`): every record is an (image, caption) pair, the caption one of
-its P6/P7 prompts (SPEC C) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
+its P6/P7 prompts (the corpus prompts) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
 format) with their image folders (`data.image_roots`). Images get random resized crop, flip and a light
 RandAugment (jaxboost/data/caption_augment.py) on the host, from grain's per-record rng.
 Tokenizer: `data.tokenizer` (a folder or vocab.txt), else the WordPiece saved in WORKDIR/tokenizer, else one
@@ -35,7 +35,8 @@ from jaxboost.data import caption_augment, captions as captions_lib, pipeline
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_state, mumc_surgery
 from jaxboost.train import evaluator, loop, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
 from jaxboost.train import optim
@@ -146,16 +147,20 @@ class _CaptionTransform(grain.RandomMapTransform):
         return {"images": out["images"], "caption": np.asarray(caption)}
 
 
-def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=()):
+def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=(), process_index=None,
+                       process_count=None):
     """A grain loader over any random-access source with the corpus loader's host slicing
-    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts."""
+    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts, host p its rows
+    [p*b, (p+1)*b). The process defaults to jax's."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     sampler = pipeline._HostSliceSampler(
         grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
-                           num_epochs=None, seed=seed), global_batch_size, jax.process_count(), False)
+                           num_epochs=None, seed=seed), global_batch_size, count, False)
     return grain.DataLoader(
         data_source=source, sampler=sampler,
-        operations=[*operations, grain.Batch(global_batch_size // jax.process_count(), True)],
-        shard_options=grain.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True))
+        operations=[*operations, grain.Batch(global_batch_size // count, True)],
+        shard_options=grain.ShardOptions(index, count, drop_remainder=True))
 
 
 def caption_loader(items, *, global_batch_size, seed, config):
@@ -240,18 +245,18 @@ def starting_point(config, params, queues):
     init = config.get("init", {}) or {}
     if init.get("bert"):
         _, text, _ = convert_bert.load_hf_bert(init["bert"])
-        params, _ = mumc.overlay_params(params, {"text": text})
+        params, _ = mumc_surgery.overlay_params(params, {"text": text})
     if init.get("mae"):
         vision, _ = mae.load_mae(init["mae"])
-        params, _ = mumc.overlay_params(params, {"vision": vision})
-    momentum = mumc.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
+        params, _ = mumc_surgery.overlay_params(params, {"vision": vision})
+    momentum = mumc_state.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
     if init.get("albef"):
         loaded, loaded_m, loaded_q, _ = albef.load_albef(init["albef"])
         if "pos_embedding" in loaded["vision"] and config.model.get("vision_posemb") != "table":
             raise ValueError(f"{init['albef']}: holds a learned position table; set "
                              f"config.model.vision_posemb='table' to load it")
-        params, _ = mumc.overlay_params(params, loaded)
-        momentum = mumc.overlay_params(momentum, loaded_m)[0] if loaded_m else mumc.momentum_init(params)
+        params, _ = mumc_surgery.overlay_params(params, loaded)
+        momentum = mumc_surgery.overlay_params(momentum, loaded_m)[0] if loaded_m else mumc_state.momentum_init(params)
         if loaded_q is not None and loaded_q["image"].shape == queues["image"].shape:
             queues = jax.tree_util.tree_map(jnp.asarray, loaded_q)
     return params, momentum, queues
@@ -270,9 +275,9 @@ def make_init_fn(config, model: mumc.Model, tx):
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
         if "pos_embedding" in params["vision"]:   # "table": MAE's sin-cos start
-            table = mumc.sincos_table(size // model.patch_size, model.vision_width)
+            table = mumc_surgery.sincos_table(size // model.patch_size, model.vision_width)
             params = dict(params, vision=dict(params["vision"], pos_embedding=jnp.asarray(table)))
-        queues = mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)
+        queues = mumc_state.init_queues(r_queue, int(config.queue_size), model.embed_dim)
         params, momentum, queues = starting_point(config, params, queues)
         extra = {"momentum": momentum, "queues": queues}
         return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
@@ -295,8 +300,8 @@ def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_step
         # MUMC's order: momentum features from the stored tree, then the EMA step towards this step's params,
         # then the MLM teacher on the EMA'd text encoder (models/model.py get_contrastive_loss, get_mlm_loss).
         momentum = state.extra["momentum"]
-        momentum_next = mumc.momentum_update(jax.lax.stop_gradient(params), momentum, config.momentum)
-        total, terms, feats = mumc.pretrain_losses(
+        momentum_next = mumc_state.momentum_update(jax.lax.stop_gradient(params), momentum, config.momentum)
+        total, terms, feats = mumc_losses.pretrain_losses(
             model, params, momentum, state.extra["queues"], batch, rng, alpha, teacher_params=momentum_next,
             teacher_deterministic=not config.get("teacher_dropout", True), **loss_kw)
         return total, (dict(terms, alpha=alpha), (feats, momentum_next))
@@ -308,8 +313,8 @@ def momentum_post_update(config):
     values), keep the step's EMA'd momentum tree, write the global batch's momentum features into the queues."""
     def post_update(old, new, aux):
         feats, momentum_next = aux
-        extra = {"momentum": momentum_next, "queues": mumc.enqueue(old.extra["queues"], *feats)}
-        return new.replace(params=mumc.clamp_params(new.params), extra=extra), {}
+        extra = {"momentum": momentum_next, "queues": mumc_state.enqueue(old.extra["queues"], *feats)}
+        return new.replace(params=mumc_state.clamp_params(new.params), extra=extra), {}
     return post_update
 
 
@@ -397,7 +402,7 @@ def make_evaluator(config, model, tokenizer, mesh):
 
     def fn(variables, batch):
         p, extra = variables
-        total, terms, _ = mumc.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
+        total, terms, _ = mumc_losses.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
                                                jax.random.PRNGKey(0), config.alpha, **loss_kw)
         _, image_feat = model.apply({"params": p}, batch["images"], method=mumc.Model.encode_image)
         _, text_feat = model.apply({"params": p}, batch["input_ids"], batch["mask"], method=mumc.Model.encode_text)

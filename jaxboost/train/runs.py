@@ -31,15 +31,21 @@ class Run:
         return self.state.ema_params if self.state.ema_params is not None else self.state.params
 
 
+def read_run_config(workdir, config: ConfigDict | None = None, *, expect: str | None = None) -> ConfigDict:
+    """WORKDIR/config.json (or `config`), refused by name when the run is not of the `expect`ed trainer."""
+    config = config if config is not None else workdir_lib.read_config(workdir)
+    if expect is not None and config.get("trainer") != expect:
+        raise ValueError(f"{workdir}: a {config.get('trainer')!r} run ({config.get('model_name')!r} model), not "
+                         f"{RUN_NAMES.get(expect, repr(expect))} run (config.json trainer must be {expect!r})")
+    return config
+
+
 def open_run(workdir, config: ConfigDict | None = None, *, prefer: str = "best", expect: str | None = None,
              mesh=None) -> Run:
     """`config` defaults to WORKDIR/config.json; `expect` names the trainer the caller needs (refused by
     name otherwise). The state is restored replicated on `mesh` (default: the config's)."""
     workdir = workdir_lib.resolve(workdir)
-    config = config if config is not None else workdir_lib.read_config(workdir)
-    if expect is not None and config.get("trainer") != expect:
-        raise ValueError(f"{workdir}: a {config.get('trainer')!r} run ({config.get('model_name')!r} model), not "
-                         f"{RUN_NAMES.get(expect, repr(expect))} run (config.json trainer must be {expect!r})")
+    config = read_run_config(workdir, config, expect=expect)
     mesh = mesh or parallel.mesh_from_config(config)
     task = registry.trainer(config.trainer).make_task(config, workdir, mesh=mesh, opening=True)
     replicated = parallel.replicated(mesh)

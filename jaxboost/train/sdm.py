@@ -1,4 +1,4 @@
-"""Semantic diffusion model training (SPEC A3): MSE + lambda * VLB, label dropout for guidance, EMA params.
+"""SDM training (Wang et al. 2022): MSE + lambda * VLB (improved-diffusion), label dropout for guidance, EMA params.
 
   jaxboost train --config configs/sdm.py:tiny --workdir runs/sdm --config.data.corpus=CORPUS
 
@@ -25,6 +25,7 @@ from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.diffusion import losses as diffusion_losses
 from jaxboost.diffusion import samplers, schedules
+from jaxboost.train import checkpoints as ckpt_lib
 from jaxboost.train import evaluator, loop, runs
 from jaxboost.train import workdir as workdir_lib
 from jaxboost.train.optim import make_optimizer
@@ -171,9 +172,7 @@ def write_grid(path, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) 
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(buffer, "PNG")
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ task
@@ -271,9 +270,14 @@ def train(config, workdir):
 
 
 def load_run(workdir, mesh=None):
-    """(config, EMA params replicated on `mesh`, step) of an SDM training run folder."""
-    run = runs.open_run(workdir, prefer="latest", expect="sdm", mesh=mesh)
-    return run.config, run.sampling_params, run.step
+    """(config, EMA params on `mesh`, step) of an SDM training run folder: only the EMA params are read, each
+    leaf FSDP-split over the mesh's `fsdp` axis (replicated when fsdp = 1), as the sampler uses them."""
+    workdir = workdir_lib.resolve(workdir)
+    config = runs.read_run_config(workdir, expect="sdm")
+    mesh = mesh or parallel.mesh_from_config(config)
+    abstract = abstract_state(config)
+    ema, step = ckpt_lib.load_ema_params(workdir, abstract, parallel.shardings_for(abstract.ema_params, mesh))
+    return config, ema, int(step)
 
 
 def evaluate(config, workdir, split: str = "val") -> dict:

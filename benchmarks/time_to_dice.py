@@ -1,0 +1,358 @@
+"""Time to accuracy: CLIPSeg and CRIS trained by jaxboost (`jaxboost.train.vl_seg`, the trainer behind
+`jaxboost train`) and by a PyTorch baseline (HF `CLIPSegForImageSegmentation`; the CRIS reference in
+benchmarks/torch_ref/cris.py) on the same phantom corpus, batches, seed and initial weights (the torch model's
+random init, taken over by jaxboost through its converter), with the Synthetic Boost recipe: AdamW at the
+config's lr (CRIS backbone at 0.1x), gradient clipping 0.5, Dice + 0.2 BCE, validation Dice once per epoch.
+
+Rows `time_to_dice/<model>` (impl `jax`, `torch eager`): wall-clock from the first step until the validation
+Dice first reaches the target (evaluation time included on both sides; jaxboost also writes its per-epoch
+checkpoints, as the product does), epochs to it in the note. The target is `TARGET_LEVEL` of the way from
+the initial validation Dice (the same in both: checked) to the lower of the two frameworks' best real-only
+validation Dice, so both reach it; the extra also holds each framework's whole curve and training time. With the synthetic corpus (a tiny SDM
+trained and sampled on the same phantom) the synthetic-pretraining speed-up (epochs of the real-only run to
+99% of its best validation Dice / epochs of the synthetic-pretrained finetune to the same level, jaxboost's
+`demo.convergence_speedup`) is measured in both frameworks beside the paper's (Adhikari et al. 2023: CRIS
+4.55x, CLIPSeg 1.71x).
+
+  python -m benchmarks.run --cases time_to_dice [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import harness
+from benchmarks.harness import Row
+
+PAPER_SPEEDUP = {"clipseg": 1.71, "cris": 4.55}
+TARGET_LEVEL = 0.95
+METRIC = "val/dice_mean"
+
+
+def _plan(quick: bool) -> dict:
+    return dict(patients=10 if quick else 30, epochs=6 if quick else 12, pretrain_epochs=2 if quick else 6,
+                sdm_steps=30 if quick else 400, sampler_steps=5 if quick else 25, per_mask=1 if quick else 2,
+                models=("clipseg", "cris"), seed=0)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def _torch_clipseg(fields: dict, tokenizer, folder: Path):
+    """Random-init HF CLIPSeg with the config's tiny sizes, saved and converted to a jaxboost folder."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    from jaxboost.convert import hf_clipseg
+    from jaxboost.convert.clip import save_converted
+    from jaxboost.models import clipseg
+    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=fields["text_width"],
+                intermediate_size=fields["text_mlp_dim"], num_hidden_layers=fields["text_depth"],
+                num_attention_heads=fields["text_heads"], max_position_embeddings=fields["context_length"],
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id - 1)
+    vision = dict(hidden_size=fields["vision_width"], intermediate_size=fields["vision_mlp_dim"],
+                  num_hidden_layers=fields["vision_depth"], num_attention_heads=fields["vision_heads"],
+                  image_size=fields["vision_image_size"], patch_size=fields["patch_size"])
+    cfg = CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=fields["projection_dim"],
+                        extract_layers=list(fields["extract_layers"]), reduce_dim=fields["reduce_dim"],
+                        decoder_num_attention_heads=fields["decoder_heads"],
+                        decoder_intermediate_size=fields["decoder_mlp_dim"],
+                        use_complex_transposed_convolution=fields["complex_transposed_conv"])
+    model = CLIPSegForImageSegmentation(cfg)
+    model.save_pretrained(folder / "hf")
+    module, variables = hf_clipseg.clipseg_from_hf(str(folder / "hf"))
+    save_converted(str(folder / "jax"), "clipseg", {k: getattr(module, k) for k in clipseg.Model.__dataclass_fields__
+                                                     if k not in ("parent", "name", "dtype")}, variables)
+    return model
+
+
+def _torch_cris(fields: dict, tokenizer, folder: Path):
+    """Random-init torch CRIS reference with the config's tiny sizes, saved and converted."""
+    import torch
+
+    from benchmarks.torch_ref import cris as ref
+    from jaxboost.convert.clip import save_converted
+    from jaxboost.convert.cris import cris_from_checkpoint
+    from jaxboost.models import cris
+    w, embed = fields["vision_width"], fields["embed_dim"]
+    clip = dict(embed_dim=embed, image_resolution=fields["vision_image_size"], vision_layers=fields["stage_sizes"],
+                vision_width=w, context_length=fields["context_length"], vocab_size=tokenizer.vocab_size,
+                transformer_width=fields["text_width"], transformer_heads=fields["text_heads"],
+                transformer_layers=fields["text_depth"])
+    # FPN inputs: ResNet C3, C4 (width x 8, x 16 channels) and the attention-pooled C5 (embed_dim).
+    model = ref.CRIS(clip, fpn_in=(8 * w, 16 * w, embed), fpn_out=fields["fpn_out"], num_layers=fields["num_layers"],
+                     vis_dim=fields["fpn_out"][1], num_head=fields["num_heads"], dim_ffn=fields["mlp_dim"],
+                     dropout=fields["dropout_rate"], word_dim=embed)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict()}, folder / "cris.pth")
+    module, variables = cris_from_checkpoint(str(folder / "cris.pth"), num_heads=fields["num_heads"],
+                                             text_heads=fields["text_heads"])
+    save_converted(str(folder / "jax"), "cris", {k: getattr(module, k) for k in cris.Model.__dataclass_fields__
+                                                 if k not in ("parent", "name", "dtype")}, variables)
+    return model
+
+
+TORCH_MODELS = {"clipseg": _torch_clipseg, "cris": _torch_cris}
+
+
+def _torch_forward(name: str, model, config, batch: dict):
+    """Normalised NCHW image + tokens -> logits [B, S, S] (CRIS: its 1/4-resolution logits upsampled
+    bilinearly, as jaxboost's `upsample="bilinear"`)."""
+    import torch
+    mean, std = (torch.tensor(config.data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+    image = (torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2) - mean) / std
+    ids, mask = (torch.from_numpy(np.asarray(batch[k])).long() for k in ("input_ids", "attention_mask"))
+    if name == "clipseg":
+        return model(pixel_values=image, input_ids=ids, attention_mask=mask).logits.reshape(image.shape[0], *image.shape[2:])
+    logits = model(image, ids, mask)
+    return torch.nn.functional.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def _torch_param_groups(name: str, model, config) -> list[dict]:
+    """The trainer's optimiser groups: CLIPSeg's encoders frozen (HF keeps them under no_grad anyway);
+    CRIS's backbone at backbone_lr_mult x lr."""
+    lr = float(config.optim.lr)
+    if name == "clipseg":
+        return [{"params": [p for n, p in model.named_parameters() if not n.startswith("clip.")], "lr": lr}]
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return [{"params": backbone, "lr": lr * float(config.optim.backbone_lr_mult)}, {"params": head, "lr": lr}]
+
+
+# ------------------------------------------------------------------------------------------ torch training
+
+def _torch_validate(name: str, model, config, tokenizer) -> float:
+    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.SegmentationScorer` does: the same
+    records, per-record transform rng, threshold, resize and per-structure mean."""
+    import itertools
+
+    import torch
+
+    from jaxboost import metrics as metrics_lib
+    from jaxboost.data import corpus as corpus_lib
+    from jaxboost.data import pipeline
+    from jaxboost.data.labels import STRUCTURES
+    from jaxboost.train import vl_seg
+    records = list(corpus_lib.open_corpus(config.data.get("eval_corpus", "") or config.data.corpus).iter("val"))
+    transform = pipeline.segmentation_transform(int(config.data.prompt), int(config.data.size))
+    examples = iter([transform(r, np.random.default_rng(i)) for i, r in enumerate(records)])
+    scores = {s: [] for s in STRUCTURES}
+    model.eval()
+    logits = []
+    with torch.no_grad():
+        while chunk := list(itertools.islice(examples, int(config.eval_batch_size))):
+            ids, mask = tokenizer.tokenize([e["prompt"] for e in chunk], int(config.model.context_length))
+            batch = {"image": np.stack([e["image"] for e in chunk]), "input_ids": ids, "attention_mask": mask}
+            logits.append(_torch_forward(name, model, config, batch).numpy())
+    model.train()
+    for record, lg in zip(records, np.concatenate(logits)):
+        gt = vl_seg._ground_truth(record)
+        pred = metrics_lib.probabilities_at(lg, gt.shape) > float(config.threshold)
+        scores[record["structure"]].append({"dice": metrics_lib.dice_iou(pred, gt)[0]})
+    return vl_seg._summarise(scores, "val/")["val/dice_mean"]
+
+
+def _torch_train(name: str, model, config, tokenizer, epochs: int, keep_best: bool = False) -> list[dict]:
+    """The trainer's loop in torch eager: same loader (batches, order, prompts), loss, optimiser, clipping;
+    -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them. keep_best: end with the weights of
+    the best validation Dice, as a jaxboost finetune starts from its pretraining run's best checkpoint."""
+    import torch
+
+    from jaxboost.data import corpus as corpus_lib
+    from jaxboost.data import pipeline
+    loader = pipeline.make_loader(config.data.corpus, "train", global_batch_size=int(config.batch_size),
+                                  seed=int(config.seed), shuffle=True, transform=pipeline.segmentation_transform(
+                                      int(config.data.prompt), int(config.data.size)))
+    steps_per_epoch = corpus_lib.open_corpus(config.data.corpus).split_len("train") // int(config.batch_size)
+    groups = _torch_param_groups(name, model, config)
+    opt = torch.optim.AdamW(groups, lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay))
+    current = {}
+
+    def forward():
+        ids, mask = tokenizer.tokenize([str(p) for p in current["prompt"]], int(config.model.context_length))
+        batch = {"image": current["image"], "input_ids": ids, "attention_mask": mask}
+        return _torch_forward(name, model, config, batch), torch.from_numpy(np.asarray(current["mask"]))
+    step = harness.torch_seg_train_step(forward, [p for g in groups for p in g["params"]], opt)
+    model.train()
+    evals, batches, t0 = [], iter(loader), time.time()
+    for done in range(1, epochs * steps_per_epoch + 1):
+        current.update(next(batches))
+        loss = float(step().detach())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"torch {name}: loss {loss} at step {done}")
+        if done % steps_per_epoch == 0:
+            evals.append({"step": done, "wall_s": time.time() - t0,
+                          METRIC: _torch_validate(name, model, config, tokenizer)})
+            if keep_best and evals[-1][METRIC] > max((e[METRIC] for e in evals[:-1]), default=-np.inf):
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if keep_best:
+        model.load_state_dict(best)
+    return evals
+
+
+def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dict:
+    """Correctness first: the converted initial weights score the same validation Dice in jaxboost's
+    evaluation as the torch model in the baseline's (else the two runs would not start from one model)."""
+    from jaxboost.train import vl_seg
+    task = vl_seg.make_task(config, workdir)
+    variables = vl_seg.host_variables(task.config, task.model)
+    scorer = vl_seg.SegmentationScorer(task.config, task.model, task.tokenizer, task.mesh)
+    ours = scorer(variables, "val", hausdorff=False)[METRIC]
+    theirs = _torch_validate(name, model, config, tokenizer)
+    if not abs(ours - theirs) <= 0.5:  # Dice x100; a few pixels at the threshold may flip
+        raise AssertionError(f"{name}: initial validation Dice jaxboost {ours:.3f} vs torch {theirs:.3f}")
+    return {"jax": ours, "torch eager": theirs}
+
+
+# ------------------------------------------------------------------------------------------ one model
+
+def _config(name: str, corpus: Path, tokenizer_dir: Path, pretrained: Path, epochs: int, seed: int, **extra):
+    from jaxboost import config as config_lib
+    cfg = config_lib.load_config(f"{name}.py:tiny")
+    cfg.update_from_flattened_dict({"data.corpus": str(corpus), "data.tokenizer": str(tokenizer_dir),
+                                    "pretrained": str(pretrained), "num_epochs": epochs, "seed": seed,
+                                    "early_stop_patience": 0, **extra})
+    return cfg
+
+
+def _jax_train(cfg, workdir: Path) -> tuple[list[dict], int]:
+    from jaxboost import registry
+    summary = registry.trainer(cfg.trainer).train(cfg, str(workdir))
+    return summary["evals"], int(summary["steps_per_epoch"])
+
+
+def _model_runs(name: str, data: dict, plan: dict, root: Path) -> dict:
+    """Both frameworks, real only (and synthetic pretrain -> real finetune when data has "synthetic")
+    -> {impl: {regime: evals}, "steps_per_epoch": {regime: n}}, kept in ROOT/<name>_runs.json."""
+    import json
+    import shutil
+    done = root / f"{name}_runs.json"
+    if done.exists():  # a rerun into the same --out keeps each finished model's curves
+        return json.loads(done.read_text())
+    shutil.rmtree(root / name, ignore_errors=True)  # a half-finished model starts over: jaxboost would resume
+    runs = _train_both(name, data, plan, root)
+    done.write_text(json.dumps(runs, default=float))
+    return runs
+
+
+def _train_both(name: str, data: dict, plan: dict, root: Path) -> dict:
+    import torch
+    from jaxboost.data.tokenize_clip import ClipTokenizer
+    base = _config(name, data["real"], data["tokenizer"], root / name / "init" / "jax", plan["epochs"], plan["seed"])
+    tokenizer = ClipTokenizer.from_folder(str(data["tokenizer"]), int(base.model.context_length))
+    torch.manual_seed(plan["seed"])
+    init = TORCH_MODELS[name](dict(base.model), tokenizer, root / name / "init")
+    init_state = {k: v.clone() for k, v in init.state_dict().items()}
+    runs = {"jax": {}, "torch eager": {}, "steps_per_epoch": {}}
+    runs["batch_size"] = int(base.batch_size)
+    runs["initial_dice"] = _check_same_start(name, init, base, tokenizer, root / name / "check")
+    runs["jax"]["real"], runs["steps_per_epoch"]["real"] = _jax_train(base, root / name / "jax_real")
+    runs["torch eager"]["real"] = _torch_train(name, init, base, tokenizer, plan["epochs"])
+    if "synthetic" not in data:
+        return runs
+    pre = _config(name, data["synthetic"], data["tokenizer"], root / name / "init" / "jax", plan["pretrain_epochs"],
+                  plan["seed"], **{"data.eval_corpus": str(data["real"])})
+    _jax_train(pre, root / name / "jax_synthetic")
+    ft = _config(name, data["real"], data["tokenizer"], "", plan["epochs"], plan["seed"],
+                 init_from=str(root / name / "jax_synthetic"))
+    runs["jax"]["pretrain_finetune"], runs["steps_per_epoch"]["pretrain_finetune"] = _jax_train(
+        ft, root / name / "jax_finetune")
+    init.load_state_dict(init_state)
+    _torch_train(name, init, pre, tokenizer, plan["pretrain_epochs"], keep_best=True)  # validated on real, as jax
+    runs["torch eager"]["pretrain_finetune"] = _torch_train(name, init, base, tokenizer, plan["epochs"])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ data, report
+
+def _data(root: Path, plan: dict, with_synthetic: bool) -> dict:
+    """The phantom corpus at the tiny configs' 64 px, its prompt-trained tokenizer and, optionally, a
+    synthetic corpus from a tiny SDM (jaxboost demo's stages)."""
+    from jaxboost import demo
+    from jaxboost.data.tokenize_clip import ClipTokenizer
+    from jaxboost.train import vl_seg
+    args = argparse.Namespace(seed=plan["seed"], camus=None, patients=plan["patients"], per_mask=plan["per_mask"],
+                              sampler_steps=plan["sampler_steps"], guidance=1.5, sdm_steps=plan["sdm_steps"])
+    size = demo.config_lib.load_config("clipseg.py:tiny").data.size
+    data = {"real": demo.stage_data(root, args, size), "tokenizer": root / "tokenizer"}
+    if with_synthetic:
+        data["synthetic"] = demo.stage_synth(root, demo.stage_sdm(root, data["real"], args), data["real"], args)
+    prompts = sorted(set(vl_seg.corpus_prompts(str(data["real"])))
+                     | set(vl_seg.corpus_prompts(str(data["synthetic"])) if with_synthetic else set()))
+    if not (data["tokenizer"] / "tokenizer.json").exists():
+        ClipTokenizer.train(prompts, str(data["tokenizer"]), 1000, 64)
+    return data
+
+
+def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
+    """Rows `time_to_dice/<name>` (target: see the module docstring), and each framework's whole-run time and
+    synthetic-pretraining speed-up."""
+    from jaxboost import demo
+    spe = runs["steps_per_epoch"]
+    start = min(runs["initial_dice"].values())
+    best = min(max(e[METRIC] for e in runs[impl]["real"]) for impl in ("jax", "torch eager"))
+    # TARGET_LEVEL of the way from the initial Dice to the lower best: a run that never rises above its
+    # start has no time to accuracy (NaN), instead of "reaching" a target below where it began
+    target = start + TARGET_LEVEL * (best - start) if best > start else float("nan")
+    rows, summary = [], {"target_dice": target, "initial_dice": runs["initial_dice"]}
+    for impl in ("jax", "torch eager"):
+        evals = runs[impl]["real"]
+        epochs, wall = demo.epochs_to_reach(evals, METRIC, target, spe["real"]) if best > start else (None, None)
+        examples = (epochs or 0) * spe["real"] * int(runs["batch_size"])
+        rows.append(Row(f"time_to_dice/{name}", impl, wall if wall else float("nan"),
+                        examples / wall if wall else float("nan"),
+                        note=f"val Dice {runs['initial_dice'][impl]:.1f} -> {target:.1f} in {epochs} epochs "
+                             f"(best {max(e[METRIC] for e in evals):.1f})"))
+        summary[impl] = {"epochs_to_target": epochs, "wall_to_target_s": wall, "wall_all_epochs_s": evals[-1]["wall_s"],
+                         "curve": [(e["step"] / spe["real"], e["wall_s"], e[METRIC]) for e in evals]}
+        if "pretrain_finetune" in runs[impl]:
+            conv = demo.convergence_speedup(evals, runs[impl]["pretrain_finetune"], METRIC, spe["real"],
+                                            spe["pretrain_finetune"])
+            summary[impl]["synthetic_speedup"] = conv
+    return rows, summary
+
+
+def _table(summaries: dict) -> str:
+    lines = ["| model | impl | epochs to target | s to target | s for all epochs | synthetic-pretraining speed-up "
+             "(epochs / wall) | paper |", "|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        for impl in ("jax", "torch eager"):
+            conv = s[impl].get("synthetic_speedup") or {}
+            speed = (f"{conv.get('speedup_epochs') or float('nan'):.2f}x / {conv.get('speedup_wall') or float('nan'):.2f}x"
+                     if conv else "not run")
+            wall = s[impl]["wall_to_target_s"]
+            lines.append(f"| {name} | {impl} | {s[impl]['epochs_to_target']} | "
+                         f"{'' if wall is None else f'{wall:.1f}'} | {s[impl]['wall_all_epochs_s']:.1f} | {speed} | "
+                         f"{PAPER_SPEEDUP[name]}x |")
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, out: str | None = None, models: tuple[str, ...] | None = None,
+        synthetic: bool = True):
+    import torch
+    plan = _plan(quick)
+    root = Path(out or tempfile.mkdtemp(prefix="jaxboost_time_to_dice_"))
+    data = _data(root, plan, synthetic)
+    rows, summaries = [], {}
+    for name in models or plan["models"]:
+        t = time.time()
+        with torch.random.fork_rng():
+            model_rows, summaries[name] = _rows(name, _model_runs(name, data, plan, root))
+        rows += model_rows
+        print(f"[time_to_dice] {name} done in {time.time() - t:.0f}s\n{_table({name: summaries[name]})}", flush=True)
+    return harness.add_ratios(rows), {"plan": plan, "paper_speedup": PAPER_SPEEDUP, "models": summaries,
+                                      "table": _table(summaries), "workdir": str(root)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--models", default="clipseg,cris")
+    parser.add_argument("--no-synthetic", action="store_true", help="real-only runs (no SDM, no speed-up)")
+    a = parser.parse_args()
+    r, extra = run(a.quick, a.out, tuple(m for m in a.models.split(",") if m), not a.no_synthetic)
+    print(harness.format_table(r))
+    print(extra["table"])

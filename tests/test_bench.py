@@ -1,0 +1,211 @@
+"""The benchmark runner, its results.json and `jaxboost bench compare`: FLOPs of loops, results kept when
+a case fails or the process dies, regressions and failed cases named, bad files refused in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import harness, run
+from benchmarks.harness import Row
+from jaxboost import cli
+
+
+def test_xla_flops_counts_every_trip_of_a_fori_loop():
+    n, trips = 64, 25
+    a = jnp.ones((n, n), jnp.float32)
+    loop = jax.jit(lambda a: jax.lax.fori_loop(0, trips, lambda i, x: x @ a, a))
+    one = 2 * n ** 3  # one [n, n] @ [n, n] matmul
+    assert harness.xla_flops(loop, a) == pytest.approx(one, rel=1e-3)  # what XLA reports: the body once
+    assert harness.xla_flops(loop, a, trip_count=trips) == pytest.approx(trips * one, rel=1e-3)
+    with pytest.raises(ValueError, match="trip_count=24"):
+        harness.xla_flops(loop, a, trip_count=24)
+
+
+def test_xla_flops_refuses_a_step_that_closes_over_its_weights():
+    weights = jnp.ones((2048, 2048), jnp.float32)  # 16 MiB + the 8-byte bias below: just over the limit
+    bias = jnp.ones((2,), jnp.float32)
+    x = jnp.ones((4, 2048), jnp.float32)
+    closure = jax.jit(lambda x: x @ weights + bias[0])
+    assert harness.closed_over_bytes(closure, x) == weights.nbytes + bias.nbytes
+    with pytest.raises(ValueError, match="closes over 16 MiB"):
+        harness.xla_flops(closure, x)
+    as_arguments = jax.jit(lambda w, x: x @ w + 1.0)
+    assert harness.closed_over_bytes(as_arguments, weights, x) == 0
+    assert harness.xla_flops(as_arguments, weights, x) == pytest.approx(2 * 4 * 2048 * 2048, rel=0.01)
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v4", 275e12),
+                                        ("TPU v6 lite", 918e12), ("cpu", None)])
+def test_device_bf16_peak_reads_the_published_figure(kind, peak):
+    assert harness.device_bf16_peak(kind) == peak
+
+
+def _doc(rows, failed=(), version=harness.SCHEMA_VERSION):
+    doc = {"rows": [r.__dict__ for r in rows], "failed": list(failed),
+           "cases": {n: {"status": "failed", "error": "AssertionError: logits differ"} for n in failed},
+           "git": {"commit": "abc"}}
+    if version is not None:
+        doc["schema_version"] = version
+    return doc
+
+
+def _write(tmp_path, name, doc):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+BASE = [Row("cris/train 96px b4", "jax", 0.050, 80.0, mfu=0.14), Row("cris/train 96px b4", "torch eager", 0.045, 88.0,
+                                                                      ratio_vs_jax=0.9),
+        Row("clipseg/infer 96px b4", "jax", 0.003, 1300.0)]
+
+
+def test_compare_names_each_jax_row_slower_than_the_threshold(tmp_path, capsys):
+    new = [Row("cris/train 96px b4", "jax", 0.060, 66.0, mfu=0.12),        # +20%: over 10%
+           Row("cris/train 96px b4", "torch eager", 0.090, 44.0, ratio_vs_jax=1.5),  # torch got slower: not gated
+           Row("clipseg/infer 96px b4", "jax", 0.00315, 1270.0)]           # +5%: within
+    code = cli.main(["bench", "compare", _write(tmp_path, "base.json", _doc(BASE, version=None)),
+                     _write(tmp_path, "new.json", _doc(new)), "--threshold", "0.1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "cris/train 96px b4 (jax): 0.05 s -> 0.06 s (+20.0%)" in err
+    assert "clipseg" not in err and "torch eager" not in err
+    assert "| cris/train 96px b4 | torch eager | 0.0450 | 0.0900 | +100.0% | 0.90x | 1.50x |" in out
+    assert cli.main(["bench", "compare", _write(tmp_path, "b.json", _doc(BASE)), _write(tmp_path, "n.json", _doc(new)),
+                     "--threshold", "0.25"]) == 0
+
+
+def test_compare_fails_on_a_failed_case_and_lists_one_sided_rows(tmp_path, capsys):
+    new = [Row("clipseg/infer 96px b4", "jax", 0.003, 1300.0), Row("sdm/train 32px b4", "jax", 0.3, 13.0)]
+    code = cli.main(["bench", "compare", _write(tmp_path, "base.json", _doc(BASE)),
+                     _write(tmp_path, "new.json", _doc(new, failed=["cris"]))])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "case cris failed: AssertionError: logits differ" in err
+    assert "| sdm/train 32px b4 | jax |  | 0.3000 |  |  |  |  | only in new |" in out
+    assert "| cris/train 96px b4 | jax | 0.0500 |  |  |  |  |  | only in base |" in out
+
+
+def test_compare_refuses_a_bad_file_in_one_line(tmp_path, capsys):
+    good = _write(tmp_path, "good.json", _doc(BASE))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": [')
+    assert cli.main(["bench", "compare", good, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.json: not a results.json" in err
+    assert cli.main(["bench", "compare", str(tmp_path / "absent.json"), good]) == 2
+    assert "absent.json: no such results file" in capsys.readouterr().err
+    assert cli.main(["bench", "compare", good, _write(tmp_path, "v9.json", _doc(BASE, version=99))]) == 2
+    assert "schema_version 99" in capsys.readouterr().err
+
+
+def test_plot_ratios_writes_a_png_with_the_baseline(tmp_path):
+    path = tmp_path / "ratios.png"
+    assert harness.plot_ratios(path, BASE, base_rows=BASE)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not harness.plot_ratios(tmp_path / "none.png", [BASE[0]])  # no torch row: nothing to draw
+
+
+FAKE_CASES = {
+    "ok": 'from benchmarks.harness import Row\n\ndef run(quick=False):\n'
+          '    return [Row("fake/step", "jax", 0.5, 2.0), Row("fake/step", "torch eager", 1.0, 1.0)]\n',
+    "wrong": 'def run(quick=False):\n    raise AssertionError("outputs differ by 0.3")\n',
+    # as the kernel's OOM killer would: no exception, no clean-up
+    "dies": 'import os\n\ndef run(quick=False):\n    os._exit(137)\n',
+}
+
+
+@pytest.fixture
+def fake_cases(tmp_path, monkeypatch):
+    """A package `fakebench` of cases, run by dotted module path."""
+    package = tmp_path / "fakebench"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, source in FAKE_CASES.items():
+        (package / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return tmp_path
+
+
+def _args(out, cases, case_timeout=0.0):
+    return type("Args", (), {"quick": True, "out": str(out), "cases": cases, "case_timeout": case_timeout})
+
+
+def test_runner_records_a_failed_case_and_keeps_the_others(fake_cases):
+    out = fake_cases / "out"
+    assert run.main(_args(out, "fakebench.wrong,fakebench.ok")) == 1
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema_version"] == harness.SCHEMA_VERSION and doc["failed"] == ["fakebench.wrong"]
+    assert doc["cases"]["fakebench.wrong"]["error"] == "AssertionError: outputs differ by 0.3"
+    assert doc["cases"]["fakebench.ok"]["status"] == "ok"
+    assert [(r["case"], r["impl"], r["group"]) for r in doc["rows"]] == [("fake/step", "jax", "fakebench.ok"),
+                                                                       ("fake/step", "torch eager", "fakebench.ok")]
+    assert doc["rows"][1]["ratio_vs_jax"] == pytest.approx(2.0)
+    assert set(doc["machine"]) >= {"cpu", "cpu_count", "jax", "jaxlib", "python"} and "commit" in doc["git"]
+    assert (out / "speed.png").exists()
+
+
+def test_results_survive_a_process_killed_in_a_later_case(fake_cases):
+    out = fake_cases / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+                           "--cases", "fakebench.ok,fakebench.dies"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_cases), os.getcwd()])})
+    assert proc.returncode == 137
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["case"] for r in doc["rows"]] == ["fake/step", "fake/step"]
+    assert doc["cases"]["fakebench.dies"]["status"] == "running"  # what it was doing when it died
+    assert np.isclose(doc["rows"][0]["seconds"], 0.5)
+
+
+def test_case_timeout_runs_each_case_apart_so_a_killed_one_is_named(fake_cases):
+    out = fake_cases / "out"
+    assert run.main(_args(out, "fakebench.dies,fakebench.ok", case_timeout=120)) == 1
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["failed"] == ["fakebench.dies"]
+    assert doc["cases"]["fakebench.dies"]["error"] == "exited with status 137"
+    assert [r["group"] for r in doc["rows"]] == ["fakebench.ok", "fakebench.ok"]
+
+
+def test_runner_refuses_an_unknown_case_by_name():
+    with pytest.raises(SystemExit, match="unknown case 'clipsge'"):
+        run.main(_args("unused", "clipsge"))
+
+
+def _curve(dice, walls, steps_per_epoch=10):
+    return [{"step": (i + 1) * steps_per_epoch, "wall_s": w, "val/dice_mean": d} for i, (d, w) in enumerate(zip(dice, walls))]
+
+
+def test_time_to_dice_reads_both_curves_at_one_target():
+    from benchmarks import time_to_dice
+    runs = {"jax": {"real": _curve([10, 30, 50], [1, 2, 3]), "pretrain_finetune": _curve([45, 52], [1.5, 2.5])},
+            "torch eager": {"real": _curve([10, 20, 40, 45], [3, 6, 9, 12])},
+            "steps_per_epoch": {"real": 10, "pretrain_finetune": 10}, "batch_size": 8,
+            "initial_dice": {"jax": 5.0, "torch eager": 5.0}}
+    rows, summary = time_to_dice._rows("clipseg", runs)
+    harness.add_ratios(rows)
+    # target 5 + 0.95 x (min(50, 45) - 5) = 43: jax at epoch 3 (3 s), torch at epoch 4 (12 s)
+    assert summary["target_dice"] == pytest.approx(43.0)
+    assert [(r.impl, r.seconds) for r in rows] == [("jax", 3), ("torch eager", 12)]
+    assert rows[1].ratio_vs_jax == pytest.approx(4.0)
+    assert rows[0].items_per_s == pytest.approx(3 * 10 * 8 / 3)
+    # jaxboost's convergence speed-up: 99% of the real-only best (49.5) after 3 real epochs, 2 finetune epochs
+    conv = summary["jax"]["synthetic_speedup"]
+    assert conv["speedup_epochs"] == pytest.approx(1.5) and conv["speedup_wall"] == pytest.approx(3 / 2.5)
+    assert "synthetic_speedup" not in summary["torch eager"]
+
+
+def test_time_to_dice_is_nan_when_validation_dice_never_rises():
+    from benchmarks import time_to_dice
+    flat = {"real": _curve([14.0, 13.5, 12.5], [1, 2, 3])}
+    runs = {"jax": flat, "torch eager": flat, "steps_per_epoch": {"real": 10}, "batch_size": 8,
+            "initial_dice": {"jax": 14.4, "torch eager": 14.4}}
+    rows, _ = time_to_dice._rows("clipseg", runs)
+    assert all(np.isnan(r.seconds) for r in rows)
