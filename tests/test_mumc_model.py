@@ -275,6 +275,7 @@ def test_pretrain_losses_match_torch_mumc_step_and_shard_over_global_batch(torch
     assert fi_s.shape == (b, E)
 
 
+@pytest.mark.slow   # 14-29 s on the shared 2-core machine (two jitted losses and two torch forwards)
 def test_mlm_teacher_reads_the_ema_step_taken_after_the_momentum_features(torch_mumc, converted):
     """MUMC's order (models/model.py): momentum features, then _momentum_update, then the MLM teacher on the
     EMA'd text encoder. The torch reference doing that EMA inside its forward gives our losses with
