@@ -305,8 +305,8 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
                 train_loader=lambda: iter(train_loader(source(), config)),
                 evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
-                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates),
-                      "train_items": train_items}, model=model, tokenizer=tokenizer)
+                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates)},
+                model=model, tokenizer=tokenizer)
 
 
 def train(config, workdir):
@@ -314,7 +314,9 @@ def train(config, workdir):
         config = ml_collections.ConfigDict(config.to_dict())
         config.best_metric = f"{selection_split(config)}_overall"
     task = make_task(config, workdir)
-    train_items = task.info.pop("train_items")
+    # (not in task.info: run.json holds plain JSON)
+    train_items = vqa_lib.load_vqa(task.config.data.root, "train", image_dir=task.config.data.image_dir,
+                                   val_fraction=task.config.data.val_fraction, seed=task.config.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unanswerable = vqa_lib.count_unanswerable(train_items, candidate_answers(task.config, train_items),
