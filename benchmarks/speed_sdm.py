@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from ml_collections import ConfigDict
 
 from benchmarks import harness
@@ -55,6 +54,23 @@ def _torch_loss(model, diffusion_tables, x0, t, noise, y):
     return (mse + VLB_WEIGHT * vb).mean()
 
 
+def _product_step(fields: dict, params, x0, labels):
+    """(step, state, batch) of `jaxboost train configs/sdm.py` for these model fields: the SDM trainer's loss
+    (MSE + lambda VLB, label dropout) and EMA post-update; AdamW at the reference's lr, no weight decay."""
+    from jaxboost.config import load_config
+    from jaxboost.train import optim, sdm as sdm_train, task as task_lib
+    from jaxboost.train.state import initial_state
+    config = load_config("configs/sdm.py:tiny", ["optim.lr=1e-4", "optim.weight_decay=0.0",
+                                                 f"diffusion.vlb_weight={VLB_WEIGHT}"])
+    config.model = ConfigDict(fields)
+    tx = optim.make_optimizer(config, 1000)
+    model = sdm_train.build_model(config)
+    step = task_lib.make_train_step(sdm_train.make_loss_fn(model, config, sdm_train.make_schedule(config)), tx,
+                                    sdm_train.ema_post_update(float(config.ema_decay)))
+    state = initial_state(params, tx, 0, ema=True)
+    return step, state, {"image": jnp.asarray(x0), "labels": jnp.asarray(np.argmax(labels, -1).astype(np.int32))}
+
+
 def run(quick: bool = False):
     import torch
 
@@ -62,6 +78,7 @@ def run(quick: bool = False):
     from jaxboost.convert.sdm import sdm_from_torch_state_dict
     from jaxboost.diffusion import losses, samplers, schedules
     from jaxboost.models.sdm import Model
+    from jaxboost.train import sdm as sdm_train
 
     torch.manual_seed(0)
     fields, batch, steps = _fields(quick)
@@ -83,7 +100,7 @@ def run(quick: bool = False):
     nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
     tx0, ty, tnoise, tt = nchw(x0), nchw(labels), nchw(noise), torch.tensor(t, dtype=torch.long)
 
-    apply_fn = lambda p, x, tt_, lab: model.apply({"params": p}, x, tt_, lab)
+    apply_fn = sdm_train.apply_fn_for(model)   # what `jaxboost synth` samples with
 
     def jax_loss(p, x0, labels, t, noise):
         x_t = schedules.q_sample(schedule, x0, t, noise)
@@ -103,22 +120,10 @@ def run(quick: bool = False):
 
     rows: list[Row] = []
     case_train = f"sdm/train {size}px b{batch}"
-    tx = optax.adamw(1e-4, weight_decay=0.0)
-
-    @jax.jit
-    def train_step(p, opt_state, x0, labels, t, noise):
-        loss, grads = jax.value_and_grad(jax_loss)(p, x0, labels, t, noise)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    state = [params, tx.init(params)]
-
-    def jax_step():
-        state[0], state[1], loss = train_step(state[0], state[1], x0, labels, t, noise)
-        return loss
-    flops = harness.xla_flops(train_step, params, state[1], x0, labels, t, noise)
-    sec = harness.time_call(jax_step, iters=3 if quick else 10)
-    rows.append(Row(case_train, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"loss {jl:.4f}={tl:.4f}"))
+    step, state, device_batch = _product_step(fields, params, x0, labels)
+    sec, flops = harness.time_product_step(step, state, device_batch, iters=3 if quick else 10)
+    rows.append(Row(case_train, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
+                    note=f"sdm train step (EMA, label dropout); loss {jl:.4f}={tl:.4f}"))
 
     def torch_step_fn(m):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)

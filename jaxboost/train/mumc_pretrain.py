@@ -1,9 +1,9 @@
-"""MUMC pretraining (SPEC B2): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
+"""MUMC pretraining (Li et al. 2023): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
 
 Data: (a) the triplet corpus (`data.corpus`): every record is an (image, caption) pair, the caption one of
-its P6/P7 prompts (SPEC C) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
+its P6/P7 prompts (the corpus prompts) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
 format) with their image folders (`data.image_roots`). Images get random resized crop, flip and a light
 RandAugment (jaxboost/data/caption_augment.py) on the host, from grain's per-record rng.
 Tokenizer: `data.tokenizer` (a folder or vocab.txt), else the WordPiece saved in WORKDIR/tokenizer, else one
@@ -33,7 +33,8 @@ from jaxboost.data import caption_augment, captions as captions_lib, pipeline
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_state
 from jaxboost.train import evaluator, loop, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
 from jaxboost.train.optim import make_optimizer
@@ -143,16 +144,20 @@ class _CaptionTransform(grain.RandomMapTransform):
         return {"images": out["images"], "caption": np.asarray(caption)}
 
 
-def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=()):
+def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=(), process_index=None,
+                       process_count=None):
     """A grain loader over any random-access source with the corpus loader's host slicing
-    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts."""
+    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts, host p its rows
+    [p*b, (p+1)*b). The process defaults to jax's."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     sampler = pipeline._HostSliceSampler(
         grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
-                           num_epochs=None, seed=seed), global_batch_size, jax.process_count(), False)
+                           num_epochs=None, seed=seed), global_batch_size, count, False)
     return grain.DataLoader(
         data_source=source, sampler=sampler,
-        operations=[*operations, grain.Batch(global_batch_size // jax.process_count(), True)],
-        shard_options=grain.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True))
+        operations=[*operations, grain.Batch(global_batch_size // count, True)],
+        shard_options=grain.ShardOptions(index, count, drop_remainder=True))
 
 
 def caption_loader(items, *, global_batch_size, seed, config):
@@ -224,8 +229,8 @@ def make_init_fn(config, model: mumc.Model, tx):
         r_init, r_queue, r_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
-        extra = {"momentum": mumc.momentum_init(params),
-                 "queues": mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
+        extra = {"momentum": mumc_state.momentum_init(params),
+                 "queues": mumc_state.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
         return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
     return init_fn
 
@@ -238,7 +243,7 @@ def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_step
 
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, config.alpha_ramp_epochs)
-        total, terms, feats = mumc.pretrain_losses(model, params, state.extra["momentum"], state.extra["queues"],
+        total, terms, feats = mumc_losses.pretrain_losses(model, params, state.extra["momentum"], state.extra["queues"],
                                                    batch, rng, alpha, **loss_kw)
         return total, (dict(terms, alpha=alpha), feats)
     return loss_fn
@@ -248,9 +253,9 @@ def momentum_post_update(config):
     """After the update (MUMC's order): clamp the temperature, move the momentum model towards the new params,
     write the global batch's momentum features into the queues."""
     def post_update(old, new, feats):
-        params = mumc.clamp_params(new.params)
-        extra = {"momentum": mumc.momentum_update(params, old.extra["momentum"], config.momentum),
-                 "queues": mumc.enqueue(old.extra["queues"], *feats)}
+        params = mumc_state.clamp_params(new.params)
+        extra = {"momentum": mumc_state.momentum_update(params, old.extra["momentum"], config.momentum),
+                 "queues": mumc_state.enqueue(old.extra["queues"], *feats)}
         return new.replace(params=params, extra=extra), {}
     return post_update
 
@@ -339,7 +344,7 @@ def make_evaluator(config, model, tokenizer, mesh):
 
     def fn(variables, batch):
         p, extra = variables
-        total, terms, _ = mumc.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
+        total, terms, _ = mumc_losses.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
                                                jax.random.PRNGKey(0), config.alpha, **loss_kw)
         _, image_feat = model.apply({"params": p}, batch["images"], method=mumc.Model.encode_image)
         _, text_feat = model.apply({"params": p}, batch["input_ids"], batch["mask"], method=mumc.Model.encode_text)

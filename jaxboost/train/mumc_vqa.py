@@ -1,4 +1,4 @@
-"""MUMC VQA finetuning and evaluation (SPEC B3) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
+"""MUMC VQA finetuning and evaluation (Li et al. 2023) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
 
   jaxboost train --config configs/mumc_vqa.py:tiny --workdir runs/vqa --config.data.root=ECHO_VQA \
       --config.init_from=runs/mumc_pt
@@ -30,7 +30,8 @@ from jaxboost import parallel
 from jaxboost.data import caption_augment, vqa as vqa_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_answers, mumc_surgery
 from jaxboost.train import evaluator, loop, mumc_pretrain, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
 from jaxboost.train.optim import make_optimizer
@@ -106,11 +107,11 @@ def pretrained_params(config, model, pretrain_workdir):
     """Pretraining workdir -> (VQA params mapped from its latest params, its tokenizer)."""
     run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
     tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
-    mapped = mumc.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
+    mapped = mumc_surgery.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
                                            first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
-    params, kept = mumc.overlay_params(base, mapped)
+    params, kept = mumc_surgery.overlay_params(base, mapped)
     if kept:
         raise ValueError(f"pretraining run {pretrain_workdir} lacks VQA parameters {kept[:8]}")
     print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step})", flush=True)
@@ -153,7 +154,7 @@ def make_predictor(config, model, tokenizer, candidates, mesh):
     def fn(p, batch):
         states = model.apply({"params": p}, batch["images"], batch["question_ids"], batch["question_mask"],
                              method=mumc.VQAModel.encode_question)
-        order, _ = mumc.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
+        order, _ = mumc_answers.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
         return order[:, 0]
 
     mapper = evaluator.BatchMapper(fn, mesh, bs)
@@ -186,7 +187,7 @@ def make_loss_fn(config, model, epoch_steps: int):
     """Answer LM loss distilled from the momentum model (alpha ramped over the first epoch, as ALBEF)."""
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, 1.0)
-        loss, _ = mumc.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha)
+        loss, _ = mumc_losses.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha)
         return loss, ({"alpha": alpha}, None)
     return loss_fn
 
