@@ -42,11 +42,15 @@ def _pool(size: int) -> list[dict]:
     return pool
 
 
-def scale_entries(images: int, size: int = SIZE):
-    """Entry i: pool image i % P, its pixels rolled by i // P columns, split train, key phantom/scale{i}."""
+def scale_entries(images: int, size: int = SIZE, writer_id: int = 0, num_writers: int = 1):
+    """Entry i: pool image i % P, its pixels rolled by i // P columns, split train, key phantom/scale{i}.
+    Entries of other writers (i % num_writers != writer_id), which build_corpus passes over, are not made."""
     pool = _pool(size)
     for i in range(images):
         base = pool[i % len(pool)]
+        if i % num_writers != writer_id:
+            yield base
+            continue
         shift = (i // len(pool)) % size
         yield {**base, "key": f"phantom/scale{i:08d}", "image": np.roll(base["image"], shift, axis=1),
                "split": "train", "patient": f"scale{i % 1000:04d}"}
@@ -56,7 +60,7 @@ def write(out: str, images: int, writer_id: int, num_writers: int, records_per_s
           sleep_per_image: float = 0.0) -> None:
     """One writer process: its share of the entries (resumable); sleep_per_image slows it (tests kill it)."""
     from jaxboost.data import corpus as corpus_lib
-    entries = scale_entries(images)
+    entries = scale_entries(images, writer_id=writer_id, num_writers=num_writers)
     if sleep_per_image:
         entries = (time.sleep(sleep_per_image) or e for e in entries)
     corpus_lib.build_corpus(entries, out, size=SIZE, source="phantom", writer_id=writer_id,

@@ -20,9 +20,13 @@ FULL_MODEL = dict(stage_sizes=(3, 4, 6, 3), vision_width=64, embed_dim=1024, vis
                   vocab_size=49408, text_width=512, text_depth=12, text_heads=8, context_length=77,
                   fpn_out=(256, 512, 1024), num_layers=3, num_heads=8, mlp_dim=2048, dropout_rate=0.2)
 
+# `demo` (what `jaxboost demo` trains): tiny, run long enough to learn the phantom from 4 patients' labels.
+DEMO_OVERRIDES = {"num_epochs": 15}
+
 
 def get_config(arg=None):
-    tiny = variant(arg, ("tiny", "full")) == "tiny"
+    name = variant(arg, ("tiny", "demo", "full"))
+    tiny = name != "full"
     c = ml_collections.ConfigDict()
     c.name = "cris"
     c.trainer = "vl_seg"
@@ -59,4 +63,6 @@ def get_config(arg=None):
     c.overlays = 6
     c.mesh = dict(data=-1, fsdp=1)
     c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    if name == "demo":
+        c.update_from_flattened_dict(DEMO_OVERRIDES)
     return c

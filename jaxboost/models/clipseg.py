@@ -58,6 +58,9 @@ class Model(nn.Module):
     decoder_mlp_dim: int = 2048
     conditional_layer: int = 0
     complex_transposed_conv: bool = True  # rd64-refined: conv3x3 -> ConvT(/4) -> ConvT(/4)
+    # The complex head's two ConvT kernels (= strides); (): HF's (patch/4, patch/4), which restores the input
+    # size only at patch 16. A finer grid sets its own, e.g. (2, 2) at patch 4.
+    head_kernels: tuple[int, ...] = ()
     freeze_encoders: bool = True
     attention_impl: str = "auto"
     remat_policy: str = "none"            # layers.REMAT_POLICIES: activation checkpointing of every block
@@ -106,12 +109,14 @@ class Model(nn.Module):
         gh, gw = h // self.patch_size, w // self.patch_size
         x = x[:, 1:].reshape(b, gh, gw, self.reduce_dim)
         if self.complex_transposed_conv:
-            k = self.patch_size // 4
+            k1, k2 = self.head_kernels or (self.patch_size // 4,) * 2
+            if self.head_kernels and k1 * k2 != self.patch_size:
+                raise ValueError(f"head_kernels {(k1, k2)} must multiply to the patch size {self.patch_size}")
             x = nn.relu(nn.Conv(self.reduce_dim, (3, 3), padding=[(1, 1)] * 2, dtype=self.dtype,
                                 name="head_conv")(x))
-            x = nn.relu(nn.ConvTranspose(self.reduce_dim // 2, (k, k), (k, k), padding="VALID",
+            x = nn.relu(nn.ConvTranspose(self.reduce_dim // 2, (k1, k1), (k1, k1), padding="VALID",
                                          dtype=self.dtype, name="head_up1")(x))
-            x = nn.ConvTranspose(1, (k, k), (k, k), padding="VALID", dtype=self.dtype, name="head_up2")(x)
+            x = nn.ConvTranspose(1, (k2, k2), (k2, k2), padding="VALID", dtype=self.dtype, name="head_up2")(x)
         else:
             p = self.patch_size
             x = nn.ConvTranspose(1, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="head_up")(x)
