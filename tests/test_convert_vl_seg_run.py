@@ -64,6 +64,44 @@ def _moved(before: dict, after: dict, prefix: str) -> float:
     return max(float(np.abs(flat_a[k] - flat_b[k]).max()) for k in flat_b)
 
 
+def test_convert_clipseg_run_folder_refusals_and_pretrained(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    ClipTokenizer.train(["the left ventricle of the heart.", "the myocardium, a thick wall."], str(hf_dir), 300, 77)
+    torch.manual_seed(0)
+    hf_config = transformers.CLIPSegConfig(
+        text_config=dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SIZE, patch_size=8),
+        projection_dim=24, extract_layers=(1,), reduce_dim=16, decoder_num_attention_heads=2,
+        decoder_intermediate_size=32)
+    hf = transformers.CLIPSegForImageSegmentation(hf_config)
+    hf.save_pretrained(hf_dir)
+    out = tmp_path / "converted"
+    convert = ["convert", "clipseg", "--hf", str(hf_dir), "--out", str(out), "--set", *RUN_SET, "--config"]
+    # the tokenizer (the BPE's own size, > 200) does not fit the text tower: named, nothing written
+    assert main(convert + ["configs/clipseg.py:tiny"]) != 0
+    assert "vocab_size=200 is smaller than the tokenizer's" in capsys.readouterr().err and not out.exists()
+    hf_config.text_config.vocab_size = 400
+    hf = transformers.CLIPSegForImageSegmentation(hf_config)
+    hf.save_pretrained(hf_dir)
+    assert main(convert + ["configs/cris.py:tiny"]) != 0   # a config of the other model
+    assert "not a 'clipseg' one" in capsys.readouterr().err and not out.exists()
+    assert main(convert + ["configs/clipseg.py:tiny"]) == 0
+    listing = sorted(p.name for p in out.iterdir())
+    assert listing == ["ckpt", "config.json", "model.json", "tokenizer", "variables.msgpack"]
+    assert main(convert + ["configs/clipseg.py:tiny"]) != 0   # a second conversion into the run is refused
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == listing
+    # the same folder still serves pretrained=
+    config = workdir_lib.read_config(out)
+    config.pretrained = str(out)
+    model = vl_seg.build_model(config, ClipTokenizer.from_folder(str(out / "tokenizer")))
+    variables = vl_seg.host_variables(config, model)
+    np.testing.assert_array_equal(variables["params"]["film_mul"]["bias"],
+                                  hf.state_dict()["decoder.film_mul.bias"].numpy())
+
+
 @pytest.mark.slow
 def test_converted_clipseg_folder_evaluates_and_finetunes(corpus, tmp_path):
     hf_dir = tmp_path / "hf"
