@@ -189,12 +189,12 @@ def _vl_seg_step(config, workdir: Path) -> ProductionStep:
     frozen, lr_mults = vl_seg.encoder_groups(config)
     tx = optim.make_optimizer(config, SCHEDULE_STEPS, SCHEDULE_STEPS, frozen=frozen, lr_mults=lr_mults)
 
-    def init_state():
-        variables = vl_seg.variable_shapes(config, model)
+    def init_state(variables):
         stats = {k: v for k, v in variables.items() if k != "params"}
         return state_lib.initial_state(variables["params"], tx, int(config.seed) + 1, extra=stats or None)
+    state = jax.eval_shape(init_state, vl_seg.variable_shapes(config, model))
     s, length = int(config.data.size), int(model.context_length)
-    return ProductionStep(vl_seg.make_loss_fn(config, model), task_lib.keep_model_state, tx, jax.eval_shape(init_state),
+    return ProductionStep(vl_seg.make_loss_fn(config, model), task_lib.keep_model_state, tx, state,
                           {"image": ((s, s, 3), jnp.float32), "mask": ((s, s), jnp.float32),
                            "input_ids": ((length,), jnp.int32), "attention_mask": ((length,), jnp.int32)})
 
@@ -293,12 +293,9 @@ def lower_sampler(config, mesh, batch_size: int):
 def _state_bytes(abstract_state, shardings) -> dict:
     """Bytes per device of each part of a TrainState (params, optimizer, ema, extra: momentum/queues/BN)."""
     parts = {"params": "params", "optimizer": "opt_state", "ema": "ema_params", "extra": "extra"}
-    out = {}
-    for name, field in parts.items():
-        tree = getattr(abstract_state, field, None) if not isinstance(abstract_state, dict) else None
-        out[f"{name}_bytes"] = (parallel.bytes_per_device(tree, getattr(shardings, field))
-                                if tree is not None else 0)
-    return out
+    return {f"{name}_bytes": (parallel.bytes_per_device(getattr(abstract_state, field), getattr(shardings, field))
+                              if getattr(abstract_state, field) is not None else 0)
+            for name, field in parts.items()}
 
 
 def peak_bytes(compiled) -> dict:

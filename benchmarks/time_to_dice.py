@@ -97,17 +97,22 @@ def _torch_cris(fields: dict, tokenizer, folder: Path):
 TORCH_MODELS = {"clipseg": _torch_clipseg, "cris": _torch_cris}
 
 
+# jaxboost CRIS's model.upsample -> torch's interpolate (mode, align_corners)
+CRIS_UPSAMPLE = {"bilinear": ("bilinear", False), "bicubic_align": ("bicubic", True)}
+
+
 def _torch_forward(name: str, model, config, batch: dict):
-    """Normalised NCHW image + tokens -> logits [B, S, S] (CRIS: its 1/4-resolution logits upsampled
-    bilinearly, as jaxboost's `upsample="bilinear"`)."""
+    """Normalised NCHW image + tokens -> logits [B, S, S] (CRIS: its 1/4-resolution logits upsampled to the
+    input size as jaxboost's model.upsample does)."""
     import torch
     mean, std = (torch.tensor(config.data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
     image = (torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2) - mean) / std
     ids, mask = (torch.from_numpy(np.asarray(batch[k])).long() for k in ("input_ids", "attention_mask"))
     if name == "clipseg":
         return model(pixel_values=image, input_ids=ids, attention_mask=mask).logits.reshape(image.shape[0], *image.shape[2:])
-    logits = model(image, ids, mask)
-    return torch.nn.functional.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+    mode, align = CRIS_UPSAMPLE[config.model.upsample]
+    return torch.nn.functional.interpolate(model(image, ids, mask), size=image.shape[2:], mode=mode,
+                                           align_corners=align)[:, 0]
 
 
 def _torch_param_groups(name: str, model, config) -> list[dict]:
@@ -124,8 +129,8 @@ def _torch_param_groups(name: str, model, config) -> list[dict]:
 # ------------------------------------------------------------------------------------------ torch training
 
 def _torch_validate(name: str, model, config, tokenizer) -> float:
-    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.evaluate_params` does: the same
-    records, per-record transform rng, threshold, resize and per-structure mean."""
+    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.SegmentationScorer` does: the
+    same records, per-record transform rng, threshold, `metrics.score_mask` and per-structure mean."""
     import itertools
 
     import torch
@@ -149,8 +154,8 @@ def _torch_validate(name: str, model, config, tokenizer) -> float:
     model.train()
     for record, lg in zip(records, np.concatenate(logits)):
         gt = vl_seg._ground_truth(record)
-        pred = metrics_lib.probabilities_at(lg, gt.shape) > float(config.threshold)
-        scores[record["structure"]].append({"dice": metrics_lib.dice_iou(pred, gt)[0]})
+        row = metrics_lib.score_mask(lg, gt, float(config.threshold), name=str(record["key"]), with_hausdorff=False)
+        scores[record["structure"]].append({"dice": row["dice"]})
     return vl_seg._summarise(scores, "val/")["val/dice_mean"]
 
 
@@ -195,12 +200,10 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, keep_best: bo
 def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dict:
     """Correctness first: the converted initial weights score the same validation Dice in jaxboost's
     evaluation as the torch model in the baseline's (else the two runs would not start from one model)."""
-    from jaxboost import parallel
     from jaxboost.train import vl_seg
-    task = vl_seg.setup(config, workdir)
-    variables = vl_seg.host_variables(task.config, task.model)
-    ours = vl_seg.evaluate_params(task.config, task.model, task.tokenizer, variables, "val",
-                                  parallel.mesh_from_config(task.config), hausdorff=False)[METRIC]
+    task = vl_seg.make_task(config, workdir)
+    scorer = vl_seg.SegmentationScorer(task.config, task.model, task.tokenizer, task.mesh)
+    ours = scorer(vl_seg.host_variables(task.config, task.model), "val", hausdorff=False)[METRIC]
     theirs = _torch_validate(name, model, config, tokenizer)
     if not abs(ours - theirs) <= 0.5:  # Dice x100; a few pixels at the threshold may flip
         raise AssertionError(f"{name}: initial validation Dice jaxboost {ours:.3f} vs torch {theirs:.3f}")

@@ -212,7 +212,3 @@ class Model(nn.Module):
         mode, align = {"bilinear": ("bilinear", False), "bicubic_align": ("bicubic", True)}[self.upsample]
         return resize_nhwc(logits[..., None], size, mode, align)[..., 0].astype(jnp.float32)
 
-
-def backbone_param_filter(path: tuple[str, ...]) -> bool:
-    """True for the CLIP backbone's parameters (trained at `backbone_lr_mult` x the learning rate)."""
-    return path[0] in ("visual", "text")
