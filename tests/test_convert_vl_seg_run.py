@@ -102,6 +102,16 @@ def test_convert_clipseg_run_folder_refusals_and_pretrained(tmp_path, capsys):
                                   hf.state_dict()["decoder.film_mul.bias"].numpy())
 
 
+def test_init_from_takes_the_runs_architecture_and_refuses_another_model(tmp_path):
+    from jaxboost.config import load_config
+    source = load_config("configs/clipseg.py:tiny", ["model.vision_width=48", "model.freeze_encoders=False"])
+    (tmp_path / "config.json").write_text(source.to_json_best_effort())
+    config = vl_seg.with_init_from_architecture(load_config("configs/clipseg.py:tiny", [f"init_from={tmp_path}"]))
+    assert config.model.vision_width == 48 and config.model.freeze_encoders   # its own training options kept
+    with pytest.raises(ValueError, match="a 'clipseg' run, not a 'cris' one"):
+        vl_seg.with_init_from_architecture(load_config("configs/cris.py:tiny", [f"init_from={tmp_path}"]))
+
+
 @pytest.mark.slow
 def test_converted_clipseg_folder_evaluates_and_finetunes(corpus, tmp_path):
     hf_dir = tmp_path / "hf"

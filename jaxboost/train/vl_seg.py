@@ -102,9 +102,12 @@ def build_model(config, tokenizer: ClipTokenizer):
 def with_init_from_architecture(config):
     """A finetune builds its init_from run's model (a `jaxboost convert` run folder records the published
     sizes), keeping its own training options (RUNTIME_FIELDS)."""
-    source = workdir_lib.read_config(config.init_from).model
+    source = workdir_lib.read_config(config.init_from)
+    if source.get("model_name") != config.model_name:
+        raise ValueError(f"config.init_from={config.init_from}: a {source.get('model_name')!r} run, not a "
+                         f"{config.model_name!r} one")
     config = ConfigDict(config.to_dict())
-    config.model = {**config.model.to_dict(), **{k: v for k, v in source.items() if k not in RUNTIME_FIELDS}}
+    config.model = {**config.model.to_dict(), **{k: v for k, v in source.model.items() if k not in RUNTIME_FIELDS}}
     return config
 
 
