@@ -55,6 +55,11 @@ def add_vl_seg_arguments(parser, default_config: str) -> None:
                         help="config overrides, e.g. data.size=352 model.freeze_encoders=False")
 
 
+def module_fields(module) -> dict:
+    """A flax module's constructor fields (what model.json records), without flax's own and the compute dtype."""
+    return {k: getattr(module, k) for k in type(module).__dataclass_fields__ if k not in ("parent", "name", "dtype")}
+
+
 def vl_seg_run_config(spec: str, overrides: list[str], model_name: str, module):
     """The run config `spec` with the converted module's architecture in config.model; no pretrained/init_from
     (the weights are in the folder) and no tokenizer path (the tokenizer is copied into it)."""
@@ -64,8 +69,7 @@ def vl_seg_run_config(spec: str, overrides: list[str], model_name: str, module):
     config = ConfigDict(load_config(spec, overrides).to_dict())
     if config.get("model_name") != model_name:
         raise ValueError(f"--config {spec}: a {config.get('model_name')!r} config, not a {model_name!r} one")
-    arch = {k: getattr(module, k) for k in type(module).__dataclass_fields__
-            if k not in ("parent", "name", "dtype") + RUNTIME_FIELDS}
+    arch = {k: v for k, v in module_fields(module).items() if k not in RUNTIME_FIELDS}
     config.model = {**config.model.to_dict(), **arch}
     config.pretrained, config.init_from, config.data.tokenizer = "", "", ""
     return config
@@ -80,7 +84,7 @@ def write_vl_seg_run(out_dir: str, args, model_name: str, module, variables, tok
     from jaxboost.train import tokenizer_setup, vl_seg
     from jaxboost.train.optim import make_optimizer
     from jaxboost.train.state import initial_state
-    fields = {k: getattr(module, k) for k in type(module).__dataclass_fields__ if k not in ("parent", "name", "dtype")}
+    fields = module_fields(module)
     if not tokenizer_dir:
         save_converted(out_dir, model_name, fields, variables)
         return False
