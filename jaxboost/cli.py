@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     (("convert", "sdm"), "jaxboost.convert.sdm", "SDM/guided-diffusion state dict -> jaxboost params"),
     (("convert", "bert"), "jaxboost.convert.bert", "HF BERT folder -> jaxboost params"),
     (("convert", "albef"), "jaxboost.convert.albef", "ALBEF/MUMC checkpoint -> jaxboost params"),
+    (("convert", "mae"), "jaxboost.convert.mae", "MAE / timm ViT checkpoint -> jaxboost image encoder params"),
     (("export", "clipseg"), "jaxboost.export.clipseg", "CLIPSeg run or converted folder -> HF CLIPSeg folder"),
     (("export", "cris"), "jaxboost.export.cris", "CRIS run or converted folder -> CRIS.pytorch state dict"),
     (("export", "sdm"), "jaxboost.export.sdm", "SDM run -> guided-diffusion UNet state dict (safetensors)"),

@@ -69,10 +69,15 @@ class _Sizes(nn.Module):
 
 
 class Model(_Sizes):
-    """MUMC pretraining model."""
+    """MUMC pretraining model. `vision_posemb`: "sincos2d" computes MAE's fixed table; "table" holds it as a
+    `vision/pos_embedding` param (sin-cos initialised) that a checkpoint may overwrite, as MUMC's
+    load_checkpoint copies ALBEF.pth's learned table into MAE's frozen `pos_embed` (the trainer freezes it)."""
+    vision_posemb: str = "sincos2d"
 
     def setup(self):
-        self.vision = self._vision()
+        if self.vision_posemb not in ("sincos2d", "table"):
+            raise ValueError(f"vision_posemb must be 'sincos2d' or 'table', got {self.vision_posemb!r}")
+        self.vision = self._vision("learned" if self.vision_posemb == "table" else "sincos2d")
         self.text = self._bert(mlm_head=True)
         self.vision_proj = nn.Dense(self.embed_dim, dtype=self.dtype)
         self.text_proj = nn.Dense(self.embed_dim, dtype=self.dtype)
@@ -158,8 +163,8 @@ from jaxboost.losses.mumc import keep_indices, pretrain_losses, vqa_loss  # noqa
 from jaxboost.models.mumc_answers import rank_answers  # noqa: E402
 from jaxboost.models.mumc_state import clamp_params, enqueue, init_queues, momentum_init, momentum_update  # noqa: E402
 from jaxboost.models.mumc_surgery import (answer_decoder_from_text_encoder, overlay_params,  # noqa: E402
-                                          vqa_params_from_pretrain)
+                                          sincos_table, vqa_params_from_pretrain)
 
 __all__ = ["MOMENTUM_KEYS", "Model", "VQAModel", "answer_decoder_from_text_encoder", "clamp_params", "enqueue",
            "init_queues", "keep_indices", "momentum_init", "momentum_update", "overlay_params", "pretrain_losses",
-           "rank_answers", "vqa_loss", "vqa_params_from_pretrain"]
+           "rank_answers", "sincos_table", "vqa_loss", "vqa_params_from_pretrain"]

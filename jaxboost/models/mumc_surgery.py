@@ -8,6 +8,11 @@ import numpy as np
 from jaxboost.models import vit
 
 
+def sincos_table(grid: int, width: int) -> np.ndarray:
+    """MAE's fixed table with its class-token row: [1 + grid^2, width]."""
+    return np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(grid, width)])
+
+
 def overlay_params(base, loaded, where: str = ""):
     """Deep-merge `loaded` (e.g. HF bert-base converted) over `base` (fresh init): -> (params, paths kept
     from base). A BERT checkpoint has no cross-attention, so MUMC's fusion layers keep their fresh init, as
@@ -41,9 +46,8 @@ def vqa_params_from_pretrain(pretrain_params, pretrain_grid: int, first_layer: i
     """Pretraining params -> VQAModel params: ViT with its sin-cos table made explicit, text encoder without
     the MLM head, answer decoder from layers first_layer.. of the text encoder."""
     vision = dict(pretrain_params["vision"])
-    width = vision["cls_token"].shape[-1]
-    table = np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(pretrain_grid, width)])
-    vision["pos_embedding"] = jnp.asarray(table)
+    if "pos_embedding" not in vision:   # a "table" pretraining model (ALBEF.pth start) already holds one
+        vision["pos_embedding"] = jnp.asarray(sincos_table(pretrain_grid, vision["cls_token"].shape[-1]))
     text = {k: v for k, v in pretrain_params["text"].items() if not k.startswith("mlm")}
     return {"vision": vision, "text": text,
             "decoder": answer_decoder_from_text_encoder(pretrain_params["text"], first_layer, decoder_depth)}

@@ -43,7 +43,7 @@ from jaxboost.train.task import RunLength, Task, compute_dtype, keep_model_state
 ENCODER_PARAMS = {"clipseg": r"^(vision|text)/", "cris": r"^(visual|text)/"}
 # Model fields that are training options, not architecture: a `pretrained` folder's model.json does not
 # override them.
-RUNTIME_FIELDS = ("freeze_encoders", "attention_impl", "pad_mode", "upsample", "dropout_rate")
+RUNTIME_FIELDS = ("freeze_encoders", "attention_impl", "pad_mode", "upsample", "dropout_rate", "remat_policy")
 TOKENIZER_DIR = tokenizer_setup.TOKENIZER_DIR
 
 
