@@ -34,11 +34,25 @@ def parse(argv: list[str], extra=None):
     return config, values
 
 
+def summary_line(summary: dict) -> str:
+    """One readable line for the end of a run (the whole summary is in W/run.json and W/metrics.jsonl)."""
+    parts = [f"trained steps {summary.get('start_step', 0)}-{summary.get('final_step')}"]
+    if summary.get("wall_s") is not None:
+        parts.append(f"in {summary['wall_s']:.0f} s")
+    if summary.get("best_metric") is not None:
+        parts.append(f"best {summary.get('best_name') or 'metric'} {summary['best_metric']:.4f} at step "
+                     f"{summary.get('best_step')}")
+    last = summary.get("last_train") or {}
+    if "loss" in last:
+        parts.append(f"last train loss {last['loss']:.4f}")
+    return "[jaxboost] " + ", ".join(parts)
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, values = parse(argv)
     trainer = registry.trainer(config.trainer)
     summary = trainer.train(config, values["workdir"])
     if summary and parallel.is_main_process():
-        print({k: v for k, v in summary.items() if k != "evals"})
+        print(summary_line(summary), flush=True)
     return 0

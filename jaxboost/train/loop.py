@@ -259,7 +259,7 @@ def _fit_locked(task: Task, workdir) -> tuple[TrainState, dict]:
             run.check_finite(jax.device_get(metrics), final_step)
         run.ckpts.save(final_step, state, run.ls.meta(final_step), train_iter, force=True)
     run.close()
-    summary = {"start_step": start, "final_step": final_step, "best_metric": run.ls.best,
+    summary = {"start_step": start, "final_step": final_step, "best_name": run.best_metric, "best_metric": run.ls.best,
                "best_step": run.ls.best_step, "evals": history, "wall_s": wall,
                "last_train": {k: float(v) for k, v in last.items() if np.ndim(v) == 0}}
     return state, summary

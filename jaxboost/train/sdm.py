@@ -244,6 +244,14 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     size, channels = config.model.image_size, config.model.in_channels
     if config.data.size != size:
         raise ValueError(f"config.data.size={config.data.size} but config.model.image_size={size}")
+    if not opening:
+        corpus_size = corpus_lib.open_corpus(config.data.corpus).size
+        if corpus_size != size:
+            # Training resizes the images on the fly, but `jaxboost synth` conditions on masks at the model's
+            # size: say so now rather than after training.
+            log.warning("%s is a %d px corpus but the SDM trains at %d px (config.model.image_size): images and "
+                        "masks are resized for training, and `jaxboost synth` will need a %d px masks corpus",
+                        config.data.corpus, corpus_size, size, size)
     model, schedule = build_model(config), make_schedule(config)
     length = RunLength.from_config(config) if not opening else RunLength(max(int(config.total_steps), 1))
     tx = make_optimizer(config, length.total_steps)
