@@ -78,7 +78,7 @@ def model_labels(mask: np.ndarray, cone: np.ndarray, num_labels: int, where: str
 def augmented_samples(sources: list, split_id: int, indices, seed: int, rows: int | None = None) -> np.ndarray:
     """Samples `indices` (s = image index * K + k) of a split, sources[i] the source of indices[i] ->
     uint8 [rows, S, S, 2] (mask, cone), row i under one augmentation draw from default_rng([seed, split id, s]),
-    all rows in one device call. rows >= len(indices) pads with copies of the last row (one compiled shape
+    all rows in one XLA call. rows >= len(indices) pads with copies of the last row (one compiled shape
     per run); a row's result does not depend on the others."""
     indices = list(indices)
     rows = rows or len(indices)
