@@ -76,20 +76,29 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     return prompts
 
 
+def _locally_convex(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Points [K, 2] (x, y) of the chain y(x) that can be vertices of its lower hull: the ends, and those
+    strictly below the midpoint of their two neighbours (a hull vertex has a supporting line touching only it,
+    which both neighbours lie strictly above). Drops the collinear and concave ~3/4 of a digital outline."""
+    keep = np.ones(len(y), bool)
+    keep[1:-1] = 2 * y[1:-1] < y[:-2] + y[2:]
+    return np.stack([x[keep], y[keep]], 1)
+
+
 def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
     """Convex hull [K, 2] (row, col) of the pixel squares of a connected boolean region, counter-clockwise.
 
     Only the outer corners of each row's leftmost and rightmost pixel can be hull vertices, and of the two
-    corners on one pixel edge line (row r's bottom, row r + 1's top) only the outermost on each side, so the
-    hull is taken over 2 points per edge line, not the 4 corners of every edge pixel: the same polygon from
-    ~6x fewer points."""
+    corners on one pixel edge line (row r's bottom, row r + 1's top) only the outermost on each side, and of
+    those only the locally convex ones: the same polygon from ~20x fewer points than the 4 corners of every
+    edge pixel."""
     rows = np.nonzero(region.any(1))[0]  # contiguous: the region is connected
     left = region[rows].argmax(1)
     right = region.shape[1] - region[rows, ::-1].argmax(1)
     lines = rows[0] + np.arange(len(rows) + 1)
     lo = np.concatenate([left[:1], np.minimum(left[:-1], left[1:]), left[-1:]])
     hi = np.concatenate([right[:1], np.maximum(right[:-1], right[1:]), right[-1:]])
-    corners = np.concatenate([np.stack([lines, lo], 1), np.stack([lines, hi], 1)]).astype(np.float64)
+    corners = np.concatenate([_locally_convex(lines, lo), _locally_convex(lines, -hi) * [1, -1]]).astype(np.float64)
     try:
         hull = ConvexHull(corners)
     except QhullError:
