@@ -307,3 +307,32 @@ def torch_seg_train_step(forward, params, opt):
         opt.step()
         return loss
     return step
+
+
+def time_product_step(step_fn: Callable, state, batch, *, iters: int = 5) -> tuple[float, float | None]:
+    """(median seconds, FLOPs) of a trainer's own train step (`task.step_fn` or the builder a trainer
+    exposes), jitted with the state donated as `loop.fit` runs it, on one fixed device batch."""
+    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    flops = xla_flops(jitted, state, batch)
+    holder = [state]
+
+    def call():
+        holder[0], metrics = jitted(holder[0], batch)
+        return metrics["loss"]
+    return time_call(call, iters=iters), flops
+
+
+def vl_seg_step(config_spec: str, overrides: list[str], module, variables, batch):
+    """(step, state, batch) of `jaxboost train` for a CLIPSeg / CRIS module: vl_seg's loss, step (BatchNorm
+    statistics kept by its post-update) and optimiser groups, from the config with `overrides`."""
+    from jaxboost.config import load_config
+    from jaxboost.train import optim, task as task_lib, vl_seg
+    from jaxboost.train.state import initial_state
+    config = load_config(config_spec, overrides)
+    frozen, lr_mults = vl_seg.encoder_groups(config)
+    tx = optim.make_optimizer(config, 1000, frozen=frozen, lr_mults=lr_mults)
+    step = task_lib.make_train_step(vl_seg.make_loss_fn(config, module), tx, task_lib.keep_model_state)
+    stats = {k: v for k, v in variables.items() if k != "params"} or None
+    images, ids, mask, target = batch
+    return step, initial_state(variables["params"], tx, 0, extra=stats), {
+        "image": images, "input_ids": ids, "attention_mask": mask, "mask": target}

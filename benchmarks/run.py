@@ -29,6 +29,7 @@ CASES = {
     "time_to_dice": "benchmarks.time_to_dice",
     "synth_host": "benchmarks.synth_host",
     "corpus_scale": "benchmarks.corpus_scale",
+    "input": "benchmarks.input_bench",
 }
 
 
@@ -82,6 +83,7 @@ def _run_case_isolated(name: str, quick: bool, timeout: float) -> tuple[list, di
     import subprocess
     import tempfile
 
+    from benchmarks import harness
     from benchmarks.harness import Row
     t = time.time()
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as out:
@@ -97,6 +99,7 @@ def _run_case_isolated(name: str, quick: bool, timeout: float) -> tuple[list, di
             doc = json.loads((Path(out) / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
             doc = {"rows": [], "extra": {}, "cases": {}}
+    harness._PEAK.update(doc.get("peak_matmul_flops_f32") or {})  # the peak the child's MFU used
     status = doc["cases"].get(name, {"status": "failed"})
     if error:  # rows it wrote before dying are kept; the case still counts as failed
         status = {**status, "status": "failed", "error": error}

@@ -8,7 +8,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import harness
 from benchmarks.harness import Row
@@ -36,7 +35,6 @@ def run(quick: bool = False):
     from transformers import CLIPSegForImageSegmentation
 
     from jaxboost.convert.hf_clipseg import clipseg_from_hf
-    from jaxboost.losses.segmentation import dice_bce
 
     torch.manual_seed(0)
     cfg, size, batch, seq = _configs(quick)
@@ -76,32 +74,12 @@ def run(quick: bool = False):
     t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync)
     rows.append(Row(case_inf, "torch eager", t, batch / t))
 
-    # --- train step: decoder params only (HF keeps CLIP under no_grad; ours: stop_gradient + frozen group)
-    params = variables["params"]
-    decoder = {k: v for k, v in params.items() if k not in ("vision", "text")}
-    frozen = {k: v for k, v in params.items() if k in ("vision", "text")}
-    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(2e-3, weight_decay=1e-3))
-    opt_state = tx.init(decoder)
-
-    def loss_fn(dec, frozen, batch):
-        logits = module.apply({"params": {**frozen, **dec}}, *batch[:3])
-        return dice_bce(logits, batch[3], 1.0, 0.2)[0]
-
-    @jax.jit
-    def train_step(dec, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(dec, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, dec)
-        return optax.apply_updates(dec, updates), opt_state, loss
-
-    jbatch = (jp, jids, jmask, jtarget)
-    state = [decoder, opt_state]
-
-    def jax_step():
-        state[0], state[1], loss = train_step(state[0], state[1], frozen, jbatch)
-        return loss
-    flops = harness.xla_flops(train_step, decoder, opt_state, frozen, jbatch)
-    t = harness.time_call(jax_step)
-    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t)))
+    # --- train step: the trainer's own (vl_seg: Dice + BCE, encoders frozen as in HF, AdamW, clipping)
+    step = harness.vl_seg_step("configs/clipseg.py:tiny", ["optim.lr=2e-3", "optim.weight_decay=1e-3",
+                                                             "optim.grad_clip=0.5"], module, variables,
+                               (jp, jids, jmask, jtarget))
+    t, flops = harness.time_product_step(*step)
+    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t), note="vl_seg train step"))
 
     def make_torch_step(model):
         dec_params = [p for n, p in model.named_parameters() if not n.startswith("clip.")]

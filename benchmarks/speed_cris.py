@@ -10,9 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
 from benchmarks import harness
 from benchmarks.harness import Row
@@ -40,8 +38,6 @@ def run(quick: bool = False):
 
     from benchmarks.torch_ref import cris as ref
     from jaxboost.convert.cris import cris_from_checkpoint
-    from jaxboost.losses.segmentation import dice_bce
-    from jaxboost.train import optim
 
     torch.manual_seed(0)
     clip_kw, head_kw, heads, size, batch, seq = _configs(quick)
@@ -82,33 +78,14 @@ def run(quick: bool = False):
     t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync)
     rows.append(Row(case_inf, "torch eager", t, batch / t))
 
-    # --- train step: everything trains, the CLIP backbone at 0.1x lr (the trainer's optimiser)
+    # --- train step: the trainer's own; everything trains, the CLIP backbone at 0.1x lr
     lr = 2e-5
-    cfg = ml_collections.ConfigDict(dict(optim=dict(name="adamw", lr=lr, weight_decay=1e-3, grad_clip=0.5,
-                                                    frozen=(), lr_mults={r"^(visual|text)/": 0.1})))
-    tx = optim.make_optimizer(cfg, 1000)
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def loss_fn(params, stats, b):
-        logits, upd = module.apply({"params": params, "batch_stats": stats}, *b[:3], train=True,
-                                   mutable=["batch_stats"])
-        return dice_bce(logits, b[3], 1.0, 0.2)[0], upd["batch_stats"]
-
-    @jax.jit
-    def train_step(params, stats, opt_state, b):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, b)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
-
-    jbatch = (jp, jids, jmask, jtarget)
-    state = [params, stats, tx.init(params)]
-
-    def jax_step():
-        state[0], state[1], state[2], loss = train_step(*state, jbatch)
-        return loss
-    flops = harness.xla_flops(train_step, *state, jbatch)
-    t = harness.time_call(jax_step)
-    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t)))
+    step = harness.vl_seg_step("configs/cris.py:tiny", [f"optim.lr={lr}", "optim.weight_decay=1e-3",
+                                                         "optim.grad_clip=0.5", "optim.backbone_lr_mult=0.1",
+                                                         "model.freeze_encoders=False"], module, variables,
+                               (jp, jids, jmask, jtarget))
+    t, flops = harness.time_product_step(*step)
+    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t), note="vl_seg train step"))
 
     def make_torch_step(model):
         backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]

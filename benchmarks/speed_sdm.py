@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from ml_collections import ConfigDict
 
 from benchmarks import harness
@@ -55,13 +54,33 @@ def _torch_loss(model, diffusion_tables, x0, t, noise, y):
     return (mse + VLB_WEIGHT * vb).mean()
 
 
-def run(quick: bool = False):
+def _product_step(fields: dict, params, x0, labels):
+    """(step, state, batch) of `jaxboost train configs/sdm.py` for these model fields: the SDM trainer's loss
+    (MSE + lambda VLB, label dropout) and EMA post-update; AdamW at the reference's lr, no weight decay."""
+    from jaxboost.config import load_config
+    from jaxboost.train import optim, sdm as sdm_train, task as task_lib
+    from jaxboost.train.state import initial_state
+    config = load_config("configs/sdm.py:tiny", ["optim.lr=1e-4", "optim.weight_decay=0.0",
+                                                 f"diffusion.vlb_weight={VLB_WEIGHT}"])
+    config.model = ConfigDict(fields)
+    tx = optim.make_optimizer(config, 1000)
+    model = sdm_train.build_model(config)
+    step = task_lib.make_train_step(sdm_train.make_loss_fn(model, config, sdm_train.make_schedule(config)), tx,
+                                    sdm_train.ema_post_update(float(config.ema_decay)))
+    state = initial_state(params, tx, 0, ema=True)
+    return step, state, {"image": jnp.asarray(x0), "labels": jnp.asarray(np.argmax(labels, -1).astype(np.int32))}
+
+
+def _setup(quick: bool) -> dict:
+    """The torch reference with non-trivial weights, the same weights converted, one batch, and both
+    frameworks' loss pieces; the JAX and torch losses are checked equal here, before anything is timed."""
     import torch
 
-    from benchmarks.torch_ref.sdm_unet import GaussianDiffusion, unet_from_config
+    from benchmarks.torch_ref.sdm_unet import unet_from_config
     from jaxboost.convert.sdm import sdm_from_torch_state_dict
-    from jaxboost.diffusion import losses, samplers, schedules
+    from jaxboost.diffusion import losses, schedules
     from jaxboost.models.sdm import Model
+    from jaxboost.train import sdm as sdm_train
 
     torch.manual_seed(0)
     fields, batch, steps = _fields(quick)
@@ -81,9 +100,7 @@ def run(quick: bool = False):
     t = rng.integers(1, 1000, batch).astype(np.int32)
     noise = rng.standard_normal((batch, size, size, c)).astype(np.float32)
     nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
-    tx0, ty, tnoise, tt = nchw(x0), nchw(labels), nchw(noise), torch.tensor(t, dtype=torch.long)
-
-    apply_fn = lambda p, x, tt_, lab: model.apply({"params": p}, x, tt_, lab)
+    apply_fn = sdm_train.apply_fn_for(model)   # what `jaxboost synth` samples with
 
     def jax_loss(p, x0, labels, t, noise):
         x_t = schedules.q_sample(schedule, x0, t, noise)
@@ -93,75 +110,94 @@ def run(quick: bool = False):
     tables = [torch.tensor(np.asarray(a, np.float64)).float() for a in (
         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
         schedule.posterior_mean_coef2, schedule.posterior_log_variance_clipped, schedule.log_betas)]
-
-    # --- correctness first
+    torch_inputs = (tables, nchw(x0), torch.tensor(t, dtype=torch.long), nchw(noise), nchw(labels))
     jl = float(jax.jit(jax_loss)(params, x0, labels, t, noise))
     with torch.no_grad():
-        tl = float(_torch_loss(ref, tables, tx0, tt, tnoise, ty))
+        tl = float(_torch_loss(ref, *torch_inputs))
     if abs(jl - tl) > 1e-4 * max(1.0, abs(tl)):
         raise AssertionError(f"SDM loss JAX {jl} vs torch {tl}")
+    return dict(fields=fields, batch=batch, steps=steps, ref=ref, params=params, schedule=schedule, x0=x0,
+                labels=labels, nchw=nchw, apply_fn=apply_fn, torch_inputs=torch_inputs, losses=(jl, tl))
 
-    rows: list[Row] = []
-    case_train = f"sdm/train {size}px b{batch}"
-    tx = optax.adamw(1e-4, weight_decay=0.0)
 
-    @jax.jit
-    def train_step(p, opt_state, x0, labels, t, noise):
-        loss, grads = jax.value_and_grad(jax_loss)(p, x0, labels, t, noise)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
+def _torch_train_step(model, torch_inputs):
+    import torch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
-    state = [params, tx.init(params)]
-
-    def jax_step():
-        state[0], state[1], loss = train_step(state[0], state[1], x0, labels, t, noise)
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = _torch_loss(model, *torch_inputs)
+        loss.backward()
+        opt.step()
         return loss
-    flops = harness.xla_flops(train_step, params, state[1], x0, labels, t, noise)
-    sec = harness.time_call(jax_step, iters=3 if quick else 10)
-    rows.append(Row(case_train, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"loss {jl:.4f}={tl:.4f}"))
+    return step
 
-    def torch_step_fn(m):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = _torch_loss(m, tables, tx0, tt, tnoise, ty)
-            loss.backward()
-            opt.step()
-            return loss
-        return step
-    sec = harness.time_call(torch_step_fn(ref), sync=harness.torch_sync, iters=3 if quick else 10)
-    rows.append(Row(case_train, "torch eager", sec, batch / sec))
+def _train_rows(s: dict, quick: bool) -> list[Row]:
+    """The SDM trainer's own step (EMA, label dropout) vs the torch reference's AdamW step."""
+    batch, (jl, tl) = s["batch"], s["losses"]
+    case = f"sdm/train {s['fields']['image_size']}px b{batch}"
+    step, state, device_batch = _product_step(s["fields"], s["params"], s["x0"], s["labels"])
+    sec, flops = harness.time_product_step(step, state, device_batch, iters=3 if quick else 10)
+    rows = [Row(case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
+                note=f"sdm train step (EMA, label dropout); loss {jl:.4f}={tl:.4f}")]
+    sec = harness.time_call(_torch_train_step(s["ref"], s["torch_inputs"]), sync=harness.torch_sync,
+                            iters=3 if quick else 10)
+    return rows + [Row(case, "torch eager", sec, batch / sec)]
 
-    # --- the whole DDIM loop with guidance 1.5 (cond + uncond batched in JAX; two calls per step in torch)
-    case_sample = f"sdm/ddim{steps} guided {size}px b{batch}"
+
+def _sampler_rows(s: dict, quick: bool) -> tuple[list[Row], tuple]:
+    """The whole guided DDIM loop (cond + uncond batched in JAX; two calls per step in torch), samples
+    checked equal first. Returns the rows and (diffusion, x_T, labels) for the torch.compile rows."""
+    from benchmarks.torch_ref.sdm_unet import GaussianDiffusion
+    from jaxboost.diffusion import samplers, schedules
+    fields, batch, steps, params, labels = s["fields"], s["batch"], s["steps"], s["params"], s["labels"]
+    size, c = fields["image_size"], fields["in_channels"]
+    case = f"sdm/ddim{steps} guided {size}px b{batch}"
     keys = samplers.per_sample_keys(0, 0, batch)
-    run_sampler = samplers.make_sampler(apply_fn, schedule, channels=c, sampler="ddim", steps=steps, guidance=1.5)
+    run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=c, sampler="ddim", steps=steps,
+                                        guidance=1.5)
     ours = np.asarray(run_sampler(params, labels, keys))
-    diffusion = GaussianDiffusion(schedule.betas, schedules.space_timesteps(1000, f"ddim{steps}"))
-    x_T = nchw(samplers.initial_noise(keys, (size, size, c)))
-    ref.eval()
-    theirs = diffusion.ddim_sample_loop(ref, x_T, ty, s=1.5).permute(0, 2, 3, 1).numpy()
+    diffusion = GaussianDiffusion(s["schedule"].betas, schedules.space_timesteps(1000, f"ddim{steps}"))
+    x_T, ty = s["nchw"](samplers.initial_noise(keys, (size, size, c))), s["torch_inputs"][4]
+    s["ref"].eval()
+    theirs = diffusion.ddim_sample_loop(s["ref"], x_T, ty, s=1.5).permute(0, 2, 3, 1).numpy()
     err = float(np.abs(ours - theirs).max())
     if err > 1e-3:
         raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
     flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
     sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1, iters=2 if quick else 5)
-    rows.append(Row(case_sample, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"max|dx|={err:.1e}"))
-    sec = harness.time_call(lambda: diffusion.ddim_sample_loop(ref, x_T, ty, s=1.5), sync=harness.torch_sync,
+    rows = [Row(case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"max|dx|={err:.1e}")]
+    sec = harness.time_call(lambda: diffusion.ddim_sample_loop(s["ref"], x_T, ty, s=1.5), sync=harness.torch_sync,
                             warmup=1, iters=2 if quick else 5)
-    rows.append(Row(case_sample, "torch eager", sec, batch / sec))
-    if not quick:  # torch.compile takes minutes on CPU; skipped in --quick
-        try:
-            compiled = torch.compile(ref)
-            sec = harness.time_call(torch_step_fn(compiled.train()), sync=harness.torch_sync, warmup=2, iters=5)
-            rows.append(Row(case_train, "torch compile", sec, batch / sec))
-            compiled.eval()
-            sec = harness.time_call(lambda: diffusion.ddim_sample_loop(compiled, x_T, ty, s=1.5),
-                                    sync=harness.torch_sync, warmup=1, iters=3)
-            rows.append(Row(case_sample, "torch compile", sec, batch / sec))
-        except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
-            rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
+    return rows + [Row(case, "torch eager", sec, batch / sec)], (case, diffusion, x_T, ty)
+
+
+def _compile_rows(s: dict, train_case: str, sampler_case) -> list[Row]:
+    """torch.compile of the same train step and sampling loop (minutes on CPU; not in --quick)."""
+    import torch
+    case, diffusion, x_T, ty = sampler_case
+    batch = s["batch"]
+    try:
+        compiled = torch.compile(s["ref"])
+        sec = harness.time_call(_torch_train_step(compiled.train(), s["torch_inputs"]), sync=harness.torch_sync,
+                                warmup=2, iters=5)
+        rows = [Row(train_case, "torch compile", sec, batch / sec)]
+        compiled.eval()
+        sec = harness.time_call(lambda: diffusion.ddim_sample_loop(compiled, x_T, ty, s=1.5),
+                                sync=harness.torch_sync, warmup=1, iters=3)
+        return rows + [Row(case, "torch compile", sec, batch / sec)]
+    except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
+        return [Row(train_case, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}")]
+
+
+def run(quick: bool = False):
+    s = _setup(quick)
+    rows = _train_rows(s, quick)
+    sample_rows, sampler_case = _sampler_rows(s, quick)
+    rows += sample_rows
+    if not quick:
+        rows += _compile_rows(s, rows[0].case, sampler_case)
     return harness.add_ratios(rows)
 
 

@@ -6,8 +6,9 @@ config's lr (CRIS backbone at 0.1x), gradient clipping 0.5, Dice + 0.2 BCE, vali
 
 Rows `time_to_dice/<model>` (impl `jax`, `torch eager`): wall-clock from the first step until the validation
 Dice first reaches the target (evaluation time included on both sides; jaxboost also writes its per-epoch
-checkpoints, as the product does), epochs to it in the note. The target is `TARGET_LEVEL` x the lower of
-the two frameworks' best real-only validation Dice, so both reach it. With the synthetic corpus (a tiny SDM
+checkpoints, as the product does), epochs to it in the note. The target is `TARGET_LEVEL` of the way from
+the initial validation Dice (the same in both: checked) to the lower of the two frameworks' best real-only
+validation Dice, so both reach it; the extra also holds each framework's whole curve and training time. With the synthetic corpus (a tiny SDM
 trained and sampled on the same phantom) the synthetic-pretraining speed-up (epochs of the real-only run to
 99% of its best validation Dice / epochs of the synthetic-pretrained finetune to the same level, jaxboost's
 `demo.convergence_speedup`) is measured in both frameworks beside the paper's (Adhikari et al. 2023: CRIS
@@ -33,7 +34,7 @@ METRIC = "val/dice_mean"
 
 
 def _plan(quick: bool) -> dict:
-    return dict(patients=8 if quick else 30, epochs=3 if quick else 12, pretrain_epochs=2 if quick else 6,
+    return dict(patients=10 if quick else 30, epochs=6 if quick else 12, pretrain_epochs=2 if quick else 6,
                 sdm_steps=30 if quick else 400, sampler_steps=5 if quick else 25, per_mask=1 if quick else 2,
                 models=("clipseg", "cris"), seed=0)
 
@@ -96,17 +97,22 @@ def _torch_cris(fields: dict, tokenizer, folder: Path):
 TORCH_MODELS = {"clipseg": _torch_clipseg, "cris": _torch_cris}
 
 
+# jaxboost CRIS's model.upsample -> torch's interpolate (mode, align_corners)
+CRIS_UPSAMPLE = {"bilinear": ("bilinear", False), "bicubic_align": ("bicubic", True)}
+
+
 def _torch_forward(name: str, model, config, batch: dict):
-    """Normalised NCHW image + tokens -> logits [B, S, S] (CRIS: its 1/4-resolution logits upsampled
-    bilinearly, as jaxboost's `upsample="bilinear"`)."""
+    """Normalised NCHW image + tokens -> logits [B, S, S] (CRIS: its 1/4-resolution logits upsampled to the
+    input size as jaxboost's model.upsample does)."""
     import torch
     mean, std = (torch.tensor(config.data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
     image = (torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2) - mean) / std
     ids, mask = (torch.from_numpy(np.asarray(batch[k])).long() for k in ("input_ids", "attention_mask"))
     if name == "clipseg":
         return model(pixel_values=image, input_ids=ids, attention_mask=mask).logits.reshape(image.shape[0], *image.shape[2:])
-    logits = model(image, ids, mask)
-    return torch.nn.functional.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+    mode, align = CRIS_UPSAMPLE[config.model.upsample]
+    return torch.nn.functional.interpolate(model(image, ids, mask), size=image.shape[2:], mode=mode,
+                                           align_corners=align)[:, 0]
 
 
 def _torch_param_groups(name: str, model, config) -> list[dict]:
@@ -123,8 +129,8 @@ def _torch_param_groups(name: str, model, config) -> list[dict]:
 # ------------------------------------------------------------------------------------------ torch training
 
 def _torch_validate(name: str, model, config, tokenizer) -> float:
-    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.evaluate_params` does: the same
-    records, per-record transform rng, threshold, resize and per-structure mean."""
+    """Mean validation Dice (x100) at the source resolution, scored as `vl_seg.SegmentationScorer` does: the
+    same records, per-record transform rng, threshold, `metrics.score_mask` and per-structure mean."""
     import itertools
 
     import torch
@@ -148,14 +154,15 @@ def _torch_validate(name: str, model, config, tokenizer) -> float:
     model.train()
     for record, lg in zip(records, np.concatenate(logits)):
         gt = vl_seg._ground_truth(record)
-        pred = metrics_lib.probabilities_at(lg, gt.shape) > float(config.threshold)
-        scores[record["structure"]].append({"dice": metrics_lib.dice_iou(pred, gt)[0]})
+        row = metrics_lib.score_mask(lg, gt, float(config.threshold), name=str(record["key"]), with_hausdorff=False)
+        scores[record["structure"]].append({"dice": row["dice"]})
     return vl_seg._summarise(scores, "val/")["val/dice_mean"]
 
 
-def _torch_train(name: str, model, config, tokenizer, epochs: int) -> list[dict]:
+def _torch_train(name: str, model, config, tokenizer, epochs: int, keep_best: bool = False) -> list[dict]:
     """The trainer's loop in torch eager: same loader (batches, order, prompts), loss, optimiser, clipping;
-    -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them."""
+    -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them. keep_best: end with the weights of
+    the best validation Dice, as a jaxboost finetune starts from its pretraining run's best checkpoint."""
     import torch
 
     from jaxboost.data import corpus as corpus_lib
@@ -183,18 +190,20 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int) -> list[dict]
         if done % steps_per_epoch == 0:
             evals.append({"step": done, "wall_s": time.time() - t0,
                           METRIC: _torch_validate(name, model, config, tokenizer)})
+            if keep_best and evals[-1][METRIC] > max((e[METRIC] for e in evals[:-1]), default=-np.inf):
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if keep_best:
+        model.load_state_dict(best)
     return evals
 
 
 def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dict:
     """Correctness first: the converted initial weights score the same validation Dice in jaxboost's
     evaluation as the torch model in the baseline's (else the two runs would not start from one model)."""
-    from jaxboost import parallel
     from jaxboost.train import vl_seg
-    task = vl_seg.setup(config, workdir)
-    variables = vl_seg.host_variables(task.config, task.model)
-    ours = vl_seg.evaluate_params(task.config, task.model, task.tokenizer, variables, "val",
-                                  parallel.mesh_from_config(task.config), hausdorff=False)[METRIC]
+    task = vl_seg.make_task(config, workdir)
+    scorer = vl_seg.SegmentationScorer(task.config, task.model, task.tokenizer, task.mesh)
+    ours = scorer(vl_seg.host_variables(task.config, task.model), "val", hausdorff=False)[METRIC]
     theirs = _torch_validate(name, model, config, tokenizer)
     if not abs(ours - theirs) <= 0.5:  # Dice x100; a few pixels at the threshold may flip
         raise AssertionError(f"{name}: initial validation Dice jaxboost {ours:.3f} vs torch {theirs:.3f}")
@@ -255,7 +264,7 @@ def _train_both(name: str, data: dict, plan: dict, root: Path) -> dict:
     runs["jax"]["pretrain_finetune"], runs["steps_per_epoch"]["pretrain_finetune"] = _jax_train(
         ft, root / name / "jax_finetune")
     init.load_state_dict(init_state)
-    _torch_train(name, init, pre, tokenizer, plan["pretrain_epochs"])  # validated on the real corpus, as jax
+    _torch_train(name, init, pre, tokenizer, plan["pretrain_epochs"], keep_best=True)  # validated on real, as jax
     runs["torch eager"]["pretrain_finetune"] = _torch_train(name, init, base, tokenizer, plan["epochs"])
     return runs
 
@@ -282,21 +291,25 @@ def _data(root: Path, plan: dict, with_synthetic: bool) -> dict:
 
 
 def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
-    """Rows `time_to_dice/<name>` at TARGET_LEVEL x the lower best real-only Dice of the two frameworks, and
-    each framework's synthetic-pretraining speed-up."""
+    """Rows `time_to_dice/<name>` (target: see the module docstring), and each framework's whole-run time and
+    synthetic-pretraining speed-up."""
     from jaxboost import demo
     spe = runs["steps_per_epoch"]
-    target = TARGET_LEVEL * min(max(e[METRIC] for e in runs[impl]["real"]) for impl in ("jax", "torch eager"))
+    start = min(runs["initial_dice"].values())
+    best = min(max(e[METRIC] for e in runs[impl]["real"]) for impl in ("jax", "torch eager"))
+    # TARGET_LEVEL of the way from the initial Dice to the lower best: a run that never rises above its
+    # start has no time to accuracy (NaN), instead of "reaching" a target below where it began
+    target = start + TARGET_LEVEL * (best - start) if best > start else float("nan")
     rows, summary = [], {"target_dice": target, "initial_dice": runs["initial_dice"]}
     for impl in ("jax", "torch eager"):
         evals = runs[impl]["real"]
-        epochs, wall = demo.epochs_to_reach(evals, METRIC, target, spe["real"])
+        epochs, wall = demo.epochs_to_reach(evals, METRIC, target, spe["real"]) if best > start else (None, None)
         examples = (epochs or 0) * spe["real"] * int(runs["batch_size"])
         rows.append(Row(f"time_to_dice/{name}", impl, wall if wall else float("nan"),
                         examples / wall if wall else float("nan"),
                         note=f"val Dice {runs['initial_dice'][impl]:.1f} -> {target:.1f} in {epochs} epochs "
                              f"(best {max(e[METRIC] for e in evals):.1f})"))
-        summary[impl] = {"epochs_to_target": epochs, "wall_to_target_s": wall,
+        summary[impl] = {"epochs_to_target": epochs, "wall_to_target_s": wall, "wall_all_epochs_s": evals[-1]["wall_s"],
                          "curve": [(e["step"] / spe["real"], e["wall_s"], e[METRIC]) for e in evals]}
         if "pretrain_finetune" in runs[impl]:
             conv = demo.convergence_speedup(evals, runs[impl]["pretrain_finetune"], METRIC, spe["real"],
@@ -306,8 +319,8 @@ def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
 
 
 def _table(summaries: dict) -> str:
-    lines = ["| model | impl | epochs to target | s to target | synthetic-pretraining speed-up (epochs / wall) | "
-             "paper |", "|---|---|---|---|---|---|"]
+    lines = ["| model | impl | epochs to target | s to target | s for all epochs | synthetic-pretraining speed-up "
+             "(epochs / wall) | paper |", "|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         for impl in ("jax", "torch eager"):
             conv = s[impl].get("synthetic_speedup") or {}
@@ -315,7 +328,8 @@ def _table(summaries: dict) -> str:
                      if conv else "not run")
             wall = s[impl]["wall_to_target_s"]
             lines.append(f"| {name} | {impl} | {s[impl]['epochs_to_target']} | "
-                         f"{'' if wall is None else f'{wall:.1f}'} | {speed} | {PAPER_SPEEDUP[name]}x |")
+                         f"{'' if wall is None else f'{wall:.1f}'} | {s[impl]['wall_all_epochs_s']:.1f} | {speed} | "
+                         f"{PAPER_SPEEDUP[name]}x |")
     return "\n".join(lines)
 
 

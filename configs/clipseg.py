@@ -24,9 +24,15 @@ FULL_MODEL = dict(vision_width=768, vision_depth=12, vision_heads=12, vision_mlp
                   text_mlp_dim=2048, context_length=77, eos_token_id=2, projection_dim=512, extract_layers=(3, 6, 9),
                   reduce_dim=64, decoder_heads=4, decoder_mlp_dim=2048)
 
+# `demo` (what `jaxboost demo` trains): tiny at patch 4, a 16x16 token grid the masks' walls fit in (patch 8's
+# 8x8 tokens drew blocks), the complex head upsampling 2x2 twice, the decoder at rd64's width.
+DEMO_OVERRIDES = {"model.patch_size": 4, "model.complex_transposed_conv": True, "model.head_kernels": (2, 2),
+                  "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 15}
+
 
 def get_config(arg=None):
-    tiny = variant(arg, ("tiny", "full")) == "tiny"
+    name = variant(arg, ("tiny", "demo", "full"))
+    tiny = name != "full"
     c = ml_collections.ConfigDict()
     c.name = "clipseg"
     c.trainer = "vl_seg"
@@ -34,9 +40,10 @@ def get_config(arg=None):
     # tiny: one ConvT(8, stride 8) head (the complex head's two ConvT(patch/4) only restore patch 16)
     # freeze_encoders: HF-exact. (tiny on the 30-patient phantom: frozen random towers reached val Dice 47 in 8
     # epochs at lr 3e-3; trained towers 18, at 1e-3 36.)
-    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, freeze_encoders=True,
-                   attention_impl="einsum")                  # vocab_size 0: the tokenizer's size
+    c.model = dict(TINY_MODEL if tiny else FULL_MODEL, complex_transposed_conv=not tiny, head_kernels=(),
+                   freeze_encoders=True, attention_impl="auto", remat_policy="none")  # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="",            # training corpus
+                  workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
                   eval_corpus="",       # validation/test corpus ("": the training corpus)
                   size=64 if tiny else 352,
                   prompt=3,             # prompt index P0-P7 used in training
@@ -70,4 +77,7 @@ def get_config(arg=None):
     c.ckpt_every = 0                # steps; 0 = once per epoch
     c.overlays = 6                  # samples drawn in workdir/overlays_<split>.png
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    if name == "demo":
+        c.update_from_flattened_dict(DEMO_OVERRIDES)
     return c

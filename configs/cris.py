@@ -20,18 +20,24 @@ FULL_MODEL = dict(stage_sizes=(3, 4, 6, 3), vision_width=64, embed_dim=1024, vis
                   vocab_size=49408, text_width=512, text_depth=12, text_heads=8, context_length=77,
                   fpn_out=(256, 512, 1024), num_layers=3, num_heads=8, mlp_dim=2048, dropout_rate=0.2)
 
+# `demo` (what `jaxboost demo` trains): tiny, run long enough to learn the phantom from 4 patients' labels.
+DEMO_OVERRIDES = {"num_epochs": 15}
+
 
 def get_config(arg=None):
-    tiny = variant(arg, ("tiny", "full")) == "tiny"
+    name = variant(arg, ("tiny", "demo", "full"))
+    tiny = name != "full"
     c = ml_collections.ConfigDict()
     c.name = "cris"
     c.trainer = "vl_seg"
     c.model_name = "cris"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, pad_mode="fixed", upsample="bicubic_align",
-                   freeze_encoders=False, attention_impl="einsum")   # vocab_size 0: the tokenizer's size
+                   freeze_encoders=False, attention_impl="auto",
+                   remat_policy="none" if tiny else "full")   # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="", eval_corpus="", size=64 if tiny else 416, prompt=2, eval_prompts=(),
                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),  # CLIP
-                  tokenizer="", tokenizer_vocab_size=1000)
+                  tokenizer="", tokenizer_vocab_size=1000,
+                  workers=0 if tiny else 8, prefetch=2)  # grain worker processes; batches each keeps ready
     c.pretrained = ""               # `jaxboost convert cris` output folder; "": random init
     c.init_from = ""
     c.finetune_mode = "fresh"       # "fresh" | "resume"
@@ -56,4 +62,7 @@ def get_config(arg=None):
     c.ckpt_every = 0                # steps; 0 = once per epoch
     c.overlays = 6
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    if name == "demo":
+        c.update_from_flattened_dict(DEMO_OVERRIDES)
     return c

@@ -17,7 +17,7 @@ TINY_MODEL = dict(image_size=32, patch_size=4, vision_width=64, vision_depth=2, 
                   fusion_layer=2, max_position=32, embed_dim=32, vocab_size=0)  # vocab: the trained tokenizer
 FULL_MODEL = dict(image_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
                   vision_mlp_dim=3072, text_width=768, text_depth=12, text_heads=12, text_mlp_dim=3072,
-                  fusion_layer=6, max_position=512, embed_dim=256, vocab_size=30522, remat=True)
+                  fusion_layer=6, max_position=512, embed_dim=256, vocab_size=30522, remat="full")
 
 
 def get_config(arg=None):
@@ -28,8 +28,15 @@ def get_config(arg=None):
     c.trainer = "mumc_pretrain"
     c.model_name = "mumc"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, temp_init=0.07, dropout_rate=0.0 if tiny else 0.1,
-                   dtype="float32" if tiny else "bfloat16")
+                   dtype="float32" if tiny else "bfloat16",
+                   attention_impl="auto",  # per backend: cuDNN flash on GPU, Pallas flash on TPU, einsum on CPU
+                   vision_posemb="sincos2d")  # "table": a frozen stored table (set it to start from ALBEF.pth)
+    # The paper's starting point (MUMC models/model.py), local paths; empty = fresh init. `bert`: an HF
+    # bert-base-uncased folder (its vocab.txt is the tokenizer unless data.tokenizer is set); `mae`: MAE's
+    # ViT-B/16 file; `albef`: ALBEF.pth, loaded over both (needs model.vision_posemb="table").
+    c.init = dict(bert="", mae="", albef="")
     c.data = dict(
+        workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
         corpus="",                        # triplet corpus -> captions from P6/P7 (SPEC C); or caption json:
         caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}
         size=c.model.image_size, max_words=30, max_tokens=25,
@@ -46,6 +53,7 @@ def get_config(arg=None):
     c.queue_size = 16 if tiny else 65_536
     # tiny: a run of hundreds of steps; at 0.995 the momentum model (the targets) lags by ~200 steps.
     c.momentum = 0.99 if tiny else 0.995
+    c.teacher_dropout = True                  # MUMC's momentum teachers run in train mode (dropout on)
     c.alpha = 0.4
     c.alpha_ramp_epochs = 2.0
     c.patch_drop = 0.15
@@ -54,12 +62,15 @@ def get_config(arg=None):
     c.batch_size = 16 if tiny else 32 * 8     # global batch (32 per GPU on 8 GPUs)
     c.epochs = 4 if tiny else 30
     c.total_steps = 200 if tiny else 0        # full: set from epochs * steps_per_epoch by the trainer
+    # full: MUMC's schedule (warm-up from 1e-6, the 0.9^epoch decay counted from step 0); tiny keeps its own.
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 3e-4, weight_decay=0.05, grad_clip=0.0,
-                   schedule="warmup_epoch_decay", warmup_steps=20 if tiny else 3000, warmup_lr=1e-5,
+                   schedule="warmup_epoch_decay" if tiny else "mumc_epoch_decay", warmup_steps=20 if tiny else 3000,
+                   warmup_lr=1e-5 if tiny else 1e-6,
                    epoch_decay=0.9,
                    epoch_steps=50 if tiny else 0)  # an epoch of the decay and the alpha ramp; 0: the data's
     c.log_every = 20 if tiny else 100
     c.ckpt_every = 100 if tiny else 5000
     c.eval_every = 0                          # steps between held-out evaluations; 0 = none during training
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
     return c

@@ -15,7 +15,7 @@ TINY_MODEL = dict(image_size=32, pretrain_image_size=32, patch_size=4, vision_wi
 FULL_MODEL = dict(image_size=384, pretrain_image_size=256, patch_size=16, vision_width=768, vision_depth=12,
                   vision_heads=12, vision_mlp_dim=3072, text_width=768, text_depth=12, text_heads=12,
                   text_mlp_dim=3072, fusion_layer=6, decoder_depth=6, max_position=512, vocab_size=30522,
-                  remat=True)
+                  remat="full")
 
 
 def get_config(arg=None):
@@ -26,19 +26,25 @@ def get_config(arg=None):
     c.trainer = "mumc_vqa"
     c.model_name = "mumc"
     c.model = dict(TINY_MODEL if tiny else FULL_MODEL, dropout_rate=0.0 if tiny else 0.1,
-                   dtype="float32" if tiny else "bfloat16")
+                   dtype="float32" if tiny else "bfloat16",
+                   attention_impl="auto")  # per backend: cuDNN flash on GPU, Pallas flash on TPU, einsum on CPU
     c.data = dict(root="", image_dir="images", size=c.model.image_size, val_fraction=0.1,
-                  max_question_tokens=25 if tiny else 35, max_answer_tokens=8, tokenizer="")
+                  # MUMC: "[CLS] question" (no [SEP]) cut at 25 tokens; answers untruncated (0: the longest)
+                  max_question_tokens=25, max_answer_tokens=0, tokenizer="",
+                  # MUMC's VQA training view; tiny (32 px, a few hundred steps) trains on the plain image
+                  augment=not tiny, crop_scale=(0.5, 1.0), flip=True, randaugment=(2, 7))
     c.protocol = "fixed"             # "fixed" | "original"
     c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood
     c.momentum = 0.995
+    c.teacher_dropout = True         # MUMC's momentum model runs in train mode (dropout on)
     c.alpha = 0.4
     c.seed = 0
     c.batch_size = 16 if tiny else 8 * 8
     c.epochs = 10 if tiny else 40
     c.total_steps = 200 if tiny else 0
-    c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05, schedule="cosine",
-                   warmup_steps=0)
+    # full: MUMC's cosine set once per epoch with its 1e-8 floor; tiny keeps the per-step cosine.
+    c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05,
+                   schedule="cosine" if tiny else "mumc_epoch_cosine", min_lr=1e-8, warmup_steps=0)
     c.init_from = ""                 # pretraining workdir; answer decoder from its text layers 6-11
     c.best_metric = "val_overall"
     c.best_mode = "max"
@@ -46,4 +52,5 @@ def get_config(arg=None):
     c.eval_every = 100 if tiny else 1000
     c.ckpt_every = 100 if tiny else 1000
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
     return c

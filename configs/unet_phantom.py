@@ -25,4 +25,5 @@ def get_config(arg=None):
     c.ckpt_every = 75 if v == "tiny" else 1000
     c.best_metric = "val/dice_mean"
     c.mesh = dict(data=-1, fsdp=1)
+    c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
     return c

@@ -31,6 +31,10 @@ SUBCOMMANDS = [
     (("convert", "sdm"), "jaxboost.convert.sdm", "SDM/guided-diffusion state dict -> jaxboost params"),
     (("convert", "bert"), "jaxboost.convert.bert", "HF BERT folder -> jaxboost params"),
     (("convert", "albef"), "jaxboost.convert.albef", "ALBEF/MUMC checkpoint -> jaxboost params"),
+    (("convert", "mae"), "jaxboost.convert.mae", "MAE / timm ViT checkpoint -> jaxboost image encoder params"),
+    (("export", "clipseg"), "jaxboost.export.clipseg", "CLIPSeg run or converted folder -> HF CLIPSeg folder"),
+    (("export", "cris"), "jaxboost.export.cris", "CRIS run or converted folder -> CRIS.pytorch state dict"),
+    (("export", "sdm"), "jaxboost.export.sdm", "SDM run -> guided-diffusion UNet state dict (safetensors)"),
     (("vqa", "build"), "jaxboost.data.echo_vqa", "build an echo-VQA set (VQA-RAD json) from a corpus"),
     (("demo",), "jaxboost.demo", "the whole Synthetic Boost pipeline on the phantom, with a report"),
     (("bench",), "benchmarks.run", "JAX vs PyTorch speed and convergence benchmarks"),
@@ -154,8 +158,12 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _run(words: tuple[str, ...], module_name: str, help_: str, rest: list[str]) -> int:
+    from jaxboost import parallel
     module = importlib.import_module(module_name)
-    if getattr(module, "RAW_ARGV", False):  # trainers parse absl/ml_collections flags themselves
+    raw = getattr(module, "RAW_ARGV", False)
+    # compilation cache + jax.distributed, for every command, before it touches a device
+    rest = parallel.startup(rest, keep_config_flag=raw)
+    if raw:  # trainers parse absl/ml_collections flags themselves
         return int(module.main(rest) or 0)
     parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_,
                                      formatter_class=_DefaultsHelpFormatter)

@@ -1,15 +1,17 @@
 """`jaxboost demo`: the whole Synthetic Boost pipeline on the echo phantom (or CAMUS), with a report.
 
-phantom -> real corpus -> tiny SDM -> synthetic corpus -> each segmenter three ways (real only, synthetic
-only, synthetic pretrain -> real finetune) -> Dice table, convergence speed-up, report folder:
+phantom -> real corpus -> scarce real corpus (the labels of a few training patients; validation and test
+whole) -> tiny SDM trained on the scarce images -> synthetic corpus (`--per-mask` images per scarce mask; the
+paper augments each real mask 5x) -> for each segmenter and seed: real only, synthetic only, synthetic
+pretrain -> real finetune -> Dice table over seeds, convergence speed-up, report folder:
   report.md, report.json, samples.png (synthetic triplets), overlays_<model>.png, curves_<model>.png.
 Every stage writes into --out and is skipped when its output is complete, so a killed demo resumes.
+Stage times are wall and process CPU seconds (CPU time moves less than wall time on a shared machine).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from jaxboost import config as config_lib
 from jaxboost import registry
 
 REGIMES = ("real", "synthetic", "pretrain_finetune")
+MODELS = ("clipseg", "cris")
+STAGE_CONFIGS = ("sdm", *MODELS)
+METRIC = "val/dice_mean"
 
 
 # ------------------------------------------------------------------------------------------ convergence
@@ -33,15 +38,33 @@ def epochs_to_reach(evals: list[dict], metric: str, target: float, steps_per_epo
 
 def convergence_speedup(real_evals: list[dict], finetune_evals: list[dict], metric: str,
                         steps_per_epoch_real: int, steps_per_epoch_ft: int, level: float = 0.99) -> dict:
-    """jaxboost's definition (SPEC A5): epochs (and wall time) for the finetune to reach `level` x the
-    real-only run's best validation Dice, divided into the real-only run's epochs to the same level."""
+    """Synthetic Boost's convergence speed-up: epochs (and wall time) for the finetune to reach `level` x
+    the real-only run's best validation Dice, divided into the real-only run's epochs to the same level."""
     best = max(e[metric] for e in real_evals)
     target = level * best
     ep_real, t_real = epochs_to_reach(real_evals, metric, target, steps_per_epoch_real)
     ep_ft, t_ft = epochs_to_reach(finetune_evals, metric, target, steps_per_epoch_ft)
     return {"target": target, "real_best": best, "epochs_real": ep_real, "epochs_finetune": ep_ft,
+            "wall_real": t_real, "wall_finetune": t_ft,
             "speedup_epochs": (ep_real / ep_ft) if ep_ft else None,
             "speedup_wall": (t_real / t_ft) if (t_ft and t_real) else None}
+
+
+def spread(values) -> dict:
+    """mean and sample sd (ddof 1; 0 for one value) of the finite values, and how many there were."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if not v.size:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def fmt_value(v, spec: str = ".2f", suffix: str = "") -> str:
+    """A figure, or "not reached" (no suffix) when there is none."""
+    return "not reached" if v is None else f"{v:{spec}}{suffix}"
+
+
+def fmt_spread(s: dict, spec: str = ".1f") -> str:
+    return "n/a" if s["mean"] is None else f"{s['mean']:{spec}} ± {s['sd']:{spec}}"
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -53,6 +76,22 @@ def _done(path: Path) -> bool:
 def _mark(path: Path, info: dict | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "DONE").write_text(json.dumps(info or {}, default=float))
+
+
+class Stopwatch:
+    """Wall and process CPU seconds of a `with` block, added to timings[name]."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        t = self.timings.setdefault(self.name, {"wall_s": 0.0, "cpu_s": 0.0})
+        t["wall_s"] += time.time() - self.wall
+        t["cpu_s"] += time.process_time() - self.cpu
 
 
 def stage_data(out: Path, args, size: int) -> Path:
@@ -69,109 +108,268 @@ def stage_data(out: Path, args, size: int) -> Path:
     return real
 
 
+def scarce_patients(real: Path, patients: int) -> list[str]:
+    """The first `patients` training patients of the corpus (sorted ids; 0 or more than there are: all)."""
+    from jaxboost.data import corpus as corpus_lib
+    ids = sorted({r["patient"] for r in corpus_lib.open_corpus(real).iter("train", arrays=False)})
+    return ids if patients <= 0 else ids[:patients]
+
+
+def stage_scarce(out: Path, real: Path, patients: int) -> Path:
+    """The labelled real data the finetune and the SDM see: `patients` training patients (chosen by id,
+    before anything is trained), validation and test whole. Returns `real` itself when that is all of it."""
+    from jaxboost.data import corpus as corpus_lib
+    keep = set(scarce_patients(real, patients))
+    source = corpus_lib.open_corpus(real)
+    if len(keep) == len(scarce_patients(real, 0)):
+        return real
+    scarce = out / "data" / f"real_{len(keep)}p"
+    if not (scarce / "manifest.json").exists():
+        records = [r for split in corpus_lib.SPLITS for r in source.iter(split)
+                   if split != "train" or r["patient"] in keep]
+        corpus_lib.build_corpus(records, scarce, size=source.size, source=records[0]["source"],
+                                source_info={**source.manifest.get("source", {}), "train_patients": sorted(keep)})
+    return scarce
+
+
+def parse_sets(items: list[str]) -> dict:
+    """--set MODEL.key=value (MODEL: sdm, clipseg, cris) -> {MODEL: {key: value}}; values as JSON when they
+    parse (numbers, booleans, lists), else strings."""
+    sets = {name: {} for name in STAGE_CONFIGS}
+    for item in items or []:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or name not in sets or not key:
+            raise ValueError(f"--set {item!r}: expected MODEL.key=value with MODEL one of {STAGE_CONFIGS}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        sets[name][key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return sets
+
+
 def _config(name: str, variant: str, overrides: dict):
-    cfg = config_lib.load_config(f"{name}.py:{variant}")
+    cfg = config_lib.load_config(f"configs/{name}.py:{variant}")
+    unknown = sorted(set(overrides) - set(config_lib.flat_fields(cfg)))
+    if unknown:
+        raise ValueError(f"configs/{name}.py:{variant} has no field {unknown[0]!r} (from --set or a demo flag)")
     cfg.update_from_flattened_dict(overrides)
     return cfg
 
 
-def stage_sdm(out: Path, real: Path, args) -> Path:
+def sdm_config(args, corpus: Path):
+    overrides = {"data.corpus": str(corpus), "seed": args.seed}
+    if args.sdm_steps:
+        # one sample grid and checkpoint at the end: the grids are the stage's slowest part on a CPU
+        overrides.update({"total_steps": args.sdm_steps, "eval_every": args.sdm_steps, "ckpt_every": args.sdm_steps})
+    if args.sdm_batch_size:
+        overrides["batch_size"] = args.sdm_batch_size
+    return _config("sdm", args.sdm_variant, {**overrides, **args.sets["sdm"]})
+
+
+def stage_sdm(out: Path, corpus: Path, args) -> Path:
     workdir = out / "sdm"
     if not _done(workdir):
-        cfg = _config("sdm", "tiny", {"data.corpus": str(real), "seed": args.seed,
-                                      **({"total_steps": args.sdm_steps} if args.sdm_steps else {})})
+        cfg = sdm_config(args, corpus)
         registry.trainer(cfg.trainer).train(cfg, str(workdir))
         _mark(workdir)
     return workdir
 
 
-def stage_synth(out: Path, sdm_dir: Path, real: Path, args) -> Path:
+def stage_synth(out: Path, sdm_dir: Path, masks: Path, args) -> Path:
     from jaxboost import synth
     synth_dir = out / "data" / "synthetic"
     if not (synth_dir / "manifest.json").exists():
-        synth.generate(checkpoint=str(sdm_dir), masks=str(real), out=str(synth_dir), per_mask=args.per_mask,
-                       sampler="ddim", steps=args.sampler_steps, guidance=args.guidance, seed=args.seed)
+        # train only: the synthetic-only run validates on the real validation split
+        synth.generate(checkpoint=str(sdm_dir), masks=str(masks), out=str(synth_dir), per_mask=args.per_mask,
+                       sampler="ddim", steps=args.sampler_steps, guidance=args.guidance, seed=args.seed,
+                       splits=("train",))
     return synth_dir
 
 
-def stage_segmenter(out: Path, model: str, real: Path, synthetic: Path, args) -> dict:
+def segmenter_config(args, model: str, seed: int, regime_overrides: dict, pretrain: bool = False):
+    overrides = {"seed": seed}
+    epochs = args.pretrain_epochs if pretrain and args.pretrain_epochs else args.epochs
+    if epochs:
+        overrides["num_epochs"] = epochs
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    return _config(model, args.variant, {**overrides, **args.sets[model], **regime_overrides})
+
+
+def stage_segmenter(out: Path, model: str, real: Path, synthetic: Path, args, seed: int) -> dict:
+    """One seed of the three regimes; the finetune starts from this seed's synthetic-only run."""
     results = {}
-    base = {"seed": args.seed, **({"num_epochs": args.epochs} if args.epochs else {})}
+    root = out / model / f"seed{seed}"
     plan = {
         "real": {"data.corpus": str(real)},
         "synthetic": {"data.corpus": str(synthetic), "data.eval_corpus": str(real)},
-        "pretrain_finetune": {"data.corpus": str(real), "init_from": str(out / model / "synthetic")},
+        "pretrain_finetune": {"data.corpus": str(real), "init_from": str(root / "synthetic")},
     }
     for regime in REGIMES:
-        workdir = out / model / regime
-        cfg = _config(model, "tiny", {**base, **plan[regime]})
+        workdir = root / regime
+        cfg = segmenter_config(args, model, seed, plan[regime], pretrain=regime == "synthetic")
         if not _done(workdir):
-            t = time.time()
+            t, c = time.time(), time.process_time()
             summary = registry.trainer(cfg.trainer).train(cfg, str(workdir))
-            _mark(workdir, {"summary": summary, "wall_s": time.time() - t})
+            _mark(workdir, {"summary": summary, "wall_s": time.time() - t, "cpu_s": time.process_time() - c})
         info = json.loads((workdir / "DONE").read_text())
         test = registry.trainer(cfg.trainer).evaluate(cfg, str(workdir), "test")
-        results[regime] = {"summary": info["summary"], "test": test, "wall_s": info["wall_s"]}
+        results[regime] = {"summary": info["summary"], "test": test, "wall_s": info["wall_s"],
+                           "cpu_s": info.get("cpu_s")}
     return results
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(path: Path, model: str, per_seed: dict, convergence: dict) -> None:
+    """Validation Dice by epoch: one colour per regime, one line per seed, the 99% target dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = dict(zip(REGIMES, ("tab:blue", "tab:orange", "tab:green")))
+    for regime in REGIMES:
+        for i, (seed, results) in enumerate(per_seed.items()):
+            r = results[regime]
+            spe = r["summary"].get("steps_per_epoch", 1)
+            evals = r["summary"]["evals"]
+            ax.plot([e["step"] / spe for e in evals], [e.get(METRIC, np.nan) for e in evals], marker=".",
+                    color=colours[regime], alpha=0.85, label=regime.replace("_", " -> ") if i == 0 else None)
+    targets = [c["target"] for c in convergence.values()]
+    ax.axhline(float(np.mean(targets)), color="grey", ls="--", lw=1,
+               label="99% of the real-only best (mean over seeds)")
+    ax.set_xlabel("epoch (passes over the run's own training split)")
+    ax.set_ylabel("validation Dice, mean of LV/MYO/LA (real images)")
+    ax.set_title(f"{model}: validation Dice by regime ({len(per_seed)} seeds, one line each)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(path: Path, synthetic: Path, n: int = 6) -> None:
+    """Synthetic images with the mask that conditioned them (one structure each) and their P3 prompt."""
+    from matplotlib.patches import Patch
+
+    from jaxboost.data import corpus as corpus_lib
+    plt = _pyplot()
+    source = corpus_lib.open_corpus(synthetic).source("train")
+    idx = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
+    fig, axes = plt.subplots(1, len(idx), figsize=(2.4 * len(idx), 3.0), squeeze=False)
+    for ax, i in zip(axes[0], idx):
+        record = source[int(i)]
+        mask = np.asarray(record["mask"]) == int(record["label"])
+        ax.imshow(record["image"], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(record["structure"], fontsize=8)
+        ax.set_xlabel("x (px)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("y (px)", fontsize=7)
+    fig.legend(handles=[Patch(color="orange", alpha=0.6, label="conditioning mask (one structure)")],
+               loc="lower center", fontsize=8)
+    fig.suptitle("Synthetic triplets: SDM images drawn from real masks", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_overlays(path: Path, model: str, source_png: Path) -> None:
+    """The trainer's overlay grid (image | ground truth | prediction rows) with a title, labels and legend."""
+    from matplotlib.patches import Patch
+    plt = _pyplot()
+    image = plt.imread(str(source_png))
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(w / 100 + 0.6, h / 100 + 1.0))
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("columns: image | ground truth | prediction")
+    ax.set_ylabel("test images (one structure each)")
+    ax.set_title(f"{model}, synthetic pretrain -> real finetune, test split")
+    ax.legend(handles=[Patch(color="orange", alpha=0.6, label="structure (mask or prediction)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.04), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ report
 
-def _plot_curves(path: Path, model: str, results: dict, metric: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for regime, r in results.items():
-        evals = r["summary"]["evals"]
-        spe = r["summary"].get("steps_per_epoch", 1)
-        ax.plot([e["step"] / spe for e in evals], [e.get(metric, np.nan) for e in evals], marker="o", label=regime)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Dice (real images)")
-    ax.set_title(f"{model}: validation Dice by regime")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def model_summary(per_seed: dict) -> dict:
+    """Per-seed convergence and test Dice, their spreads, and the win counts of the finetune."""
+    conv = {}
+    for seed, results in per_seed.items():
+        real, ft = results["real"]["summary"], results["pretrain_finetune"]["summary"]
+        conv[seed] = convergence_speedup(real["evals"], ft["evals"], METRIC, real.get("steps_per_epoch", 1),
+                                         ft.get("steps_per_epoch", 1))
+    test = {regime: {k: spread([r[regime]["test"].get(f"test/dice_{k}") for r in per_seed.values()])
+                     for k in ("mean", "LV", "MYO", "LA")} for regime in REGIMES}
+    best_val = {regime: spread([r[regime]["summary"].get("best_metric") for r in per_seed.values()])
+                for regime in REGIMES}
+    faster = sum(c["epochs_finetune"] is not None and c["epochs_finetune"] < c["epochs_real"] for c in conv.values())
+    wins = sum(r["pretrain_finetune"]["test"]["test/dice_mean"] >= r["real"]["test"]["test/dice_mean"]
+               for r in per_seed.values())
+    return {"convergence": conv, "test": test, "best_val": best_val, "faster_in": faster, "wins_in": wins,
+            "seeds": len(per_seed),
+            "speedup_epochs": spread([c["speedup_epochs"] for c in conv.values()]),
+            "speedup_wall": spread([c["speedup_wall"] for c in conv.values()])}
 
 
-def _num(v) -> float:
-    return float("nan") if v is None else float(v)
+def _model_lines(model: str, per_seed: dict, s: dict) -> list[str]:
+    lines = [f"## {model} ({s['seeds']} seeds: mean ± sd)", "",
+             "| regime | test Dice mean | LV | MYO | LA | best val Dice | train s (wall / CPU, per seed) |",
+             "|---|---|---|---|---|---|---|"]
+    for regime in REGIMES:
+        t = s["test"][regime]
+        wall = spread([r[regime]["wall_s"] for r in per_seed.values()])["mean"]
+        cpu = spread([r[regime].get("cpu_s") for r in per_seed.values()])["mean"]
+        lines.append(f"| {regime.replace('_', ' -> ')} | {fmt_spread(t['mean'])} | {fmt_spread(t['LV'])} | "
+                     f"{fmt_spread(t['MYO'])} | {fmt_spread(t['LA'])} | {fmt_spread(s['best_val'][regime])} | "
+                     f"{wall:.0f} / {fmt_value(cpu, '.0f')} |")
+    lines += ["", "Convergence (epochs to 99% of the real-only run's best validation Dice, fresh optimizer):", ""]
+    for seed, c in s["convergence"].items():
+        lines.append(f"- seed {seed}: target {c['target']:.2f}; real only {fmt_value(c['epochs_real'], '.0f')} "
+                     f"epochs, finetune {fmt_value(c['epochs_finetune'], '.0f')} -> speed-up "
+                     f"{fmt_value(c['speedup_epochs'], '.2f', 'x')} in epochs, "
+                     f"{fmt_value(c['speedup_wall'], '.2f', 'x')} in wall time; test Dice real only "
+                     f"{per_seed[seed]['real']['test']['test/dice_mean']:.1f}, finetune "
+                     f"{per_seed[seed]['pretrain_finetune']['test']['test/dice_mean']:.1f}")
+    lines += ["", f"The finetune reaches the target in fewer epochs than real only in {s['faster_in']} of "
+              f"{s['seeds']} seeds (speed-up {fmt_spread(s['speedup_epochs'], '.2f')}x in epochs, "
+              f"{fmt_spread(s['speedup_wall'], '.2f')}x in wall time; paper: CLIPSeg 1.71x, CRIS 4.55x); its final "
+              f"test Dice is no worse than real only (wins) in {s['wins_in']} of {s['seeds']}.", ""]
+    return lines
 
 
-def write_report(out: Path, args, all_results: dict, timings: dict) -> dict:
+def write_report(out: Path, args, all_results: dict, timings: dict, data_info: dict) -> dict:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     lines = ["# jaxboost demo: Synthetic Boost on the " + ("CAMUS data" if args.camus else "echo phantom"), ""]
     if not args.camus:
         lines += ["All images are procedural phantoms, not patient data.", ""]
-    lines += ["| model | regime | test Dice (mean) | LV | MYO | LA | best val Dice | epochs | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    summary = {"timings_s": timings, "models": {}}
-    for model, results in all_results.items():
-        metric = "val/dice_mean"
-        for regime, r in results.items():
-            t = r["test"]
-            spe = r["summary"].get("steps_per_epoch", 1)
-            lines.append(f"| {model} | {regime} | {t.get('test/dice_mean', float('nan')):.2f} | "
-                         f"{t.get('test/dice_LV', float('nan')):.2f} | {t.get('test/dice_MYO', float('nan')):.2f} | "
-                         f"{t.get('test/dice_LA', float('nan')):.2f} | {_num(r['summary'].get('best_metric')):.2f} | "
-                         f"{r['summary']['final_step'] / spe:.0f} | {r['wall_s']:.0f} |")
-        conv = convergence_speedup(results["real"]["summary"]["evals"], results["pretrain_finetune"]["summary"]["evals"],
-                                   metric, results["real"]["summary"].get("steps_per_epoch", 1),
-                                   results["pretrain_finetune"]["summary"].get("steps_per_epoch", 1))
-        summary["models"][model] = {"results": results, "convergence": conv}
-        _plot_curves(report / f"curves_{model}.png", model, results, metric)
-    lines += ["", "Convergence speed-up (epochs for the finetune to reach 99% of the real-only best validation "
-              "Dice, divided into the real-only run's epochs to that level; paper: CRIS 4.55x, CLIPSeg 1.71x):", ""]
-    for model, m in summary["models"].items():
-        c = m["convergence"]
-        fmt = lambda v: "not reached" if v is None else f"{v:.2f}"
-        lines.append(f"- {model}: {fmt(c['speedup_epochs'])}x in epochs ({fmt(c['epochs_real'])} vs "
-                     f"{fmt(c['epochs_finetune'])}), {fmt(c['speedup_wall'])}x in wall time; target Dice "
-                     f"{c['target']:.2f}")
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
+    lines += [f"Real labels for the finetune and the SDM: {data_info['train_patients']} training patients "
+              f"({data_info['real_train']} records); synthetic corpus {data_info['synthetic_train']} records "
+              f"({args.per_mask} per real mask). Validation {data_info['val']} / test {data_info['test']} "
+              "records (real, whole). Models are chosen on validation; test is read once per run.", ""]
+    done = {m: len(r) for m, r in all_results.items()}
+    if any(n < args.seeds for n in done.values()):
+        lines += [f"Partial report: seeds finished per model {done} of {args.seeds} requested.", ""]
+    summary = {"timings": timings, "data": data_info, "models": {}}
+    for model, per_seed in all_results.items():
+        s = model_summary(per_seed)
+        summary["models"][model] = {"per_seed": per_seed, **s}
+        lines += _model_lines(model, per_seed, s)
+        plot_curves(report / f"curves_{model}.png", model, per_seed, s["convergence"])
+    lines += ["Stage times (wall / process CPU s): " +
+              ", ".join(f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f}" for k, v in timings.items()), "",
               "Figures: samples.png (synthetic triplets), curves_<model>.png, overlays_<model>.png."]
     (report / "report.md").write_text("\n".join(lines) + "\n")
     (report / "report.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -183,42 +381,79 @@ def write_report(out: Path, args, all_results: dict, timings: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (resumes if it holds a demo)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="clipseg", help="comma-separated: clipseg, cris")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the SDM and the first segmenter run")
+    parser.add_argument("--seeds", type=int, default=3, help="segmenter seeds: seed, seed+1, ...")
+    parser.add_argument("--models", default="clipseg,cris", help="comma-separated: clipseg, cris")
     parser.add_argument("--camus", default=None, help="a CAMUS folder to use instead of the phantom")
     # Defaults sized for ~15 minutes on 2 CPU cores; raise them on real hardware.
     parser.add_argument("--patients", type=int, default=20, help="phantom patients")
-    parser.add_argument("--per-mask", type=int, default=1, help="synthetic images per real mask")
+    parser.add_argument("--real-patients", type=int, default=None,
+                        help="training patients whose labels the finetune and the SDM see (0: all; default 4 on "
+                             "the phantom, all with --camus)")
+    parser.add_argument("--per-mask", type=int, default=5, help="synthetic images per real mask (paper: 5)")
     parser.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--sdm-steps", type=int, default=200, help="tiny SDM training steps (0: the config's)")
-    parser.add_argument("--epochs", type=int, default=0, help="override the segmenters' epochs")
+    parser.add_argument("--variant", default="demo", help="segmenter config variant: demo, tiny or full")
+    parser.add_argument("--sdm-variant", default="tiny", help="SDM config variant: tiny or full")
+    parser.add_argument("--sdm-steps", type=int, default=200, help="SDM training steps (0: the config's)")
+    parser.add_argument("--sdm-batch-size", type=int, default=0, help="SDM batch (0: the config's)")
+    parser.add_argument("--epochs", type=int, default=0, help="segmenter epochs (0: the config's)")
+    parser.add_argument("--pretrain-epochs", type=int, default=4,
+                        help="epochs of the synthetic-only run (0: as --epochs; its epochs are 5x longer)")
+    parser.add_argument("--batch-size", type=int, default=0, help="segmenter batch (0: the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="MODEL.key=value",
+                        help="any config field of sdm, clipseg or cris, e.g. clipseg.pretrained=DIR (repeatable)")
+
+
+def _check_args(args) -> list[str]:
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in MODELS:
+            raise ValueError(f"--models: unknown segmenter {m!r}; choose from {', '.join(MODELS)}")
+    if not models:
+        raise ValueError("--models: name at least one of clipseg, cris")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.per_mask < 1:
+        raise ValueError(f"--per-mask must be at least 1, got {args.per_mask}")
+    if args.camus and not Path(args.camus).is_dir():
+        raise FileNotFoundError(f"--camus {args.camus}: no such folder")
+    args.sets = parse_sets(args.set)
+    if args.real_patients is None:
+        args.real_patients = 0 if args.camus else 4
+    return models
 
 
 def main(args) -> int:
-    from jaxboost.data import corpus_show
     from jaxboost.data import corpus as corpus_lib
+    models = _check_args(args)
+    for m in models:  # a bad variant or field fails here, before any stage runs
+        segmenter_config(args, m, args.seed, {})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = [m for m in args.models.split(",") if m]
-    for m in models:
-        if m not in ("clipseg", "cris"):
-            raise SystemExit(f"--models: unknown segmenter {m!r}; choose from clipseg, cris")
-    size = config_lib.load_config(f"{models[0]}.py:tiny").data.size
+    size = int(sdm_config(args, out).data.size)  # the synthetic corpus is at the SDM's size; real matches it
     timings = {}
-    t = time.time(); real = stage_data(out, args, size); timings["data"] = time.time() - t
-    t = time.time(); sdm_dir = stage_sdm(out, real, args); timings["sdm"] = time.time() - t
-    t = time.time(); synthetic = stage_synth(out, sdm_dir, real, args); timings["synth"] = time.time() - t
+    with Stopwatch(timings, "data"):
+        real = stage_scarce(out, stage_data(out, args, size), args.real_patients)
+    with Stopwatch(timings, "sdm"):
+        sdm_dir = stage_sdm(out, real, args)
+    with Stopwatch(timings, "synth"):
+        synthetic = stage_synth(out, sdm_dir, real, args)
     (out / "report").mkdir(exist_ok=True)
-    corpus_show.draw_grid(corpus_lib.open_corpus(synthetic), str(out / "report" / "samples.png"), n=8)
-    all_results = {}
-    for m in models:
-        t = time.time()
-        all_results[m] = stage_segmenter(out, m, real, synthetic, args)
-        timings[m] = time.time() - t
-        overlay = out / m / "pretrain_finetune" / "overlays_test.png"
-        if overlay.exists():
-            shutil.copy(overlay, out / "report" / f"overlays_{m}.png")
-    write_report(out, args, all_results, timings)
+    plot_samples(out / "report" / "samples.png", synthetic)
+    real_corpus, synth_corpus = corpus_lib.open_corpus(real), corpus_lib.open_corpus(synthetic)
+    data_info = {"train_patients": len(scarce_patients(real, 0)), "real_train": real_corpus.split_len("train"),
+                 "synthetic_train": synth_corpus.split_len("train"), "val": real_corpus.split_len("val"),
+                 "test": real_corpus.split_len("test")}
+    all_results = {m: {} for m in models}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for m in models:
+            with Stopwatch(timings, m):
+                all_results[m][seed] = stage_segmenter(out, m, real, synthetic, args, seed)
+            overlay = out / m / f"seed{args.seed}" / "pretrain_finetune" / "overlays_test.png"
+            if seed == args.seed and overlay.exists():
+                plot_overlays(out / "report" / f"overlays_{m}.png", m, overlay)
+        # rewritten after every seed, so a demo stopped early still reports the seeds it finished
+        write_report(out, args, all_results, timings, data_info)
     print(f"report: {out / 'report' / 'report.md'}")
     return 0

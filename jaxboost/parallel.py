@@ -27,13 +27,24 @@ BATCH_AXES = ("data", "fsdp")
 
 # ----------------------------------------------------------------------------------------- multi-host
 
+def multi_process_expected(env=None) -> bool:
+    """True when the platform says this process is one of several: SLURM with more than one task, Open MPI
+    with more than one rank, a TPU VM pod slice (several worker hostnames, or a multislice coordinator)."""
+    env = os.environ if env is None else env
+    count = lambda name: int(env.get(name, "1") or "1")
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return (count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1 or len(tpu_hosts) > 1
+            or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, timeout_s: int = 120,
                            local_device_ids: Sequence[int] | None = None) -> None:
-    """Starts jax.distributed when more than one process is expected; a no-op for one process.
+    """Starts jax.distributed when more than one process is expected; a no-op for one process, or when
+    it is already running.
 
-    Order: explicit arguments; JAXBOOST_COORDINATOR / JAXBOOST_NUM_PROCESSES / JAXBOOST_PROCESS_ID;
-    SLURM (`SLURM_NTASKS` > 1) and TPU pods, which jax detects by itself.
+    Order: explicit arguments; JAXBOOST_COORDINATOR / JAXBOOST_NUM_PROCESSES / JAXBOOST_PROCESS_ID; the
+    platform (`multi_process_expected`: SLURM, Open MPI, TPU pods), whose values jax reads by itself.
     A coordinator that does not answer within `timeout_s` raises a clear RuntimeError naming it instead of
     hanging (processes other than 0 probe it first). Process 0 hosts the coordinator: when the other
     processes do not all arrive within `timeout_s`, the XLA runtime aborts it with DEADLINE_EXCEEDED.
@@ -43,10 +54,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     num_processes = num_processes or (int(env["JAXBOOST_NUM_PROCESSES"]) if "JAXBOOST_NUM_PROCESSES" in env else None)
     process_id = process_id if process_id is not None else (
         int(env["JAXBOOST_PROCESS_ID"]) if "JAXBOOST_PROCESS_ID" in env else None)
-    auto = int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env
-    if coordinator is None and not auto:
+    if coordinator is None and not multi_process_expected(env):
         return
-    if num_processes == 1:
+    if num_processes == 1 or jax.distributed.is_initialized():
         return
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         # CPU collectives between processes (tests and local multi-process runs).
@@ -87,6 +97,58 @@ def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_pr
         except OSError as e:
             last_error = e
             time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+
+
+def setup_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on jax's persistent compilation cache at `path`, else $JAX_COMPILATION_CACHE_DIR; a local
+    folder or a gs:// path (jax writes through etils.epath). Returns the directory used, or None."""
+    path = path or os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)
+
+
+# Start-up flags every command accepts. The config one is also a config field (train/eval keep it in argv).
+DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
+CACHE_FLAG = "config.compilation_cache_dir"
+
+
+def startup_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(values of the start-up flags, argv without the distributed ones, argv without any start-up flag);
+    both spellings, `--name=value` and `--name value`."""
+    values, no_distributed, plain = {}, [], []
+    argv, i = list(argv), 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in DISTRIBUTED_FLAGS + (CACHE_FLAG,):
+            taken = argv[i:i + 1] if eq else argv[i:i + 2]
+            values[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            no_distributed += taken if name == CACHE_FLAG else []
+            i += len(taken)
+            continue
+        no_distributed.append(arg)
+        plain.append(arg)
+        i += 1
+    return values, no_distributed, plain
+
+
+def startup(argv: Sequence[str] = (), keep_config_flag: bool = True) -> list[str]:
+    """What every jaxboost command runs before it touches a device: the persistent compilation cache
+    (--config.compilation_cache_dir, else $JAX_COMPILATION_CACHE_DIR), then jax.distributed when the flags
+    (--coordinator/--num_processes/--process_id), JAXBOOST_* or the platform say there are several
+    processes (`jaxboost eval` and `synth` included, not only `train`). Returns argv without the flags it
+    consumed (the config flag stays when `keep_config_flag`: train and eval apply it to the config)."""
+    values, no_distributed, plain = startup_flags(argv)
+    setup_compilation_cache(values.get(CACHE_FLAG))
+    try:
+        as_int = lambda name: int(values[name]) if values.get(name) else None
+        num_processes, process_id = as_int("num_processes"), as_int("process_id")
+    except ValueError as e:
+        raise ValueError(f"--num_processes/--process_id must be integers: {e}") from e
+    initialize_distributed(values.get("coordinator") or None, num_processes, process_id)
+    return no_distributed if keep_config_flag else plain
 
 
 def is_main_process() -> bool:

@@ -44,8 +44,9 @@ def _gather(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def _step(init_fn, step_fn, batch, mesh, step=None):
-    state, shardings = parallel.create_sharded(init_fn, mesh)
+def _step(abstract, create, step_fn, batch, mesh, step=None):
+    shardings = parallel.shardings_for(abstract, mesh)
+    state = create(shardings)
     if step is not None:
         state = state.replace(step=jnp.asarray(step, jnp.int32))
     state, metrics = jax.jit(step_fn, out_shardings=(shardings, None))(
@@ -65,7 +66,7 @@ def main(corpus: str, workdir: str, out: str) -> None:
 
     task = vl_seg.make_task(clipseg_config(corpus), workdir / "clipseg")
     batch = dict(np.load(workdir / "clipseg_batch.npz"))
-    metrics, params, _ = _step(task.init_state, task.step_fn, batch, mesh)
+    metrics, params, _ = _step(task.abstract_state(), task.create_state, task.step_fn, batch, mesh)
     saved |= {f"clipseg/{k}": v for k, v in metrics.items()} | _flat("clipseg/params", params)
 
     config = mumc_config(corpus)
@@ -75,7 +76,8 @@ def main(corpus: str, workdir: str, out: str) -> None:
     init_fn = mumc_pretrain.make_init_fn(config, model, tx)
     step_fn = mumc_pretrain.make_step_fn(config, model, tx, tokenizer, epoch_steps=4)
     batch = dict(np.load(workdir / "mumc_batch.npz"))
-    metrics, params, extra = _step(init_fn, step_fn, batch, mesh, step=5)  # step 5: alpha > 0, distillation on
+    metrics, params, extra = _step(jax.eval_shape(init_fn), lambda sh: jax.jit(init_fn, out_shardings=sh)(),
+                                   step_fn, batch, mesh, step=5)  # step 5: alpha > 0, distillation on
     saved |= {f"mumc/{k}": v for k, v in metrics.items()}
     saved |= _flat("mumc/params", params) | _flat("mumc/extra", extra)
 

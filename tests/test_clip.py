@@ -143,7 +143,7 @@ def test_trained_tokenizer_is_recorded_and_reloads(tmp_path):
     assert tok.eos_token_id == len(tok) - 1 == ids.max()
     assert (ids[mask == 0] == tok.eos_token_id).all()
     assert (ids[np.arange(3), mask.sum(1) - 1] == tok.eos_token_id).all()
-    again = ClipTokenizer.from_workdir_or_train(str(tmp_path / "tok"), [], context_length=64)
+    again = ClipTokenizer.from_folder(str(tmp_path / "tok"), context_length=64)
     np.testing.assert_array_equal(again.tokenize(PROMPTS)[0], ids)
 
 

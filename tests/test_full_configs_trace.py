@@ -35,9 +35,15 @@ def test_full_configs_trace_and_fsdp_divides_their_memory(rows):
 
 @pytest.mark.slow
 def test_full_sdm_train_step_lowers_for_data_and_fsdp_mesh():
-    lowered, info = memory.lower_sdm_train_step(data=2, fsdp=4, batch_size=8)
-    assert info["fsdp_split_leaves"] > 0
+    from jaxboost import parallel
+    from jaxboost.config import load_config
+    config = load_config(str(memory.CONFIGS / "sdm.py:full"))
+    mesh = parallel.make_mesh(2, 4, devices=jax.devices()[:8])
+    lowered, production, shardings = memory.lower_train_step(config, mesh, 8)
+    specs = [str(s.spec) for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))]
+    assert any("fsdp" in s for s in specs)
     text = lowered.as_text()
     # The sharded program: params arrive split over fsdp (4-way) and the batch over all 8 devices.
     assert "mhlo.sharding" in text or "sdy.sharding" in text
-    assert info["state_mib_per_device"] < 4 * 2_487.9 / 4 * 1.02  # params, EMA, mu, nu: each split 4 ways
+    # params, EMA, mu, nu: each split 4 ways
+    assert parallel.bytes_per_device(production.abstract_state, shardings) / MIB < 4 * 2_487.9 / 4 * 1.02

@@ -275,6 +275,59 @@ def test_pretrain_losses_match_torch_mumc_step_and_shard_over_global_batch(torch
     assert fi_s.shape == (b, E)
 
 
+@pytest.mark.slow   # 14-29 s on the shared 2-core machine (two jitted losses and two torch forwards)
+def test_mlm_teacher_reads_the_ema_step_taken_after_the_momentum_features(torch_mumc, converted):
+    """MUMC's order (models/model.py): momentum features, then _momentum_update, then the MLM teacher on the
+    EMA'd text encoder. The torch reference doing that EMA inside its forward gives our losses with
+    `teacher_params` = the EMA'd tree, and the tree we keep equals its updated momentum modules."""
+    import copy
+    mods, sd, _ = torch_mumc
+    mods = {k: copy.deepcopy(v) for k, v in mods.items()}
+    momentum_mods = []
+    for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
+        m = copy.deepcopy(mods[name])
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1)   # far enough from the online model for the EMA step to show in the MLM loss
+        momentum_mods.append(m)
+    net = ref.MUMCPretrain(mods["visual_encoder"], mods["text_encoder"], mods["vision_proj"], mods["text_proj"],
+                           mods["itm_head"], momentum_mods, sd["image_queue"], sd["text_queue"], FUSION,
+                           momentum=0.5, ema_in_forward=True)
+    b, rng = 4, np.random.default_rng(5)
+    images = rng.standard_normal((b, 32, 32, 3)).astype(np.float32)
+    ids = np.concatenate([np.ones((b, 1), np.int32), rng.integers(5, VOCAB, (b, 6), dtype=np.int32)], 1)
+    mask = np.ones((b, 7), np.int32)
+    masked, target = (np.asarray(x) for x in mlm.mask_tokens(jax.random.PRNGKey(8), jnp.asarray(ids), VOCAB, 3,
+                                                              (0, 1), 0.4))
+    draws = {"keep": np.tile(np.arange(13, dtype=np.int32), (b, 1)),
+             "keep_m": np.tile(np.arange(3, 16, dtype=np.int32), (b, 1)),
+             "masked_ids": masked, "target": target, "neg_img": np.roll(np.arange(b), 1).astype(np.int32),
+             "neg_txt": np.roll(np.arange(b), 2).astype(np.int32)}
+    t = lambda x: torch.tensor(np.asarray(x)).long()
+    args = (torch.tensor(images.transpose(0, 3, 1, 2)), t(ids), t(mask), 0.4, t(draws["keep"]), t(draws["keep_m"]),
+            t(masked), torch.tensor(np.where(target, ids, -100)).long(), t(draws["neg_img"]), t(draws["neg_txt"]))
+    with torch.no_grad():
+        net.ema_in_forward = False
+        l_mlm_pre_ema, l_ita, _ = net(*args)   # ITA reads the pre-EMA features either way
+        net.ema_in_forward = True
+        l_mlm = net(*args)[0]                  # (the first call's queue write changes only ITA)
+    params, momentum, queues, _ = converted
+    momentum = jax.tree_util.tree_map(lambda x: x + 0.09, momentum)   # the checkpoint's copies are online + 0.01
+    after = mumc.momentum_update(params, momentum, 0.5)
+    losses = jax.jit(lambda teacher: mumc.pretrain_losses(
+        mumc.Model(**SIZES), params, momentum, queues, {"images": images, "input_ids": ids, "mask": mask},
+        jax.random.PRNGKey(0), 0.4, mask_token_id=3, special_token_ids=(0, 1), deterministic=True, draws=draws,
+        teacher_params=teacher)[1])
+    terms, terms_pre_ema = losses(after), losses(momentum)
+    np.testing.assert_allclose(float(terms["mlm"]), l_mlm.item(), rtol=1e-4, atol=1e-5)
+    # The EMA step moves the MLM loss by ~1e-4 here (near-uniform logits): compare the moves themselves.
+    move, move_ref = float(terms["mlm"] - terms_pre_ema["mlm"]), (l_mlm - l_mlm_pre_ema).item()
+    assert abs(move_ref) > 5e-5, move_ref
+    np.testing.assert_allclose(move, move_ref, rtol=0.05)
+    np.testing.assert_allclose(float(terms["ita"]), l_ita.item(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(after["text_proj"]["bias"], net.text_proj_m.bias.numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("name,cls", [("mumc_pretrain", mumc.Model), ("mumc_vqa", mumc.VQAModel)])
 @pytest.mark.parametrize("v", ["tiny", "full"])
 def test_mumc_configs_build_their_models(name, cls, v):

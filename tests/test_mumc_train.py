@@ -197,3 +197,23 @@ def test_vqa_finetune_from_pretraining_runs_and_reports_accuracy(pretrained, ech
 def test_vqa_rejects_unknown_protocol(echo_vqa, tmp_path):
     with pytest.raises(ValueError, match="config.protocol"):
         mumc_vqa.train(vqa_config(echo_vqa, "protocol=lenient"), tmp_path / "x")
+
+
+@pytest.mark.slow   # a 2-step pretraining run and the VQA task: ~100 s on the shared 2-core machine
+def test_vqa_momentum_model_starts_from_the_pretraining_momentum_encoders(corpus, echo_vqa, tmp_path):
+    """MUMC's VQA.py loads the pretraining `*_m` tensors into its momentum copies: our VQA momentum model is
+    the pretraining momentum tree mapped as the params are (decoder from momentum text layers fusion..)."""
+    pt_dir = tmp_path / "pt"
+    mumc_pretrain.train(pretrain_config(corpus, "total_steps=2", "ckpt_every=0", "momentum=0.5"), pt_dir)
+    config = vqa_config(echo_vqa, f"init_from={pt_dir}")
+    task = mumc_vqa.make_task(config, tmp_path / "vqa")
+    state = jax.jit(task.init_state)()
+    pt = mumc_pretrain.restore(pretrain_config(corpus), pt_dir)[3]
+    mom_text, vqa_mom = pt.extra["momentum"]["text"], state.extra["momentum"]
+    np.testing.assert_array_equal(vqa_mom["decoder"]["layer0"]["crossattention"]["query"]["kernel"],
+                                  mom_text["layer1"]["crossattention"]["query"]["kernel"])
+    np.testing.assert_array_equal(vqa_mom["vision"]["cls_token"], pt.extra["momentum"]["vision"]["cls_token"])
+    np.testing.assert_array_equal(state.params["text"]["layer0"]["output"]["kernel"],
+                                  pt.params["text"]["layer0"]["output"]["kernel"])
+    assert not np.array_equal(vqa_mom["text"]["layer0"]["output"]["kernel"],
+                              state.params["text"]["layer0"]["output"]["kernel"])

@@ -130,3 +130,81 @@ def test_host_batches_become_global_arrays_on_the_mesh(corpus_dir):
     assert len(placed["image"].sharding.device_set) == jax.device_count()
     np.testing.assert_array_equal(np.asarray(placed["mask"]), batch["mask"])
     assert placed["prompt"] is batch["prompt"]  # strings stay on the host
+
+
+def _device_config(trainer, size, **data):
+    import ml_collections
+    return ml_collections.ConfigDict({"trainer": trainer, "data": {"size": size, **data},
+                                      "model": {"in_channels": 1}})
+
+
+@pytest.mark.parametrize("size", [SIZE, 2 * SIZE])
+def test_device_preprocess_of_uint8_batches_gives_the_host_transforms_batches(corpus_dir, size):
+    """host_uint8 + device_preprocess == the float host transforms: to an ulp at the corpus size; after a
+    resize within PIL's uint8 rounding (images) and on nearly every pixel (nearest-neighbour masks)."""
+    import jax
+    loader = lambda t: next(iter(_loader(corpus_dir, transform=t, shuffle=False)))
+    pairs = [("vl_seg", "mask", pipeline.segmentation_transform(3, size, ending=0, host_uint8=True),
+              pipeline.segmentation_transform(3, size, ending=0)),
+             ("sdm", "labels", pipeline.sdm_transform(size, host_uint8=True), pipeline.sdm_transform(size))]
+    for trainer, field, device_side, host_side in pairs:
+        raw, want = loader(device_side), loader(host_side)
+        assert raw["image"].dtype == np.uint8 and raw["image"].shape == (4, SIZE, SIZE)
+        assert raw["image"].nbytes * (12 if trainer == "vl_seg" else 4) == want["image"].nbytes * (SIZE / size) ** 2
+        fn = jax.jit(lambda b: pipeline.device_preprocess(b, _device_config(trainer, size)))
+        got = fn({k: v for k, v in raw.items() if v.dtype.kind in "iuf"})
+        assert got["image"].dtype == want["image"].dtype and got["image"].shape == want["image"].shape
+        assert got[field].dtype == want[field].dtype and got[field].shape == want[field].shape
+        scale = 1 / 255 if trainer == "vl_seg" else 2 / 255
+        if size == SIZE:   # XLA divides as a multiply by the reciprocal: an ulp of 1
+            np.testing.assert_allclose(np.asarray(got["image"]), want["image"], rtol=0, atol=1.2e-7)
+            np.testing.assert_array_equal(np.asarray(got[field]), want[field])
+        else:
+            np.testing.assert_allclose(np.asarray(got["image"]), want["image"], atol=1.01 * scale)
+            assert np.mean(np.asarray(got[field]) == want[field]) > 0.97
+        assert list(raw["key"]) == list(want["key"]) and list(raw.get("prompt", [])) == list(want.get("prompt", []))
+
+
+def test_device_flips_are_per_example_and_seeded(corpus_dir):
+    import jax
+    raw = next(iter(_loader(corpus_dir, transform=pipeline.segmentation_transform(3, host_uint8=True))))
+    batch = {"image": raw["image"], "mask": raw["mask"], "label": raw["label"]}
+    config = _device_config("vl_seg", SIZE, hflip=True)
+    plain = jax.device_get(pipeline.device_preprocess(batch, _device_config("vl_seg", SIZE)))
+
+    def flips(seed):
+        out = jax.device_get(pipeline.device_preprocess(batch, config, jax.random.key(seed)))
+        decided = []
+        for i in range(4):   # each example is itself or its mirror, image and mask together
+            flipped = not np.array_equal(out["image"][i], plain["image"][i])
+            want = (lambda x: x[:, ::-1]) if flipped else (lambda x: x)
+            np.testing.assert_array_equal(out["image"][i], want(plain["image"][i]))
+            np.testing.assert_array_equal(out["mask"][i], want(plain["mask"][i]))
+            decided.append(flipped)
+        return tuple(decided)
+
+    assert flips(0) == flips(0)
+    assert len({flips(s) for s in range(6)}) > 1
+
+
+def test_loader_options_come_from_config_and_bad_values_are_named():
+    import ml_collections
+    from jaxboost.config import load_config
+    assert pipeline.loader_options(load_config("configs/clipseg.py:full")) == {"worker_count": 8, "prefetch": 2}
+    assert pipeline.loader_options(load_config("configs/clipseg.py:tiny")) == {"worker_count": 0, "prefetch": 2}
+    with pytest.raises(ValueError, match="config.data.workers=-1"):
+        pipeline.loader_options(ml_collections.ConfigDict({"data": {"workers": -1}}))
+
+
+def test_prefetch_to_device_keeps_order_and_places_batches_on_the_mesh(corpus_dir):
+    import jax
+    from jaxboost import parallel
+    mesh = parallel.make_mesh(4, 1, devices=jax.devices()[:4])
+    host = [b for _, b in zip(range(5), _loader(corpus_dir, transform=pipeline.sdm_transform(host_uint8=True),
+                                                shuffle=False))]
+    out = list(pipeline.prefetch_to_device(iter(host), lambda n: parallel.batch_sharding(mesh, n), size=2))
+    assert len(out) == 5
+    for h, d in zip(host, out):
+        assert isinstance(d["image"], jax.Array) and d["image"].sharding.spec[0] == ("data", "fsdp")
+        np.testing.assert_array_equal(np.asarray(d["image"]), h["image"])
+        assert list(d["key"]) == list(h["key"])

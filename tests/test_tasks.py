@@ -1,6 +1,7 @@
-"""Every trainer through the one Task interface: one step of each task's tiny config through `loop.fit`, then
-its evaluation through the same evaluator path; and the run lifecycle (lock, refused resume, total_steps=0,
-same vocabulary from the same texts)."""
+"""Every trainer through the one Task interface: one step of each task's tiny config through `loop.fit`, its
+evaluation through the same evaluator path, the run reopened by its workdir, and the same result from the same
+seed; and the run lifecycle (lock, refused resume, total_steps=0, same vocabulary from the same texts, the same
+global batches on any number of hosts)."""
 from __future__ import annotations
 
 import fcntl
@@ -9,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -36,41 +38,49 @@ def data(tmp_path_factory):
     return {"corpus": root / "corpus", "vqa": root / "vqa", "sdm": sdm_helpers.phantom_corpus(root / "sdm")}
 
 
-def task_configs(data):
-    one = ["total_steps=1", "log_every=1", "eval_every=1", "ckpt_every=0"]
-    corpus = f"data.corpus={data['corpus']}"
-    sdm = sdm_helpers.tiny_config(data["sdm"], total_steps=1, eval_every=1)
-    sdm.sampler.steps = 2
-    return {
-        "unet_seg": load_config("configs/unet_phantom.py:tiny", one + [corpus, f"data.size={SIZE}"]),
-        "sdm": sdm,
-        "clipseg": load_config("configs/clipseg.py:tiny", one + [corpus, f"data.size={SIZE}", "batch_size=8",
-                                                                 f"model.vision_image_size={SIZE}"]),
-        "mumc_pretrain": load_config("configs/mumc_pretrain.py:tiny", one + MUMC_TINY + [
-            corpus, "queue_size=8", "data.tokenizer_vocab_size=200", "model.embed_dim=16"]),
-        "mumc_vqa": load_config("configs/mumc_vqa.py:tiny", one + MUMC_TINY + [
-            f"data.root={data['vqa']}", "model.decoder_depth=1", "top_k=2"]),
-    }
+def one_step(config):
+    """One step, logged and evaluated; fields a config leaves out (unet: no evals) are added."""
+    for key, value in dict(total_steps=1, log_every=1, eval_every=1, ckpt_every=0).items():
+        setattr(config, key, value)
+    return config
+
+
+TASK_CONFIGS = {
+    "unet_seg": lambda d: load_config("configs/unet_phantom.py:tiny", [f"data.corpus={d['corpus']}",
+                                                                       f"data.size={SIZE}"]),
+    "sdm": lambda d: sdm_helpers.tiny_config(d["sdm"]),
+    "clipseg": lambda d: load_config("configs/clipseg.py:tiny", [f"data.corpus={d['corpus']}", f"data.size={SIZE}",
+                                                                 "batch_size=8", f"model.vision_image_size={SIZE}"]),
+    "mumc_pretrain": lambda d: load_config("configs/mumc_pretrain.py:tiny", MUMC_TINY + [
+        f"data.corpus={d['corpus']}", "queue_size=8", "data.tokenizer_vocab_size=200", "model.embed_dim=16"]),
+    "mumc_vqa": lambda d: load_config("configs/mumc_vqa.py:tiny", MUMC_TINY + [
+        f"data.root={d['vqa']}", "model.decoder_depth=1", "top_k=2"]),
+}
 
 
 @pytest.mark.slow
-def test_every_task_trains_one_step_through_fit_and_evaluates_through_the_evaluator(data, tmp_path):
+@pytest.mark.parametrize("name", sorted(TASK_CONFIGS))
+def test_every_task_trains_one_step_through_fit_and_evaluates_through_the_evaluator(name, data, tmp_path):
     from jaxboost import registry
-    for name, config in task_configs(data).items():
-        workdir = tmp_path / name
-        task = registry.trainer(config.trainer).make_task(config, workdir)
-        state, summary = loop.fit(task, workdir)
-        assert int(state.step) == 1 and summary["final_step"] == 1, name
-        rows = metrics_writer.read_metrics(workdir)
-        assert [r["step"] for r in rows if "train/loss" in r] == [1] and np.isfinite(rows[0]["train/loss"]), name
-        assert summary["evals"] and all(np.isfinite(v) for v in summary["evals"][0].values()), name
-        # the finished run opens by its workdir alone and evaluates through the same path
-        run = runs.open_run(workdir, prefer="latest")
-        assert run.step == 1 and run.task.name == task.name
-        result = run.task.evaluate(run.state, task.eval_split)
-        assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s")}, name
-        saved = json.loads((workdir / "run.json").read_text())
-        assert saved["total_steps"] == 1 and saved["task"] == task.name
+    config = one_step(TASK_CONFIGS[name](data))
+    workdir = tmp_path / name
+    task = registry.trainer(config.trainer).make_task(config, workdir)
+    state, summary = loop.fit(task, workdir)
+    assert int(state.step) == 1 and summary["final_step"] == 1, name
+    rows = metrics_writer.read_metrics(workdir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1] and np.isfinite(rows[0]["train/loss"]), name
+    assert summary["evals"] and all(np.isfinite(v) for v in summary["evals"][0].values()), name
+    # the finished run opens by its workdir alone and evaluates through the same path
+    run = runs.open_run(workdir, prefer="latest")
+    assert run.step == 1 and run.task.name == task.name
+    result = run.task.evaluate(run.state, task.eval_split)
+    assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s")}, name
+    saved = json.loads((workdir / "run.json").read_text())
+    assert saved["total_steps"] == 1 and saved["task"] == task.name
+    # same seed, same result: a second run from scratch (its own tokenizer, loader, init) is bit-identical
+    again, _ = loop.fit(registry.trainer(config.trainer).make_task(config, tmp_path / "again"), tmp_path / "again")
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(again.params))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_total_steps_zero_is_refused_by_name():
@@ -125,3 +135,18 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
     writer.close()
     metrics_writer.MetricWriter(tmp_path, resume_step=2).close()
     assert [r["step"] for r in metrics_writer.read_metrics(tmp_path)] == [1, 2]
+
+
+def test_vqa_and_caption_loaders_give_the_same_global_batches_on_1_2_and_4_hosts():
+    from jaxboost.train import mumc_pretrain
+
+    source = [{"x": np.int32(i)} for i in range(40)]
+
+    def global_batches(hosts: int, n: int = 4):
+        its = [iter(mumc_pretrain.host_sliced_loader(source, global_batch_size=8, seed=3, process_index=p,
+                                                     process_count=hosts)) for p in range(hosts)]
+        return [np.concatenate([next(it)["x"] for it in its]).tolist() for _ in range(n)]
+
+    one = global_batches(1)
+    assert len({tuple(b) for b in one}) == 4 and all(len(set(b)) == 8 for b in one)
+    assert global_batches(2) == one and global_batches(4) == one

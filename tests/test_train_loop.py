@@ -105,23 +105,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert steps and max(steps) == bad - 1
 
 
-def test_sigterm_saves_then_exits(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_then_exit(tmp_path, sig, code):
     proc = run_toy(tmp_path, 200, "sleep=0.1", "ckpt_every=1000", popen=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
         time.sleep(0.1)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, out
-    assert "SIGTERM: saved step" in out
-    assert any((tmp_path / "ckpt").glob("[0-9]*"))
+    assert proc.returncode == code, out
+    assert f"{signal.Signals(sig).name}: saved step" in out and "Traceback" not in out
+    saved = max(int(p.name) for p in (tmp_path / "ckpt").glob("[0-9]*"))
+    # the resumed run replays nothing: one row per step
+    run_toy(tmp_path, saved + 3)
+    steps = [m["step"] for m in metrics_writer.read_metrics(tmp_path) if "train/loss" in m]
+    assert steps == list(range(1, saved + 4))
 
 
-def test_checkpoint_from_other_config_names_keys(tmp_path):
+def test_checkpoint_from_other_config_names_keys_and_leaves_the_run_as_it_was(tmp_path):
     run_toy(tmp_path, 5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "metrics.jsonl")}
     out = run_toy(tmp_path, 10, "width=6", check=False)
     assert out.returncode != 0 and "different config" in out.stdout
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
 
 
 def test_plateau_lr_matches_torch_reduce_lr_on_plateau(tmp_path):

@@ -49,7 +49,7 @@ def test_tiny_segmenter_loss_falls(model, corpus, tmp_path):
     lr = {"clipseg": 1e-2, "cris": 2e-3}[model]
     task = vl_seg.make_task(config(model, corpus, f"optim.lr={lr}"), tmp_path)
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
-    state = jax.jit(task.init_state)()
+    state = task.create_state()
     batch = parallel.shard_batch(mesh, first_batch(task))
     step = jax.jit(task.step_fn)
     losses = []
@@ -67,7 +67,7 @@ def test_bce_gradient_is_nonzero_and_original_ce_is_zero(corpus, tmp_path):
     grads = {}
     for mode in ("fixed", "original"):
         task = vl_seg.make_task(config("clipseg", corpus, "loss.dice_weight=0.0", f"loss.mode={mode}"), tmp_path)
-        state = jax.jit(task.init_state)()
+        state = task.create_state()
         batch = jax.tree.map(jnp.asarray, first_batch(task))
         (loss, (terms, _)), g = jax.value_and_grad(task.loss_fn, has_aux=True)(
             state.params, state, batch, jax.random.PRNGKey(0))
@@ -89,18 +89,19 @@ def test_clipseg_step_on_4_devices_equals_1_device(corpus, tmp_path, data, fsdp)
     batch = first_batch(task)
 
     def run(mesh):
-        state, shardings = parallel.create_sharded(task.init_state, mesh, fsdp_min_size=64)
+        shardings = parallel.shardings_for(task.abstract_state(), mesh, fsdp_min_size=64)
+        state = task.create_state(shardings)
         return jax.device_get(jax.jit(task.step_fn, out_shardings=(shardings, None))(
             state, parallel.shard_batch(mesh, batch)))
 
     one_state, one = run(parallel.make_mesh(1, 1, jax.devices()[:1]))
     mesh = parallel.make_mesh(data, fsdp, jax.devices()[:4])
     if fsdp > 1:  # some kernels really are split
-        specs = parallel.param_specs(jax.eval_shape(task.init_state).params, mesh, fsdp_min_size=64)
+        specs = parallel.param_specs(task.abstract_state().params, mesh, fsdp_min_size=64)
         assert any("fsdp" in tuple(s) for s in jax.tree.leaves(specs, is_leaf=lambda x: hasattr(x, "index")))
     many_state, many = run(mesh)
     np.testing.assert_allclose(many["loss"], one["loss"], rtol=1e-5, atol=1e-6)
-    init = jax.device_get(task.init_state().params)
+    init = jax.device_get(task.create_state().params)
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), one_state.params, init)
     assert max(jax.tree.leaves(moved)) > 1e-4
     # atol 5e-5: biases that a following norm cancels have true gradient 0, and their float noise

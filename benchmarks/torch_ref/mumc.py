@@ -242,8 +242,11 @@ class MUMCPretrain(nn.Module):
     Momentum modules are given (copies); queues are [E, Q] buffers as in the original."""
 
     def __init__(self, visual_encoder, text_encoder, vision_proj, text_proj, itm_head, momentum_modules,
-                 image_queue, text_queue, fusion_layer, temp=0.07, momentum=0.995):
+                 image_queue, text_queue, fusion_layer, temp=0.07, momentum=0.995, ema_in_forward=False):
         super().__init__()
+        # MUMC's get_contrastive_loss runs _momentum_update after the momentum features were computed, so the
+        # MLM teacher (get_mlm_loss) reads the EMA'd text encoder; False: no EMA inside the forward.
+        self.ema_in_forward = ema_in_forward
         self.visual_encoder, self.text_encoder = visual_encoder, text_encoder
         self.vision_proj, self.text_proj, self.itm_head = vision_proj, text_proj, itm_head
         (self.visual_encoder_m, self.text_encoder_m, self.vision_proj_m,
@@ -278,6 +281,8 @@ class MUMCPretrain(nn.Module):
             image_embeds_m = self.visual_encoder_m(image, keep_m)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(text_mode(self.text_encoder_m, input_ids)[:, 0]), dim=-1)
+        if self.ema_in_forward:
+            self.momentum_update()
         loss_ita, _ = ita_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                                self.text_queue, self.temp, alpha)
         # ITM with the given hard negatives

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict, save_params
-from jaxboost.models import vit
+from jaxboost.models import mumc_surgery
 
 
 def vit_params_from_state_dict(take: _Taker, prefix: str, depth: int) -> dict:
@@ -34,7 +34,7 @@ def vit_params_from_state_dict(take: _Taker, prefix: str, depth: int) -> dict:
     return params
 
 
-def _depth(sd, pattern_prefix: str, part: str) -> int:
+def depth_of(sd, pattern_prefix: str, part: str) -> int:
     idx = {int(k[len(pattern_prefix):].split(".")[0]) for k in sd if k.startswith(pattern_prefix)}
     if not idx:
         raise ValueError(f"checkpoint has no {part} tensors ({pattern_prefix}*)")
@@ -46,24 +46,27 @@ def _fusion_layer(sd, prefix: str, depth: int) -> int:
     return min(cross) if cross else depth
 
 
-def _check_sincos(take: _Taker, name: str, width: int):
-    """The pretraining ViT computes its fixed sin-cos table; refuse a checkpoint whose table is different."""
+def _position_table(take: _Taker, name: str, width: int):
+    """None when the checkpoint's table is MAE's fixed sin-cos one (our ViT computes it), else the table
+    [1 + N, D]: ALBEF.pth's learned one, which MUMC's `load_checkpoint` copies into its frozen `pos_embed`
+    (the model then holds it as a frozen `pos_embedding`, `vision_posemb="table"`)."""
     if not take.has(name):
-        return
+        return None
     table = take(name).reshape(-1, width)
     grid = int(round((table.shape[0] - 1) ** 0.5))
-    want = np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(grid, width)])
-    if table.shape != want.shape or not np.allclose(table, want, atol=1e-4):
-        raise ValueError(f"{name}: not MAE's fixed sin-cos table; convert with target='vqa' for a learned one")
+    sincos = mumc_surgery.sincos_table(grid, width)
+    return None if table.shape == sincos.shape and np.allclose(table, sincos, atol=1e-4) else table
 
 
 def _pretrain_tree(take: _Taker, suffix: str) -> dict:
     """Online (suffix '') or momentum (suffix '_m') sub-trees."""
     v, t = f"visual_encoder{suffix}.", f"text_encoder{suffix}."
-    depth_v = _depth(take.sd, v + "blocks.", "ViT block")
-    depth_t = _depth(take.sd, t + "bert.encoder.layer.", "BERT layer")
+    depth_v = depth_of(take.sd, v + "blocks.", "ViT block")
+    depth_t = depth_of(take.sd, t + "bert.encoder.layer.", "BERT layer")
     vision = vit_params_from_state_dict(take, v, depth_v)
-    _check_sincos(take, v + "pos_embed", vision["cls_token"].shape[-1])
+    table = _position_table(take, v + "pos_embed", vision["cls_token"].shape[-1])
+    if table is not None:
+        vision["pos_embedding"] = table
     text = bert_params_from_state_dict(take, t + "bert.", depth_t, _fusion_layer(take.sd, t + "bert.", depth_t),
                                        mlm_prefix=t + "cls.")
     return {"vision": vision, "vision_proj": take.dense(f"vision_proj{suffix}"), "text": text,
@@ -71,12 +74,19 @@ def _pretrain_tree(take: _Taker, suffix: str) -> dict:
 
 
 def convert_pretrain(sd: dict[str, np.ndarray], source: str = "checkpoint"):
-    """-> (params, momentum params or None, queues or None, unmapped tensor names)."""
+    """-> (params, momentum params or None, queues or None, unmapped tensor names). The params lack the
+    ITM head when the checkpoint is ALBEF's (overlay them on a fresh init: `mumc.overlay_params`)."""
     take = _Taker(sd, source)
     params = _pretrain_tree(take, "")
     params["temp"] = take("temp").reshape(())
-    params["itm_fc1"], params["itm_ln"], params["itm_fc2"] = (
-        take.dense("itm_head.0"), take.ln("itm_head.1"), take.dense("itm_head.3"))
+    if take.has("itm_head.0.weight"):
+        params["itm_fc1"], params["itm_ln"], params["itm_fc2"] = (
+            take.dense("itm_head.0"), take.ln("itm_head.1"), take.dense("itm_head.3"))
+    elif not take.has("itm_head.weight"):
+        raise ValueError(f"{source}: no itm_head (MUMC's itm_head.0/1/3 or ALBEF's single-Linear itm_head)")
+    # ALBEF.pth's itm_head is one Linear: MUMC's load_checkpoint finds no tensor of its two-layer head under
+    # that name and keeps it freshly initialised, so `itm_head.*` is returned unmapped and the caller's
+    # fresh head stays.
     momentum = _pretrain_tree(take, "_m") if take.has("visual_encoder_m.cls_token") else None
     queues = None
     if take.has("image_queue"):
@@ -93,17 +103,17 @@ def convert_vqa(sd: dict[str, np.ndarray], source: str = "checkpoint"):
     model's `pretrain_image_size` to grid * patch, returned in the fields)."""
     take = _Taker(sd, source)
     v = "visual_encoder."
-    depth_v = _depth(sd, v + "blocks.", "ViT block")
+    depth_v = depth_of(sd, v + "blocks.", "ViT block")
     vision = vit_params_from_state_dict(take, v, depth_v)
     pos = take(v + "pos_embed")
     vision["pos_embedding"] = pos.reshape(pos.shape[-2], pos.shape[-1])
     patch = vision["patch_embed"]["kernel"].shape[0]
     grid = int(round((pos.shape[-2] - 1) ** 0.5))
     t = "text_encoder.bert." if any(k.startswith("text_encoder.bert.") for k in sd) else "text_encoder."
-    depth_t = _depth(sd, t + "encoder.layer.", "text encoder layer")
+    depth_t = depth_of(sd, t + "encoder.layer.", "text encoder layer")
     fusion = _fusion_layer(sd, t, depth_t)
     text = bert_params_from_state_dict(take, t, depth_t, fusion)
-    depth_d = _depth(sd, "text_decoder.bert.encoder.layer.", "answer decoder layer")
+    depth_d = depth_of(sd, "text_decoder.bert.encoder.layer.", "answer decoder layer")
     decoder = bert_params_from_state_dict(take, "text_decoder.bert.", depth_d, 0, mlm_prefix="text_decoder.cls.")
     fields = dict(pretrain_image_size=grid * patch, patch_size=patch, vision_depth=depth_v, text_depth=depth_t,
                   fusion_layer=fusion, decoder_depth=depth_d)

@@ -16,7 +16,9 @@ from jaxboost.convert.torch_files import load_state_dict  # noqa: F401  (re-expo
 
 # (ours, HF) for one layer; Dense kernels are transposed (torch stores [out, in]).
 _ATTN = [("query", "self.query"), ("key", "self.key"), ("value", "self.value"), ("out", "output.dense")]
-_IGNORED_SUFFIXES = ("position_ids", "pooler.dense.weight", "pooler.dense.bias", "token_type_ids")
+# bert-base-uncased's file is a BertForPreTraining: its next-sentence head (cls.seq_relationship) is unused.
+_IGNORED_SUFFIXES = ("position_ids", "pooler.dense.weight", "pooler.dense.bias", "token_type_ids",
+                     "seq_relationship.weight", "seq_relationship.bias")
 
 
 class _Taker:

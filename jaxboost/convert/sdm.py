@@ -1,17 +1,19 @@
 """SDM / guided-diffusion U-Net state dict (PyTorch) -> jaxboost.models.sdm params.
 
-  jaxboost convert sdm --checkpoint ema_0.9999_100000.pt --config configs/sdm.py:full --out DIR
+  jaxboost convert sdm --checkpoint ema_0.9999_100000.pt --config configs/sdm.py:echo_from_noise --out DIR
 
 Every target parameter is named from its path in our module tree (which mirrors upstream's
 `input_blocks.i.j` layout); every checkpoint tensor must be used and every shape must match, otherwise the
-error names the tensor. Output: DIR/params, an orbax StandardCheckpointer checkpoint of the params tree,
-and DIR/model_config.json (the model fields it was converted for). Written to a temporary folder first and
-renamed, so a failed conversion leaves nothing behind.
+error names the tensor. The attention order and head counts cannot be read from the weights: they come from
+the config (`model.use_new_attention_order`, `model.num_heads`, ...; echo_from_noise: the new order).
+Output: DIR laid out as a finished SDM training run (DIR/config.json + an orbax checkpoint DIR/ckpt/0 whose
+params and EMA params are the converted weights, with a fresh optimiser state), so that
+`jaxboost synth --checkpoint DIR`, `jaxboost eval --workdir DIR` and `train --config.init_from=DIR` read it
+as they read a run. Written to a temporary folder first and renamed, so a failed conversion leaves nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -118,37 +120,47 @@ def sdm_from_torch_state_dict(state_dict: dict, model_config, source: str = "sta
     return out
 
 
-def save_params(params, out_dir: str, model_config) -> None:
-    import orbax.checkpoint as ocp
+def save_params(params, out_dir: str, config) -> None:
+    """Write DIR as a finished SDM run at step 0 (see the module docstring); `config` is the whole run config."""
+    from jaxboost.train.checkpoints import Checkpoints
+    from jaxboost.train.optim import make_optimizer
+    from jaxboost.train.sdm import abstract_state
+    from jaxboost.train.state import initial_state
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "params")):
-        raise ValueError(f"{out_dir}/params already exists; choose an empty --out folder")
+    if any(os.path.exists(os.path.join(out_dir, n)) for n in ("config.json", "ckpt")):
+        raise ValueError(f"{out_dir} already holds a run (config.json / ckpt); choose an empty --out folder")
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
+    abstract = abstract_state(config)
+    params = jax.tree.map(lambda a, want: np.asarray(a, want.dtype), params, abstract.params)
+    # what the SDM trainer's init makes, with the converted weights: EMA = params, a fresh optimiser
+    state = initial_state(params, make_optimizer(config, 1), config.seed + 1, ema=True)
     tmp = tempfile.mkdtemp(prefix=".sdm_convert_", dir=parent)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, "params"), params, force=True)
-            checkpointer.wait_until_finished()
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(dict(model_config), f, indent=1)
+        ckpts = Checkpoints(tmp, keep=1, async_save=False)
+        ckpts.save(0, state, {"step": 0, "converted_from": "torch state dict"}, force=True)
+        ckpts.close()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
         os.makedirs(out_dir, exist_ok=True)
-        for name in ("params", "model_config.json"):
+        for name in ("ckpt", "config.json"):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_params(out_dir: str):
-    """Read params written by `save_params` (numpy arrays on the host)."""
-    import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out_dir), "params"))
+    """The EMA params of a converted folder or any SDM run (numpy arrays on the host)."""
+    from jaxboost.train import sdm as sdm_train
+    _, params, _ = sdm_train.load_run(out_dir)
+    return jax.tree.map(np.asarray, params)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="SDM state dict: .safetensors or .pt (weights only)")
-    parser.add_argument("--out", required=True, help="output folder (gets params/ and model_config.json)")
-    parser.add_argument("--config", default="configs/sdm.py:full", help="config whose `model` fields to build")
+    parser.add_argument("--out", required=True, help="output folder, laid out as an SDM run (config.json + ckpt/)")
+    parser.add_argument("--config", default="configs/sdm.py:full",
+                        help="run config to build and record (configs/sdm.py:echo_from_noise for its checkpoints)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. model.num_labels=4")
 
@@ -157,7 +169,7 @@ def main(args) -> int:
     from jaxboost.config import load_config
     config = load_config(args.config, args.set)
     params = sdm_from_torch_state_dict(load_state_dict(args.checkpoint), config.model, source=args.checkpoint)
-    save_params(params, args.out, config.model)
+    save_params(params, args.out, config)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    print(f"converted {n:,} parameters from {args.checkpoint} -> {os.path.abspath(args.out)}/params")
+    print(f"converted {n:,} parameters from {args.checkpoint} -> {os.path.abspath(args.out)} (an SDM run folder)")
     return 0

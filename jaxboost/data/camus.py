@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -222,9 +221,3 @@ def read_camus(root: str | Path) -> list[ImageRecord]:
             raise ValueError(f"{root}: {r.patient} appears in both {patients[r.patient]} and {r.split}")
     return records
 
-
-def iter_loaded(records: list[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray, np.ndarray]]:
-    """(record, image [H, W] uint8, mask [H, W] uint8) one image at a time (constant memory)."""
-    for record in records:
-        image, mask = record.load()
-        yield record, image, mask

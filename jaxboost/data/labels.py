@@ -16,7 +16,7 @@ NUM_CAMUS_LABELS = 4
 NUM_SDM_LABELS = 5
 
 # CAMUS label -> SDM label for pixels inside the cone (0 background becomes 2 "tissue inside the cone").
-_CAMUS_TO_SDM = np.array([2, 1, 3, 4], np.uint8)
+CAMUS_TO_SDM = np.array([2, 1, 3, 4], np.uint8)
 
 
 def binary_mask(mask: np.ndarray, structure: str | int) -> np.ndarray:
@@ -60,4 +60,4 @@ def sdm_labels(mask: np.ndarray, image_or_cone: np.ndarray, *, is_cone: bool | N
     cone = other.astype(bool) if is_cone else cone_from_image(other).astype(bool)
     if mask.min() < 0 or mask.max() >= NUM_CAMUS_LABELS:
         raise ValueError(f"sdm_labels: mask labels must be in 0-3, got max {mask.max()}")
-    return np.where(cone, _CAMUS_TO_SDM[mask.astype(np.intp)], 0).astype(np.uint8)
+    return np.where(cone, CAMUS_TO_SDM[mask.astype(np.intp)], 0).astype(np.uint8)

@@ -6,18 +6,27 @@ The global batch of every step is the same examples in the same order (with the 
 whatever the number of hosts: host p's batch is slice p of the one global order (see _HostSliceSampler).
 `iter(loader)` gives a grain iterator whose `get_state()/set_state()` (or orbax via
 `grain.PyGrainCheckpointHandler`) saves and restores the position exactly.
-`host_batch_to_global` turns host batches into global jax.Arrays on a mesh.
+`host_batch_to_global` turns host batches into global jax.Arrays on a mesh; `prefetch_to_device` keeps a
+few of them in flight.
+
+Host work is kept to reading: with `host_uint8=True` the transforms hand over the stored uint8 grayscale
+(1/12 of the bytes of float32 x 3 channels) and `device_preprocess(batch, config, rng)`, called inside the
+jitted step, casts, resizes, scales and flips on the device. Its output is what the host transforms give
+without `host_uint8`, so a trainer switches by (1) passing `host_uint8=True` to its transform, (2) calling
+`device_preprocess` first in its loss function, (3) giving `**loader_options(config)` to `make_loader`.
 """
 from __future__ import annotations
 
+import collections
 import sys
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import grain.python as grain
 import numpy as np
 
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import labels as labels_lib
+from jaxboost.registry import Registry
 
 
 def _to_numpy_tree(record: dict) -> dict:
@@ -111,7 +120,7 @@ def _kept_indices(source, keep: Callable[[dict], bool]) -> list[int]:
 def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, transform: Callable | None = None,
                 drop_remainder: bool = True, process_index: int | None = None,
-                process_count: int | None = None, worker_count: int = 0,
+                process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
                 filter_fn: Callable[[dict], bool] | None = None) -> grain.DataLoader:
     """grain DataLoader over one split of a corpus.
 
@@ -124,6 +133,8 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
     process_index/process_count default to jax.process_index()/jax.process_count().
     worker_count: grain worker processes. With workers each one batches its own records in turn, so the
         order is reproducible for a given (seed, worker_count), not across worker counts.
+    prefetch: batches each worker keeps ready (grain's worker_buffer_size). `loader_options(config)` gives
+        both from config.data.workers / config.data.prefetch.
     """
     if process_index is None or process_count is None:
         import jax
@@ -154,7 +165,36 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
             flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=worker_count, shard_options=shard_options)
+                            worker_count=worker_count, worker_buffer_size=prefetch, shard_options=shard_options)
+
+
+def loader_options(config) -> dict:
+    """make_loader's worker settings from config.data: `workers` (grain worker processes; 0 = read in the
+    training process) and `prefetch` (batches each worker keeps ready)."""
+    data = config.get("data", None) or {}
+    workers, prefetch = int(data.get("workers", 0)), int(data.get("prefetch", 2))
+    if workers < 0 or prefetch < 1:
+        raise ValueError(f"config.data.workers={workers} must be >= 0 and config.data.prefetch={prefetch} >= 1")
+    return {"worker_count": workers, "prefetch": prefetch}
+
+
+def prefetch_to_device(batches: Iterable[dict], sharding_for: Callable[[int], object], size: int = 2) -> Iterator[dict]:
+    """Host batches -> global jax.Arrays, `size` batches ahead: the transfers are asynchronous, so the next
+    batches travel while the current step runs. sharding_for(ndim) -> the sharding of an ndim array (e.g.
+    `lambda n: parallel.batch_sharding(mesh, n)`); strings stay on the host."""
+    import jax
+    queue = collections.deque()
+
+    def put(batch):
+        return {k: (jax.make_array_from_process_local_data(sharding_for(np.ndim(v)), v)
+                    if np.asarray(v).dtype.kind in "biuf" else v) for k, v in batch.items()}
+
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def host_batch_to_global(batch: dict, sharding) -> dict:
@@ -166,40 +206,53 @@ def host_batch_to_global(batch: dict, sharding) -> dict:
 
 # ---------------------------------------------------------------------------------------------- transforms
 def segmentation_transform(prompt_index: int, size: int | None = None, *, ending: int | None = None,
-                           hflip: bool = False) -> Callable[[dict, np.random.Generator], dict]:
+                           hflip: bool = False, host_uint8: bool = False) -> Callable[[dict, np.random.Generator], dict]:
     """Record -> CLIPSeg/CRIS example.
 
     Output: image float32 [S, S, 3] in [0, 1] (grayscale replicated; model normalisation comes later),
     mask float32 [S, S] binary mask of the record's structure, prompt str (P_{prompt_index}, ending chosen
     with the rng unless `ending` fixes it), label int32, key str. size resizes when it differs from the corpus.
+    host_uint8: image uint8 [S0, S0] and the CAMUS mask uint8 [S0, S0] (0-3) as stored, no flip:
+    `device_preprocess` takes the structure's mask, resizes, casts and flips them in the step.
     """
     if not 0 <= prompt_index < 8:
         raise ValueError(f"prompt_index must be in 0..7, got {prompt_index}")
 
+    def text(record: dict, rng: np.random.Generator) -> dict:
+        which = int(rng.integers(2)) if ending is None else int(ending)
+        return {"prompt": record["prompts"][prompt_index][which], "label": np.int32(record["label"]),
+                "key": record["key"]}
+
     def transform(record: dict, rng: np.random.Generator) -> dict:
         image, mask = record["image"], record["mask"]
+        if host_uint8:  # no array work on the host: the structure's mask is taken on device
+            return {"image": image, "mask": mask, **text(record, rng)}
         if size is not None and image.shape[0] != size:
             image, mask = corpus_lib.resize(image, size, False), corpus_lib.resize(mask, size, True)
         binary = labels_lib.binary_mask(mask, record["label"]).astype(np.float32)
         image = np.repeat((image.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
         if hflip and rng.random() < 0.5:
             image, binary = image[:, ::-1], binary[:, ::-1]
-        which = int(rng.integers(2)) if ending is None else int(ending)
-        return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(binary),
-                "prompt": record["prompts"][prompt_index][which], "label": np.int32(record["label"]),
-                "key": record["key"]}
+        return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(binary), **text(record, rng)}
     return transform
 
 
-def sdm_transform(size: int | None = None, *, sdm_labels: bool = True,
-                  channels: int = 1) -> Callable[[dict, np.random.Generator], dict]:
+def sdm_transform(size: int | None = None, *, sdm_labels: bool = True, channels: int = 1,
+                  host_uint8: bool = False) -> Callable[[dict, np.random.Generator], dict]:
     """Record -> SDM example: image float32 [S, S, channels] in [-1, 1], labels int32 [S, S]
     (5 SDM labels with the cone when sdm_labels, else CAMUS 0-3), key str. The returned function carries
-    `record_filter = sdm_filter`, which make_loader applies so each image is used once, not three times."""
+    `record_filter = sdm_filter`, which make_loader applies so each image is used once, not three times.
+    host_uint8: image, mask and cone uint8 [S0, S0] as stored (`device_preprocess` makes the SDM labels;
+    the host_uint8 path always makes the 5 SDM labels)."""
+
+    if host_uint8 and not sdm_labels:
+        raise ValueError("sdm_transform: host_uint8 makes the 5 SDM labels on device (sdm_labels=True)")
 
     def transform(record: dict, rng: np.random.Generator) -> dict:
         del rng
         image, mask, cone = record["image"], record["mask"], record["cone"]
+        if host_uint8:  # the 5-label map is made on device
+            return {"image": image, "mask": mask, "cone": cone, "key": record["key"]}
         if size is not None and image.shape[0] != size:
             image = corpus_lib.resize(image, size, False)
             mask, cone = corpus_lib.resize(mask, size, True), corpus_lib.resize(cone, size, True)
@@ -217,3 +270,64 @@ def sdm_filter(record: dict) -> bool:
 
 
 sdm_filter.structure = "LV"  # lets _kept_indices take the record indices from the manifest
+
+
+# ---------------------------------------------------------------------------------------------- on device
+# By trainer name: batch (host_uint8 fields, global arrays) -> what that trainer's host transform gives.
+# Pure jax, meant to run inside the jitted step (the cast and resize fuse into the first layer's input).
+DEVICE_PREPROCESS = Registry("device preprocessing")
+
+
+def device_preprocess(batch: dict, config, rng=None) -> dict:
+    """uint8 host batch -> the model-ready batch of `config.trainer`, on device; float batches (the host
+    transforms without host_uint8) pass through unchanged. rng: the step's key, for flips (data.hflip)."""
+    return DEVICE_PREPROCESS.get(config.trainer)(batch, config, rng)
+
+
+def _resize_square(x, size: int, method: str):
+    """[B, H, W] -> [B, size, size]: bilinear (half-pixel centres, as PIL's upsampling) or nearest."""
+    import jax
+    if x.shape[1:3] == (size, size):
+        return x
+    return jax.image.resize(x, (x.shape[0], size, size), method, antialias=method != "nearest")
+
+
+def _random_hflip(rng, *arrays):
+    """Each example of the [B, H, W, ...] arrays flipped left-right with probability 1/2 (one draw per example)."""
+    import jax
+    import jax.numpy as jnp
+    flip = jax.random.bernoulli(rng, 0.5, (arrays[0].shape[0],))
+    where = lambda a: jnp.where(flip.reshape((-1,) + (1,) * (a.ndim - 1)), a[:, :, ::-1], a)
+    return tuple(where(a) for a in arrays)
+
+
+@DEVICE_PREPROCESS.register("vl_seg")
+def _segmentation_on_device(batch: dict, config, rng=None) -> dict:
+    """image uint8 [B, S0, S0] -> float32 [B, S, S, 3] in [0, 1]; the CAMUS mask uint8 [B, S0, S0] and the
+    record's label [B] -> float32 binary mask of that structure [B, S, S] (labels.binary_mask)."""
+    import jax.numpy as jnp
+    if batch["image"].dtype != jnp.uint8:
+        return batch
+    size = int(config.data.size)
+    image = _resize_square(batch["image"].astype(jnp.float32) / 255.0, size, "bilinear")
+    structure = (batch["mask"] == batch["label"].astype(jnp.uint8)[:, None, None]).astype(jnp.uint8)
+    mask = _resize_square(structure, size, "nearest").astype(jnp.float32)
+    if config.data.get("hflip", False) and rng is not None:
+        image, mask = _random_hflip(rng, image, mask)
+    return dict(batch, image=jnp.repeat(image[..., None], 3, axis=-1), mask=mask)
+
+
+@DEVICE_PREPROCESS.register("sdm")
+def _sdm_on_device(batch: dict, config, rng=None) -> dict:
+    """image uint8 [B, S0, S0] -> float32 [B, S, S, channels] in [-1, 1]; CAMUS mask + cone uint8 -> the
+    5 SDM labels int32 [B, S, S] (labels.sdm_labels: structures clipped to the cone)."""
+    import jax.numpy as jnp
+    if batch["image"].dtype != jnp.uint8:
+        return batch
+    size, channels = int(config.data.size), int(config.model.in_channels)
+    image = _resize_square(batch["image"].astype(jnp.float32), size, "bilinear") / 127.5 - 1.0
+    camus_to_sdm = jnp.asarray(labels_lib.CAMUS_TO_SDM)
+    labels = jnp.where(batch["cone"] > 0, camus_to_sdm[batch["mask"].astype(jnp.int32)], 0).astype(jnp.uint8)
+    labels = _resize_square(labels, size, "nearest").astype(jnp.int32)
+    rest = {k: v for k, v in batch.items() if k not in ("mask", "cone")}
+    return dict(rest, image=jnp.repeat(image[..., None], channels, axis=-1), labels=labels)

@@ -78,14 +78,6 @@ class ClipTokenizer:
         hf.save_pretrained(out_dir)
         return cls(hf, context_length, out_dir)
 
-    @classmethod
-    def from_workdir_or_train(cls, out_dir: str, texts, vocab_size: int = 1000,
-                              context_length: int = 77) -> "ClipTokenizer":
-        """Reload the tokenizer recorded in out_dir, or train and record one."""
-        if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
-            return cls.from_folder(out_dir, context_length)
-        return cls.train(texts, out_dir, vocab_size, context_length)
-
     def tokenize(self, texts, context_length: int | None = None, truncate: bool = False):
         """texts (str or list) -> (input_ids, attention_mask), each [N, context_length] int32.
 

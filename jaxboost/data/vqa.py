@@ -50,6 +50,22 @@ def normalize_answer(text) -> str:
     return " ".join(text.split())
 
 
+# MUMC's pre_question (dataset/utils.py): these characters are dropped, then a few phrase rewrites.
+_QUESTION_DROP = re.compile(r"""[,.'!?"()*#:;~]""")
+_QUESTION_REWRITES = ((" \t", " "), ("is/are", "is"), ("near/in", "in"), (">", "more than "), ("-yes/no", ""),
+                      ("x ray", "xray"), ("x-ray", "xray"))
+
+
+def pre_question(question: str, max_words: int = 30) -> str:
+    """MUMC's question cleaning: lowercase, punctuation dropped, its rewrites (x-ray -> xray, '>' -> 'more
+    than'), trailing spaces cut, then at most `max_words` words (its training limit; 50 at test)."""
+    text = _QUESTION_DROP.sub("", str(question).lower())
+    for old, new in _QUESTION_REWRITES:
+        text = text.replace(old, new)
+    words = text.rstrip(" ").split(" ")
+    return " ".join(words[:max_words])
+
+
 def safe_image_path(root: Path, name: str, where: str) -> Path:
     """root / name, refusing absolute names and names that climb out of root (../, symlinks)."""
     root = Path(root).resolve()

@@ -71,7 +71,7 @@ class Layer(nn.Module):
     ln_eps: float = 1e-12
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -112,14 +112,14 @@ class Model(nn.Module):
     ln_eps: float = 1e-12
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
-    attention_impl: str = "einsum"
-    remat: bool = False
+    attention_impl: str = "auto"
+    remat: bool | str = False      # a remat policy name (layers.REMAT_POLICIES); True = "full"
     dtype: layers.Dtype | None = None
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_position, self.type_vocab_size,
                                      self.ln_eps, self.dropout_rate, self.dtype)
-        layer_cls = nn.remat(Layer, static_argnums=(5,)) if self.remat else Layer
+        layer_cls = layers.remat(Layer, self.remat, static_argnums=(5,))
         self.layers = [
             layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_layer, self.ln_eps, self.dropout_rate,
                       self.attention_dropout_rate, self.attention_impl, self.dtype, name=f"layer{i}")

@@ -49,7 +49,8 @@ class TextEncoder(nn.Module):
     eos_token_id: int | None = None     # None/2: argmax pooling (OpenAI, CRIS); else HF's first-eos pooling
     activation: str = "quick_gelu"
     ln_eps: float = 1e-5
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
+    remat: bool | str = False           # a remat policy name (layers.REMAT_POLICIES) for the blocks
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -69,8 +70,9 @@ class TextEncoder(nn.Module):
         mask = causal_mask(length)
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] > 0)
+        block_cls = layers.remat(layers.PreNormBlock, self.remat)
         for i in range(self.depth):
-            x = layers.PreNormBlock(self.num_heads, self.mlp_dim, self.activation, self.ln_eps,
+            x = block_cls(self.num_heads, self.mlp_dim, self.activation, self.ln_eps,
                                     attention_impl=self.attention_impl, dtype=self.dtype,
                                     name=f"block{i}")(x, mask)
         x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
@@ -82,12 +84,12 @@ class TextEncoder(nn.Module):
 
 
 def clip_vit(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16, image_size=224,
-             final_norm=True, attention_impl="einsum", dtype=None, name=None) -> vit.Model:
+             final_norm=True, attention_impl="auto", remat=False, dtype=None, name=None) -> vit.Model:
     """CLIP's vision transformer as a `vit.Model` (ViT-B/16 by default)."""
     return vit.Model(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, patch_size=patch_size,
                      image_size=image_size, activation="quick_gelu", ln_eps=1e-5, patch_bias=False,
-                     pre_norm=True, final_norm=final_norm, attention_impl=attention_impl, dtype=dtype,
-                     name=name)
+                     pre_norm=True, final_norm=final_norm, attention_impl=attention_impl, remat=remat,
+                     dtype=dtype, name=name)
 
 
 class VisionEncoder(nn.Module):
@@ -100,7 +102,7 @@ class VisionEncoder(nn.Module):
     patch_size: int = 16
     image_size: int = 224
     projection_dim: int = 512
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -162,7 +164,7 @@ class AttentionPool(nn.Module):
     output_dim: int
     grid: int                 # the trained grid of the position embedding (input_resolution // 32)
     mode: str = "clip"        # "clip" | "cris"
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -207,7 +209,8 @@ class ModifiedResNet(nn.Module):
     output_dim: int = 1024
     image_size: int = 224
     pool: str = "clip"
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
+    remat: bool | str = False           # a remat policy name (layers.REMAT_POLICIES) for the Bottlenecks
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -219,10 +222,11 @@ class ModifiedResNet(nn.Module):
         x = ConvBN(self.width, 3, dtype=self.dtype, name="stem3")(x, train)
         x = avg_pool(x, 2)
         feats = []
+        bottleneck = layers.remat(Bottleneck, self.remat, static_argnums=(2,))
         for stage, blocks in enumerate(self.stage_sizes):
             for i in range(blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                x = Bottleneck(self.width * 2 ** stage, stride, dtype=self.dtype,
+                x = bottleneck(self.width * 2 ** stage, stride, dtype=self.dtype,
                                name=f"layer{stage + 1}_{i}")(x, train)
             feats.append(x)
         pooled = AttentionPool(self.num_heads, self.output_dim, self.image_size // 32, self.pool,

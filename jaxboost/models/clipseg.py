@@ -22,7 +22,7 @@ class PostNormBlock(nn.Module):
     mlp_dim: int
     activation: str = "relu"
     ln_eps: float = 1e-5
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -58,8 +58,12 @@ class Model(nn.Module):
     decoder_mlp_dim: int = 2048
     conditional_layer: int = 0
     complex_transposed_conv: bool = True  # rd64-refined: conv3x3 -> ConvT(/4) -> ConvT(/4)
+    # The complex head's two ConvT kernels (= strides); (): HF's (patch/4, patch/4), which restores the input
+    # size only at patch 16. A finer grid sets its own, e.g. (2, 2) at patch 4.
+    head_kernels: tuple[int, ...] = ()
     freeze_encoders: bool = True
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
+    remat_policy: str = "none"            # layers.REMAT_POLICIES: activation checkpointing of every block
     dtype: layers.Dtype | None = None
 
     def _encode(self, pixel_values, input_ids, attention_mask):
@@ -73,10 +77,12 @@ class Model(nn.Module):
             raise ValueError(f"extract_layers {self.extract_layers} must be < vision_depth {self.vision_depth}")
         vision = clip.clip_vit(self.vision_width, max(self.extract_layers) + 1, self.vision_heads,
                                self.vision_mlp_dim, self.patch_size, self.vision_image_size, final_norm=False,
-                               attention_impl=self.attention_impl, dtype=self.dtype, name="vision")
+                               attention_impl=self.attention_impl, remat=self.remat_policy, dtype=self.dtype,
+                               name="vision")
         text = clip.TextEncoder(self.vocab_size, self.text_width, self.text_depth, self.text_heads,
                                 self.text_mlp_dim, self.context_length, self.projection_dim, self.eos_token_id,
-                                attention_impl=self.attention_impl, dtype=self.dtype, name="text")
+                                attention_impl=self.attention_impl, remat=self.remat_policy, dtype=self.dtype,
+                                name="text")
         _, hidden = vision(pixel_values, output_hidden_states=True)
         activations = [hidden[i + 1] for i in self.extract_layers][::-1]
         _, conditional = text(input_ids, attention_mask)
@@ -90,6 +96,7 @@ class Model(nn.Module):
         activations, conditional = self._encode(pixel_values, input_ids, attention_mask)
         b, h, w, _ = pixel_values.shape
         x = None
+        decoder_block = layers.remat(PostNormBlock, self.remat_policy)
         for i, act in enumerate(activations):
             reduced = nn.Dense(self.reduce_dim, dtype=self.dtype, name=f"reduce{i}")(act)
             x = reduced if x is None else x + reduced
@@ -97,17 +104,19 @@ class Model(nn.Module):
                 mul = nn.Dense(self.reduce_dim, dtype=self.dtype, name="film_mul")(conditional)
                 add = nn.Dense(self.reduce_dim, dtype=self.dtype, name="film_add")(conditional)
                 x = mul[:, None] * x + add[:, None]
-            x = PostNormBlock(self.decoder_heads, self.decoder_mlp_dim, attention_impl=self.attention_impl,
+            x = decoder_block(self.decoder_heads, self.decoder_mlp_dim, attention_impl=self.attention_impl,
                               dtype=self.dtype, name=f"decoder_block{i}")(x)
         gh, gw = h // self.patch_size, w // self.patch_size
         x = x[:, 1:].reshape(b, gh, gw, self.reduce_dim)
         if self.complex_transposed_conv:
-            k = self.patch_size // 4
+            k1, k2 = self.head_kernels or (self.patch_size // 4,) * 2
+            if self.head_kernels and k1 * k2 != self.patch_size:
+                raise ValueError(f"head_kernels {(k1, k2)} must multiply to the patch size {self.patch_size}")
             x = nn.relu(nn.Conv(self.reduce_dim, (3, 3), padding=[(1, 1)] * 2, dtype=self.dtype,
                                 name="head_conv")(x))
-            x = nn.relu(nn.ConvTranspose(self.reduce_dim // 2, (k, k), (k, k), padding="VALID",
+            x = nn.relu(nn.ConvTranspose(self.reduce_dim // 2, (k1, k1), (k1, k1), padding="VALID",
                                          dtype=self.dtype, name="head_up1")(x))
-            x = nn.ConvTranspose(1, (k, k), (k, k), padding="VALID", dtype=self.dtype, name="head_up2")(x)
+            x = nn.ConvTranspose(1, (k2, k2), (k2, k2), padding="VALID", dtype=self.dtype, name="head_up2")(x)
         else:
             p = self.patch_size
             x = nn.ConvTranspose(1, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="head_up")(x)

@@ -49,7 +49,7 @@ class Attention(nn.Module):
     """Multi-head attention with separate query/key/value inputs (torch nn.MultiheadAttention)."""
     num_heads: int
     dropout_rate: float = 0.0
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -60,14 +60,8 @@ class Attention(nn.Module):
         q = dense("query")(q_in).reshape(*q_in.shape[:2], self.num_heads, dh)
         k = dense("key")(k_in).reshape(*k_in.shape[:2], self.num_heads, dh)
         v = dense("value")(v_in).reshape(*v_in.shape[:2], self.num_heads, dh)
-        if self.dropout_rate > 0.0 and not deterministic:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * dh ** -0.5, k).astype(jnp.float32)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            weights = nn.Dropout(self.dropout_rate)(jax.nn.softmax(logits, -1), deterministic=False)
-            y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-        else:
-            y = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+        y = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl,
+                                         weights_dropout=layers.attention_dropout(self.dropout_rate, deterministic))
         return dense("out")(y.reshape(*y.shape[:2], d))
 
 
@@ -75,7 +69,7 @@ class DecoderLayer(nn.Module):
     num_heads: int
     mlp_dim: int
     dropout_rate: float
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -172,7 +166,8 @@ class Model(nn.Module):
     pad_mode: str = "fixed"               # "fixed" | "original" (see the module docstring)
     upsample: str = "bicubic_align"       # "bicubic_align" | "bilinear" | "none"
     freeze_encoders: bool = False         # CRIS trains the backbone (at 0.1x the learning rate)
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
+    remat_policy: str = "none"            # layers.REMAT_POLICIES: activation checkpointing of every block
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -187,12 +182,12 @@ class Model(nn.Module):
         encoders_train = train and not self.freeze_encoders
         c3, c4, c5 = clip.ModifiedResNet(self.stage_sizes, self.vision_width, self.vision_width * 32 // 64,
                                          self.embed_dim, self.vision_image_size, pool="cris",
-                                         attention_impl=self.attention_impl, dtype=self.dtype,
-                                         name="visual")(pixel_values, encoders_train)
+                                         attention_impl=self.attention_impl, remat=self.remat_policy,
+                                         dtype=self.dtype, name="visual")(pixel_values, encoders_train)
         words, state = clip.TextEncoder(self.vocab_size, self.text_width, self.text_depth, self.text_heads,
                                         4 * self.text_width, self.context_length, self.embed_dim, None,
-                                        attention_impl=self.attention_impl, dtype=self.dtype,
-                                        name="text")(input_ids)   # CRIS: causal attention only
+                                        attention_impl=self.attention_impl, remat=self.remat_policy,
+                                        dtype=self.dtype, name="text")(input_ids)   # CRIS: causal attention only
         if self.freeze_encoders:
             c3, c4, c5, words, state = jax.lax.stop_gradient((c3, c4, c5, words, state))
         if self.pad_mode == "original" or attention_mask is None:
@@ -204,8 +199,9 @@ class Model(nn.Module):
         vis = fq.reshape(b, h * w, d)
         vis_pos = jnp.asarray(sine_posemb_2d(h, w, d), vis.dtype)[None]
         word_pos = jnp.asarray(sine_posemb_1d(words.shape[1], words.shape[-1]), words.dtype)[None]
+        decoder_layer = layers.remat(DecoderLayer, self.remat_policy, static_argnums=(6,))
         for i in range(self.num_layers):
-            vis = DecoderLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_impl, self.dtype,
+            vis = decoder_layer(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_impl, self.dtype,
                                name=f"decoder_layer{i}")(vis, vis_pos, words, word_pos,
                                                          word_mask[:, None, None, :], not train)
         vis = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")(vis)
@@ -216,7 +212,3 @@ class Model(nn.Module):
         mode, align = {"bilinear": ("bilinear", False), "bicubic_align": ("bicubic", True)}[self.upsample]
         return resize_nhwc(logits[..., None], size, mode, align)[..., 0].astype(jnp.float32)
 
-
-def backbone_param_filter(path: tuple[str, ...]) -> bool:
-    """True for the CLIP backbone's parameters (trained at `backbone_lr_mult` x the learning rate)."""
-    return path[0] in ("visual", "text")

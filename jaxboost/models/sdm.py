@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxboost.models.resize import resize_nearest
 
+from jaxboost.models import layers
+
 SPADE_HIDDEN = 128  # upstream's; `Model.spade_hidden` lowers it for CPU-sized configs
 
 
@@ -48,19 +50,24 @@ def group_norm(x, name: str, affine: bool = True):
 
 
 class SpadeGroupNorm(nn.Module):
-    """GroupNorm(32, affine=False)(x) * (1 + gamma) + beta with gamma/beta predicted from the label map."""
+    """GroupNorm(32, affine=False)(x) * (1 + gamma) + beta with gamma/beta predicted from the label map.
+
+    The convs run in `dtype`; the modulation runs in float32 on the float32 norm (a bf16 product would round
+    the normalised activations to 8 bits before the residual sum), cast back to x's dtype at the end.
+    """
     dtype: Any = jnp.float32
     hidden: int = SPADE_HIDDEN
 
     @nn.compact
     def __call__(self, x, labels):
         c = x.shape[-1]
-        normed = group_norm(x, "norm", affine=False)
+        normed = group_norm(x.astype(jnp.float32), "norm", affine=False)
         seg = resize_nearest(labels, x.shape[1:3]).astype(self.dtype)
         actv = nn.relu(conv3x3(self.hidden, "mlp_shared", self.dtype)(seg))
         gamma = conv3x3(c, "mlp_gamma", self.dtype)(actv)
         beta = conv3x3(c, "mlp_beta", self.dtype)(actv)
-        return (normed * (1 + gamma) + beta).astype(x.dtype)
+        f32 = lambda a: a.astype(jnp.float32)
+        return (normed * (1 + f32(gamma)) + f32(beta)).astype(x.dtype)
 
 
 def upsample_nearest2x(x):
@@ -160,7 +167,7 @@ class Model(nn.Module):
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat_policy: str = "none"  # layers.REMAT_POLICIES: activation checkpointing of ResBlocks and attention
     attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
     spade_hidden: int = SPADE_HIDDEN  # SPADE's shared conv width (upstream 128)
 
@@ -178,8 +185,8 @@ class Model(nn.Module):
             raise ValueError(f"x {x.shape} and labels {labels.shape} must be [B, H, W, {self.in_channels}] and "
                              f"[B, H, W, {self.num_labels}] with the same B, H, W")
         dtype = jnp.dtype(self.dtype)  # configs give it as a string ("bfloat16")
-        block = nn.remat(ResBlock, static_argnums=(4,)) if self.remat else ResBlock
-        attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        block = layers.remat(ResBlock, self.remat_policy, static_argnums=(4,))
+        attn = layers.remat(AttentionBlock, self.remat_policy)
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
                                            spade_hidden=self.spade_hidden, name=name, **kw)
         decoder_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample

@@ -44,8 +44,8 @@ class Model(nn.Module):
     final_norm: bool = True         # timm's norm / CLIP's ln_post on the output tokens (class token for CLIP)
     posemb: str = "learned"         # "learned" | "sincos2d"
     dropout_rate: float = 0.0
-    attention_impl: str = "einsum"
-    remat: bool = False
+    attention_impl: str = "auto"
+    remat: bool | str = False      # a remat policy name (layers.REMAT_POLICIES); True = "full"
     dtype: layers.Dtype | None = None
 
     @nn.compact
@@ -74,7 +74,7 @@ class Model(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
-        block_cls = nn.remat(layers.PreNormBlock, static_argnums=(3,)) if self.remat else layers.PreNormBlock
+        block_cls = layers.remat(layers.PreNormBlock, self.remat, static_argnums=(3,))
         hidden = [x]
         for i in range(self.depth):
             x = block_cls(self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.dropout_rate,

@@ -84,7 +84,7 @@ def _initial_state(task: Task, workdir, ckpts, abstract_sharded, shardings, trai
         state, meta, _ = ckpt_lib.load_params(init_from, abstract_sharded, prefer="latest")
         print(f"[jaxboost] finetune_mode=resume: continuing the state of {init_from} at step {int(state.step)}")
         return state, meta, False
-    state = jax.jit(task.init_state, out_shardings=shardings)()
+    state = task.create_state(shardings)
     if init_from:
         src, _, _ = ckpt_lib.load_params(init_from, abstract_sharded, prefer="best")
         state = state.replace(params=src.params,
@@ -142,32 +142,77 @@ class _Run:
         return False
 
 
+class StepClock:
+    """Per log window: seconds per step excluding the first step's compile, evals and saves; examples/s; and
+    the fraction of that time spent waiting for the input pipeline (reading, transforms, tokenization)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.window_start, self.excluded, self.input_s, self.steps = now, 0.0, 0.0, 0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def read(self) -> dict:
+        """At a log boundary (after the metrics were fetched, so the steps have run)."""
+        now = time.perf_counter()
+        busy = max(now - self.window_start - self.excluded, 1e-9)
+        out = {}
+        if self.steps:
+            step_time = busy / self.steps
+            out = {"step_time_s": step_time, "examples_per_s": self.batch_size / step_time,
+                   "input_wait_frac": min(self.input_s / busy, 1.0)}
+        self._reset(now)
+        return out
+
+
+def _timed(clock: StepClock, fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    clock.exclude(time.perf_counter() - t)
+    return out
+
+
+def _next_batch(task: Task, train_iter, clock: StepClock):
+    t = time.perf_counter()
+    host_batch = next(train_iter)
+    if task.prepare_batch is not None:
+        host_batch = task.prepare_batch(host_batch)
+    clock.input_s += time.perf_counter() - t
+    return parallel.shard_batch(task.mesh, host_batch)
+
+
 def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
-    """The step loop; returns (state, last logged metrics, eval history, wall seconds)."""
+    """The step loop; returns (state, last step metrics, last logged metrics, eval history, wall seconds)."""
     task, config, length = run.task, run.task.config, run.task.length
     jit_step = jax.jit(task.step_fn, out_shardings=(run.shardings, None), donate_argnums=(0,))
     from tqdm.auto import tqdm
     start = int(state.step)
     bar = tqdm(total=length.total_steps, initial=start, desc=config.get("name", task.name), mininterval=5.0,
                disable=not parallel.is_main_process(), dynamic_ncols=True)
-    last, history, metrics, t0 = {}, [], None, time.time()
+    last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
     for step in range(start, length.total_steps):
-        host_batch = next(train_iter)
-        if task.prepare_batch is not None:
-            host_batch = task.prepare_batch(host_batch)
-        state, metrics = jit_step(state, parallel.shard_batch(task.mesh, host_batch))
+        batch = _next_batch(task, train_iter, clock)
+        if step == start:   # the compile: not a step's time
+            state, metrics = _timed(clock, lambda: jax.block_until_ready(jit_step(state, batch)))
+        else:
+            state, metrics = jit_step(state, batch)
+            clock.steps += 1
         done = step + 1
         bar.update(1)
         if done % config.get("log_every", 50) == 0 or done == length.total_steps:
             last = jax.device_get(metrics)
             bar.set_postfix(loss=f"{run.check_finite(last, done):.4f}")
-            last["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
+            last.update(steps_per_s=(done - start) / max(time.time() - t0, 1e-9), **clock.read())
             run.writer.write(done, {f"train/{k}": v for k, v in last.items()})
         if task.evaluate and length.eval_every and (done % length.eval_every == 0 or done == length.total_steps):
-            state, em = run.evaluate(state, done)
+            state, em = _timed(clock, run.evaluate, state, done)
             history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
-            run.save(done, state, metrics, train_iter)
+            _timed(clock, run.save, done, state, metrics, train_iter)
         if preempt.agreed(done, config.get("preemption_check_every", 10)):
             run.save(done, state, metrics, train_iter, force=True)
             run.close()

@@ -8,7 +8,8 @@ import time
 import numpy as np
 from etils import epath
 
-from jaxboost import parallel
+from jaxboost import jsonio, parallel
+from jaxboost.train import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -28,9 +29,7 @@ class MetricWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        workdir_lib.write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -39,7 +38,7 @@ class MetricWriter:
         for k, v in clean.items():
             self._tb.add_scalar(k, v, step)
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+            f.write(jsonio.dumps({"step": int(step), "time": time.time(), **clean}, indent=None) + "\n")
 
     def close(self):
         if self._tb is not None:

@@ -1,9 +1,9 @@
-"""MUMC pretraining (SPEC B2): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
+"""MUMC pretraining (Li et al. 2023): MLM + ITA (cross-modal, image-image, text-text) + ITM with hard negatives.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
 
 Data: (a) the triplet corpus (`data.corpus`): every record is an (image, caption) pair, the caption one of
-its P6/P7 prompts (SPEC C) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
+its P6/P7 prompts (the corpus prompts) drawn per visit; or (b) caption json files (`data.caption_files`, ROCO/MedICaT
 format) with their image folders (`data.image_roots`). Images get random resized crop, flip and a light
 RandAugment (jaxboost/data/caption_augment.py) on the host, from grain's per-record rng.
 Tokenizer: `data.tokenizer` (a folder or vocab.txt), else the WordPiece saved in WORKDIR/tokenizer, else one
@@ -12,10 +12,11 @@ trained on the training captions and saved there (restarts and the VQA finetune 
 State: params (online model + temperature), `extra = {"momentum": EMA sub-tree, "queues": image/text
 queues + pointer}`, all checkpointed. One step: two masked image views (online and momentum encoders draw
 independent patch masks) and the MLM masking are drawn in-graph from fold_in(rng, step), so a resumed run
-repeats the same draws; after the optimizer update the temperature is clamped, the momentum model moves
-towards the new params and the global batch's momentum features are written into the queues (MUMC's order:
-its momentum update at the start of the next forward sees the same params). alpha ramps 0 -> 0.4 over the
-first 2 epochs. Every term (mlm, ita, i2t, t2i, i2i, t2t, itm) is logged.
+repeats the same draws. In MUMC's order the momentum features come from the stored momentum tree, the EMA step
+towards this step's params follows, and the MLM teacher uses the EMA'd text encoder; teachers run with
+dropout (`teacher_dropout`, MUMC's train mode). After the optimizer update the temperature is clamped, the
+EMA'd tree is kept and the global batch's momentum features are written into the queues. alpha ramps
+0 -> 0.4 over the first 2 epochs. Every term (mlm, ita, i2t, t2i, i2i, t2t, itm) is logged.
 """
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxboost import parallel, registry
 from jaxboost.data import caption_augment, captions as captions_lib, pipeline
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_state, mumc_surgery
 from jaxboost.train import evaluator, loop, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
+from jaxboost.train import optim
 from jaxboost.train.optim import make_optimizer
 from jaxboost.train.state import initial_state
 from jaxboost.train.task import RunLength, Task, compute_dtype, make_train_step
@@ -68,7 +72,7 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
     `texts_fn()` (default: the training captions). Restarts and the VQA finetune read it from there."""
     d = config.data
     length = max_length or d.get("max_tokens", 25)
-    source = d.get("tokenizer", "")
+    source = d.get("tokenizer", "") or (config.get("init", {}) or {}).get("bert", "")
     if source and Path(source).is_dir():
         build = tokenizer_setup.copier(source)
     elif source:
@@ -143,16 +147,20 @@ class _CaptionTransform(grain.RandomMapTransform):
         return {"images": out["images"], "caption": np.asarray(caption)}
 
 
-def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=()):
+def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=(), process_index=None,
+                       process_count=None):
     """A grain loader over any random-access source with the corpus loader's host slicing
-    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts."""
+    (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts, host p its rows
+    [p*b, (p+1)*b). The process defaults to jax's."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     sampler = pipeline._HostSliceSampler(
         grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
-                           num_epochs=None, seed=seed), global_batch_size, jax.process_count(), False)
+                           num_epochs=None, seed=seed), global_batch_size, count, False)
     return grain.DataLoader(
         data_source=source, sampler=sampler,
-        operations=[*operations, grain.Batch(global_batch_size // jax.process_count(), True)],
-        shard_options=grain.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True))
+        operations=[*operations, grain.Batch(global_batch_size // count, True)],
+        shard_options=grain.ShardOptions(index, count, drop_remainder=True))
 
 
 def caption_loader(items, *, global_batch_size, seed, config):
@@ -201,6 +209,17 @@ def build_model(config, vocab_size: int) -> mumc.Model:
     return registry.model_class(config.model_name)(**fields)
 
 
+@optim.SCHEDULES.register("mumc_epoch_decay")
+def mumc_epoch_decay(o, total_steps: int, steps_per_epoch: int):
+    """MUMC's Pretrain.py: lr * decay ** epoch with the epoch counted from step 0 (warm-up included), the first
+    `warmup_steps` replaced by a linear ramp from `warmup_lr` (1e-6) to lr."""
+    del total_steps
+    warmup = int(o.get("warmup_steps", 0))
+    decay = optax.exponential_decay(o.lr, max(steps_per_epoch, 1), o.get("epoch_decay", 0.9), staircase=True)
+    ramp = optax.linear_schedule(o.get("warmup_lr", 1e-6), o.lr, max(warmup, 1))
+    return lambda step: jnp.where(step < warmup, ramp(step), decay(step))
+
+
 def steps_per_epoch(config, examples: int) -> int:
     return max(1, examples // config.batch_size)
 
@@ -217,6 +236,37 @@ def schedule_epoch_steps(config, examples: int) -> int:
     return steps or steps_per_epoch(config, examples)
 
 
+def starting_point(config, params, queues):
+    """The paper's start (MUMC models/model.py): text encoder from `init.bert` (a local HF folder), image
+    encoder from `init.mae` (an MAE ViT file), then `init.albef` (ALBEF.pth) over both, its momentum copies
+    and queues included where their shapes match (MUMC's load_checkpoint drops mismatched tensors; we refuse
+    a mismatched parameter, naming it). -> (params, momentum, queues)."""
+    from jaxboost.convert import albef, bert as convert_bert, mae
+    init = config.get("init", {}) or {}
+    if init.get("bert"):
+        _, text, _ = convert_bert.load_hf_bert(init["bert"])
+        params, _ = mumc_surgery.overlay_params(params, {"text": text})
+    if init.get("mae"):
+        vision, _ = mae.load_mae(init["mae"])
+        params, _ = mumc_surgery.overlay_params(params, {"vision": vision})
+    momentum = mumc_state.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
+    if init.get("albef"):
+        loaded, loaded_m, loaded_q, _ = albef.load_albef(init["albef"])
+        if "pos_embedding" in loaded["vision"] and config.model.get("vision_posemb") != "table":
+            raise ValueError(f"{init['albef']}: holds a learned position table; set "
+                             f"config.model.vision_posemb='table' to load it")
+        params, _ = mumc_surgery.overlay_params(params, loaded)
+        momentum = mumc_surgery.overlay_params(momentum, loaded_m)[0] if loaded_m else mumc_state.momentum_init(params)
+        if loaded_q is not None and loaded_q["image"].shape == queues["image"].shape:
+            queues = jax.tree_util.tree_map(jnp.asarray, loaded_q)
+    return params, momentum, queues
+
+
+def frozen_params(config) -> list[str]:
+    """A stored position table is MAE's frozen pos_embed (requires_grad=False): no update, no decay."""
+    return [r"^vision/pos_embedding$"] if config.model.get("vision_posemb") == "table" else []
+
+
 def make_init_fn(config, model: mumc.Model, tx):
     size = config.model.image_size
 
@@ -224,34 +274,47 @@ def make_init_fn(config, model: mumc.Model, tx):
         r_init, r_queue, r_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
-        extra = {"momentum": mumc.momentum_init(params),
-                 "queues": mumc.init_queues(r_queue, int(config.queue_size), model.embed_dim)}
+        if "pos_embedding" in params["vision"]:   # "table": MAE's sin-cos start
+            table = mumc_surgery.sincos_table(size // model.patch_size, model.vision_width)
+            params = dict(params, vision=dict(params["vision"], pos_embedding=jnp.asarray(table)))
+        queues = mumc_state.init_queues(r_queue, int(config.queue_size), model.embed_dim)
+        params, momentum, queues = starting_point(config, params, queues)
+        extra = {"momentum": momentum, "queues": queues}
         return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
     return init_fn
+
+
+def mlm_unmaskable_ids(tokenizer: BertTokenizer) -> tuple[int, int]:
+    """MUMC's `mask` spares [PAD] and [CLS] only: [SEP] can be picked (models/model.py)."""
+    return (tokenizer.pad_id, tokenizer.cls_id)
 
 
 def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_steps: int):
     """All MUMC terms with two masked views and MLM masking drawn from the step rng; aux = the global batch's
     momentum features (for the queues)."""
-    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
+    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=mlm_unmaskable_ids(tokenizer),
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
 
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, config.alpha_ramp_epochs)
-        total, terms, feats = mumc.pretrain_losses(model, params, state.extra["momentum"], state.extra["queues"],
-                                                   batch, rng, alpha, **loss_kw)
-        return total, (dict(terms, alpha=alpha), feats)
+        # MUMC's order: momentum features from the stored tree, then the EMA step towards this step's params,
+        # then the MLM teacher on the EMA'd text encoder (models/model.py get_contrastive_loss, get_mlm_loss).
+        momentum = state.extra["momentum"]
+        momentum_next = mumc_state.momentum_update(jax.lax.stop_gradient(params), momentum, config.momentum)
+        total, terms, feats = mumc_losses.pretrain_losses(
+            model, params, momentum, state.extra["queues"], batch, rng, alpha, teacher_params=momentum_next,
+            teacher_deterministic=not config.get("teacher_dropout", True), **loss_kw)
+        return total, (dict(terms, alpha=alpha), (feats, momentum_next))
     return loss_fn
 
 
 def momentum_post_update(config):
-    """After the update (MUMC's order): clamp the temperature, move the momentum model towards the new params,
-    write the global batch's momentum features into the queues."""
-    def post_update(old, new, feats):
-        params = mumc.clamp_params(new.params)
-        extra = {"momentum": mumc.momentum_update(params, old.extra["momentum"], config.momentum),
-                 "queues": mumc.enqueue(old.extra["queues"], *feats)}
-        return new.replace(params=params, extra=extra), {}
+    """After the update: clamp the temperature (MUMC clamps at the start of the next forward: the same
+    values), keep the step's EMA'd momentum tree, write the global batch's momentum features into the queues."""
+    def post_update(old, new, aux):
+        feats, momentum_next = aux
+        extra = {"momentum": momentum_next, "queues": mumc_state.enqueue(old.extra["queues"], *feats)}
+        return new.replace(params=mumc_state.clamp_params(new.params), extra=extra), {}
     return post_update
 
 
@@ -282,7 +345,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     length = RunLength.from_config(config, steps_per_epoch(config, examples)) if not opening else RunLength(1)
     epoch_steps = schedule_epoch_steps(config, examples)
     model = build_model(config, tokenizer.vocab_size)
-    tx = make_optimizer(config, length.total_steps, epoch_steps)
+    tx = make_optimizer(config, length.total_steps, epoch_steps, frozen=frozen_params(config))
     evaluate = None
     if config.data.get("corpus"):
         scores = make_evaluator(config, model, tokenizer, mesh)
@@ -334,12 +397,12 @@ def make_evaluator(config, model, tokenizer, mesh):
     first); compiled once. Whole batches of `batch_size` only: in-batch retrieval depends on the batch."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     bs = max(shards, (config.batch_size // shards) * shards)
-    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=tokenizer.special_ids,
+    loss_kw = dict(mask_token_id=tokenizer.mask_id, special_token_ids=mlm_unmaskable_ids(tokenizer),
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability, deterministic=True)
 
     def fn(variables, batch):
         p, extra = variables
-        total, terms, _ = mumc.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
+        total, terms, _ = mumc_losses.pretrain_losses(model, p, extra["momentum"], extra["queues"], batch,
                                                jax.random.PRNGKey(0), config.alpha, **loss_kw)
         _, image_feat = model.apply({"params": p}, batch["images"], method=mumc.Model.encode_image)
         _, text_feat = model.apply({"params": p}, batch["input_ids"], batch["mask"], method=mumc.Model.encode_text)

@@ -1,4 +1,4 @@
-"""MUMC VQA finetuning and evaluation (SPEC B3) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
+"""MUMC VQA finetuning and evaluation (Li et al. 2023) on a VQA-RAD-format folder (VQA-RAD, SLAKE, PathVQA, echo-VQA).
 
   jaxboost train --config configs/mumc_vqa.py:tiny --workdir runs/vqa --config.data.root=ECHO_VQA \
       --config.init_from=runs/mumc_pt
@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,9 +31,11 @@ from jaxboost import parallel
 from jaxboost.data import caption_augment, vqa as vqa_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
-from jaxboost.models import mumc
+from jaxboost.losses import mumc as mumc_losses
+from jaxboost.models import mumc, mumc_answers, mumc_surgery
 from jaxboost.train import evaluator, loop, mumc_pretrain, runs, tokenizer_setup
 from jaxboost.train import workdir as workdir_lib
+from jaxboost.train import optim
 from jaxboost.train.optim import make_optimizer
 from jaxboost.train.state import ema_update, initial_state
 from jaxboost.train.task import RunLength, Task, compute_dtype
@@ -47,12 +50,42 @@ class ImageCache:
 
     def __call__(self, path: Path) -> np.ndarray:
         if path not in self._cache:
-            if not path.is_file():
-                raise FileNotFoundError(f"VQA image not found: {path}")
-            with Image.open(path) as im:
-                pixels = caption_augment.pretrain_augment(np.asarray(im.convert("RGB")), None, self.size)
+            pixels = caption_augment.pretrain_augment(self.decoded(path), None, self.size)
             self._cache[path] = caption_augment.normalize(pixels)
         return self._cache[path]
+
+    def decoded(self, path: Path) -> np.ndarray:
+        """uint8 [H, W, 3] as stored (the augmented training view is cut from it)."""
+        if not path.is_file():
+            raise FileNotFoundError(f"VQA image not found: {path}")
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+
+@optim.SCHEDULES.register("mumc_epoch_cosine")
+def mumc_epoch_cosine(o, total_steps: int, steps_per_epoch: int):
+    """MUMC's VQA.py cosine_lr_schedule, set once per epoch: min_lr + (lr - min_lr) * (1 + cos(pi e / E)) / 2
+    for epoch e of E, with its floor min_lr = 1e-8."""
+    per_epoch = max(steps_per_epoch, 1)
+    epochs, low = max(total_steps // per_epoch, 1), o.get("min_lr", 1e-8)
+    return lambda step: low + (o.lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * (step // per_epoch) / epochs))
+
+
+def tokenize_questions(tokenizer: BertTokenizer, questions, max_tokens: int):
+    """MUMC's VQA question input: pre_question, then "[CLS] q" with no [SEP], cut at `max_tokens` tokens."""
+    enc = tokenizer.hf([vqa_lib.pre_question(q) for q in questions], add_special_tokens=False, truncation=True,
+                       max_length=max_tokens - 1, padding="max_length")
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.asarray(enc["attention_mask"], np.int32)
+    ones = np.ones((len(ids), 1), np.int32)
+    return np.concatenate([ones * tokenizer.cls_id, ids], 1), np.concatenate([ones, mask], 1)
+
+
+def tokenize_answers(tokenizer: BertTokenizer, answers, max_tokens: int = 0):
+    """"[CLS] answer [SEP]" padded; `max_tokens=0`: untruncated, as MUMC (the longest answer sets the length)."""
+    answers = list(answers)
+    longest = max((len(tokenizer.hf(a)["input_ids"]) for a in answers), default=2)
+    return tokenizer.tokenize(answers, max_tokens or longest)
 
 
 class VQASource:
@@ -61,24 +94,43 @@ class VQASource:
     Text is tokenized once up front: grain reads records on several threads and a HF fast tokenizer's
     padding/truncation settings are shared state (two lengths in flight would mix)."""
 
-    def __init__(self, items, images: ImageCache, tokenizer: BertTokenizer, q_len: int, a_len: int):
-        self.items, self.images = list(items), images
-        self.q, self.qm = tokenizer.tokenize([it.question for it in self.items], q_len)
-        self.a, self.am = tokenizer.tokenize([it.answer for it in self.items], a_len)
+    def __init__(self, items, images: ImageCache, tokenizer: BertTokenizer, q_len: int, a_len: int,
+                 decoded: bool = False):
+        self.items, self.images, self.decoded = list(items), images, decoded
+        self.q, self.qm = tokenize_questions(tokenizer, [it.question for it in self.items], q_len)
+        self.a, self.am = tokenize_answers(tokenizer, [it.answer for it in self.items], a_len)
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        i = int(index)
-        return {"images": self.images(self.items[i].image_path), "question_ids": self.q[i],
+        i, path = int(index), self.items[int(index)].image_path
+        image = self.images.decoded(path) if self.decoded else self.images(path)
+        return {"images": image, "question_ids": self.q[i],
                 "question_mask": self.qm[i], "answer_ids": self.a[i], "answer_mask": self.am[i]}
+
+
+class _AugmentImage(grain.RandomMapTransform):
+    """MUMC's VQA training view (VQA.py's train transform): random resized crop, flip, RandAugment."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def random_map(self, element, rng):
+        d = self.config.data
+        pixels = caption_augment.pretrain_augment(
+            element["images"], rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
+            randaugment=tuple(d.randaugment) if d.randaugment else None)
+        return dict(element, images=caption_augment.normalize(pixels))
 
 
 def train_loader(source: VQASource, config):
     """The corpus loader's host slicing: global batch k is the same on 1, 2 or 4 hosts, each host reading its
-    rows of it (grain's ShardByJaxProcess would give every host count other batches)."""
-    return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed)
+    rows of it (grain's ShardByJaxProcess would give every host count other batches). A source of decoded
+    images gets the augmented view (per-record rng from grain)."""
+    operations = [_AugmentImage(config)] if source.decoded else []
+    return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed,
+                                            operations=operations)
 
 
 def vqa_texts(config) -> list[str]:
@@ -103,18 +155,26 @@ def fresh_params(config, model: mumc.VQAModel):
 
 
 def pretrained_params(config, model, pretrain_workdir):
-    """Pretraining workdir -> (VQA params mapped from its latest params, its tokenizer)."""
+    """Pretraining workdir -> (VQA params mapped from its latest params, the VQA momentum model mapped from
+    its momentum encoders, its tokenizer). MUMC's VQA.py loads the pretraining checkpoint's `*_m` tensors into
+    the VQA model's momentum copies (its answer decoder's from the momentum text encoder's layers 6-11)."""
     run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
     tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
-    mapped = mumc.vqa_params_from_pretrain(jax.device_get(state.params), m.image_size // m.patch_size,
-                                           first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
-    params, kept = mumc.overlay_params(base, mapped)
-    if kept:
-        raise ValueError(f"pretraining run {pretrain_workdir} lacks VQA parameters {kept[:8]}")
-    print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step})", flush=True)
-    return params, tokenizer
+
+    def to_vqa(tree, what):
+        mapped = mumc_surgery.vqa_params_from_pretrain(jax.device_get(tree), m.image_size // m.patch_size,
+                                               first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
+        params, kept = mumc_surgery.overlay_params(base, mapped)
+        if kept:
+            raise ValueError(f"pretraining run {pretrain_workdir}: its {what} lack VQA parameters {kept[:8]}")
+        return params
+
+    params, momentum = to_vqa(state.params, "params"), to_vqa(state.extra["momentum"], "momentum encoders")
+    print(f"[mumc_vqa] initialised from {pretrain_workdir} (step {step}), momentum model from its momentum "
+          f"encoders", flush=True)
+    return params, momentum, tokenizer
 
 
 def get_tokenizer(config, workdir, *, use_init_from: bool = True):
@@ -145,7 +205,7 @@ def candidate_answers(config, train_items):
 
 def make_predictor(config, model, tokenizer, candidates, mesh):
     """(params, items, images) -> the ranked-candidate answer of each item; compiled once."""
-    a_ids, a_mask = tokenizer.tokenize(candidates, config.data.max_answer_tokens)
+    a_ids, a_mask = tokenize_answers(tokenizer, candidates, config.data.max_answer_tokens)
     a_ids, a_mask = jnp.asarray(a_ids), jnp.asarray(a_mask)
     k = min(int(config.top_k), len(candidates))
     bs = evaluator.eval_batch_size(config, mesh)
@@ -153,7 +213,7 @@ def make_predictor(config, model, tokenizer, candidates, mesh):
     def fn(p, batch):
         states = model.apply({"params": p}, batch["images"], batch["question_ids"], batch["question_mask"],
                              method=mumc.VQAModel.encode_question)
-        order, _ = mumc.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
+        order, _ = mumc_answers.rank_answers(model, p, states, batch["question_mask"], a_ids, a_mask, k)
         return order[:, 0]
 
     mapper = evaluator.BatchMapper(fn, mesh, bs)
@@ -162,7 +222,7 @@ def make_predictor(config, model, tokenizer, candidates, mesh):
         def batches():
             for i in range(0, len(items), bs):
                 chunk = items[i:i + bs]
-                q, qm = tokenizer.tokenize([it.question for it in chunk], config.data.max_question_tokens)
+                q, qm = tokenize_questions(tokenizer, [it.question for it in chunk], config.data.max_question_tokens)
                 yield {"images": np.stack([images(it.image_path) for it in chunk]), "question_ids": q,
                        "question_mask": qm}
         return [candidates[int(j)] for _, out in mapper(params, batches()) for j in out]
@@ -186,7 +246,8 @@ def make_loss_fn(config, model, epoch_steps: int):
     """Answer LM loss distilled from the momentum model (alpha ramped over the first epoch, as ALBEF)."""
     def loss_fn(params, state, batch, rng):
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, 1.0)
-        loss, _ = mumc.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha)
+        loss, _ = mumc_losses.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha,
+                                teacher_deterministic=not config.get("teacher_dropout", True))
         return loss, ({"alpha": alpha}, None)
     return loss_fn
 
@@ -197,10 +258,12 @@ def momentum_post_update(config):
     return post_update
 
 
-def _state_fn(tx, params_fn, seed: int):
+def _state_fn(tx, start_fn, seed: int):
+    """start_fn() -> (params, momentum params or None: a copy of params)."""
     def init_fn():
-        params = params_fn()
-        return initial_state(params, tx, seed + 1, extra={"momentum": jax.tree.map(jnp.array, params)})
+        params, momentum = start_fn()
+        momentum = params if momentum is None else momentum
+        return initial_state(params, tx, seed + 1, extra={"momentum": jax.tree.map(jnp.array, momentum)})
     return init_fn
 
 
@@ -212,11 +275,12 @@ def _check(config) -> None:
 
 
 def _initial_params(config, model, opening: bool):
-    """The pretraining run's mapped params (init_from: its tree is not the VQA tree), else a fresh init."""
+    """-> start_fn: the pretraining run's mapped params and momentum (init_from: its tree is not the VQA
+    tree), else a fresh init (momentum a copy)."""
     if config.get("init_from", "") and not opening:
-        start, _ = pretrained_params(config, model, config.init_from)
-        return lambda: jax.tree.map(jnp.asarray, start)
-    return lambda: fresh_params(config, model)
+        start, momentum, _ = pretrained_params(config, model, config.init_from)
+        return lambda: (jax.tree.map(jnp.asarray, start), jax.tree.map(jnp.asarray, momentum))
+    return lambda: (fresh_params(config, model), None)
 
 
 def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
@@ -235,14 +299,14 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     images = ImageCache(config.data.size)
     scores = make_evaluator(config, make_predictor(config, model, tokenizer, candidates, mesh), images)
     source = lambda: VQASource(train_items, images, tokenizer, config.data.max_question_tokens,
-                               config.data.max_answer_tokens)
+                               config.data.max_answer_tokens, decoded=config.data.get("augment", False))
     return Task("mumc_vqa", config, mesh, length, tx, _state_fn(tx, _initial_params(config, model, opening),
                                                                config.seed),
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
                 train_loader=lambda: iter(train_loader(source(), config)),
                 evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
-                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates),
-                      "train_items": train_items}, model=model, tokenizer=tokenizer)
+                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates)},
+                model=model, tokenizer=tokenizer)
 
 
 def train(config, workdir):
@@ -250,7 +314,9 @@ def train(config, workdir):
         config = ml_collections.ConfigDict(config.to_dict())
         config.best_metric = f"{selection_split(config)}_overall"
     task = make_task(config, workdir)
-    train_items = task.info.pop("train_items")
+    # (not in task.info: run.json holds plain JSON)
+    train_items = vqa_lib.load_vqa(task.config.data.root, "train", image_dir=task.config.data.image_dir,
+                                   val_fraction=task.config.data.val_fraction, seed=task.config.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unanswerable = vqa_lib.count_unanswerable(train_items, candidate_answers(task.config, train_items),

@@ -26,8 +26,10 @@ def _constant(o: ConfigDict, total_steps: int, steps_per_epoch: int):
 
 @SCHEDULES.register("cosine")
 def _cosine(o: ConfigDict, total_steps: int, steps_per_epoch: int):
-    return optax.warmup_cosine_decay_schedule(0.0 if o.get("warmup_steps", 0) else o.lr, o.lr,
-                                              int(o.get("warmup_steps", 0)), max(total_steps, 1), 0.0)
+    warmup = int(o.get("warmup_steps", 0))
+    # a run shorter than its warm-up (a smoke run) ends inside the warm-up; optax needs decay after it
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else o.lr, o.lr, warmup, max(total_steps, warmup + 1),
+                                              0.0)
 
 
 @SCHEDULES.register("linear_to_zero")

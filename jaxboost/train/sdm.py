@@ -1,4 +1,4 @@
-"""Semantic diffusion model training (SPEC A3): MSE + lambda * VLB, label dropout for guidance, EMA params.
+"""SDM training (Wang et al. 2022): MSE + lambda * VLB (improved-diffusion), label dropout for guidance, EMA params.
 
   jaxboost train --config configs/sdm.py:tiny --workdir runs/sdm --config.data.corpus=CORPUS
 
@@ -172,9 +172,7 @@ def write_grid(path, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) 
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(buffer, "PNG")
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ task

@@ -3,7 +3,8 @@
 A trainer module exposes `make_task(config, workdir) -> Task` and `open_task(config, workdir) -> Task` (the
 same task without its training data, for `jaxboost eval`, synth and init_from). A Task holds:
   - the run length, resolved once at start-up (epochs -> steps; the config itself is never changed),
-  - `init_state() -> TrainState` (pure; `fit` traces it with `jax.eval_shape` and creates it sharded),
+  - `init_state() -> TrainState` (pure; `fit` traces it with `jax.eval_shape` and creates it sharded); with
+    `host_variables`, `init_state(variables)` builds the state from those placed variables,
   - the loss `loss_fn(params, state, batch, rng) -> (loss, (metrics, aux))` and an optional
     `post_update(old_state, new_state, aux) -> (new_state, metrics)` run after the optimiser update (EMA,
     momentum encoders, queues, BatchNorm statistics): `make_train_step` turns them into the one step,
@@ -18,10 +19,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from jaxboost import parallel
 from jaxboost.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -73,6 +76,9 @@ class Task:
     prepare_batch: Callable[[dict], dict] | None = None
     evaluate: Callable[[TrainState, str], dict] | None = None   # (state, split) -> {name: float}
     eval_split: str = "val"                                      # what `fit` evaluates every eval_every
+    # Host-side initial variables (numpy, e.g. converted weights): `fit` places them on the mesh and passes
+    # them to `init_state(variables)` as an argument, so they are never baked into the program as constants.
+    host_variables: Callable[[], Any] | None = None
     info: dict = dataclasses.field(default_factory=dict)   # resolved values recorded in the run's meta
     model: Any = None
     tokenizer: Any = None
@@ -83,6 +89,20 @@ class Task:
 
     def abstract_state(self):
         return jax.eval_shape(self.init_state)
+
+    def create_state(self, shardings=None) -> TrainState:
+        """The initial state, created already sharded (`shardings`: a tree like the state's; None: default
+        device); host variables enter as placed arguments."""
+        init = jax.jit(self.init_state, out_shardings=shardings)
+        if self.host_variables is None:
+            return init()
+        variables = self.host_variables()
+        if shardings is None:
+            return init(jax.tree.map(jnp.asarray, variables))
+        placement = parallel.shardings_for(jax.eval_shape(lambda: variables), self.mesh)
+        return init(jax.tree.map(lambda v, s: jax.make_array_from_callback(np.shape(v), s,
+                                                                          lambda i, v=v: np.asarray(v)[i]),
+                                 variables, placement))
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, post_update: Callable | None = None):

@@ -78,6 +78,11 @@ def make_evaluator(config, model, mesh):
     return evaluate
 
 
+def evaluate_params(config, model, params, split: str, mesh) -> dict:
+    """One split's scores (compiles its evaluator; a run's own evaluation reuses the task's)."""
+    return make_evaluator(config, model, mesh)(params, split)
+
+
 def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     config = workdir_lib.with_absolute_paths(config)
     mesh = mesh or parallel.mesh_from_config(config)

@@ -1,4 +1,4 @@
-"""Vision-language segmenters (CLIPSeg, CRIS) finetuned on echo triplets (SPEC A4): one trainer for both.
+"""CLIPSeg and CRIS finetuned on echo triplets (Synthetic Boost, Adhikari et al. 2023): one trainer for both.
 
 One sample = (image, binary mask of one structure, prompt P0-P7). The step normalises the image with the
 model's mean/std, runs the model (CRIS: BatchNorm statistics in `state.extra["batch_stats"]`, dropout from
@@ -42,7 +42,7 @@ from jaxboost.train.task import RunLength, Task, compute_dtype, keep_model_state
 ENCODER_PARAMS = {"clipseg": r"^(vision|text)/", "cris": r"^(visual|text)/"}
 # Model fields that are training options, not architecture: a `pretrained` folder's model.json does not
 # override them.
-RUNTIME_FIELDS = ("freeze_encoders", "attention_impl", "pad_mode", "upsample", "dropout_rate")
+RUNTIME_FIELDS = ("freeze_encoders", "attention_impl", "pad_mode", "upsample", "dropout_rate", "remat_policy")
 TOKENIZER_DIR = tokenizer_setup.TOKENIZER_DIR
 
 
@@ -203,10 +203,11 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     abstract_variables = variable_shapes(config, model)
     seed = int(config.seed)
 
-    def init_state():
-        # Converted weights (config.pretrained) are numpy placed by jit's out_shardings, not HLO constants:
-        # the loop runs this under jit only for shapes when opening a run.
-        variables = abstract_variables if opening else jax.tree.map(jnp.asarray, host_variables(config, model))
+    def init_state(variables=None):
+        # `fit` passes the numpy init + converted weights (host_variables) placed on the mesh; without them
+        # (shapes for eval_shape, a run about to be restored) the state holds zeros.
+        if variables is None:
+            variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_variables)
         params = variables["params"]
         stats = {k: v for k, v in variables.items() if k != "params"}
         return initial_state(params, tx, seed + 1, extra=stats or None)
@@ -223,6 +224,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     scorer = SegmentationScorer(config, model, tokenizer, mesh)
     return Task(config.model_name, config, mesh, length, tx, init_state, make_loss_fn(config, model),
                 post_update=keep_model_state, train_loader=train_loader, prepare_batch=prepare_batch,
+                host_variables=None if opening else (lambda: host_variables(config, model)),
                 evaluate=lambda state, split: scorer(model_variables(state), split, hausdorff=False),
                 model=model, tokenizer=tokenizer)
 

@@ -10,7 +10,7 @@ import os
 from etils import epath
 from ml_collections import ConfigDict
 
-from jaxboost import parallel
+from jaxboost import jsonio, parallel
 
 # Config fields that name local files or folders: stored absolute, so a run opens from any folder.
 PATH_FIELDS = ("data.corpus", "data.eval_corpus", "data.tokenizer", "data.root", "data.caption_files",
@@ -98,9 +98,11 @@ def check_same_corpus(workdir, config: ConfigDict) -> None:
                          f"corpus, or start a new --workdir (with --config.init_from={workdir} to continue)")
 
 
-def _write_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
+def write_atomic(path, data: bytes) -> None:
+    """Through a temporary file and a rename (local or remote workdirs): a reader never sees half a file."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 
@@ -109,8 +111,8 @@ def record(workdir, config: ConfigDict, info: dict) -> None:
     if not parallel.is_main_process():
         return
     workdir = epath.Path(workdir)
-    _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
-    _write_atomic(workdir / "run.json", json.dumps(info, indent=2, default=str))
+    write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2).encode())
+    write_atomic(workdir / "run.json", jsonio.dumps(info).encode())
 
 
 def read_info(workdir) -> dict:

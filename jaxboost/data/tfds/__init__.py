@@ -1,4 +1,5 @@
-"""tensorflow-datasets builders (ArrayRecord files, Tensor/Text features only, so no TensorFlow is needed).
+"""tensorflow-datasets builders (ArrayRecord files, Tensor/Text features only, so no TensorFlow is needed);
+`pip install 'jaxboost[tfds]'` brings tensorflow-datasets.
 
     from jaxboost.data.tfds import CamusBuilder, EchoCorpusBuilder
     builder = CamusBuilder(data_dir=D, file_format="array_record",
@@ -7,6 +8,11 @@
     train = builder.as_data_source()["train"]
 Importing this package registers "jaxboost_camus" and "jaxboost_echo_corpus" with tfds.
 """
+try:
+    import tensorflow_datasets  # noqa: F401
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError("jaxboost.data.tfds needs tensorflow-datasets: pip install 'jaxboost[tfds]'") from e
+
 from jaxboost.data.tfds.camus.camus_dataset_builder import Builder as CamusBuilder
 from jaxboost.data.tfds.echo_corpus.echo_corpus_dataset_builder import Builder as EchoCorpusBuilder
 

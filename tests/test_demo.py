@@ -1,0 +1,121 @@
+"""`jaxboost demo`: the convergence speed-up against hand-worked figures, the scarce-label corpus, the
+report's wording, bad flags, and (slow) the whole pipeline on a phantom written in the CAMUS layout."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxboost import cli, demo
+from jaxboost.data import corpus as corpus_lib
+from jaxboost.data import phantom
+
+
+def _evals(values, steps_per_epoch):
+    return [{"step": (i + 1) * steps_per_epoch, "wall_s": 10.0 * (i + 1), demo.METRIC: v}
+            for i, v in enumerate(values)]
+
+
+def test_speedup_worked_example():
+    # real only: best 95 -> target 94.05, first reached at its 4th epoch (40 s); the finetune (3 steps per
+    # epoch, not 6) is at 96 in its 2nd epoch (20 s): 4 / 2 = 2x in epochs, 40 / 20 = 2x in wall time.
+    c = demo.convergence_speedup(_evals([50, 80, 90, 95], 6), _evals([85, 96, 97], 3), demo.METRIC, 6, 3)
+    assert c["target"] == pytest.approx(94.05)
+    assert (c["epochs_real"], c["epochs_finetune"]) == (4, 2)
+    assert c["speedup_epochs"] == pytest.approx(2.0) and c["speedup_wall"] == pytest.approx(2.0)
+
+
+def test_speedup_not_reached_reads_as_such():
+    c = demo.convergence_speedup(_evals([50, 95], 6), _evals([60, 70], 6), demo.METRIC, 6, 6)
+    assert c["epochs_finetune"] is None and c["speedup_epochs"] is None
+    assert demo.fmt_value(c["speedup_epochs"], ".2f", "x") == "not reached"
+    assert demo.fmt_value(1.5, ".2f", "x") == "1.50x"
+
+
+def test_spread_and_win_counts():
+    s = demo.spread([84.0, 86.0, 88.0, None])
+    assert (s["mean"], s["sd"], s["n"]) == (86.0, 2.0, 3)   # sample sd of 84, 86, 88
+    run = lambda real_ep, ft_ep, real_dice, ft_dice: {
+        "real": {"summary": {"evals": _evals([50] * (real_ep - 1) + [90], 1), "steps_per_epoch": 1,
+                             "best_metric": 90}, "test": {"test/dice_mean": real_dice}},
+        "synthetic": {"summary": {"evals": [], "best_metric": 40}, "test": {"test/dice_mean": 30.0}},
+        "pretrain_finetune": {"summary": {"evals": _evals([50] * (ft_ep - 1) + [90], 1), "steps_per_epoch": 1,
+                                          "best_metric": 90}, "test": {"test/dice_mean": ft_dice}}}
+    s = demo.model_summary({0: run(6, 3, 85.0, 87.0), 1: run(6, 6, 85.0, 84.0), 2: run(4, 2, 80.0, 80.0)})
+    assert (s["faster_in"], s["wins_in"]) == (2, 2)
+    assert s["speedup_epochs"]["mean"] == pytest.approx((2.0 + 1.0 + 2.0) / 3)
+
+
+@pytest.fixture(scope="module")
+def camus_phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("camus")
+    return phantom.write_phantom(root / "phantom", patients=8, seed=3, size=(64, 48))
+
+
+def test_scarce_corpus_keeps_first_patients_and_whole_eval_splits(camus_phantom, tmp_path):
+    items, info = corpus_lib.camus_items(camus_phantom, size=32, source="phantom")
+    real = tmp_path / "real"
+    corpus_lib.build_corpus(items, real, size=32, source="phantom", source_info=info)
+    train_ids = sorted({r["patient"] for r in corpus_lib.open_corpus(real).iter("train", arrays=False)})
+    scarce = demo.stage_scarce(tmp_path, real, 2)
+    got, full = corpus_lib.open_corpus(scarce), corpus_lib.open_corpus(real)
+    assert {r["patient"] for r in got.iter("train", arrays=False)} == set(train_ids[:2])
+    assert got.split_len("train") == 2 * 4 * 3          # 2 patients x (2 views x 2 phases) x 3 structures
+    for split in ("val", "test"):
+        assert [r["key"] for r in got.iter(split, arrays=False)] == [r["key"] for r in full.iter(split, arrays=False)]
+    assert demo.stage_scarce(tmp_path, real, 0) == real
+
+
+def test_bad_flags_fail_in_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), "--models", "clipseg,unet"]) == 2
+    assert "unknown segmenter 'unet'" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(out), "--set", "clipseg=3"]) == 2
+    assert "--set 'clipseg=3'" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(out), "--set", "cris.no_such_field=1"]) == 2
+    assert not out.exists()
+
+
+def test_parse_sets_values():
+    sets = demo.parse_sets(["clipseg.pretrained=/w/conv", "cris.model.num_layers=2", "sdm.optim.lr=1e-4",
+                            "clipseg.model.head_kernels=[2,2]"])
+    assert sets["clipseg"] == {"pretrained": "/w/conv", "model.head_kernels": (2, 2)}
+    assert sets["cris"] == {"model.num_layers": 2} and sets["sdm"] == {"optim.lr": 1e-4}
+
+
+@pytest.mark.slow
+def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "2",
+            "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
+            "--batch-size", "8", "--set", "sdm.batch_size=8"]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["data"]["train_patients"] == 2 and report["data"]["synthetic_train"] == 2 * 4 * 3
+    for model in ("clipseg", "cris"):
+        m = report["models"][model]
+        assert sorted(m["per_seed"]) == ["0", "1"] and m["seeds"] == 2
+        dice = [r["pretrain_finetune"]["test"]["test/dice_mean"] for r in m["per_seed"].values()]
+        assert all(0.0 <= d <= 100.0 for d in dice)
+        for png in (f"curves_{model}.png", f"overlays_{model}.png"):
+            assert (out / "report" / png).stat().st_size > 1000
+    text = (out / "report" / "report.md").read_text()
+    assert "CAMUS data" in text and "not reachedx" not in text
+    assert np.isfinite(report["timings"]["sdm"]["cpu_s"])
+    assert cli.main(argv) == 0    # a second run resumes: every stage is complete, the report is rewritten
+
+
+def test_clipseg_demo_head_draws_at_the_input_size():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxboost.config import load_config
+    from jaxboost.models.clipseg import Model
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in load_config("configs/clipseg.py:demo").model.items()}
+    model = Model(**{**fields, "vocab_size": 100})
+    args = (jnp.zeros((2, 64, 64, 3)), jnp.zeros((2, 64), jnp.int32), jnp.ones((2, 64), jnp.int32))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+    assert jax.eval_shape(model.apply, variables, *args).shape == (2, 64, 64)   # 16x16 tokens, x2 x2 upsampled
+    assert variables["params"]["head_up1"]["kernel"].shape[:2] == (2, 2)
+    with pytest.raises(ValueError, match="must multiply to the patch size 4"):
+        jax.eval_shape(Model(**{**fields, "vocab_size": 100, "head_kernels": (2, 4)}).init, jax.random.PRNGKey(0),
+                       *args)

@@ -1,0 +1,102 @@
+"""Start-up of every command: jax.distributed whenever the platform or the flags say there are several
+processes (eval included), and the persistent compilation cache from the config flag or the environment."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxboost import cli, parallel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False), ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "16"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, True), ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3"}, True),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}, True)])
+def test_multi_process_is_read_from_the_platform(env, expected):
+    assert parallel.multi_process_expected(env) is expected
+
+
+def test_startup_flags_are_read_in_both_spellings_and_the_distributed_ones_consumed():
+    argv = ["--config", "configs/sdm.py:tiny", "--coordinator=10.0.0.1:1234", "--num_processes", "2",
+            "--process_id=1", "--config.compilation_cache_dir", "gs://bucket/xla", "--workdir", "w"]
+    values, no_distributed, plain = parallel.startup_flags(argv)
+    assert values == {"coordinator": "10.0.0.1:1234", "num_processes": "2", "process_id": "1",
+                      "config.compilation_cache_dir": "gs://bucket/xla"}
+    assert no_distributed == ["--config", "configs/sdm.py:tiny", "--config.compilation_cache_dir",
+                              "gs://bucket/xla", "--workdir", "w"]
+    assert plain == ["--config", "configs/sdm.py:tiny", "--workdir", "w"]
+
+
+def test_every_command_runs_startup_first_eval_included(monkeypatch, tmp_path, capsys):
+    calls = []
+    real = parallel.startup
+    monkeypatch.setattr(parallel, "startup", lambda argv, **kw: calls.append(list(argv)) or real(argv, **kw))
+    # eval takes the start-up flags: it fails on the missing run, not on an unrecognised --num_processes
+    assert cli.main(["eval", "--workdir", str(tmp_path / "missing"), "--num_processes=1"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: not found" in err and "num_processes" not in err
+    assert calls == [["--workdir", str(tmp_path / "missing"), "--num_processes=1"]]
+    assert cli.main(["phantom", "--out", str(tmp_path / "p"), "--patients", "1", "--size", "40", "32",
+                     "--num_processes", "1"]) == 0
+    assert len(calls) == 2 and (tmp_path / "p").is_dir()
+
+
+_CACHE_PROBE = """
+import sys, jax, jax.numpy as jnp
+from jaxboost import parallel
+parallel.startup(sys.argv[1:])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+print("cache:", jax.config.jax_compilation_cache_dir)
+"""
+
+
+def _probe(args, env_cache=None, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "PYTHONPATH": str(REPO)}
+    if env_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(env_cache)
+    return subprocess.run([sys.executable, "-c", _CACHE_PROBE, *args], env=env, cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout).stdout
+
+
+def test_compilation_cache_dir_flag_wins_over_the_environment_and_is_written(tmp_path):
+    flag_dir, env_dir = tmp_path / "flag", tmp_path / "env"
+    out = _probe([f"--config.compilation_cache_dir={flag_dir}"], env_cache=env_dir)
+    assert f"cache: {flag_dir}" in out, out
+    assert any(flag_dir.iterdir()) and not env_dir.exists()
+    out = _probe([], env_cache=env_dir)
+    assert f"cache: {env_dir}" in out, out
+    assert any(env_dir.iterdir())
+
+
+_DISTRIBUTED_PROBE = """
+import sys, jax
+from jaxboost import parallel
+parallel.startup(sys.argv[1:])
+parallel.startup(sys.argv[1:])   # a second call (the trainer's own) is a no-op
+print("processes", jax.process_count(), "devices", jax.device_count())
+"""
+
+
+def test_startup_joins_local_processes_from_the_flags(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", _DISTRIBUTED_PROBE, f"--coordinator=127.0.0.1:{port}",
+                               "--num_processes", "2", f"--process_id={i}"], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "processes 2 devices 4" in out, out[-2000:]
