@@ -2,6 +2,12 @@
 
     jaxboost convert cris --checkpoint CRIS.pth [--clip RN50.pt] --out DIR
     jaxboost convert cris --clip RN50.pt --out DIR        # CLIP backbone, freshly initialised CRIS head
+    ... --tokenizer CLIP_TOKENIZER_DIR [--config configs/cris.py:full]   # DIR: a CRIS run at step 0
+
+With --tokenizer (a local CLIP tokenizer folder; CRIS files hold none) DIR is a finished CRIS run at step 0
+(config.json, ckpt/0, tokenizer/: see jaxboost.convert.run_folder) that `jaxboost eval --workdir DIR
+--config.data.corpus=C` scores zero-shot and `train --config.init_from=DIR` finetunes; either way
+DIR/model.json + DIR/variables.msgpack serve `--config.pretrained=DIR`.
 
 A trained CRIS checkpoint holds everything (`backbone.*`, `neck.*`, `decoder.*`, `proj.*`; "module." and a
 "state_dict" wrapper are unwrapped). With only a CLIP file, the backbone comes from it and the rest (neck,
@@ -18,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxboost.convert.clip import (Taker, check_variables, fail_on_unmapped, fill_missing, load_state_dict,
-                                   openai_resnet_variables, openai_text_variables, save_converted)
+                                   openai_resnet_variables, openai_text_variables)
+from jaxboost.convert.run_folder import add_vl_seg_arguments, write_vl_seg_run
 from jaxboost.models import cris
 
 _NOT_WEIGHTS = ("logit_scale", "input_resolution", "context_length", "vocab_size")
@@ -134,18 +141,21 @@ def cris_from_checkpoint(checkpoint: str | None = None, clip: str | None = None,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="CRIS.pytorch checkpoint (.pth/.pt/.safetensors)")
     parser.add_argument("--clip", help="OpenAI CLIP RN50 file (TorchScript .pt or a state dict)")
-    parser.add_argument("--out", required=True, help="output folder (model.json + variables.msgpack)")
+    parser.add_argument("--out", required=True, help="output folder (a run folder given --tokenizer)")
     parser.add_argument("--num-heads", type=int, default=8, help="decoder heads (not stored in checkpoints)")
     parser.add_argument("--text-heads", type=int, default=None,
                         help="text encoder heads (default: width // 64, OpenAI CLIP's rule)")
     parser.add_argument("--seed", type=int, default=0, help="init seed for parts the files lack")
+    add_vl_seg_arguments(parser, "configs/cris.py:full")
 
 
 def main(args) -> int:
     extra = {} if args.text_heads is None else {"text_heads": args.text_heads}
     module, variables = cris_from_checkpoint(args.checkpoint, args.clip, args.seed, num_heads=args.num_heads, **extra)
-    fields = {k: getattr(module, k) for k in cris.Model.__dataclass_fields__ if k not in ("parent", "name", "dtype")}
-    save_converted(args.out, "cris", fields, variables)
     n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
-    print(f"wrote {args.out}: {n:,} parameters")
+    if write_vl_seg_run(args.out, args, "cris", module, variables, args.tokenizer):
+        print(f"wrote {args.out}: {n:,} parameters, a CRIS run at step 0 (tokenizer from {args.tokenizer})")
+    else:
+        print(f"wrote {args.out}: {n:,} parameters (for --config.pretrained; pass --tokenizer CLIP_TOKENIZER_DIR "
+              "for a run folder that eval and init_from open)")
     return 0

@@ -1,7 +1,12 @@
 """HF `CLIPSegForImageSegmentation` folder (save_pretrained: config.json + model.safetensors or
 pytorch_model.bin) -> jaxboost.models.clipseg.Model variables.
 
-    jaxboost convert clipseg --hf DIR --out DIR      # writes DIR/model.json + DIR/variables.msgpack
+    jaxboost convert clipseg --hf HF_DIR --out DIR [--tokenizer CLIP_TOKENIZER_DIR] [--config configs/clipseg.py:full]
+
+With a tokenizer (the HF folder's own, as the hub's CLIPSeg folders hold, or --tokenizer), DIR is a finished
+CLIPSeg run at step 0 (config.json, ckpt/0, tokenizer/: see jaxboost.convert.run_folder) that
+`jaxboost eval --workdir DIR --config.data.corpus=C` scores zero-shot and `train --config.init_from=DIR`
+finetunes; either way DIR/model.json + DIR/variables.msgpack serve `--config.pretrained=DIR`.
 
 Every tensor is mapped or deliberately dropped with the reason below; anything else is an error naming it.
 Dropped: vision layers after the deepest `extract_layers` entry, `post_layernorm`, `visual_projection` and
@@ -18,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxboost.convert.clip import (Taker, check_variables, fail_on_unmapped, hf_block, hf_text_params,
-                                   hf_vision_params, load_state_dict, save_converted)
+                                   hf_vision_params, load_state_dict)
+from jaxboost.convert.run_folder import add_vl_seg_arguments, write_vl_seg_run
 from jaxboost.models import clipseg
+from jaxboost.train import tokenizer_setup
 
 
 def model_fields(cfg: dict) -> dict:
@@ -100,14 +107,17 @@ def clipseg_from_hf(path: str, **overrides):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="local HF CLIPSeg folder (save_pretrained output)")
-    parser.add_argument("--out", required=True, help="output folder (model.json + variables.msgpack)")
+    parser.add_argument("--out", required=True, help="output folder (a run folder given a tokenizer)")
+    add_vl_seg_arguments(parser, "configs/clipseg.py:full")
 
 
 def main(args) -> int:
     module, variables = clipseg_from_hf(args.hf)
-    fields = {k: getattr(module, k) for k in clipseg.Model.__dataclass_fields__
-              if k not in ("parent", "name", "dtype")}
-    save_converted(args.out, "clipseg", fields, variables)
     n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables))
-    print(f"wrote {args.out}: {n:,} parameters")
+    tokenizer = args.tokenizer or (args.hf if tokenizer_setup.is_ready(args.hf) else "")
+    if write_vl_seg_run(args.out, args, "clipseg", module, variables, tokenizer):
+        print(f"wrote {args.out}: {n:,} parameters, a CLIPSeg run at step 0 (tokenizer from {tokenizer})")
+    else:
+        print(f"wrote {args.out}: {n:,} parameters (for --config.pretrained; {args.hf} holds no tokenizer: pass "
+              "--tokenizer CLIP_TOKENIZER_DIR for a run folder that eval and init_from open)")
     return 0

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -122,31 +120,15 @@ def sdm_from_torch_state_dict(state_dict: dict, model_config, source: str = "sta
 
 def save_params(params, out_dir: str, config) -> None:
     """Write DIR as a finished SDM run at step 0 (see the module docstring); `config` is the whole run config."""
-    from jaxboost.train.checkpoints import Checkpoints
+    from jaxboost.convert.run_folder import write_run_folder
     from jaxboost.train.optim import make_optimizer
     from jaxboost.train.sdm import abstract_state
     from jaxboost.train.state import initial_state
-    out_dir = os.path.abspath(out_dir)
-    if any(os.path.exists(os.path.join(out_dir, n)) for n in ("config.json", "ckpt")):
-        raise ValueError(f"{out_dir} already holds a run (config.json / ckpt); choose an empty --out folder")
-    parent = os.path.dirname(out_dir) or "."
-    os.makedirs(parent, exist_ok=True)
     abstract = abstract_state(config)
     params = jax.tree.map(lambda a, want: np.asarray(a, want.dtype), params, abstract.params)
     # what the SDM trainer's init makes, with the converted weights: EMA = params, a fresh optimiser
     state = initial_state(params, make_optimizer(config, 1), config.seed + 1, ema=True)
-    tmp = tempfile.mkdtemp(prefix=".sdm_convert_", dir=parent)
-    try:
-        ckpts = Checkpoints(tmp, keep=1, async_save=False)
-        ckpts.save(0, state, {"step": 0, "converted_from": "torch state dict"}, force=True)
-        ckpts.close()
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.makedirs(out_dir, exist_ok=True)
-        for name in ("ckpt", "config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_run_folder(out_dir, config, state)
 
 
 def load_params(out_dir: str):

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from jaxboost import metrics as metrics_lib
 from jaxboost import parallel, registry
@@ -96,6 +97,18 @@ def build_model(config, tokenizer: ClipTokenizer):
                          f"{tokenizer.vocab_size} tokens ({tokenizer.source})")
     dtype = compute_dtype(config, "dtype")
     return registry.model_class(config.model_name)(**fields, dtype=None if dtype == jnp.float32 else dtype)
+
+
+def with_init_from_architecture(config):
+    """A finetune builds its init_from run's model (a `jaxboost convert` run folder records the published
+    sizes), keeping its own training options (RUNTIME_FIELDS)."""
+    source = workdir_lib.read_config(config.init_from)
+    if source.get("model_name") != config.model_name:
+        raise ValueError(f"config.init_from={config.init_from}: a {source.get('model_name')!r} run, not a "
+                         f"{config.model_name!r} one")
+    config = ConfigDict(config.to_dict())
+    config.model = {**config.model.to_dict(), **{k: v for k, v in source.model.items() if k not in RUNTIME_FIELDS}}
+    return config
 
 
 def _converted(path: str):
@@ -192,6 +205,8 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     """Everything `train` hands to `loop.fit`; `opening`: an existing run (its own tokenizer and weights)."""
     config = workdir_lib.with_absolute_paths(config)
     _check(config)
+    if not opening and config.get("init_from", ""):
+        config = with_init_from_architecture(config)
     mesh = mesh or parallel.mesh_from_config(config)
     parallel.check_batch_divides(mesh, int(config.batch_size))
     tokenizer = tokenizer_for(config, workdir, use_init_from=not opening)
