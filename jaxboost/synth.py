@@ -75,11 +75,25 @@ def model_labels(mask: np.ndarray, cone: np.ndarray, num_labels: int, where: str
                      f"{labels_lib.NUM_CAMUS_LABELS} CAMUS labels ({labels_lib.NUM_SDM_LABELS} with the cone)")
 
 
+def augmented_samples(sources: list, split_id: int, indices, seed: int, rows: int | None = None) -> np.ndarray:
+    """Samples `indices` (s = image index * K + k) of a split, sources[i] the source of indices[i] ->
+    uint8 [rows, S, S, 2] (mask, cone), row i under one augmentation draw from default_rng([seed, split id, s]),
+    all rows in one XLA call. rows >= len(indices) pads with copies of the last row (one compiled shape
+    per run); a row's result does not depend on the others."""
+    indices = list(indices)
+    rows = rows or len(indices)
+    maps = np.stack([np.stack([src["mask"], src["cone"]], -1) for src in sources]).astype(np.uint8)
+    rngs = [np.random.default_rng([seed, split_id, s]) for s in indices]
+    pad = rows - len(indices)
+    maps = np.concatenate([maps, np.repeat(maps[-1:], pad, 0)])
+    rngs += [np.random.default_rng([seed, split_id, indices[-1]]) for _ in range(pad)]
+    return augment_lib.augment_batch(maps, rngs)[:len(indices)]
+
+
 def augmented_sample(source: dict, split_id: int, index: int, seed: int):
-    """Sample `index` (= image index * K + k) of a split: (mask, cone) of the source under one augmentation
-    draw from default_rng([seed, split id, index])."""
-    rng = np.random.default_rng([seed, split_id, index])
-    return augment_lib.augment_mask(source["mask"], rng, cone=source["cone"])
+    """(mask, cone) of sample `index` of a split (augmented_samples of one)."""
+    out = augmented_samples([source], split_id, [index], seed)[0]
+    return out[..., 0], out[..., 1]
 
 
 @jax.jit
@@ -210,9 +224,10 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
 
     def prepare(call: int):
         rows, label_maps, metas = todo[call * local_batch:(call + 1) * local_batch], [], []
-        for j in rows:
-            src = sources[mine[j] // per_mask]
-            aug_mask, aug_cone = augmented_sample(src, split_id, mine[j], seed)
+        srcs = [sources[mine[j] // per_mask] for j in rows]
+        augmented = augmented_samples(srcs, split_id, [mine[j] for j in rows], seed, local_batch) if rows else []
+        for j, src, maps in zip(rows, srcs, augmented):
+            aug_mask, aug_cone = maps[..., 0], maps[..., 1]
             label_maps.append(model_labels(aug_mask, aug_cone, num_labels, f"{where}/{split}/{src['key']}"))
             metas.append((j, mine[j], src, aug_mask, aug_cone))
         # A host with fewer samples left pads its rows (every host runs the same number of calls).

@@ -1,6 +1,7 @@
 """Structure labels, the SDM 5-label map, and mask augmentation (SPEC A1, A3)."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from jaxboost.data import augment, labels, phantom
 
@@ -59,3 +60,35 @@ def test_augment_applies_one_draw_to_mask_and_cone():
     shift = np.argwhere(m == 1).min(0) - np.argwhere(mask == 1).min(0)
     assert np.abs(shift).max() <= 4
     np.testing.assert_array_equal(c[20:50, 20:44], np.roll(cone, tuple(shift), (0, 1))[20:50, 20:44])
+
+
+def test_augment_batch_without_elastic_is_scipys_nearest_affine_transform():
+    # The warp's affine part against scipy.ndimage.affine_transform (order 0 = nearest, outside -> 0) on the
+    # same draw. Our coordinates are float32 and scipy's float64, so a coordinate within ~1e-5 of a half
+    # rounds either way: a few boundary pixels (<1%) may differ, each to a label of scipy's 3x3 neighbourhood.
+    maps = np.stack([_mask(), phantom.sector_cone(64, 64)], -1)
+    cfg = augment.AugmentConfig(elastic=False)
+    rngs = [np.random.default_rng(i) for i in range(6)]
+    out = augment.augment_batch(np.stack([maps] * 6), rngs, cfg)
+    for i in range(6):
+        inverse, offset, _ = augment.draw_augmentation(np.random.default_rng(i), (64, 64), cfg)
+        for m in range(2):
+            want = ndimage.affine_transform(maps[..., m], inverse.astype(np.float64), offset.astype(np.float64),
+                                            order=0, mode="constant", cval=0)
+            differ = out[i, ..., m] != want
+            assert differ.mean() < 0.01
+            low, high = ndimage.minimum_filter(want, 3), ndimage.maximum_filter(want, 3)
+            assert ((out[i, ..., m] >= low) & (out[i, ..., m] <= high))[differ].all()
+
+
+def test_augment_batch_rows_do_not_depend_on_the_batch_and_match_augment_mask():
+    mask, cone = _mask(), phantom.sector_cone(64, 64)
+    maps = np.stack([np.stack([np.roll(mask, i, 0), cone], -1) for i in range(5)])
+    batch = augment.augment_batch(maps, [np.random.default_rng([7, i]) for i in range(5)])
+    for i in range(5):
+        m, c = augment.augment_mask(np.roll(mask, i, 0), np.random.default_rng([7, i]), cone=cone)
+        np.testing.assert_array_equal(batch[i, ..., 0], m)
+        np.testing.assert_array_equal(batch[i, ..., 1], c)
+    # The elastic field moves pixels beyond the affine map (it is on by default).
+    affine = augment.augment_batch(maps[:1], [np.random.default_rng([7, 0])], augment.AugmentConfig(elastic=False))
+    assert (affine[0] != batch[0]).any()

@@ -1,8 +1,12 @@
 """Prompts P0-P7 against sentences written out by hand (SPEC A2), and the mask-shape classifier."""
+import itertools
+
 import numpy as np
 import pytest
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
-from jaxboost.data import prompts
+from jaxboost.data import augment, phantom, prompts
 
 
 def test_prompts_73_year_old_female_poor_4ch_es_myocardium():
@@ -107,3 +111,48 @@ def test_age_article_follows_the_spoken_word_for_every_age_0_to_120():
         assert f" of {article} {prompts.age_in_words(age)}-year-old female." in p5, (age, p5)
     assert prompts.make_prompts("LA", "4CH", "ES", "M", 86, "Poor", "oval")[7][0].endswith(
         "of an eighty-six-year-old male with poor image quality.")
+
+
+def _reference_shape(region: np.ndarray) -> str:
+    """mask_shape's rules written out plainly: largest 4-connected component, convex hull of every corner
+    of every pixel, rotating calipers over each hull edge, every triangle of the (<= 40 subsampled) hull."""
+    components, count = ndimage.label(region)
+    if count == 0:
+        return "oval"
+    region = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    pixels = np.argwhere(region)
+    corners = np.concatenate([pixels + d for d in ((0, 0), (0, 1), (1, 0), (1, 1))]).astype(float)
+    poly = corners[ConvexHull(corners).vertices]
+    x, y = poly[:, 1], poly[:, 0]
+    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    best = None
+    for a, b in zip(poly, np.roll(poly, -1, 0)):
+        u = (b - a) / np.hypot(*(b - a))
+        along, across = poly @ u, poly @ np.array([-u[1], u[0]])
+        sides = (np.ptp(along), np.ptp(across))
+        if best is None or sides[0] * sides[1] < best[0] * best[1]:
+            best = sides
+    long_side, short_side = max(best), min(best)
+    if len(poly) > 40:
+        poly = poly[np.linspace(0, len(poly) - 1, 40).astype(int)]
+    i, j, k = np.asarray(list(itertools.combinations(range(len(poly)), 3))).T
+    (ay, ax), (by, bx) = (poly[j] - poly[i]).T, (poly[k] - poly[i]).T
+    triangle = np.abs(ax * by - ay * bx).max() / 2
+    if triangle / area > 0.8:
+        return "triangle"
+    if area / (long_side * short_side) > 0.9:
+        return "square" if long_side / short_side < 1.2 else "rectangle"
+    return "circle" if long_side / short_side < 1.2 else "oval"
+
+
+def test_mask_shapes_match_the_plain_rules_on_1152_augmented_phantom_masks():
+    # 384 augmented phantom masks x 3 structures: the fast hull (row-extreme corners, all labels of a mask
+    # cropped and labelled at once) gives the word of the plain computation on every one.
+    rng = np.random.default_rng(0)
+    hearts = [phantom._draw_view(rng, phantom._patient_anatomy(rng), "4CH" if i % 2 else "2CH",
+                                 "ED" if i % 4 < 2 else "ES", "Good", 128, 128)[1] for i in range(48)]
+    rngs = [np.random.default_rng([3, i]) for i in range(384)]
+    masks = augment.augment_batch(np.stack([hearts[i % 48] for i in range(384)])[..., None], rngs)[..., 0]
+    for mask in masks:
+        words = prompts.mask_shapes(mask, (1, 2, 3))
+        assert words == {label: _reference_shape(mask == label) for label in (1, 2, 3)}

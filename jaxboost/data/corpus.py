@@ -154,8 +154,8 @@ def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, 
     cone = labels_lib.cone_from_image(image) if cone is None else np.asarray(cone, np.uint8)
     image_s, mask_s, cone_s = resize(image, size, False), resize(mask, size, True), resize(cone, size, True)
     present = [s for s in labels_lib.STRUCTURES if (mask_s == labels_lib.LABEL_OF[s]).any()]
-    prompts = {s: prompts_lib.make_prompts(s, view, phase, sex, age, quality,
-                                           prompts_lib.mask_shape(mask == labels_lib.LABEL_OF[s]),
+    shapes = prompts_lib.mask_shapes(mask, [labels_lib.LABEL_OF[s] for s in present])
+    prompts = {s: prompts_lib.make_prompts(s, view, phase, sex, age, quality, shapes[labels_lib.LABEL_OF[s]],
                                            drop_quality=drop_quality) for s in present}
     return dict(key=f"{source}/{name}", image=image_s, mask=mask_s, cone=cone_s,
                 orig_mask=mask if keep_orig_mask else np.zeros((0, 0), np.uint8), structures=present,
