@@ -99,7 +99,9 @@ class Task:
         variables = self.host_variables()
         if shardings is None:
             return init(jax.tree.map(jnp.asarray, variables))
-        placement = parallel.shardings_for(jax.eval_shape(lambda: variables), self.mesh)
+        # Placed on the mesh the caller's shardings name (a caller may build the state for another mesh).
+        mesh = next((s.mesh for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")), self.mesh)
+        placement = parallel.shardings_for(jax.eval_shape(lambda: variables), mesh)
         return init(jax.tree.map(lambda v, s: jax.make_array_from_callback(np.shape(v), s,
                                                                           lambda i, v=v: np.asarray(v)[i]),
                                  variables, placement))
