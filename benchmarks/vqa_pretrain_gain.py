@@ -73,7 +73,7 @@ def run(quick: bool = False, patients: int | None = None, pretrain_steps: int | 
     rows = []
     for name in ("from pretraining", "from scratch"):
         acc = lambda key: 100 * np.array([per_seed[s][name]["test"][key] for s in seeds])
-        overall, open_, closed = acc("test_overall"), acc("test_open"), acc("test_closed")
+        overall, open_, closed = acc("test/overall"), acc("test/open"), acc("test/closed")
         seconds = float(np.mean([per_seed[s][name]["seconds"] for s in seeds]))
         span = lambda a: f"{a.mean():.1f}" + (f" [{a.min():.1f}-{a.max():.1f}]" if len(a) > 1 else "")
         rows.append(Row(f"mumc/echo-vqa finetune {finetune_steps} steps", name, seconds / finetune_steps,

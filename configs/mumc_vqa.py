@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05,
                    schedule="cosine" if tiny else "mumc_epoch_cosine", min_lr=1e-8, warmup_steps=0)
     c.init_from = ""                 # pretraining workdir; answer decoder from its text layers 6-11
-    c.best_metric = "val_overall"
+    c.best_metric = "val/overall"
     c.best_mode = "max"
     c.log_every = 20 if tiny else 100
     c.eval_every = 100 if tiny else 1000

@@ -185,11 +185,11 @@ def test_vqa_finetune_from_pretraining_runs_and_reports_accuracy(pretrained, ech
     assert (workdir / "tokenizer" / "vocab.txt").read_text() == (pt_dir / "tokenizer" / "vocab.txt").read_text()
     result = mumc_vqa.evaluate(vqa_config(echo_vqa), workdir, "test")
     n_items = len(json.loads((echo_vqa / "testset.json").read_text()))
-    assert result["test_n"] == n_items == result["test_n_open"] + result["test_n_closed"]
+    assert result["test/n"] == n_items == result["test/n_open"] + result["test/n_closed"]
     for kind in ("overall", "open", "closed"):
-        assert 0.0 <= result[f"test_{kind}"] <= 1.0
-    overall = (result["test_open"] * result["test_n_open"] + result["test_closed"] * result["test_n_closed"]) / n_items
-    assert result["test_overall"] == pytest.approx(overall)
+        assert 0.0 <= result[f"test/{kind}"] <= 1.0
+    overall = (result["test/open"] * result["test/n_open"] + result["test/closed"] * result["test/n_closed"]) / n_items
+    assert result["test/overall"] == pytest.approx(overall)
     table = capsys.readouterr().out
     assert "overall" in table and "closed" in table and "fixed protocol" in table
 

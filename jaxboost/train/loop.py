@@ -185,19 +185,38 @@ def _next_batch(task: Task, train_iter, clock: StepClock):
     return parallel.shard_batch(task.mesh, host_batch)
 
 
+def _progress(config, task, length, initial: int):
+    """The step bar, made once the first step has compiled, so its rate and ETA count steps only."""
+    from tqdm.auto import tqdm
+    return tqdm(total=length.total_steps, initial=initial, desc=config.get("name", task.name), mininterval=5.0,
+                disable=not parallel.is_main_process(), dynamic_ncols=True)
+
+
+def _in_phase(bar, what: str, fn, *args):
+    """Runs fn(*args) with the bar saying what the loop is doing (evaluation and checkpoints take seconds
+    to minutes with no step moving)."""
+    desc = bar.desc
+    bar.set_description_str(f"{desc} ({what})", refresh=True)
+    try:
+        return fn(*args)
+    finally:
+        bar.set_description_str(desc, refresh=False)
+
+
 def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
     """The step loop; returns (state, last step metrics, last logged metrics, eval history, wall seconds)."""
     task, config, length = run.task, run.task.config, run.task.length
     jit_step = jax.jit(task.step_fn, out_shardings=(run.shardings, None), donate_argnums=(0,))
-    from tqdm.auto import tqdm
     start = int(state.step)
-    bar = tqdm(total=length.total_steps, initial=start, desc=config.get("name", task.name), mininterval=5.0,
-               disable=not parallel.is_main_process(), dynamic_ncols=True)
     last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
+    bar = None
     for step in range(start, length.total_steps):
         batch = _next_batch(task, train_iter, clock)
         if step == start:   # the compile: not a step's time
+            if parallel.is_main_process():
+                print(f"[jaxboost] compiling the {task.name} step ...", flush=True)
             state, metrics = _timed(clock, lambda: jax.block_until_ready(jit_step(state, batch)))
+            bar = _progress(config, task, length, step)
         else:
             state, metrics = jit_step(state, batch)
             clock.steps += 1
@@ -209,17 +228,18 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
             last.update(steps_per_s=(done - start) / max(time.time() - t0, 1e-9), **clock.read())
             run.writer.write(done, {f"train/{k}": v for k, v in last.items()})
         if task.evaluate and length.eval_every and (done % length.eval_every == 0 or done == length.total_steps):
-            state, em = _timed(clock, run.evaluate, state, done)
+            state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
             history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
-            _timed(clock, run.save, done, state, metrics, train_iter)
+            _in_phase(bar, "saving", _timed, clock, run.save, done, state, metrics, train_iter)
         if preempt.agreed(done, config.get("preemption_check_every", 10)):
             run.save(done, state, metrics, train_iter, force=True)
             run.close()
             raise preempt.exit(done, run.workdir / "ckpt")
         if run.early_stop(done):
             break
-    bar.close()
+    if bar is not None:
+        bar.close()
     return state, metrics, last, history, time.time() - t0
 
 

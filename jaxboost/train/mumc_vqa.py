@@ -230,14 +230,15 @@ def make_predictor(config, model, tokenizer, candidates, mesh):
 
 
 def make_evaluator(config, predict, images: ImageCache):
-    """(params, split) -> {split}_overall, _open, _closed, per question type (accuracy)."""
+    """(params, split) -> {split}/overall, /open, /closed, per question type (accuracy; named as the other
+    tasks' metrics, e.g. val/dice_mean)."""
     def evaluate(params, split: str) -> dict:
         items = vqa_lib.load_vqa(config.data.root, split, image_dir=config.data.image_dir,
                                  val_fraction=config.data.val_fraction, seed=config.seed)
         if not items:
             raise ValueError(f"{config.data.root}: split {split!r} is empty")
         acc = vqa_lib.accuracy(predict(params, items, images), items, config.protocol)
-        return {f"{split}_{k}": float(v) for k, v in acc.items()}
+        return {f"{split}/{k}": float(v) for k, v in acc.items()}
     return evaluate
 
 
@@ -312,7 +313,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
 def train(config, workdir):
     if not config.get("best_metric", ""):
         config = ml_collections.ConfigDict(config.to_dict())
-        config.best_metric = f"{selection_split(config)}_overall"
+        config.best_metric = f"{selection_split(config)}/overall"
     task = make_task(config, workdir)
     # (not in task.info: run.json holds plain JSON)
     train_items = vqa_lib.load_vqa(task.config.data.root, "train", image_dir=task.config.data.image_dir,
@@ -337,7 +338,7 @@ def evaluate(config, workdir, split: str = "test") -> dict:
           f"{run.task.info['candidates']} candidates)")
     print(f"  {'':16s} {'accuracy':>9s} {'n':>6s}")
     rows = [("overall", "n"), ("open", "n_open"), ("closed", "n_closed")]
-    rows += [(k[len(split) + 1:], f"n_{k[len(split) + 1:]}") for k in result if k.startswith(f"{split}_type/")]
+    rows += [(k[len(split) + 1:], f"n_{k[len(split) + 1:]}") for k in result if k.startswith(f"{split}/type/")]
     for kind, n in rows:
-        print(f"  {kind:16s} {100 * result[f'{split}_{kind}']:8.1f}% {int(result[f'{split}_{n}']):6d}")
+        print(f"  {kind:16s} {100 * result[f'{split}/{kind}']:8.1f}% {int(result[f'{split}/{n}']):6d}")
     return result
