@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.harness import Row
+from jaxboost import plots
 
 SIZE = 64
 # (sampler, steps): the few-step ones and the DDIM-50 reference first, DDPM last: a bounded run keeps them.
@@ -113,7 +114,8 @@ def sample_and_score(name: str, steps: int, ctx: dict, n_masks: int, seeds: list
     seconds = time.perf_counter() - t0
     pred = unet_seg.predict_labels(ctx["unet_cfg"], ctx["unet"], ctx["unet_params"], images, ctx["mesh"])
     dice = dice_per_image(pred, np.tile(ctx["masks"][:n_masks], (len(seeds), 1, 1))).reshape(len(seeds), n_masks)
-    _save_grid(ctx["root"] / f"fidelity_{name}{steps}.png", images, ctx["masks"][:n_masks], pred)
+    _save_grid(ctx["root"] / f"fidelity_{name}{steps}.png", f"{name}-{steps}", images, ctx["masks"][:n_masks],
+               pred)
     return {"dice": dice, "seconds": seconds, "images": n_masks * len(seeds)}
 
 
@@ -189,23 +191,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(path.with_suffix(".json.tmp"), path)  # no half-written result
 
 
-def _save_grid(path: Path, images: np.ndarray, masks: np.ndarray, pred: np.ndarray) -> None:
-    """Rows of (synthetic image, conditioning mask, U-Net prediction) for a look by eye."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _save_grid(path: Path, name: str, images: np.ndarray, masks: np.ndarray, pred: np.ndarray) -> None:
+    """Rows of (synthetic image, conditioning mask, U-Net prediction), one column per image, for a look by eye."""
     n = min(len(images), 8)
-    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
-    for i in range(n):
-        for row, (img, cmap, title) in enumerate([(images[i], "gray", "sample"),
-                                                  (masks[i], "viridis", "mask"), (pred[i], "viridis", "U-Net")]):
-            axes[row, i].imshow(img, cmap=cmap, vmin=0, vmax=255 if row == 0 else 3)
-            axes[row, i].set_axis_off()
-            if i == 0:
-                axes[row, i].set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    rows = [list(images[:n]), [plots.label_colours(m) for m in masks[:n]],
+            [plots.label_colours(p) for p in pred[:n]]]
+    titles = [[t] + [""] * (n - 1) for t in ("sample", "mask", "U-Net")]
+    plots.image_grid(path, rows, titles, title=f"SDM fidelity: {name}", cell_inches=1.6)
 
 
 def _seed_list(value: str) -> list[int]:

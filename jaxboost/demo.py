@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxboost import config as config_lib
-from jaxboost import registry
+from jaxboost import plots, registry
 
 REGIMES = ("real", "synthetic", "pretrain_finetune")
 MODELS = ("clipseg", "cris")
@@ -256,49 +256,24 @@ def plot_curves(path: Path, model: str, per_seed: dict, convergence: dict) -> No
 
 
 def plot_samples(path: Path, synthetic: Path, n: int = 6) -> None:
-    """Synthetic images with the mask that conditioned them (one structure each) and their P3 prompt."""
-    from matplotlib.patches import Patch
-
+    """Synthetic images with the mask that conditioned them (one structure each) and their structure."""
     from jaxboost.data import corpus as corpus_lib
-    plt = _pyplot()
     source = corpus_lib.open_corpus(synthetic).source("train")
     idx = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
-    fig, axes = plt.subplots(1, len(idx), figsize=(2.4 * len(idx), 3.0), squeeze=False)
-    for ax, i in zip(axes[0], idx):
-        record = source[int(i)]
-        mask = np.asarray(record["mask"]) == int(record["label"])
-        ax.imshow(record["image"], cmap="gray", vmin=0, vmax=255)
-        ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
-        ax.set_title(record["structure"], fontsize=8)
-        ax.set_xlabel("x (px)", fontsize=7)
-        ax.tick_params(labelsize=6)
-    axes[0][0].set_ylabel("y (px)", fontsize=7)
-    fig.legend(handles=[Patch(color="orange", alpha=0.6, label="conditioning mask (one structure)")],
-               loc="lower center", fontsize=8)
-    fig.suptitle("Synthetic triplets: SDM images drawn from real masks", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    records = [source[int(i)] for i in idx]
+    row = [plots.overlay(r["image"], np.where(r["mask"] == r["label"], r["label"], 0)) for r in records]
+    plots.image_grid(path, [row], [[r["structure"] for r in records]],
+                     title="Synthetic triplets: SDM images drawn from real masks (tinted: the conditioning mask)")
 
 
 def plot_overlays(path: Path, model: str, source_png: Path) -> None:
-    """The trainer's overlay grid (image | ground truth | prediction rows) with a title, labels and legend."""
-    from matplotlib.patches import Patch
-    plt = _pyplot()
-    image = plt.imread(str(source_png))
-    h, w = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(w / 100 + 0.6, h / 100 + 1.0))
-    ax.imshow(image)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel("columns: image | ground truth | prediction")
-    ax.set_ylabel("test images (one structure each)")
-    ax.set_title(f"{model}, synthetic pretrain -> real finetune, test split")
-    ax.legend(handles=[Patch(color="orange", alpha=0.6, label="structure (mask or prediction)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.04), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """The trainer's overlay grid (image | ground truth | prediction rows) under the demo's title."""
+    from PIL import Image
+    with Image.open(source_png) as png:
+        image = np.asarray(png.convert("RGB"))
+    plots.image_grid(path, [[image]], [["columns: image | ground truth | prediction; rows: test images"]],
+                     title=f"{model}, synthetic pretrain -> real finetune, test split",
+                     cell_inches=max(image.shape[:2]) / 100)
 
 
 # ------------------------------------------------------------------------------------------ report

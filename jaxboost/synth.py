@@ -290,6 +290,33 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     mesh: default the run config's mesh over all devices.
     """
     checkpoint, masks, out = Path(checkpoint), Path(masks), Path(out)
+    splits, guidance = _checked_arguments(splits, per_mask, steps, guidance, sampler, eta)
+    source_corpus = corpus_lib.open_corpus(masks)
+    config, params, ckpt_step, mesh = _open_sdm_run(checkpoint, masks, source_corpus, mesh, guidance)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * shards
+    parallel.check_batch_divides(mesh, batch_size)
+    hosts = jax.process_count()
+
+    settings = {"checkpoint": str(checkpoint.absolute()), "checkpoint_step": int(ckpt_step),
+                "masks": str(masks.absolute()), "per_mask": int(per_mask), "sampler": sampler, "steps": int(steps),
+                "guidance": None if guidance is None else float(guidance), "eta": float(eta), "seed": int(seed),
+                "splits": list(splits), "num_writers": hosts}
+    writer = _open_writer(out, settings, config.model.image_size, records_per_shard)
+    sample, fetch = _compiled_sampler(config, params, mesh, sampler, steps, eta, guidance)
+    stats = sample_and_write(sample, fetch, writer, source_corpus, splits=splits, per_mask=per_mask, seed=seed,
+                             num_labels=config.model.num_labels, local_batch=batch_size // hosts, where=str(masks),
+                             progress=progress and parallel.is_main_process())
+    manifest = _close_corpus(writer, out, settings)
+    if progress and parallel.is_main_process():
+        print(f"[jaxboost] synth: {manifest['counts']} records in {out} ({stats.sampled * hosts} images sampled in "
+              f"{stats.seconds:.1f}s; device idle {stats.idle_fraction:.1%} of the sampling time, waiting "
+              f"for the host)", flush=True)
+    return manifest
+
+
+def _checked_arguments(splits, per_mask: int, steps: int, guidance, sampler: str, eta: float):
+    """-> (splits tuple, guidance or None for conditional-only); a bad value fails before any output."""
     splits = tuple(splits.split(",")) if isinstance(splits, str) else tuple(splits)
     for split in splits:
         if split not in SYNTH_SPLITS:
@@ -301,10 +328,13 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     if guidance is not None and float(guidance) in (0.0, 1.0):
         guidance = None
     samplers.sampler_spec(sampler, eta)  # an unknown sampler or an eta it has none of fails before any output
-    source_corpus = corpus_lib.open_corpus(masks)
+    return splits, guidance
 
+
+def _open_sdm_run(checkpoint: Path, masks: Path, source_corpus, mesh, guidance):
+    """-> (config, params, checkpoint step, mesh) of the SDM run, checked against the masks corpus."""
     # The model first: a folder that is not an SDM run fails before anything is written.
-    probe = Path(checkpoint) / "config.json"
+    probe = checkpoint / "config.json"
     if not probe.is_file():
         raise FileNotFoundError(f"{probe}: not found; --checkpoint {checkpoint} is not a jaxboost SDM run folder")
     import ml_collections
@@ -314,66 +344,61 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
                      f"{checkpoint}/config.json")
     mesh = mesh or parallel.mesh_from_config(config)
     config, params, ckpt_step = sdm_train.load_run(checkpoint, mesh)
-    size, channels, num_labels = config.model.image_size, config.model.in_channels, config.model.num_labels
+    size = config.model.image_size
     if source_corpus.size != size:
         raise ValueError(f"{masks}: masks corpus is {source_corpus.size} px but the SDM in {checkpoint} "
                          f"generates {size} px images; build the masks corpus at --size {size}")
     if guidance is not None:
         sdm_train.warn_unguided_training(config, guidance)
+    return config, params, ckpt_step, mesh
 
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * shards
-    parallel.check_batch_divides(mesh, batch_size)
-    hosts, host = jax.process_count(), jax.process_index()
 
-    settings = {"checkpoint": str(checkpoint.absolute()), "checkpoint_step": int(ckpt_step),
-                "masks": str(masks.absolute()), "per_mask": int(per_mask), "sampler": sampler, "steps": int(steps),
-                "guidance": None if guidance is None else float(guidance), "eta": float(eta), "seed": int(seed),
-                "splits": list(splits), "num_writers": hosts}
+def _open_writer(out: Path, settings: dict, size: int, records_per_shard: int) -> corpus_lib.CorpusWriter:
+    """Process 0 claims the folder first (config.json), then every host opens its writer."""
     extra_config = {"source": "synthetic", "synth": settings}
-    # Process 0 claims the folder first (config.json), then every host opens its writer.
+    host = jax.process_index()
     if host == 0:
         corpus_lib.claim_folder(out, {"format": corpus_lib.FORMAT_NAME, "schema_version": corpus_lib.SCHEMA_VERSION,
                                       "size": size, "images_per_shard": corpus_lib.images_per_shard(records_per_shard),
                                       **extra_config})
     _barrier("synth_claim")
-    writer = corpus_lib.CorpusWriter(out, size=size, source="synthetic", writer_id=host,
-                                     records_per_shard=records_per_shard, extra_config=extra_config)
+    return corpus_lib.CorpusWriter(out, size=size, source="synthetic", writer_id=host,
+                                   records_per_shard=records_per_shard, extra_config=extra_config)
 
+
+def _compiled_sampler(config, params, mesh, sampler: str, steps: int, eta: float, guidance):
+    """-> (sample(labels_np, keys_np) -> images, dispatched not waited for; fetch(images) -> this host's
+    rows as uint8 images)."""
     dtype = None if config.sampler.get("dtype", "float32") == "float32" else jnp.dtype(config.sampler.dtype)
+    num_labels = config.model.num_labels
     run = samplers.make_sampler(
-        sdm_train.apply_fn_for(sdm_train.build_model(config)), sdm_train.make_schedule(config), channels=channels,
-        sampler=sampler, steps=steps, eta=eta, guidance=guidance, dtype=dtype)
+        sdm_train.apply_fn_for(sdm_train.build_model(config)), sdm_train.make_schedule(config),
+        channels=config.model.in_channels, sampler=sampler, steps=steps, eta=eta, guidance=guidance, dtype=dtype)
     params = samplers.cast_params(params, dtype)  # once, not in every sampler call
     sample_fn = jax.jit(lambda p, labels, keys: run(p, sdm_train.one_hot_labels(labels, num_labels), keys))
     label_sharding = parallel.batch_sharding(mesh, 3)
     key_sharding = parallel.batch_sharding(mesh, 2)
 
-    def sample(labels_np, keys_np):  # dispatched, not waited for
+    def sample(labels_np, keys_np):
         return sample_fn(params, jax.make_array_from_process_local_data(label_sharding, labels_np),
                          jax.make_array_from_process_local_data(key_sharding, keys_np))
 
-    def fetch(images) -> np.ndarray:  # this host's rows, as uint8 images
+    def fetch(images) -> np.ndarray:
         local = np.concatenate([np.asarray(s.data) for s in
                                 sorted(images.addressable_shards, key=lambda s: s.index[0].start or 0)])
         return sdm_train.images_to_uint8(local)
+    return sample, fetch
 
-    stats = sample_and_write(sample, fetch, writer, source_corpus, splits=splits, per_mask=per_mask, seed=seed,
-                             num_labels=num_labels, local_batch=batch_size // hosts, where=str(masks),
-                             progress=progress and parallel.is_main_process())
-    made = stats.sampled
+
+def _close_corpus(writer: corpus_lib.CorpusWriter, out: Path, settings: dict) -> dict:
+    """Every host closes its writer, then process 0 writes the manifest; -> the manifest (on every host)."""
     writer.close()
     _barrier("synth_writers_closed")
-    if host == 0:
-        corpus_lib.finalize_corpus(out, expect_writers=hosts,
+    if jax.process_index() == 0:
+        corpus_lib.finalize_corpus(out, expect_writers=jax.process_count(),
                                    source_info={"kind": "synthetic", **settings})
     _barrier("synth_finalized")
-    manifest = json.loads((out / "manifest.json").read_text())
-    if progress and parallel.is_main_process():
-        print(f"[jaxboost] synth: {manifest['counts']} records in {out} ({made * hosts} images sampled in "
-              f"{stats.seconds:.1f}s; device idle {stats.idle_fraction:.1%} of the sampling time, waiting "
-              f"for the host)", flush=True)
-    return manifest
+    return json.loads((out / "manifest.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -61,20 +61,25 @@ def test_clip_text_tower_matches_hf(eos_token_id):
 
 @pytest.mark.parametrize("size", [64, 96])  # the trained grid, and a bicubic-resized position embedding
 def test_clip_vision_tower_matches_hf(size):
+    """`clip.clip_vit`, the tower CLIPSeg builds: every hidden state, the pooled class token and its projection."""
     torch.manual_seed(0)
     hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
                                                         projection_dim=24)).eval()
     take = convert_clip.Taker({k: v.numpy() for k, v in hf.state_dict().items()}, "hf")
-    params = {"vit": convert_clip.hf_vision_params(take, "vision_model.", 2, post_norm=True),
-              "visual_projection": take.dense("visual_projection", bias=False)}
-    module = clip.VisionEncoder(32, 2, 2, 64, 16, 64, 24)
+    params = convert_clip.hf_vision_params(take, "vision_model.", 2, post_norm=True)
+    module = clip.clip_vit(32, 2, 2, 64, 16, 64)
     pixels = np.random.default_rng(1).normal(size=(2, 3, size, size)).astype(np.float32)
-    ref = hf.get_image_features(pixel_values=torch.tensor(pixels), interpolate_pos_encoding=True)
-    ref = getattr(ref, "pooler_output", ref).detach().numpy()
-    _, ours = module.apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
-    with pytest.raises(ValueError, match="3"):
-        module.apply({"params": params}, jnp.zeros((1, size, size, 1)))
+    ref = hf.vision_model(pixel_values=torch.tensor(pixels), output_hidden_states=True,
+                          interpolate_pos_encoding=True)
+    ref_features = hf.get_image_features(pixel_values=torch.tensor(pixels), interpolate_pos_encoding=True)
+    ref_features = getattr(ref_features, "pooler_output", ref_features).detach().numpy()
+    tokens, hidden = module.apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                                  output_hidden_states=True)
+    for ours, theirs in zip(hidden, ref.hidden_states, strict=True):
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(tokens[:, 0], ref.pooler_output.detach().numpy(), atol=1e-5)
+    projection = take.dense("visual_projection", bias=False)["kernel"]
+    np.testing.assert_allclose(np.asarray(tokens[:, 0]) @ projection, ref_features, atol=1e-5)
 
 
 def _rn_reference(pool):

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from jaxboost import plots
 from jaxboost.data import camus, corpus, labels, phantom, prompts
 
 SMALL = (48, 40)
@@ -298,8 +299,8 @@ def test_corpus_show_prints_counts_and_draws_grid(built, tmp_path):
     on_disk = sum(p.stat().st_size for p in built.glob("*.array_record"))
     assert shown["bytes_per_triplet"] == pytest.approx(on_disk / 72)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    overlay = corpus_show.overlay(np.zeros((4, 4), np.uint8), np.eye(4, dtype=np.uint8), label=1)
-    assert overlay.shape == (4, 4, 3) and overlay[0, 0, 0] > overlay[0, 0, 1]
+    overlay = plots.overlay(np.zeros((4, 4), np.uint8), np.eye(4, dtype=np.uint8))  # label 1: LV, red
+    assert overlay.shape == (4, 4, 3) and overlay[0, 0, 0] > overlay[0, 0, 1] and not overlay[0, 1].any()
 
 
 def _copy(built, tmp_path):

@@ -5,13 +5,12 @@ import collections
 import json
 import os
 import sys
-import textwrap
 
 import numpy as np
 
+from jaxboost import plots
 from jaxboost.data import corpus as corpus_lib
 
-_OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240]], np.float32)  # by label
 SHOWN_PROMPT = (7, 0)  # P7 (shape + every attribute), ending "of the heart": printed and drawn alike
 
 
@@ -35,37 +34,19 @@ def summarize(corpus: corpus_lib.Corpus, n_examples: int = 8) -> dict:
     return summary
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, label: int | None = None, alpha: float = 0.45) -> np.ndarray:
-    """[S, S] uint8 image + [S, S] labels -> [S, S, 3] uint8 with the labels (or just `label`) tinted."""
-    rgb = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
-    shown = mask if label is None else np.where(mask == label, mask, 0)
-    tint = _OVERLAY_COLOURS[shown]
-    blend = np.where(shown[..., None] > 0, (1 - alpha) * rgb + alpha * tint, rgb)
-    return blend.clip(0, 255).astype(np.uint8)
-
-
 def draw_grid(corpus: corpus_lib.Corpus, png_path: str, n: int = 8, split: str | None = None) -> None:
     """n rows of (image, structure overlay, P7 prompt text) from the first non-empty split."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     split = split or next(s for s in corpus_lib.SPLITS if corpus.split_len(s) > 0)
     source = corpus.source(split)
     indices = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
-    fig, axes = plt.subplots(len(indices), 3, figsize=(9, 2.6 * len(indices)), squeeze=False)
-    for row, index in zip(axes, indices):
+    rows, titles = [], []
+    for index in indices:
         record = source[int(index)]
-        row[0].imshow(record["image"], cmap="gray", vmin=0, vmax=255)
-        row[0].set_title(record["key"], fontsize=7)
-        row[1].imshow(overlay(record["image"], record["mask"], record["label"]))
-        row[1].set_title(f"{record['structure']} (label {record['label']})", fontsize=7)
-        row[2].text(0, 0.5, textwrap.fill(record["prompts"][SHOWN_PROMPT[0]][SHOWN_PROMPT[1]], 40), fontsize=7,
-                    va="center")
-        for ax in row:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
+        structure = np.where(record["mask"] == record["label"], record["mask"], 0)
+        rows.append([record["image"], plots.overlay(record["image"], structure),
+                     record["prompts"][SHOWN_PROMPT[0]][SHOWN_PROMPT[1]]])
+        titles.append([record["key"], f"{record['structure']} (label {record['label']})", ""])
+    plots.image_grid(png_path, rows, titles, title=f"{corpus.path}: {split} split")
 
 
 def add_arguments(parser) -> None:

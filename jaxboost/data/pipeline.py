@@ -6,8 +6,8 @@ The global batch of every step is the same examples in the same order (with the 
 whatever the number of hosts: host p's batch is slice p of the one global order (see _HostSliceSampler).
 `iter(loader)` gives a grain iterator whose `get_state()/set_state()` (or orbax via
 `grain.PyGrainCheckpointHandler`) saves and restores the position exactly.
-`host_batch_to_global` turns host batches into global jax.Arrays on a mesh; `prefetch_to_device` keeps a
-few of them in flight.
+`prefetch_to_device` keeps a few batches in flight on the devices (placed as `jaxboost.parallel.shard_batch`
+places them).
 
 Host work is kept to reading: with `host_uint8=True` the transforms hand over the stored uint8 grayscale
 (1/12 of the bytes of float32 x 3 channels) and `device_preprocess(batch, config, rng)`, called inside the
@@ -195,13 +195,6 @@ def prefetch_to_device(batches: Iterable[dict], sharding_for: Callable[[int], ob
             yield queue.popleft()
     while queue:
         yield queue.popleft()
-
-
-def host_batch_to_global(batch: dict, sharding) -> dict:
-    """Host-local numeric arrays -> global jax.Arrays sharded on `sharding` (strings are left on the host)."""
-    import jax
-    return {k: (jax.make_array_from_process_local_data(sharding, v) if np.asarray(v).dtype.kind in "biuf" else v)
-            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- transforms

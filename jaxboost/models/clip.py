@@ -92,30 +92,6 @@ def clip_vit(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16, ima
                      dtype=dtype, name=name)
 
 
-class VisionEncoder(nn.Module):
-    """CLIP's ViT with the visual projection: images [B, H, W, 3] -> (tokens [B, 1+N, D] after ln_post,
-    pooled [B, projection_dim] = projection of the class token)."""
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
-    image_size: int = 224
-    projection_dim: int = 512
-    attention_impl: str = "auto"
-    dtype: layers.Dtype | None = None
-
-    @nn.compact
-    def __call__(self, images):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [B, H, W, 3] (NHWC, RGB), got shape {images.shape}")
-        tokens = clip_vit(self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size, self.image_size,
-                          attention_impl=self.attention_impl, dtype=self.dtype, name="vit")(images)
-        pooled = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
-                          name="visual_projection")(tokens[:, 0])
-        return tokens, pooled
-
-
 def avg_pool(x, k: int):
     """torch AvgPool2d(k): kernel = stride = k, no padding, floor."""
     return x if k == 1 else nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")

@@ -83,11 +83,3 @@ class Model(nn.Module):
         if self.final_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_post")(x)
         return (x, hidden) if output_hidden_states else x
-
-
-def random_keep_indices(rng, batch: int, num_patches: int, drop_ratio: float):
-    """MAE-style random patch selection: [B, K] sorted indices of kept patches, K = N * (1 - ratio)."""
-    import jax
-    keep = int(round(num_patches * (1.0 - drop_ratio)))
-    noise = jax.random.uniform(rng, (batch, num_patches))
-    return jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1)

@@ -10,17 +10,15 @@ by the loop) is all `jaxboost synth` needs to rebuild the model, schedule and sa
 """
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxboost import parallel, registry
+from jaxboost import parallel, plots, registry
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.diffusion import losses as diffusion_losses
@@ -149,30 +147,11 @@ def images_to_uint8(images) -> np.ndarray:
     return np.clip(np.round((gray + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-_LABEL_COLOURS = np.array([[0, 0, 0], [220, 60, 60], [90, 90, 90], [60, 200, 90], [70, 120, 240]], np.uint8)
-
-
-def label_colours(labels: np.ndarray) -> np.ndarray:
-    """SDM label map [H, W] -> [H, W, 3] uint8 (outside cone black, tissue grey, LV red, MYO green, LA blue)."""
-    return _LABEL_COLOURS[np.clip(labels, 0, len(_LABEL_COLOURS) - 1)]
-
-
-def write_grid(path, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) -> None:
-    """One row per mask: mask | real image | sample, as one PNG (uint8 arrays, no matplotlib)."""
-    from PIL import Image
-    rows = []
-    for lab, img, smp in zip(labels, real, samples):
-        gray = lambda a: np.repeat(a[..., None], 3, -1)
-        pad = np.full((lab.shape[0], 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([label_colours(lab), pad, gray(img), pad, gray(smp)], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    grid = np.concatenate(rows[:-1], axis=0)
-    scale = max(1, 256 // labels.shape[1])
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(buffer, "PNG")
-    workdir_lib.write_atomic(path, buffer.getvalue())
+def write_sample_grid(path, step: int, labels: np.ndarray, real: np.ndarray, samples: np.ndarray) -> None:
+    """One row per validation mask: SDM label map | real image | sample (uint8 arrays)."""
+    rows = [[plots.label_colours(lab, plots.SDM_PALETTE), img, smp] for lab, img, smp in zip(labels, real, samples)]
+    titles = [["mask", "real", "sample"]] + [["", "", ""]] * (len(rows) - 1)
+    plots.image_grid(path, rows, titles, title=f"SDM samples at step {step} (fixed masks and noise)")
 
 
 # ------------------------------------------------------------------------------------------ task
@@ -194,8 +173,8 @@ def make_sample_grid(config, model, schedule, mesh, workdir):
     def write(params, step: int) -> None:
         samples = to_host(run_sampler(params, one_hot_labels(fixed["labels"], num_labels), fixed["keys"]))
         if parallel.is_main_process():
-            write_grid(workdir / "samples" / f"step_{step:06d}.png", val["labels"][:GRID_ROWS],
-                       images_to_uint8(val["image"][:GRID_ROWS]), images_to_uint8(samples[:GRID_ROWS]))
+            write_sample_grid(workdir / "samples" / f"step_{step:06d}.png", step, val["labels"][:GRID_ROWS],
+                              images_to_uint8(val["image"][:GRID_ROWS]), images_to_uint8(samples[:GRID_ROWS]))
     return write
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jaxboost import metrics as metrics_lib
-from jaxboost import parallel, registry
+from jaxboost import parallel, plots, registry
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import pipeline
 from jaxboost.data.labels import STRUCTURES
@@ -338,25 +338,17 @@ def _summarise(scores: dict, prefix: str) -> dict:
 
 
 def _draw_overlays(path, kept: dict, threshold, prompt):
-    """Rows of (image, ground truth, prediction) for the kept records (index -> (record, logits))."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(kept), 3, figsize=(7.5, 2.5 * len(kept)), squeeze=False)
-    for row, i in zip(axes, sorted(kept)):
+    """Rows of (image, ground truth, prediction) for the kept records (index -> (record, logits)), the
+    structure in its palette colour."""
+    rows, titles = [], []
+    for i in sorted(kept):
         r, logits = kept[i]
-        image = np.asarray(r["image"], np.float32)
-        gt = np.asarray(r["mask"]) == int(r["label"])
-        pred = metrics_lib.probabilities_at(logits, image.shape) > threshold
-        for ax, (title, m) in zip(row, (("image", None), ("ground truth", gt), ("prediction", pred))):
-            ax.imshow(image, cmap="gray")
-            if m is not None:
-                ax.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
-            ax.set_title(f"{title}" + (f" ({r['structure']}, P{prompt})" if m is None else ""), fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        image, label = np.asarray(r["image"]), int(r["label"])
+        gt = np.where(np.asarray(r["mask"]) == label, label, 0)
+        pred = np.where(metrics_lib.probabilities_at(logits, image.shape) > threshold, label, 0)
+        rows.append([image, plots.overlay(image, gt, alpha=0.5), plots.overlay(image, pred, alpha=0.5)])
+        titles.append([f"image ({r['structure']}, P{prompt})", "ground truth", "prediction"])
+    plots.image_grid(path, rows, titles, title=f"{Path(path).stem}: threshold {threshold:g}")
 
 
 def format_table(result: dict, split: str, prompts: list[int]) -> str:
