@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import Row
 from jaxboost import demo
 
 PAPER = {"clipseg": 1.71, "cris": 4.55}

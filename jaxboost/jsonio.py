@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 
 def jsonable(value):
@@ -35,14 +35,15 @@ def dumps(value, indent: int | None = 2) -> str:
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename: a reader (or a crash) never sees half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write `data` to `path` (local or remote, through etils.epath) via a temporary file and a rename: a
+    reader (or a crash) never sees half a file."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def write_json(path, value, indent: int | None = 2) -> Path:
+def write_json(path, value, indent: int | None = 2) -> epath.Path:
     """Strict JSON of `value` to `path`, atomically; returns the path."""
     write_atomic(path, (dumps(value, indent) + "\n").encode())
-    return Path(path)
+    return epath.Path(path)

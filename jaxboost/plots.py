@@ -59,7 +59,7 @@ def image_grid(path, rows: Sequence[Sequence], titles: Sequence[Sequence[str]] |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxboost.train import workdir as workdir_lib
+    from jaxboost import jsonio
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols, cell_inches * n_rows + 0.4 * bool(title)),
                              squeeze=False)
@@ -79,4 +79,4 @@ def image_grid(path, rows: Sequence[Sequence], titles: Sequence[Sequence[str]] |
     plt.close(fig)
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_atomic(path, buffer.getvalue())
+    jsonio.write_atomic(path, buffer.getvalue())

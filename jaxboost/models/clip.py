@@ -15,7 +15,6 @@ All images NHWC.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxboost.models import layers, vit

@@ -9,7 +9,6 @@ import numpy as np
 from etils import epath
 
 from jaxboost import jsonio, parallel
-from jaxboost.train import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -29,7 +28,7 @@ class MetricWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        workdir_lib.write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
+        jsonio.write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

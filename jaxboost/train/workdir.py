@@ -98,21 +98,13 @@ def check_same_corpus(workdir, config: ConfigDict) -> None:
                          f"corpus, or start a new --workdir (with --config.init_from={workdir} to continue)")
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Through a temporary file and a rename (local or remote workdirs): a reader never sees half a file."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def record(workdir, config: ConfigDict, info: dict) -> None:
     """Writes config.json (as given) and run.json (resolved values) once the run is accepted; process 0."""
     if not parallel.is_main_process():
         return
     workdir = epath.Path(workdir)
-    write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2).encode())
-    write_atomic(workdir / "run.json", jsonio.dumps(info).encode())
+    jsonio.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2).encode())
+    jsonio.write_atomic(workdir / "run.json", jsonio.dumps(info).encode())
 
 
 def read_info(workdir) -> dict:
