@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from jaxboost.export import open_vl_seg
 from jaxboost.export.cris import StateDictWriter
 
 
@@ -96,21 +96,7 @@ def hf_state_dict(params: dict) -> dict[str, np.ndarray]:
 
 def load_model(workdir: str) -> tuple[dict, dict]:
     """A converted folder (model.json) or a trained CLIPSeg run (best checkpoint) -> (model fields, params)."""
-    path = Path(workdir)
-    if (path / "model.json").is_file():
-        from jaxboost.convert.clip import load_converted
-        module, variables = load_converted(str(path))
-    else:
-        import ml_collections
-
-        from jaxboost.train import runs, vl_seg
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: neither a converted folder (model.json) nor a run (config.json)")
-        config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-        if config.get("model_name") != "clipseg":
-            raise ValueError(f"{path}/config.json: a {config.get('model_name')!r} run, not CLIPSeg")
-        run = runs.open_run(path, config, prefer="best")
-        module, variables = run.task.model, vl_seg.model_variables(run.state)
+    module, variables = open_vl_seg(workdir, "clipseg")
     fields = {k: getattr(module, k) for k in type(module).__dataclass_fields__ if k not in ("parent", "name")}
     return fields, variables["params"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from jaxboost.export import open_vl_seg
 from jaxboost.export.sdm import write_state_dict
 
 _NECK_CONV_BN = ("f1_v_proj", "f2_v_proj", "f2_cat", "f3_v_proj", "f3_cat", "f4_proj5", "f4_proj4", "f4_proj3",
@@ -132,22 +132,7 @@ def cris_state_dict(variables: dict) -> dict[str, np.ndarray]:
 
 def load_variables(workdir: str) -> dict:
     """A `jaxboost convert cris` folder (model.json) or a trained CRIS run (its best checkpoint) -> variables."""
-    path = Path(workdir)
-    if (path / "model.json").is_file():
-        from jaxboost.convert.clip import load_converted
-        return load_converted(str(path))[1]
-    import json
-
-    import ml_collections
-
-    from jaxboost.train import runs, vl_seg
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: neither a converted folder (model.json) nor a run (config.json)")
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-    if config.get("model_name") != "cris":
-        raise ValueError(f"{path}/config.json: a {config.get('model_name')!r} run, not CRIS")
-    run = runs.open_run(path, config, prefer="best")
-    return vl_seg.model_variables(run.state)
+    return open_vl_seg(workdir, "cris")[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
