@@ -1,4 +1,4 @@
-"""Convergence: synthetic pretrain -> real finetune vs real only (SPEC A5's definition, jaxboost's
+"""Convergence: synthetic pretrain -> real finetune vs real only (jaxboost's definition of the paper's claim,
 `demo.convergence_speedup`), epochs and wall time to 99% of the real-only best validation Dice, for
 CLIPSeg (and CRIS outside --quick), over seeds, mean and spread. Runs the demo's own stages on the phantom.
 """

@@ -1,4 +1,4 @@
-"""CLIPSeg finetuning on echo triplets (SPEC A4): Dice + BCE, AdamW, reduce-on-plateau, early stopping.
+"""CLIPSeg finetuning on echo triplets (Synthetic Boost's finetuning recipe): Dice + BCE, AdamW, reduce-on-plateau, early stopping.
 
   jaxboost train --config configs/clipseg.py:tiny --workdir runs/clipseg --config.data.corpus=CORPUS
   jaxboost train --config configs/clipseg.py:full --config.pretrained=CONVERTED_DIR ...   # rd64-refined

@@ -1,4 +1,4 @@
-"""CRIS finetuning on echo triplets (SPEC A4): Dice + BCE, AdamW, backbone at 0.1x lr, plateau, early stop.
+"""CRIS finetuning on echo triplets (Synthetic Boost's finetuning recipe): Dice + BCE, AdamW, backbone at 0.1x lr, plateau, early stop.
 
   jaxboost train --config configs/cris.py:tiny --workdir runs/cris --config.data.corpus=CORPUS
   jaxboost train --config configs/cris.py:full --config.pretrained=CONVERTED_DIR ...   # CRIS/CLIP RN50

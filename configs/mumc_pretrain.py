@@ -1,11 +1,11 @@
-"""MUMC pretraining (SPEC B1-B2): MLM + ITA (with unimodal terms) + ITM, momentum distillation, queues.
+"""MUMC pretraining (Li et al. 2023): MLM + ITA (with unimodal terms) + ITM, momentum distillation, queues.
 
   jaxboost train --config configs/mumc_pretrain.py:tiny --workdir runs/mumc_pt --config.data.corpus=CORPUS
 `tiny`: phantom corpus captions (P6/P7), 32 px (4 px patches: 8x8 tokens), two-layer towers, queue 16, WordPiece
 trained on the corpus; lr 1e-3 decayed every 50 steps, momentum 0.99, crops of at least half the image, no RandAugment.
 600 steps on a 6-patient corpus: i2t 3.39 -> 1.19, itm 0.66 -> 0.50, mlm 4.36 -> 2.01 (first vs last 75 steps) vs
 3.48 -> 2.71, 0.67 -> 0.63, 4.80 -> 3.67 with the full config's 3e-4, 0.995, 20% crops and RandAugment (2, 7).
-`full`: SPEC B (ViT-B/16 at 256 px, BERT-base, queue 65,536, AdamW 3e-4 wd 0.05, 30 epochs, 32/GPU,
+`full`: MUMC's settings (ViT-B/16 at 256 px, BERT-base, queue 65,536, AdamW 3e-4 wd 0.05, 30 epochs, 32/GPU,
 warm-up 3000 steps then 3e-4 * 0.9^epoch, alpha 0.4 ramped over 2 epochs) on ROCO/MedICaT/ImageCLEF json.
 """
 import ml_collections
@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.init = dict(bert="", mae="", albef="")
     c.data = dict(
         workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
-        corpus="",                        # triplet corpus -> captions from P6/P7 (SPEC C); or caption json:
+        corpus="",                        # triplet corpus -> captions from P6/P7 (one corpus for both methods); or caption json:
         caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}
         size=c.model.image_size, max_words=30, max_tokens=25,
         tokenizer="",                     # local folder or vocab.txt; empty: train WordPiece into workdir

@@ -1,4 +1,4 @@
-"""MUMC VQA finetuning and evaluation (SPEC B3): answer decoder ranking top-k candidates.
+"""MUMC VQA finetuning and evaluation (Li et al. 2023): answer decoder ranking top-k candidates.
 
   jaxboost train --config configs/mumc_vqa.py:tiny --workdir runs/mumc_vqa --config.data.root=ECHO_VQA \
       --config.init_from=runs/mumc_pt

@@ -1,7 +1,8 @@
-"""Semantic diffusion model (SPEC A3): mask-conditioned U-Net trained with MSE + lambda * VLB.
+"""Semantic diffusion model (SDM, Wang et al. 2022, as echo_from_noise trains it): mask-conditioned U-Net,
+MSE + lambda * VLB.
 
   jaxboost train --config configs/sdm.py:tiny --workdir runs/sdm --config.data.corpus=CORPUS
-`full` is SPEC A3 (256 px, width 256, cosine, 1000 steps, lambda 0.001, cfg dropout 0.2, guidance 1.5):
+`full` is echo_from_noise's SDM (256 px, width 256, cosine, 1000 steps, lambda 0.001, cfg dropout 0.2, guidance 1.5):
 652,198,918 parameters (jax.eval_shape of init; the torch reference counts the same).
 `echo_from_noise` is the model behind the 9,000 synthetic CAMUS images, with the flags of that repository's
 semantic_diffusion_model/config.py and README: the new attention order (USE_NEW_ATTENTION_ORDER=True), 64

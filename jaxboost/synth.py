@@ -1,4 +1,4 @@
-"""`jaxboost synth`: a synthetic triplet corpus sampled from a trained SDM (SPEC A3, issue 3 item 5).
+"""`jaxboost synth`: a synthetic triplet corpus sampled from a trained SDM (SDM sampling, Wang et al. 2022).
 
   jaxboost synth --checkpoint RUN --masks CORPUS --out OUT --per-mask K --sampler ddim --steps 50 \
       --guidance 1.5 --seed S [--batch-size B] [--eta 0] [--splits train,val]

@@ -189,7 +189,7 @@ def test_segmenter_configs_build_their_models(name):
         size = c.data.size
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                 jnp.ones((1, 8), jnp.int32))
-        if name == "clipseg" and v == "full":  # SPEC A4: decoder ~1.13M parameters
+        if name == "clipseg" and v == "full":  # CLIPSeg paper: decoder ~1.13M parameters
             head = sum(x.size for k, t in shapes["params"].items() if clipseg.decoder_param_filter((k,))
                        for x in jax.tree_util.tree_leaves(t))
             assert head == 1_127_009

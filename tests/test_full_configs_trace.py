@@ -27,7 +27,7 @@ def test_full_configs_trace_and_fsdp_divides_their_memory(rows):
         assert row.per_device_mib["data=2,fsdp=4"] < replicated / 4 * 1.02, spec
         assert row.per_device_mib["data=1,fsdp=8"] < replicated / 8 * 1.05, spec
         assert row.per_device_mib["data=1,fsdp=8"] < row.per_device_mib["data=2,fsdp=4"], spec
-    # SPEC A3's SDM; the number the config documents (the torch reference counts the same).
+    # echo_from_noise's SDM; the number the config documents (the torch reference counts the same).
     assert rows["sdm.py:full"].params == 652_198_918
     table = memory.table(list(rows.values()))
     assert "| sdm.py:full | 652,198,918 |" in table

@@ -1,4 +1,4 @@
-"""Structure labels, the SDM 5-label map, and mask augmentation (SPEC A1, A3)."""
+"""Structure labels, the SDM 5-label map, and mask augmentation (the CAMUS labels; the SDM's 5 labels as echo_from_noise)."""
 import numpy as np
 import pytest
 from scipy import ndimage

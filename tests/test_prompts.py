@@ -1,4 +1,4 @@
-"""Prompts P0-P7 against sentences written out by hand (SPEC A2), and the mask-shape classifier."""
+"""Prompts P0-P7 against sentences written out by hand (Synthetic Boost, Adhikari et al. 2023), and the mask-shape classifier."""
 import itertools
 
 import numpy as np

@@ -15,7 +15,7 @@ from jaxboost.convert import sdm as convert_sdm
 SMALL = dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(16,), num_head_channels=32, num_labels=4, learn_sigma=True, dropout=0.0,
              use_scale_shift_norm=True, resblock_updown=True)
-# SPEC's layout at CPU size: 3 levels, 2 res blocks, attention at two resolutions, 2 heads of 32 at width 64
+# The SDM's layout at CPU size: 3 levels, 2 res blocks, attention at two resolutions, 2 heads of 32 at width 64
 MID = dict(SMALL, image_size=64, in_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
            attention_resolutions=(32, 16), num_labels=5)
 # upstream's other switches: conv resampling, additive timestep embedding

@@ -1,4 +1,4 @@
-"""Label-map augmentation for building the synthetic corpus (SPEC A3): random affine + elastic deformation.
+"""Label-map augmentation for building the synthetic corpus (echo_from_noise augments each real mask 5x): random affine + elastic deformation.
 
 The original echo_from_noise corpus augments each real mask 5x with an affine transform (rotation +-5 deg,
 translation 5%, scale 0.8-1.05, shear 5 deg) and an elastic deformation. Label maps are resampled with

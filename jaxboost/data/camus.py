@@ -1,4 +1,4 @@
-"""Read CAMUS (real or the phantom) and split it by patient (SPEC A1).
+"""Read CAMUS (real or the phantom) and split it by patient (the CAMUS layout, Leclerc et al. 2019).
 
 Layouts read:
   - DIR/training/patientXXXX/ + DIR/testing/patientXXXX/  (the mhd release; the phantom writes this)

@@ -1,4 +1,4 @@
-"""Image augmentation for MUMC pretraining (SPEC B2): random resized crop, horizontal flip, RandAugment(2, 7).
+"""Image augmentation for MUMC pretraining (Li et al. 2023): random resized crop, horizontal flip, RandAugment(2, 7).
 
 Host-side numpy/PIL, driven by the per-record numpy rng that grain derives from (seed, record index), so a
 resumed run draws exactly the same augmentations. `pretrain_augment(image, rng, size)` takes a uint8 image

@@ -1,5 +1,5 @@
 """`jaxboost vqa build --corpus DIR --out DIR`: an echo-VQA set in the VQA-RAD format, from the triplet corpus
-(SPEC C), so the phantom or the synthetic corpus feeds MUMC pretraining and VQA without any download.
+(one corpus for both methods), so the phantom or the synthetic corpus feeds MUMC pretraining and VQA without any download.
 
 Written to OUT (built in a temporary folder, renamed at the end: no partial output):
     images/{image}.png              the echo image (grayscale)

@@ -1,4 +1,4 @@
-"""CAMUS structure labels, binary masks per structure, and the SDM's 5-label map (SPEC A1).
+"""CAMUS structure labels, binary masks per structure, and the SDM's 5-label map (the CAMUS layout, Leclerc et al. 2019).
 
 CAMUS masks: 0 background, 1 LV cavity, 2 myocardium, 3 left atrium.
 SDM labels (echo_from_noise): 0 outside the scan cone, 1 LV, 2 tissue inside the cone, 3 myocardium, 4 LA.

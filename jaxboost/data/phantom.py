@@ -1,4 +1,4 @@
-"""A procedural echo phantom in the CAMUS layout (SPEC A1): synthetic pictures, never real patient data.
+"""A procedural echo phantom in the CAMUS layout (Leclerc et al. 2019): synthetic pictures, never real patient data.
 
 `jaxboost phantom --out DIR --patients N --seed S [--format nii|mhd] [--size H W]` writes
     DIR/training/patientXXXX/patientXXXX_{2CH,4CH}_{ED,ES}[_gt].{nii.gz|mhd+raw}, Info_{2CH,4CH}.cfg

@@ -1,4 +1,4 @@
-"""Text prompts P0-P7 for one (image, structure) pair, exactly as SPEC A2 / the public synthetic-boost code.
+"""Text prompts P0-P7 for one (image, structure) pair, exactly as the public synthetic-boost code (Adhikari et al. 2023).
 
 Every prompt has two endings: the phrase "of the heart" or "in the cardiac ultrasound" follows the view
 (P1: the structure name) and the sentence ends with a full stop. P7 adds "of {shape} shape" after the

@@ -1,4 +1,4 @@
-"""Medical VQA sets (VQA-RAD, SLAKE, PathVQA, echo-VQA) from local folders, and the answer protocol (SPEC B3).
+"""Medical VQA sets (VQA-RAD, SLAKE, PathVQA, echo-VQA) from local folders, and the answer protocol (MUMC, Li et al. 2023).
 
 Folder layout: `{root}/trainset.json|train.json`, `valset.json|val.json|validate.json` (optional),
 `testset.json|test.json`, `answer_list.json` (json list of strings; only the original protocol reads it) and

@@ -1,5 +1,5 @@
 """Image-text alignment (ITA) of MUMC: cross-modal contrastive loss with momentum distillation and a queue,
-plus unimodal image-image and text-text terms (SPEC B2).
+plus unimodal image-image and text-text terms (MUMC, Li et al. 2023).
 
 All features are L2-normalised rows. Online features [B, D]; momentum features [B, D]; queues [Q, D].
 Negatives span the global batch: call these under `jax.jit` on arrays sharded over the data axis (global

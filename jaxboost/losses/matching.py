@@ -1,4 +1,4 @@
-"""Image-text matching (ITM) with hard negatives (ALBEF/MUMC `get_matching_loss`, SPEC B2).
+"""Image-text matching (ITM) with hard negatives (ALBEF/MUMC `get_matching_loss`; Li et al. 2023).
 
 For each text one negative image and for each image one negative text, drawn from softmax(in-batch
 similarity / temp) + 1e-4 with the diagonal zeroed (the positive can never be drawn). The fusion encoder then

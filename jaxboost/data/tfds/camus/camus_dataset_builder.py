@@ -1,4 +1,4 @@
-"""tfds builder for CAMUS (or the jaxboost phantom): one example per image, patient-split as SPEC A1.
+"""tfds builder for CAMUS (or the jaxboost phantom): one example per image, patient-split as Synthetic Boost splits CAMUS.
 
 manual_dir: a CAMUS folder in either layout (see jaxboost.data.camus); nothing is downloaded.
 """
