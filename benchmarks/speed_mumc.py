@@ -90,7 +90,7 @@ def _product_step(model, params, momentum, queues, batch, lr: float, wd: float, 
                                                            "optim.schedule=constant", "optim.warmup_steps=0",
                                                            f"alpha={alpha}", "alpha_ramp_epochs=0.0"])
     tx = optim.make_optimizer(config, 1000)
-    tokenizer = types.SimpleNamespace(mask_id=MASK_ID, special_ids=SPECIAL)
+    tokenizer = types.SimpleNamespace(mask_id=MASK_ID, special_ids=SPECIAL, pad_id=SPECIAL[0], cls_id=SPECIAL[1])
     step = mumc_pretrain.make_step_fn(config, model, tx, tokenizer, epoch_steps=1)
     return step, initial_state(params, tx, 0, extra={"momentum": momentum, "queues": queues}), batch
 
