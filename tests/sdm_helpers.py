@@ -28,3 +28,17 @@ def tiny_config(corpus: Path, **overrides):
     config = load_config("configs/sdm.py:tiny")
     config.update_from_flattened_dict(base)
     return config
+
+
+def random_reference(fields: dict, seed: int = 0):
+    """The torch reference SDM U-Net with every tensor perturbed (norm scales != 1, biases != 0, no zero-init)."""
+    import torch
+    from ml_collections import ConfigDict
+
+    from benchmarks.torch_ref.sdm_unet import unet_from_config
+    torch.manual_seed(seed)
+    ref = unet_from_config(ConfigDict(fields)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ref

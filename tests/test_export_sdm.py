@@ -11,6 +11,7 @@ from jaxboost.cli import main
 from jaxboost.config import load_config
 from jaxboost.convert import sdm as convert_sdm
 from jaxboost.export import sdm as export_sdm
+from sdm_helpers import random_reference
 
 # two heads of 16 in every attention block, so the two orders differ
 FIELDS = dict(image_size=16, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -18,15 +19,6 @@ FIELDS = dict(image_size=16, in_channels=1, model_channels=32, channel_mult=(1, 
               use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _reference(fields, seed=0):
-    torch.manual_seed(seed)
-    ref = unet_from_config(ConfigDict(fields)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return ref
 
 
 def _forward(ref, seed=0):
@@ -40,7 +32,7 @@ def _forward(ref, seed=0):
 @pytest.mark.parametrize("new_order", [False, True], ids=["legacy", "new"])
 def test_export_round_trips_and_converts_the_attention_order(new_order):
     fields = dict(FIELDS, use_new_attention_order=new_order)
-    ref = _reference(fields)
+    ref = random_reference(fields)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     params = convert_sdm.sdm_from_torch_state_dict(sd, ConfigDict(fields))
     back = export_sdm.torch_state_dict(params, ConfigDict(fields))
@@ -61,7 +53,7 @@ def test_export_cli_writes_safetensors_of_a_converted_run(tmp_path):
     shrunk = ["data.size=16", "model.image_size=16", "model.channel_mult=(1, 2)", "model.attention_resolutions=(8,)",
               "model.spade_hidden=128", "model.num_head_channels=16", "model.num_labels=4", "data.num_labels=4"]
     config = load_config("configs/sdm.py:tiny", shrunk)
-    ref = _reference(config.model.to_dict(), seed=1)
+    ref = random_reference(config.model.to_dict(), seed=1)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "in.safetensors"))
     assert main(["convert", "sdm", "--checkpoint", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "run"),
                  "--config", "configs/sdm.py:tiny", "--set", *shrunk]) == 0

@@ -8,9 +8,9 @@ from ml_collections import ConfigDict
 import jax
 import jax.numpy as jnp
 
-from benchmarks.torch_ref.sdm_unet import unet_from_config
 from jaxboost.config import load_config
 from jaxboost.convert import sdm as convert_sdm
+from sdm_helpers import random_reference
 
 SMALL = dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(16,), num_head_channels=32, num_labels=4, learn_sigma=True, dropout=0.0,
@@ -27,16 +27,6 @@ FIXED_HEADS = dict(SMALL, model_channels=64, num_head_channels=-1, num_heads=2, 
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def random_reference(fields: dict, seed: int = 0):
-    """The torch reference with every tensor perturbed (norm scales != 1, biases != 0, no zero-init)."""
-    torch.manual_seed(seed)
-    ref = unet_from_config(ConfigDict(fields)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return ref
 
 
 def random_inputs(fields: dict, batch: int = 2, seed: int = 0):
