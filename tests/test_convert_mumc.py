@@ -71,7 +71,7 @@ def _init(config, tmp_path):
     tokenizer = mumc_pretrain.get_tokenizer(config, tmp_path)
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
     tx = mumc_pretrain.make_optimizer(config, 10, 5, frozen=mumc_pretrain.frozen_params(config))
-    return tokenizer, model, tx, mumc_pretrain.make_init_fn(config, model, tx)()
+    return tokenizer, model, tx, mumc_pretrain.make_init_fn(config, model, tx)(mumc_pretrain.starting_point(config))
 
 
 def _t(x):

@@ -158,14 +158,20 @@ def pretrained_params(config, model, pretrain_workdir):
     """Pretraining workdir -> (VQA params mapped from its latest params, the VQA momentum model mapped from
     its momentum encoders, its tokenizer). MUMC's VQA.py loads the pretraining checkpoint's `*_m` tensors into
     the VQA model's momentum copies (its answer decoder's from the momentum text encoder's layers 6-11)."""
-    run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
+    # read on one device (the trees are mapped on the host), whatever batch the pretraining mesh took
+    run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain",
+                        mesh=parallel.make_mesh(1, 1, jax.devices()[:1]))
     tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
+    table_grid = config.model.pretrain_image_size // config.model.patch_size
 
     def to_vqa(tree, what):
-        mapped = mumc_surgery.vqa_params_from_pretrain(jax.device_get(tree), m.image_size // m.patch_size,
-                                               first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
+        # a table stored at another grid than this model's pretrain_image_size is resized as MUMC's
+        # train_vqa.py does (interpolate_pos_embed) rather than refused
+        mapped = mumc_surgery.vqa_params_from_pretrain(
+            jax.device_get(tree), m.image_size // m.patch_size, first_layer=m.fusion_layer,
+            decoder_depth=config.model.decoder_depth, table_grid=table_grid)
         params, kept = mumc_surgery.overlay_params(base, mapped)
         if kept:
             raise ValueError(f"pretraining run {pretrain_workdir}: its {what} lack VQA parameters {kept[:8]}")
