@@ -65,3 +65,24 @@ def write_albef(path: Path, grid: int, with_queues: bool = True) -> dict:
         sd["queue_ptr"] = torch.tensor([4])
     torch.save({"model": sd, "epoch": 29}, path)
     return sd
+
+
+def write_vqa(path: Path, grid: int, decoder_depth: int = 2) -> dict:
+    """A finetuned MUMC/ALBEF VQA checkpoint: ViT with its learned table, BertModel text encoder (cross-attention
+    from FUSION on), answer decoder `text_decoder.{bert,cls}` (BertLMHeadModel, cross-attention everywhere)."""
+    torch.manual_seed(3)
+    vit = ref.VisionTransformer(img_size=grid * PATCH, patch_size=PATCH, embed_dim=W, depth=2, num_heads=4,
+                                mlp_ratio=2.0)
+    sd = {f"visual_encoder.{k}": v.clone() for k, v in vit.state_dict().items()}
+    sd["visual_encoder.pos_embed"] = torch.randn(1, 1 + grid * grid, W) * 0.02
+    text = transformers.BertModel(_bert_config(add_cross_attention=True, is_decoder=True), add_pooling_layer=False)
+    for k, v in text.state_dict().items():
+        if "crossattention" in k and int(k.split("encoder.layer.")[1].split(".")[0]) < FUSION:
+            continue
+        sd[f"text_encoder.{k}"] = v
+    dec_config = _bert_config(add_cross_attention=True, is_decoder=True)
+    dec_config.num_hidden_layers = decoder_depth
+    for k, v in transformers.BertLMHeadModel(dec_config).state_dict().items():
+        sd[f"text_decoder.{k}"] = v
+    torch.save({"model": sd}, path)
+    return sd

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict, save_params
+from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict
 from jaxboost.convert.bert import tokenizer_folder
 from jaxboost.models import mumc_surgery
 
@@ -200,19 +200,25 @@ def load_pretrain_start(path: str, grid: int) -> dict:
     return fit_tables({"params": params, "momentum": momentum, "queues": queues}, grid, path)
 
 
-def pretrain_fields(params: dict) -> dict:
-    """The MUMC model fields the weights fix (head counts and the image size come from the config)."""
-    v, t = params["vision"], params["text"]
-    depth = lambda tree, p: sum(k.startswith(p) and k[len(p):].isdigit() for k in tree)
-    text_depth = depth(t, "layer")
-    fusion = min([i for i in range(text_depth) if "crossattention" in t[f"layer{i}"]], default=text_depth)
-    emb = t["embeddings"]
-    return dict(vision_width=int(v["cls_token"].shape[-1]), vision_depth=depth(v, "block"),
-                vision_mlp_dim=int(v["block0"]["mlp"]["fc1"]["kernel"].shape[1]),
-                patch_size=int(v["patch_embed"]["kernel"].shape[0]), text_width=int(emb["ln"]["scale"].shape[0]),
-                text_depth=text_depth, text_mlp_dim=int(t["layer0"]["intermediate"]["kernel"].shape[1]),
+def _depth(tree: dict, prefix: str) -> int:
+    return sum(k.startswith(prefix) and k[len(prefix):].isdigit() for k in tree)
+
+
+def tower_fields(vision: dict, text: dict) -> dict:
+    """The MUMC model fields the towers' weights fix (head counts and the image size come from the config)."""
+    text_depth = _depth(text, "layer")
+    fusion = min([i for i in range(text_depth) if "crossattention" in text[f"layer{i}"]], default=text_depth)
+    emb = text["embeddings"]
+    return dict(vision_width=int(vision["cls_token"].shape[-1]), vision_depth=_depth(vision, "block"),
+                vision_mlp_dim=int(vision["block0"]["mlp"]["fc1"]["kernel"].shape[1]),
+                patch_size=int(vision["patch_embed"]["kernel"].shape[0]), text_width=int(emb["ln"]["scale"].shape[0]),
+                text_depth=text_depth, text_mlp_dim=int(text["layer0"]["intermediate"]["kernel"].shape[1]),
                 fusion_layer=fusion, max_position=int(emb["position_embeddings"]["embedding"].shape[0]),
-                vocab_size=int(emb["word_embeddings"]["embedding"].shape[0]),
+                vocab_size=int(emb["word_embeddings"]["embedding"].shape[0]))
+
+
+def pretrain_fields(params: dict) -> dict:
+    return dict(tower_fields(params["vision"], params["text"]),
                 embed_dim=int(params["vision_proj"]["kernel"].shape[1]))
 
 
@@ -273,31 +279,62 @@ def write_pretrain_run(args) -> list[str]:
     return unmapped
 
 
+def write_vqa_run(args) -> list[str]:
+    """A finetuned VQA checkpoint -> a MUMC VQA run folder at step 0 (`eval --workdir DIR
+    --config.data.root=R` scores it; `init_from=DIR` continues finetuning it); returns the tensors not mapped.
+    The momentum model starts as a copy of the params (the checkpoint's `*_m` copies are listed unmapped)."""
+    import jax
+    from ml_collections import ConfigDict
+    from jaxboost.config import load_config
+    from jaxboost.convert.run_folder import write_run_folder
+    from jaxboost.train import mumc_vqa, tokenizer_setup
+    params, fields, unmapped = load_albef(args.src, "vqa")
+    config = ConfigDict(load_config(args.config or "configs/mumc_vqa.py:full", args.set).to_dict())
+    if config.get("trainer") != "mumc_vqa":
+        raise ValueError(f"--config {args.config}: a {config.get('trainer')!r} config, not a MUMC VQA one")
+    config.model.update(tower_fields(params["vision"], params["text"]), **fields)
+    config.init_from, config.data.tokenizer = "", ""
+    model = mumc_vqa.build_model(config, config.model.vocab_size)
+    fresh = jax.device_get(jax.jit(lambda: mumc_vqa.fresh_params(config, model))())
+    params, missing = mumc_surgery.overlay_params(fresh, params)
+    if missing:
+        raise ValueError(f"{args.src}: the VQA checkpoint lacks {missing[:8]}")
+    tx = mumc_vqa.make_optimizer(config, 1, 1)
+    state = jax.device_get(mumc_vqa._state_fn(tx, lambda: (params, None), int(config.seed))())
+
+    def extras(tmp: str) -> list[str]:
+        _tokenizer_writer(args.tokenizer)(os.path.join(tmp, tokenizer_setup.TOKENIZER_DIR))
+        with open(os.path.join(tmp, CONVERTED_INFO), "w") as f:
+            json.dump({"source": os.path.abspath(args.src), "fresh": [], "unmapped": unmapped}, f, indent=1)
+        return [tokenizer_setup.TOKENIZER_DIR, CONVERTED_INFO]
+    write_run_folder(args.out, config, state, extras)
+    return unmapped
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="ALBEF/MUMC checkpoint (.pth or .safetensors)")
     parser.add_argument("--out", required=True,
-                        help="pretrain: output run folder (for init.albef, VQA init_from); vqa: output .msgpack")
+                        help="output run folder (pretrain: for init.albef and a VQA init_from; vqa: for eval)")
     parser.add_argument("--target", default="pretrain", choices=["pretrain", "vqa"])
-    parser.add_argument("--tokenizer", default="",
-                        help="pretrain: bert-base-uncased's vocab.txt or a (HF or converted) BERT folder, "
-                             "copied into the run (ALBEF.pth holds no vocabulary)")
-    parser.add_argument("--config", default="configs/mumc_pretrain.py:full",
-                        help="pretrain: run config recorded in the folder (the architecture comes from the weights, "
-                             "the image size from here: a table at another grid is resized)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="bert-base-uncased's vocab.txt or a (HF or converted) BERT folder, copied into the "
+                             "run (the checkpoints hold no vocabulary)")
+    parser.add_argument("--config", default="",
+                        help="run config recorded in the folder (default configs/mumc_pretrain.py:full or "
+                             "configs/mumc_vqa.py:full); the architecture comes from the weights, the image "
+                             "size from here (a table at another grid is resized)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. model.image_size=384")
 
 
 def main(args) -> int:
     if args.target == "pretrain":
-        if not args.tokenizer:
-            raise ValueError("convert albef --target pretrain needs --tokenizer (bert-base-uncased's vocab.txt "
-                             "or a BERT folder): the run folder carries its vocabulary")
+        args.config = args.config or "configs/mumc_pretrain.py:full"
         unmapped = write_pretrain_run(args)
-        print(f"wrote {os.path.abspath(args.out)} (a MUMC pretraining run at step 0: --config.init.albef="
-              f"{args.out} or a VQA --config.init_from={args.out}); tensors not mapped: {unmapped or 'none'}")
-        return 0
-    params, fields, unmapped = load_albef(args.src, "vqa")
-    save_params({"params": params, "fields": fields}, args.out)
-    print(f"wrote {args.out}; tensors not mapped: {unmapped or 'none'}")
+        use = f"--config.init.albef={args.out} or a VQA --config.init_from={args.out}"
+    else:
+        unmapped = write_vqa_run(args)
+        use = f"eval --workdir {args.out} --config.data.root=VQA_FOLDER"
+    print(f"wrote {os.path.abspath(args.out)} (a MUMC {args.target} run at step 0: {use}); tensors not "
+          f"mapped: {unmapped or 'none'}")
     return 0

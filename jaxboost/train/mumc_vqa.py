@@ -281,10 +281,16 @@ def _check(config) -> None:
         raise ValueError("config.data.root (a VQA-RAD-format folder) is required")
 
 
+def maps_init_from(config) -> bool:
+    """init_from names a pretraining run (its tree is mapped into the VQA tree); a VQA run (e.g. a converted
+    finetuned checkpoint) is loaded as it is by the loop."""
+    return bool(config.get("init_from", "")) and workdir_lib.read_config(config.init_from).get("trainer") != "mumc_vqa"
+
+
 def _initial_params(config, model, opening: bool):
     """-> start_fn: the pretraining run's mapped params and momentum (init_from: its tree is not the VQA
     tree), else a fresh init (momentum a copy)."""
-    if config.get("init_from", "") and not opening:
+    if maps_init_from(config) and not opening:
         start, momentum, _ = pretrained_params(config, model, config.init_from)
         return lambda: (jax.tree.map(jnp.asarray, start), jax.tree.map(jnp.asarray, momentum))
     return lambda: (fresh_params(config, model), None)
@@ -312,7 +318,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
                 train_loader=lambda: iter(train_loader(source(), config)),
                 evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
-                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates)},
+                info={"init_from_mapped": maps_init_from(config), "candidates": len(candidates)},
                 model=model, tokenizer=tokenizer)
 
 
