@@ -174,6 +174,11 @@ def test_converted_vqa_checkpoint_is_a_vqa_run(files, converted, echo_vqa, tmp_p
     assert run.config.model.pretrain_image_size == ALBEF_GRID * 4 and run.config.model.image_size == 48
     _assert_trees_equal(jax.device_get(run.state.params), want)
     assert run.task.tokenizer.vocab_size == len(VOCAB)
+    # a finetune from it loads the VQA tree as it is (the loop's init_from), with the folder's vocabulary
+    config = _vqa_run_config(out, echo_vqa)
+    config.init_from = str(out)
+    task = mumc_vqa.make_task(config, tmp_path / "finetune")
+    assert not task.info["init_from_mapped"] and task.tokenizer.vocab_size == len(VOCAB)
 
 
 def _vqa_run_config(folder, root):
