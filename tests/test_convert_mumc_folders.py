@@ -11,7 +11,7 @@ from jaxboost import cli
 from jaxboost.config import load_config
 from jaxboost.models import vit
 from jaxboost.train import mumc_pretrain, mumc_vqa
-from mumc_sources import MODEL, VOCAB, W, write_albef, write_bert, write_mae
+from mumc_sources import MODEL, VOCAB, write_albef, write_bert, write_mae
 
 MAE_GRID, ALBEF_GRID, SIZE = 6, 8, 48        # the model's grid: 48 / 4 = 12 (both tables are resized)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -182,7 +183,10 @@ def _start_from_run(folder: str) -> dict:
                         mesh=parallel.make_mesh(1, 1, jax.devices()[:1]))
     state = jax.device_get(run.state)
     info_path = os.path.join(folder, CONVERTED_INFO)
-    fresh = json.load(open(info_path))["fresh"] if os.path.isfile(info_path) else []
+    fresh = []
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            fresh = json.load(f)["fresh"]
     queues = None if "/queues" in fresh else state.extra["queues"]
     return {"params": _drop(state.params, [p for p in fresh if p != "/queues"]),
             "momentum": state.extra["momentum"], "queues": queues}
@@ -259,7 +263,7 @@ def write_pretrain_run(args) -> list[str]:
     from jaxboost.train import mumc_pretrain, tokenizer_setup
     params, momentum, queues, unmapped = load_albef(args.src)
     config = pretrain_run_config(args.config, args.set, params, queues)
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         _tokenizer_writer(args.tokenizer)(tmp)
         vocab = BertTokenizer.from_folder(tmp, 25).vocab_size
     model = mumc_pretrain.build_model(config, vocab)   # refuses a tokenizer larger than the vocabulary

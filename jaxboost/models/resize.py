@@ -15,7 +15,7 @@ def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
                     np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int, align_corners: bool = False, dtype=np.float32) -> np.ndarray:
+def torch_bicubic_matrix(in_size: int, out_size: int, align_corners: bool = False) -> np.ndarray:
     """[out, in] matrix M with M @ v == F.interpolate(v, out_size, mode='bicubic') along one axis."""
     m = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
@@ -28,7 +28,7 @@ def torch_bicubic_matrix(in_size: int, out_size: int, align_corners: bool = Fals
         for k in range(-1, 3):
             idx = min(max(f + k, 0), in_size - 1)
             m[i, idx] += _cubic(np.array(t - k))
-    return m.astype(dtype)
+    return m.astype(np.float32)
 
 
 def torch_bilinear_matrix(in_size: int, out_size: int, align_corners: bool = False) -> np.ndarray:

@@ -43,7 +43,7 @@ def interpolate_pos_embed(table, new_grid: int, extra_tokens: int = 1) -> np.nda
     if grid == new_grid:
         return table
     # on the host in float64 (a one-off resize of a checkpoint; resize_posemb_grid is its in-graph twin)
-    m = torch_bicubic_matrix(grid, new_grid, dtype=np.float64)
+    m = torch_bicubic_matrix(grid, new_grid).astype(np.float64)
     patches = np.einsum("ph,qw,hwd->pqd", m, m, table[extra_tokens:].reshape(grid, grid, -1).astype(np.float64))
     return np.concatenate([table[:extra_tokens], patches.reshape(new_grid * new_grid, -1).astype(np.float32)])
 

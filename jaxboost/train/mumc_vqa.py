@@ -318,7 +318,9 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
                 train_loader=lambda: iter(train_loader(source(), config)),
                 evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
-                info={"init_from_mapped": maps_init_from(config), "candidates": len(candidates)},
+                # (opening a finished run: its init_from folder need not exist any more)
+                info={"init_from_mapped": bool(config.get("init_from", "")) if opening else maps_init_from(config),
+                      "candidates": len(candidates)},
                 model=model, tokenizer=tokenizer)
 
 
