@@ -4,10 +4,11 @@
       --config.init_from=runs/mumc_pt
   jaxboost eval --config configs/mumc_vqa.py:tiny --workdir runs/vqa --split test
 
-`init_from` names a MUMC pretraining workdir: its params are mapped into the VQA model
-(`vqa_params_from_pretrain`: ViT with an explicit position table, 12-layer encoder, answer decoder from layers
-fusion_layer..) and its tokenizer is reused; without it the model starts from scratch with a WordPiece
-trained on the questions and answers (saved in WORKDIR/tokenizer).
+`init_from` names a MUMC pretraining workdir (or a `jaxboost convert albef` folder): its params are mapped
+into the VQA model (`vqa_params_from_pretrain`: ViT with an explicit position table, resized to
+`pretrain_image_size` if stored at another grid, 12-layer encoder, answer decoder from layers fusion_layer..)
+and its tokenizer is reused; a VQA run (`convert albef --target vqa`) is loaded as it is; without init_from
+the model starts from scratch with a WordPiece trained on the questions and answers (in WORKDIR/tokenizer).
 Training: answer LM loss distilled from an EMA copy of the whole model (alpha 0.4 ramped over the first
 epoch as ALBEF, EMA 0.995; the copy lives in `state.extra["momentum"]` and is checkpointed).
 Answering ranks the candidates (top-k by first-token probability, re-ranked by full-answer likelihood).
