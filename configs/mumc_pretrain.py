@@ -33,7 +33,9 @@ def get_config(arg=None):
                    vision_posemb="sincos2d")  # "table": a frozen stored table (set it to start from ALBEF.pth)
     # The paper's starting point (MUMC models/model.py), local paths; empty = fresh init. `bert`: an HF
     # bert-base-uncased folder (its vocab.txt is the tokenizer unless data.tokenizer is set); `mae`: MAE's
-    # ViT-B/16 file; `albef`: ALBEF.pth, loaded over both (needs model.vision_posemb="table").
+    # ViT-B/16 file; `albef`: ALBEF.pth (or a MUMC checkpoint, or a pretraining run), loaded over both (needs
+    # model.vision_posemb="table"). Each may also be the folder `jaxboost convert bert|mae|albef` wrote;
+    # position tables at another grid are resized as MUMC's interpolate_pos_embed.
     c.init = dict(bert="", mae="", albef="")
     c.data = dict(
         workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready

@@ -45,7 +45,9 @@ def get_config(arg=None):
     # full: MUMC's cosine set once per epoch with its 1e-8 floor; tiny keeps the per-step cosine.
     c.optim = dict(name="adamw", lr=1e-4 if tiny else 2e-5, weight_decay=0.05,
                    schedule="cosine" if tiny else "mumc_epoch_cosine", min_lr=1e-8, warmup_steps=0)
-    c.init_from = ""                 # pretraining workdir; answer decoder from its text layers 6-11
+    # a pretraining run (or a `convert albef` folder): answer decoder from its text layers 6-11, momentum
+    # model from its momentum encoders; or a VQA run (a `convert albef --target vqa` folder), loaded as it is
+    c.init_from = ""
     c.best_metric = "val/overall"
     c.best_mode = "max"
     c.log_every = 20 if tiny else 100

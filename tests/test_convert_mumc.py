@@ -1,7 +1,6 @@
 """MUMC's starting point (MUMC models/model.py): an HF BERT folder, an MAE ViT file and ALBEF.pth, each written
-here in its own format, load into the pretraining state with every tensor equal to its source, and one
-pretraining step runs from them."""
-import jax
+here in its own format, load into the pretraining state with every tensor equal to its source (the step from
+them: tests/test_convert_mumc_folders.py)."""
 import numpy as np
 import pytest
 import torch
@@ -71,7 +70,7 @@ def _init(config, tmp_path):
     tokenizer = mumc_pretrain.get_tokenizer(config, tmp_path)
     model = mumc_pretrain.build_model(config, tokenizer.vocab_size)
     tx = mumc_pretrain.make_optimizer(config, 10, 5, frozen=mumc_pretrain.frozen_params(config))
-    return tokenizer, model, tx, mumc_pretrain.make_init_fn(config, model, tx)()
+    return tokenizer, model, tx, mumc_pretrain.make_init_fn(config, model, tx)(mumc_pretrain.starting_point(config))
 
 
 def _t(x):
@@ -119,16 +118,3 @@ def test_albef_learned_table_without_table_model_is_refused(sources, albef_file,
     config = _config(f"init.bert={sources[0] / 'bert'}", f"init.albef={albef_file[0]}")
     with pytest.raises(ValueError, match="vision_posemb='table'"):
         _init(config, tmp_path)
-
-
-@pytest.mark.slow   # one jitted MUMC step: ~110 s on the shared 2-core machine
-def test_one_pretraining_step_from_albef_keeps_the_table_frozen(sources, albef_file, tmp_path):
-    config = _config(f"init.bert={sources[0] / 'bert'}", f"init.albef={albef_file[0]}", "model.vision_posemb=table")
-    tokenizer, model, tx, state = _init(config, tmp_path)
-    ids, mask = tokenizer.tokenize(["the left ventricle of the heart ."] * 2 + ["the walls ."] * 2, 12)
-    batch = {"images": jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)), "input_ids": ids, "mask": mask}
-    step = jax.jit(mumc_pretrain.make_step_fn(config, model, tx, tokenizer, 5))
-    new, metrics = step(state, batch)
-    assert all(np.isfinite(float(metrics[k])) for k in ("loss", "mlm", "ita", "itm"))
-    np.testing.assert_array_equal(new.params["vision"]["pos_embedding"], state.params["vision"]["pos_embedding"])
-    assert not np.array_equal(new.params["vision"]["cls_token"], state.params["vision"]["cls_token"])

@@ -5,14 +5,28 @@ Pretraining checkpoints carry `visual_encoder.*` (MAE/timm ViT), `text_encoder.b
 `itm_head.{0,1,3}`, the momentum copies (`*_m`), `image_queue`/`text_queue` [E, Q] and `queue_ptr`.
 VQA checkpoints carry `text_encoder.*` (BertModel) and `text_decoder.bert.*` + `text_decoder.cls.*`.
 Every tensor is mapped or named: a missing one raises, unmapped ones are returned (and printed by the CLI).
+
+  jaxboost convert albef --src ALBEF.pth --tokenizer bert-base-uncased --out runs/albef
+  jaxboost train --config configs/mumc_pretrain.py:full --config.init.albef=runs/albef \
+      --config.model.vision_posemb=table ...
+  jaxboost train --config configs/mumc_vqa.py:full --config.init_from=runs/albef ...
+
+A pretraining checkpoint becomes a MUMC pretraining run at step 0 (run_folder.py: config.json with the
+architecture read from the weights, ckpt/0 with params, momentum encoders and queues, tokenizer/) plus
+converted.json naming the parameters the checkpoint did not hold (ALBEF's two-layer ITM head, the queues of a
+file without them): `init.albef` leaves those at the new run's own init, as it does reading the file.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 
 import numpy as np
 
-from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict, save_params
+from jaxboost.convert.bert import _Taker, bert_params_from_state_dict, load_state_dict
+from jaxboost.convert.bert import tokenizer_folder
 from jaxboost.models import mumc_surgery
 
 
@@ -130,22 +144,201 @@ def load_albef(path: str, target: str = "pretrain"):
     return converters[target](sd, path)
 
 
+CONVERTED_INFO = "converted.json"
+
+
+def fit_tables(start: dict, grid: int, source: str) -> dict:
+    """Every learned position table of a starting point {"params", "momentum", ...} at the model's grid
+    (MUMC's load_checkpoint runs interpolate_pos_embed on visual_encoder and visual_encoder_m)."""
+    out = dict(start)
+    for key in ("params", "momentum"):
+        tree = start.get(key)
+        if tree is not None and "pos_embedding" in tree.get("vision", {}):
+            vision = dict(tree["vision"], pos_embedding=mumc_surgery.fit_position_table(
+                tree["vision"]["pos_embedding"], grid, f"{source} {key} vision position table"))
+            out[key] = dict(tree, vision=vision)
+    return out
+
+
+def _drop(tree: dict, paths) -> dict:
+    """`tree` without the entries at `paths` ("/itm_fc1", "/vision/pos_embedding")."""
+    out = dict(tree)
+    for path in paths:
+        keys, node = path.strip("/").split("/"), out
+        for k in keys[:-1]:
+            node[k] = dict(node[k])
+            node = node[k]
+        node.pop(keys[-1], None)
+    return out
+
+
+def _start_from_run(folder: str) -> dict:
+    """A MUMC pretraining run (a converted checkpoint or a trained run) -> its starting point, without the
+    parameters converted.json names as not from the checkpoint."""
+    import jax
+    from jaxboost.train import runs
+    from jaxboost import parallel
+    # read on one device: the weights are needed on the host, whatever batch the folder's mesh would take
+    run = runs.open_run(folder, prefer="latest", expect="mumc_pretrain",
+                        mesh=parallel.make_mesh(1, 1, jax.devices()[:1]))
+    state = jax.device_get(run.state)
+    info_path = os.path.join(folder, CONVERTED_INFO)
+    fresh = []
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            fresh = json.load(f)["fresh"]
+    queues = None if "/queues" in fresh else state.extra["queues"]
+    return {"params": _drop(state.params, [p for p in fresh if p != "/queues"]),
+            "momentum": state.extra["momentum"], "queues": queues}
+
+
+def load_pretrain_start(path: str, grid: int) -> dict:
+    """ALBEF.pth / a MUMC checkpoint file, or a folder it was converted into (or a MUMC pretraining run) ->
+    {"params", "momentum" (or None), "queues" (or None)} as numpy, position tables at `grid`."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path}: a folder but not a MUMC pretraining run (no config.json); give ALBEF.pth "
+                             f"/ a MUMC checkpoint file or a `jaxboost convert albef` folder")
+        return fit_tables(_start_from_run(path), grid, path)
+    params, momentum, queues, _ = load_albef(path)
+    return fit_tables({"params": params, "momentum": momentum, "queues": queues}, grid, path)
+
+
+def _depth(tree: dict, prefix: str) -> int:
+    return sum(k.startswith(prefix) and k[len(prefix):].isdigit() for k in tree)
+
+
+def tower_fields(vision: dict, text: dict) -> dict:
+    """The MUMC model fields the towers' weights fix (head counts and the image size come from the config)."""
+    text_depth = _depth(text, "layer")
+    fusion = min([i for i in range(text_depth) if "crossattention" in text[f"layer{i}"]], default=text_depth)
+    emb = text["embeddings"]
+    return dict(vision_width=int(vision["cls_token"].shape[-1]), vision_depth=_depth(vision, "block"),
+                vision_mlp_dim=int(vision["block0"]["mlp"]["fc1"]["kernel"].shape[1]),
+                patch_size=int(vision["patch_embed"]["kernel"].shape[0]), text_width=int(emb["ln"]["scale"].shape[0]),
+                text_depth=text_depth, text_mlp_dim=int(text["layer0"]["intermediate"]["kernel"].shape[1]),
+                fusion_layer=fusion, max_position=int(emb["position_embeddings"]["embedding"].shape[0]),
+                vocab_size=int(emb["word_embeddings"]["embedding"].shape[0]))
+
+
+def pretrain_fields(params: dict) -> dict:
+    return dict(tower_fields(params["vision"], params["text"]),
+                embed_dim=int(params["vision_proj"]["kernel"].shape[1]))
+
+
+def pretrain_run_config(spec: str, overrides: list[str], params: dict, queues):
+    """The run config `spec` with the checkpoint's architecture, no starting point of its own."""
+    from ml_collections import ConfigDict
+    from jaxboost.config import load_config
+    config = ConfigDict(load_config(spec, overrides).to_dict())
+    if config.get("trainer") != "mumc_pretrain":
+        raise ValueError(f"--config {spec}: a {config.get('trainer')!r} config, not a MUMC pretraining one")
+    config.model.update(pretrain_fields(params))
+    if "pos_embedding" in params["vision"]:
+        config.model.vision_posemb = "table"
+    if queues is not None:
+        config.queue_size = int(queues["image"].shape[0])
+    config.init = dict(bert="", mae="", albef="")
+    config.init_from, config.data.tokenizer, config.data.size = "", "", config.model.image_size
+    return config
+
+
+def _tokenizer_writer(source: str):
+    """tmp -> writes the run's tokenizer from a vocab.txt, an HF BERT folder or a converted BERT folder."""
+    from jaxboost.data.tokenize_bert import BertTokenizer
+    from jaxboost.train import tokenizer_setup
+    if os.path.isfile(source):
+        return lambda tmp: BertTokenizer.from_vocab(source, 25).hf.save_pretrained(tmp)
+    folder = tokenizer_folder(source) if os.path.isdir(source) else ""
+    if not folder:
+        raise FileNotFoundError(f"--tokenizer {source}: no vocab.txt / tokenizer.json there")
+    return tokenizer_setup.copier(folder)
+
+
+def write_pretrain_run(args) -> list[str]:
+    """args.src -> a MUMC pretraining run folder args.out; returns the tensors not mapped."""
+    import jax
+    from jaxboost.convert.run_folder import write_run_folder
+    from jaxboost.data.tokenize_bert import BertTokenizer
+    from jaxboost.train import mumc_pretrain, tokenizer_setup
+    params, momentum, queues, unmapped = load_albef(args.src)
+    config = pretrain_run_config(args.config, args.set, params, queues)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tokenizer_writer(args.tokenizer)(tmp)
+        vocab = BertTokenizer.from_folder(tmp, 25).vocab_size
+    model = mumc_pretrain.build_model(config, vocab)   # refuses a tokenizer larger than the vocabulary
+    tx = mumc_pretrain.make_optimizer(config, 1, 1, frozen=mumc_pretrain.frozen_params(config))
+    start = fit_tables({"params": params, "momentum": momentum, "queues": queues},
+                       config.model.image_size // config.model.patch_size, args.src)
+    state = jax.device_get(jax.jit(mumc_pretrain.make_init_fn(config, model, tx))(start))
+    _, fresh = mumc_surgery.overlay_params(state.params, start["params"])
+    fresh += ["/queues"] if queues is None else []
+
+    def extras(tmp: str) -> list[str]:
+        _tokenizer_writer(args.tokenizer)(os.path.join(tmp, tokenizer_setup.TOKENIZER_DIR))
+        with open(os.path.join(tmp, CONVERTED_INFO), "w") as f:
+            json.dump({"source": os.path.abspath(args.src), "fresh": fresh, "unmapped": unmapped}, f, indent=1)
+        return [tokenizer_setup.TOKENIZER_DIR, CONVERTED_INFO]
+    write_run_folder(args.out, config, state, extras)
+    return unmapped
+
+
+def write_vqa_run(args) -> list[str]:
+    """A finetuned VQA checkpoint -> a MUMC VQA run folder at step 0 (`eval --workdir DIR
+    --config.data.root=R` scores it; `init_from=DIR` continues finetuning it); returns the tensors not mapped.
+    The momentum model starts as a copy of the params (the checkpoint's `*_m` copies are listed unmapped)."""
+    import jax
+    from ml_collections import ConfigDict
+    from jaxboost.config import load_config
+    from jaxboost.convert.run_folder import write_run_folder
+    from jaxboost.train import mumc_vqa, tokenizer_setup
+    params, fields, unmapped = load_albef(args.src, "vqa")
+    config = ConfigDict(load_config(args.config or "configs/mumc_vqa.py:full", args.set).to_dict())
+    if config.get("trainer") != "mumc_vqa":
+        raise ValueError(f"--config {args.config}: a {config.get('trainer')!r} config, not a MUMC VQA one")
+    config.model.update(tower_fields(params["vision"], params["text"]), **fields)
+    config.init_from, config.data.tokenizer = "", ""
+    model = mumc_vqa.build_model(config, config.model.vocab_size)
+    fresh = jax.device_get(jax.jit(lambda: mumc_vqa.fresh_params(config, model))())
+    params, missing = mumc_surgery.overlay_params(fresh, params)
+    if missing:
+        raise ValueError(f"{args.src}: the VQA checkpoint lacks {missing[:8]}")
+    tx = mumc_vqa.make_optimizer(config, 1, 1)
+    state = jax.device_get(mumc_vqa._state_fn(tx, lambda: (params, None), int(config.seed))())
+
+    def extras(tmp: str) -> list[str]:
+        _tokenizer_writer(args.tokenizer)(os.path.join(tmp, tokenizer_setup.TOKENIZER_DIR))
+        with open(os.path.join(tmp, CONVERTED_INFO), "w") as f:
+            json.dump({"source": os.path.abspath(args.src), "fresh": [], "unmapped": unmapped}, f, indent=1)
+        return [tokenizer_setup.TOKENIZER_DIR, CONVERTED_INFO]
+    write_run_folder(args.out, config, state, extras)
+    return unmapped
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="ALBEF/MUMC checkpoint (.pth or .safetensors)")
-    parser.add_argument("--out", required=True, help="output .msgpack")
+    parser.add_argument("--out", required=True,
+                        help="output run folder (pretrain: for init.albef and a VQA init_from; vqa: for eval)")
     parser.add_argument("--target", default="pretrain", choices=["pretrain", "vqa"])
+    parser.add_argument("--tokenizer", required=True,
+                        help="bert-base-uncased's vocab.txt or a (HF or converted) BERT folder, copied into the "
+                             "run (the checkpoints hold no vocabulary)")
+    parser.add_argument("--config", default="",
+                        help="run config recorded in the folder (default configs/mumc_pretrain.py:full or "
+                             "configs/mumc_vqa.py:full); the architecture comes from the weights, the image "
+                             "size from here (a table at another grid is resized)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. model.image_size=384")
 
 
 def main(args) -> int:
-    out = load_albef(args.src, args.target)
     if args.target == "pretrain":
-        params, momentum, queues, unmapped = out
-        tree = {"params": params, "momentum": momentum if momentum is not None else params}
-        if queues is not None:
-            tree["queues"] = queues
+        args.config = args.config or "configs/mumc_pretrain.py:full"
+        unmapped = write_pretrain_run(args)
+        use = f"--config.init.albef={args.out} or a VQA --config.init_from={args.out}"
     else:
-        params, fields, unmapped = out
-        tree = {"params": params, "fields": fields}
-    save_params(tree, args.out)
-    print(f"wrote {args.out}; tensors not mapped: {unmapped or 'none'}")
+        unmapped = write_vqa_run(args)
+        use = f"eval --workdir {args.out} --config.data.root=VQA_FOLDER"
+    print(f"wrote {os.path.abspath(args.out)} (a MUMC {args.target} run at step 0: {use}); tensors not "
+          f"mapped: {unmapped or 'none'}")
     return 0

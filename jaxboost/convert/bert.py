@@ -1,5 +1,10 @@
 """HF BERT (local folder: config.json + model.safetensors or pytorch_model.bin) -> jaxboost.models.bert params.
 
+  jaxboost convert bert --src bert-base-uncased --out runs/bert   # then --config.init.bert=runs/bert
+
+The converted folder holds model.json (the model fields and what was skipped), variables.msgpack and, when
+the HF folder has one, the tokenizer in tokenizer/. `load_bert` reads either kind of folder.
+
 Every tensor is mapped by rule or reported: a missing tensor is an error naming it; tensors we do not use
 (the pooler, position_ids buffers) are listed in the return value so callers can say what was skipped.
 `bert_params_from_state_dict` is shared with the ALBEF/MUMC converter (prefix "text_encoder.bert.").
@@ -132,13 +137,90 @@ def save_params(params, path: str) -> None:
     os.replace(tmp, path)
 
 
+MODEL_NAME = "bert"
+
+
+def write_component(out_dir: str, model_name: str, fields: dict, variables: dict, source: str,
+                    skipped: list[str], tokenizer_dir: str = "") -> None:
+    """out_dir/model.json + variables.msgpack (+ tokenizer/ copied from `tokenizer_dir`), written into a
+    temporary sibling and renamed in, so a failed conversion leaves out_dir as it was."""
+    import shutil
+    import tempfile
+    from jaxboost.convert.clip import save_converted
+    from jaxboost.train import tokenizer_setup
+    out_dir = os.path.abspath(out_dir)
+    names = ["model.json", "variables.msgpack"] + ([tokenizer_setup.TOKENIZER_DIR] if tokenizer_dir else [])
+    if any(os.path.exists(os.path.join(out_dir, n)) for n in names):
+        raise ValueError(f"{out_dir} already holds a converted model (model.json); choose an empty --out folder")
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert_", dir=os.path.dirname(out_dir) or ".")
+    try:
+        save_converted(tmp, model_name, fields, variables)
+        with open(os.path.join(tmp, "model.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(tmp, "model.json"), "w") as f:
+            json.dump(dict(meta, source=os.path.abspath(source), skipped=skipped), f, indent=1)
+        if tokenizer_dir:
+            tokenizer_setup.copier(tokenizer_dir)(os.path.join(tmp, tokenizer_setup.TOKENIZER_DIR))
+        os.makedirs(out_dir, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_component(folder: str, model_name: str):
+    """-> (fields, variables) of a `write_component` folder, or None when `folder` is not one of
+    `model_name` (so callers can try the original format)."""
+    from flax import serialization
+    meta_path = os.path.join(folder, "model.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("model_name") != model_name:
+        raise ValueError(f"{meta_path}: a converted {meta.get('model_name')!r} model, not a {model_name!r} one")
+    with open(os.path.join(folder, "variables.msgpack"), "rb") as f:
+        return meta["model"], serialization.msgpack_restore(f.read())
+
+
+def is_hf_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        os.path.isfile(os.path.join(folder, n)) for n in ("model.safetensors", "pytorch_model.bin"))
+
+
+def load_bert(path: str):
+    """A local HF BERT folder or a `jaxboost convert bert` folder -> (Model kwargs, params)."""
+    converted = read_component(path, MODEL_NAME) if os.path.isdir(path) else None
+    if converted is not None:
+        return converted[0], converted[1]["params"]
+    if os.path.isdir(path) and is_hf_folder(path):
+        kwargs, params, _ = load_hf_bert(path)
+        return kwargs, params
+    raise ValueError(f"{path}: neither a Hugging Face BERT folder (config.json + model.safetensors or "
+                     f"pytorch_model.bin) nor a `jaxboost convert bert` folder (model.json + variables.msgpack)")
+
+
+def tokenizer_folder(path: str) -> str:
+    """Where a BERT folder of either kind keeps its vocabulary: the HF folder itself, or tokenizer/ of a
+    converted one ("" when it has none)."""
+    from jaxboost.train import tokenizer_setup
+    for folder in (os.path.join(path, tokenizer_setup.TOKENIZER_DIR), path):
+        if tokenizer_setup.is_ready(folder):
+            return folder
+    return ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", required=True, help="local HF BERT folder (config.json + weights)")
-    parser.add_argument("--out", required=True, help="output .msgpack of jaxboost params")
+    parser.add_argument("--src", required=True, help="local HF BERT folder (config.json + weights [+ vocab.txt])")
+    parser.add_argument("--out", required=True,
+                        help="output folder (model.json + variables.msgpack + tokenizer/), for --config.init.bert")
 
 
 def main(args) -> int:
     kwargs, params, unused = load_hf_bert(args.src)
-    save_params(params, args.out)
-    print(f"wrote {args.out}; model fields {kwargs}; skipped {unused}")
+    write_component(args.out, MODEL_NAME, kwargs, {"params": params}, args.src, unused,
+                    tokenizer_folder(args.src))
+    print(f"wrote {os.path.abspath(args.out)} (a converted BERT: --config.init.bert={args.out}); "
+          f"model fields {kwargs}; skipped {unused or 'nothing'}")
     return 0

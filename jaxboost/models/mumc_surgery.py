@@ -13,6 +13,15 @@ def sincos_table(grid: int, width: int) -> np.ndarray:
     return np.concatenate([np.zeros((1, width), np.float32), vit.sincos_2d_posemb(grid, width)])
 
 
+def fit_position_table(table, grid: int, where: str) -> np.ndarray:
+    """A checkpoint's position table [1 + g*g, D] at the model's grid (MUMC's interpolate_pos_embed: the class
+    row kept, the patch grid resized bicubic); `where` names the source in the error of a malformed table."""
+    try:
+        return vit.interpolate_pos_embed(table, grid)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def overlay_params(base, loaded, where: str = ""):
     """Deep-merge `loaded` (e.g. HF bert-base converted) over `base` (fresh init): -> (params, paths kept
     from base). A BERT checkpoint has no cross-attention, so MUMC's fusion layers keep their fresh init, as
@@ -42,12 +51,18 @@ def answer_decoder_from_text_encoder(text_params, first_layer: int = 6, depth: i
     return jax.tree_util.tree_map(jnp.array, out)
 
 
-def vqa_params_from_pretrain(pretrain_params, pretrain_grid: int, first_layer: int = 6, decoder_depth: int = 6):
+def vqa_params_from_pretrain(pretrain_params, pretrain_grid: int, first_layer: int = 6, decoder_depth: int = 6,
+                             table_grid: int | None = None):
     """Pretraining params -> VQAModel params: ViT with its sin-cos table made explicit, text encoder without
-    the MLM head, answer decoder from layers first_layer.. of the text encoder."""
+    the MLM head, answer decoder from layers first_layer.. of the text encoder. `table_grid`: the VQA model's
+    stored grid (its pretrain_image_size / patch) when it differs from the pretraining run's (the table is
+    resized as MUMC's interpolate_pos_embed)."""
     vision = dict(pretrain_params["vision"])
     if "pos_embedding" not in vision:   # a "table" pretraining model (ALBEF.pth start) already holds one
         vision["pos_embedding"] = jnp.asarray(sincos_table(pretrain_grid, vision["cls_token"].shape[-1]))
+    if table_grid is not None:
+        vision["pos_embedding"] = jnp.asarray(fit_position_table(vision["pos_embedding"], table_grid,
+                                                                 "pretraining vision/pos_embedding"))
     text = {k: v for k, v in pretrain_params["text"].items() if not k.startswith("mlm")}
     return {"vision": vision, "text": text,
             "decoder": answer_decoder_from_text_encoder(pretrain_params["text"], first_layer, decoder_depth)}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxboost.models import layers
-from jaxboost.models.resize import resize_posemb_grid
+from jaxboost.models.resize import resize_posemb_grid, torch_bicubic_matrix
 
 
 def sincos_2d_posemb(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
@@ -28,6 +28,24 @@ def sincos_2d_posemb(grid: int, dim: int, temperature: float = 10000.0) -> np.nd
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
     # MAE order: first half from the w-grid (x), second from the h-grid (y).
     return np.concatenate([enc(xs), enc(ys)], axis=1).astype(np.float32)
+
+
+def interpolate_pos_embed(table, new_grid: int, extra_tokens: int = 1) -> np.ndarray:
+    """A position table [extra + g*g, D] moved to another patch grid as MUMC's and ALBEF's
+    `interpolate_pos_embed` (models/vision/vit.py) does: the class/extra rows kept, the g x g patch rows
+    resized bicubic with align_corners=False (torch's a=-0.75 kernel). The same table comes back when the
+    grid already matches; a table whose patch rows are not a square grid raises."""
+    table = np.asarray(table, np.float32)
+    patches = table.shape[0] - extra_tokens
+    grid = int(round(max(patches, 0) ** 0.5))
+    if grid * grid != patches or grid == 0:
+        raise ValueError(f"position table of {table.shape[0]} rows is not {extra_tokens} extra + a square grid")
+    if grid == new_grid:
+        return table
+    # on the host in float64 (a one-off resize of a checkpoint; resize_posemb_grid is its in-graph twin)
+    m = torch_bicubic_matrix(grid, new_grid).astype(np.float64)
+    patches = np.einsum("ph,qw,hwd->pqd", m, m, table[extra_tokens:].reshape(grid, grid, -1).astype(np.float64))
+    return np.concatenate([table[:extra_tokens], patches.reshape(new_grid * new_grid, -1).astype(np.float32)])
 
 
 class Model(nn.Module):

@@ -72,7 +72,14 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
     `texts_fn()` (default: the training captions). Restarts and the VQA finetune read it from there."""
     d = config.data
     length = max_length or d.get("max_tokens", 25)
-    source = d.get("tokenizer", "") or (config.get("init", {}) or {}).get("bert", "")
+    source = d.get("tokenizer", "")
+    bert_folder = (config.get("init", {}) or {}).get("bert", "")
+    if not source and bert_folder:   # the HF folder's vocab.txt, or tokenizer/ of a `convert bert` folder
+        from jaxboost.convert.bert import tokenizer_folder
+        source = tokenizer_folder(bert_folder)
+        if not source:
+            raise FileNotFoundError(f"config.init.bert={bert_folder}: no vocab.txt / tokenizer there; set "
+                                    f"config.data.tokenizer to bert-base-uncased's vocab")
     if source and Path(source).is_dir():
         build = tokenizer_setup.copier(source)
     elif source:
@@ -236,30 +243,37 @@ def schedule_epoch_steps(config, examples: int) -> int:
     return steps or steps_per_epoch(config, examples)
 
 
-def starting_point(config, params, queues):
-    """The paper's start (MUMC models/model.py): text encoder from `init.bert` (a local HF folder), image
-    encoder from `init.mae` (an MAE ViT file), then `init.albef` (ALBEF.pth) over both, its momentum copies
-    and queues included where their shapes match (MUMC's load_checkpoint drops mismatched tensors; we refuse
-    a mismatched parameter, naming it). -> (params, momentum, queues)."""
+def starting_point(config) -> dict | None:
+    """The paper's start (MUMC models/model.py), read on the host: {"towers": text encoder from `init.bert`
+    (an HF bert-base-uncased folder or its `convert bert` folder) and image encoder from `init.mae` (MAE's
+    ViT file or its `convert mae` folder), "params"/"momentum"/"queues": `init.albef` (ALBEF.pth, a MUMC
+    checkpoint, its `convert albef` folder or a MUMC pretraining run) loaded over both}, or None. Position
+    tables at another grid are resized as MUMC's interpolate_pos_embed; the queues are taken where their shape
+    matches (MUMC's load_checkpoint drops mismatched tensors; a mismatched parameter is refused, named)."""
     from jaxboost.convert import albef, bert as convert_bert, mae
     init = config.get("init", {}) or {}
+    grid = config.model.image_size // config.model.patch_size
+    table = config.model.get("vision_posemb") == "table"
+    start, towers = {}, {}
     if init.get("bert"):
-        _, text, _ = convert_bert.load_hf_bert(init["bert"])
-        params, _ = mumc_surgery.overlay_params(params, {"text": text})
+        towers["text"] = convert_bert.load_bert(init["bert"])[1]
     if init.get("mae"):
-        vision, _ = mae.load_mae(init["mae"])
-        params, _ = mumc_surgery.overlay_params(params, {"vision": vision})
-    momentum = mumc_state.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
+        vision, pos = mae.load_vision(init["mae"])
+        if table and pos is not None:   # MUMC's build_visual_encoder: MAE's pos_embed, resized, over its own
+            vision = dict(vision, pos_embedding=mumc_surgery.fit_position_table(pos, grid, init["mae"]))
+        towers["vision"] = vision
+    if towers:
+        start["towers"] = towers
     if init.get("albef"):
-        loaded, loaded_m, loaded_q, _ = albef.load_albef(init["albef"])
-        if "pos_embedding" in loaded["vision"] and config.model.get("vision_posemb") != "table":
+        loaded = albef.load_pretrain_start(init["albef"], grid)
+        if "pos_embedding" in loaded["params"]["vision"] and not table:
             raise ValueError(f"{init['albef']}: holds a learned position table; set "
                              f"config.model.vision_posemb='table' to load it")
-        params, _ = mumc_surgery.overlay_params(params, loaded)
-        momentum = mumc_surgery.overlay_params(momentum, loaded_m)[0] if loaded_m else mumc_state.momentum_init(params)
-        if loaded_q is not None and loaded_q["image"].shape == queues["image"].shape:
-            queues = jax.tree_util.tree_map(jnp.asarray, loaded_q)
-    return params, momentum, queues
+        want = (int(config.queue_size), int(config.model.embed_dim))
+        if loaded["queues"] is not None and tuple(np.shape(loaded["queues"]["image"])) != want:
+            loaded["queues"] = None
+        start.update(loaded)
+    return start or None
 
 
 def frozen_params(config) -> list[str]:
@@ -268,9 +282,12 @@ def frozen_params(config) -> list[str]:
 
 
 def make_init_fn(config, model: mumc.Model, tx):
+    """init_fn(start=None): the fresh state, with `starting_point(config)`'s host arrays laid over it in
+    MUMC's order: towers, then the momentum copy (copy_params), then the checkpoint with its momentum
+    encoders and queues."""
     size = config.model.image_size
 
-    def init_fn():
+    def init_fn(start=None):
         r_init, r_queue, r_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
         ids = jnp.zeros((1, 4), jnp.int32)
         params = model.init(r_init, jnp.zeros((1, size, size, 3)), ids, jnp.ones_like(ids))["params"]
@@ -278,7 +295,16 @@ def make_init_fn(config, model: mumc.Model, tx):
             table = mumc_surgery.sincos_table(size // model.patch_size, model.vision_width)
             params = dict(params, vision=dict(params["vision"], pos_embedding=jnp.asarray(table)))
         queues = mumc_state.init_queues(r_queue, int(config.queue_size), model.embed_dim)
-        params, momentum, queues = starting_point(config, params, queues)
+        start = start or {}
+        if start.get("towers"):
+            params, _ = mumc_surgery.overlay_params(params, start["towers"])
+        momentum = mumc_state.momentum_init(params)   # MUMC's copy_params, before any checkpoint is read
+        if start.get("params") is not None:
+            params, _ = mumc_surgery.overlay_params(params, start["params"])
+            momentum = (mumc_surgery.overlay_params(momentum, start["momentum"])[0]
+                        if start.get("momentum") is not None else mumc_state.momentum_init(params))
+        if start.get("queues") is not None:
+            queues = jax.tree_util.tree_map(jnp.asarray, start["queues"])
         extra = {"momentum": momentum, "queues": queues}
         return initial_state(params, tx, 0, extra=extra).replace(rng=r_state)
     return init_fn
@@ -346,6 +372,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     epoch_steps = schedule_epoch_steps(config, examples)
     model = build_model(config, tokenizer.vocab_size)
     tx = make_optimizer(config, length.total_steps, epoch_steps, frozen=frozen_params(config))
+    init = dict(config.get("init", {}) or {})
     evaluate = None
     if config.data.get("corpus"):
         scores = make_evaluator(config, model, tokenizer, mesh)
@@ -355,7 +382,8 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
                 train_loader=lambda: iter(make_train_loader(config)[0]),
                 prepare_batch=tokenize_batch(tokenizer, config.data.max_tokens), evaluate=evaluate,
                 info={"epoch_steps": epoch_steps, "vocab_size": tokenizer.vocab_size}, model=model,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, host_variables=None if opening or not any(init.values()) else
+                (lambda: starting_point(config)))
 
 
 def train(config, workdir):

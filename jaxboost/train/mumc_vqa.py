@@ -4,10 +4,11 @@
       --config.init_from=runs/mumc_pt
   jaxboost eval --config configs/mumc_vqa.py:tiny --workdir runs/vqa --split test
 
-`init_from` names a MUMC pretraining workdir: its params are mapped into the VQA model
-(`vqa_params_from_pretrain`: ViT with an explicit position table, 12-layer encoder, answer decoder from layers
-fusion_layer..) and its tokenizer is reused; without it the model starts from scratch with a WordPiece
-trained on the questions and answers (saved in WORKDIR/tokenizer).
+`init_from` names a MUMC pretraining workdir (or a `jaxboost convert albef` folder): its params are mapped
+into the VQA model (`vqa_params_from_pretrain`: ViT with an explicit position table, resized to
+`pretrain_image_size` if stored at another grid, 12-layer encoder, answer decoder from layers fusion_layer..)
+and its tokenizer is reused; a VQA run (`convert albef --target vqa`) is loaded as it is; without init_from
+the model starts from scratch with a WordPiece trained on the questions and answers (in WORKDIR/tokenizer).
 Training: answer LM loss distilled from an EMA copy of the whole model (alpha 0.4 ramped over the first
 epoch as ALBEF, EMA 0.995; the copy lives in `state.extra["momentum"]` and is checkpointed).
 Answering ranks the candidates (top-k by first-token probability, re-ranked by full-answer likelihood).
@@ -158,14 +159,20 @@ def pretrained_params(config, model, pretrain_workdir):
     """Pretraining workdir -> (VQA params mapped from its latest params, the VQA momentum model mapped from
     its momentum encoders, its tokenizer). MUMC's VQA.py loads the pretraining checkpoint's `*_m` tensors into
     the VQA model's momentum copies (its answer decoder's from the momentum text encoder's layers 6-11)."""
-    run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain")
+    # read on one device (the trees are mapped on the host), whatever batch the pretraining mesh took
+    run = runs.open_run(pretrain_workdir, prefer="latest", expect="mumc_pretrain",
+                        mesh=parallel.make_mesh(1, 1, jax.devices()[:1]))
     tokenizer, state, step, m = run.task.tokenizer, run.state, run.step, run.config.model
     base = jax.eval_shape(lambda: fresh_params(config, model))
     base = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)
+    table_grid = config.model.pretrain_image_size // config.model.patch_size
 
     def to_vqa(tree, what):
-        mapped = mumc_surgery.vqa_params_from_pretrain(jax.device_get(tree), m.image_size // m.patch_size,
-                                               first_layer=m.fusion_layer, decoder_depth=config.model.decoder_depth)
+        # a table stored at another grid than this model's pretrain_image_size is resized as MUMC's
+        # train_vqa.py does (interpolate_pos_embed) rather than refused
+        mapped = mumc_surgery.vqa_params_from_pretrain(
+            jax.device_get(tree), m.image_size // m.patch_size, first_layer=m.fusion_layer,
+            decoder_depth=config.model.decoder_depth, table_grid=table_grid)
         params, kept = mumc_surgery.overlay_params(base, mapped)
         if kept:
             raise ValueError(f"pretraining run {pretrain_workdir}: its {what} lack VQA parameters {kept[:8]}")
@@ -275,10 +282,16 @@ def _check(config) -> None:
         raise ValueError("config.data.root (a VQA-RAD-format folder) is required")
 
 
+def maps_init_from(config) -> bool:
+    """init_from names a pretraining run (its tree is mapped into the VQA tree); a VQA run (e.g. a converted
+    finetuned checkpoint) is loaded as it is by the loop."""
+    return bool(config.get("init_from", "")) and workdir_lib.read_config(config.init_from).get("trainer") != "mumc_vqa"
+
+
 def _initial_params(config, model, opening: bool):
     """-> start_fn: the pretraining run's mapped params and momentum (init_from: its tree is not the VQA
     tree), else a fresh init (momentum a copy)."""
-    if config.get("init_from", "") and not opening:
+    if maps_init_from(config) and not opening:
         start, momentum, _ = pretrained_params(config, model, config.init_from)
         return lambda: (jax.tree.map(jnp.asarray, start), jax.tree.map(jnp.asarray, momentum))
     return lambda: (fresh_params(config, model), None)
@@ -306,7 +319,9 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
                 make_loss_fn(config, model, epoch_steps), post_update=momentum_post_update(config),
                 train_loader=lambda: iter(train_loader(source(), config)),
                 evaluate=lambda state, split: scores(state.params, split), eval_split=selection_split(config),
-                info={"init_from_mapped": bool(config.get("init_from", "")), "candidates": len(candidates)},
+                # (opening a finished run: its init_from folder need not exist any more)
+                info={"init_from_mapped": bool(config.get("init_from", "")) if opening else maps_init_from(config),
+                      "candidates": len(candidates)},
                 model=model, tokenizer=tokenizer)
 
 
