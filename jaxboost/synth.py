@@ -50,6 +50,7 @@ from jaxboost.data import augment as augment_lib
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import labels as labels_lib
 from jaxboost.data import pipeline
+from jaxboost.data import prompts as prompts_lib
 from jaxboost.diffusion import samplers
 from jaxboost.train import sdm as sdm_train
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SYNTH_SPLITS = ("train", "val")
 DEFAULT_PER_DEVICE_BATCH = 4
+LABELS = tuple(labels_lib.LABEL_OF[s] for s in labels_lib.STRUCTURES)
 STAGE_DEPTH = 4  # sampler calls whose images may wait for the background stage (bounds host memory)
 
 
@@ -181,14 +183,18 @@ class _BackgroundStage:
 
 
 def _encoded_entries(metas: list, pixels: np.ndarray, per_mask: int) -> list:
-    """(local position, entry, its bytes) for each sampled image of one call: shape words, prompts, encoding."""
+    """(local position, entry, its bytes) for each sampled image of one call: the shape words of all its
+    masks at once, then each image's prompts and encoding."""
+    if not metas:
+        return []
+    shapes = prompts_lib.mask_shapes_batch(np.stack([m[3] for m in metas]), LABELS)
     done = []
-    for (j, s, src, aug_mask, aug_cone), image in zip(metas, pixels):
+    for (j, s, src, aug_mask, aug_cone), image, words in zip(metas, pixels, shapes):
         entry = corpus_lib.make_image(
             image, aug_mask, name=f"{src['key'].split('/')[1]}_aug{s % per_mask}", patient=src["patient"],
             view=src["view"], phase=src["phase"], sex=src["sex"], age=src["age"], quality=src["quality"],
             split=src["split"], source="synthetic", size=image.shape[0], cone=aug_cone, drop_quality=True,
-            keep_orig_mask=False)
+            keep_orig_mask=False, shapes=words)
         done.append((j, entry, corpus_lib.encode_record(entry)))
     return done
 
@@ -223,15 +229,18 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
     written = 0  # local samples handed to the writer so far (added or skipped)
 
     def prepare(call: int):
-        rows, label_maps, metas = todo[call * local_batch:(call + 1) * local_batch], [], []
+        rows, metas = todo[call * local_batch:(call + 1) * local_batch], []
         srcs = [sources[mine[j] // per_mask] for j in rows]
         augmented = augmented_samples(srcs, split_id, [mine[j] for j in rows], seed, local_batch) if rows else []
         for j, src, maps in zip(rows, srcs, augmented):
-            aug_mask, aug_cone = maps[..., 0], maps[..., 1]
-            label_maps.append(model_labels(aug_mask, aug_cone, num_labels, f"{where}/{split}/{src['key']}"))
-            metas.append((j, mine[j], src, aug_mask, aug_cone))
+            metas.append((j, mine[j], src, maps[..., 0], maps[..., 1]))
+        label_maps = []
+        if rows:  # all rows' label maps in one pass; a bad mask names its source
+            peak = augmented[..., 0].max(axis=(1, 2))
+            label_maps = model_labels(augmented[..., 0], augmented[..., 1], num_labels,
+                                      f"{where}/{split}/{srcs[int(np.argmax(peak))]['key']}")
         # A host with fewer samples left pads its rows (every host runs the same number of calls).
-        labels_np = np.stack(label_maps or [np.zeros((size, size), np.uint8)]).astype(np.int32)
+        labels_np = np.asarray(label_maps if rows else np.zeros((1, size, size), np.uint8), np.int32)
         keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
         labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
         keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])

@@ -156,3 +156,17 @@ def test_mask_shapes_match_the_plain_rules_on_1152_augmented_phantom_masks():
     for mask in masks:
         words = prompts.mask_shapes(mask, (1, 2, 3))
         assert words == {label: _reference_shape(mask == label) for label in (1, 2, 3)}
+
+
+def test_mask_shapes_batch_is_mask_shapes_of_each_mask():
+    # One batch of masks at different places and sizes (and one empty): each mask's words as if alone.
+    rng = np.random.default_rng(1)
+    hearts = [phantom._draw_view(rng, phantom._patient_anatomy(rng), "4CH" if i % 2 else "2CH", "ED", "Good",
+                                 96, 96)[1] for i in range(6)]
+    rngs = [np.random.default_rng([5, i]) for i in range(11)]
+    masks = augment.augment_batch(np.stack([hearts[i % 6] for i in range(11)])[..., None], rngs)[..., 0]
+    masks = np.concatenate([masks, np.zeros_like(masks[:1])])
+    masks[3, :40] = 0  # a mask cut in half: another box than its neighbours'
+    batch = prompts.mask_shapes_batch(masks, (1, 2, 3))
+    assert batch == [{label: _reference_shape(m == label) for label in (1, 2, 3)} for m in masks]
+    assert batch[-1] == {1: "oval", 2: "oval", 3: "oval"}

@@ -127,13 +127,14 @@ def resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
 def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, view: str, phase: str,
                sex: str, age: int, quality: str, split: str, source: str, size: int,
                cone: np.ndarray | None = None, drop_quality: bool = False,
-               keep_orig_mask: bool = True) -> dict:
+               keep_orig_mask: bool = True, shapes: dict | None = None) -> dict:
     """One image + multi-class mask -> its stored entry: resized arrays, and the prompts of each structure
     present in the resized mask (a structure whose mask is empty gets no record claiming it is there).
 
     image, mask: [H0, W0] uint8 (mask labels 0-3); cone: [H0, W0] scan sector, derived from the image's
     non-zero support when None. name: unique image name inside the source (record key = source/name/structure).
-    drop_quality: prompts as the original synthetic set (no image quality).
+    drop_quality: prompts as the original synthetic set (no image quality). shapes: {label: shape word} of
+    the mask, when measured already for a batch (prompts.mask_shapes_batch; the mask at the corpus size).
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -154,7 +155,8 @@ def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, 
     cone = labels_lib.cone_from_image(image) if cone is None else np.asarray(cone, np.uint8)
     image_s, mask_s, cone_s = resize(image, size, False), resize(mask, size, True), resize(cone, size, True)
     present = [s for s in labels_lib.STRUCTURES if (mask_s == labels_lib.LABEL_OF[s]).any()]
-    shapes = prompts_lib.mask_shapes(mask, [labels_lib.LABEL_OF[s] for s in present])
+    if shapes is None:
+        shapes = prompts_lib.mask_shapes(mask, [labels_lib.LABEL_OF[s] for s in present])
     prompts = {s: prompts_lib.make_prompts(s, view, phase, sex, age, quality, shapes[labels_lib.LABEL_OF[s]],
                                            drop_quality=drop_quality) for s in present}
     return dict(key=f"{source}/{name}", image=image_s, mask=mask_s, cone=cone_s,

@@ -26,8 +26,9 @@ _CYCLE_WORDS = {"ED": "diastole", "ES": "systole"}
 _SEX_WORDS = {"M": "male", "F": "female"}
 
 
+@functools.lru_cache(maxsize=256)
 def age_in_words(age: int) -> str:
-    """73 -> 'seventy-three' (num2words, as the original prompts)."""
+    """73 -> 'seventy-three' (num2words, as the original prompts; cached: every record of a patient asks)."""
     return num2words(int(age))
 
 
@@ -85,16 +86,14 @@ def _locally_convex(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.stack([x[keep], y[keep]], 1)
 
 
-def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
-    """Convex hull [K, 2] (row, col) of the pixel squares of a connected boolean region, counter-clockwise.
+def _hull_of_extremes(rows: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray | None:
+    """Convex hull [K, 2] (row, col) of the pixel squares of a connected region given, for each of its
+    (contiguous) rows, its leftmost column and one past its rightmost.
 
     Only the outer corners of each row's leftmost and rightmost pixel can be hull vertices, and of the two
     corners on one pixel edge line (row r's bottom, row r + 1's top) only the outermost on each side, and of
     those only the locally convex ones: the same polygon from ~20x fewer points than the 4 corners of every
     edge pixel."""
-    rows = np.nonzero(region.any(1))[0]  # contiguous: the region is connected
-    left = region[rows].argmax(1)
-    right = region.shape[1] - region[rows, ::-1].argmax(1)
     lines = rows[0] + np.arange(len(rows) + 1)
     lo = np.concatenate([left[:1], np.minimum(left[:-1], left[1:]), left[-1:]])
     hi = np.concatenate([right[:1], np.maximum(right[:-1], right[1:]), right[-1:]])
@@ -147,23 +146,52 @@ _IN_PLANE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(
 
 
 def mask_shapes(mask: np.ndarray, labels) -> dict:
-    """{label: shape word of the region mask == label} for a multi-class mask [H, W] (mask_shape of each,
-    all labels cropped and labelled into components in one pass: the per-structure cost of a synth image)."""
-    mask, labels = np.asarray(mask), list(labels)
-    words = {label: "oval" for label in labels}
-    regions = np.stack([mask == label for label in labels]) if labels else np.zeros((0,) + mask.shape, bool)
-    if not regions.any():
+    """{label: shape word of the region mask == label} for a multi-class mask [H, W] (mask_shape of each)."""
+    return mask_shapes_batch(np.asarray(mask)[None], labels)[0]
+
+
+def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
+    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: every plane (mask, label) labelled
+    into components in one pass, each plane's largest component and its rows' extreme pixels found for the
+    whole batch at once; only the hull of each region is measured one at a time. The words are those of
+    each mask cropped to the box of its labels (coordinates enter the hull measures: same crop, same
+    floating-point result)."""
+    masks, labels = np.asarray(masks), list(labels)
+    b = len(masks)
+    words = [{label: "oval" for label in labels} for _ in range(b)]
+    if not labels or not b:
         return words
-    rows, cols = np.nonzero(regions.any((0, 2)))[0], np.nonzero(regions.any((0, 1)))[0]
-    regions = np.pad(regions[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], ((0, 0), (1, 1), (1, 1)))
-    components, count = ndimage.label(regions, _IN_PLANE)  # components of each label's plane, never across
+    regions = masks[:, None] == np.asarray(labels, masks.dtype).reshape(1, -1, 1, 1)     # [B, L, H, W]
+    rows, cols = regions.any(3), regions.any(2)                                           # [B, L, H], [B, L, W]
+    if not rows.any():
+        return words
+    # Crop the batch to the union of its boxes: the components and extremes do not depend on it.
+    r_any, c_any = np.nonzero(rows.any((0, 1)))[0], np.nonzero(cols.any((0, 1)))[0]
+    r_lo, c_lo = r_any[0], c_any[0]
+    regions = regions[:, :, r_lo:r_any[-1] + 1, c_lo:c_any[-1] + 1].reshape(b * len(labels), r_any[-1] + 1 - r_lo,
+                                                                             c_any[-1] + 1 - c_lo)
+    components, count = ndimage.label(regions, _IN_PLANE)  # components of each plane, never across planes
     sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    # Components are numbered in raster order, so plane k holds those after the planes before it.
-    last = np.maximum.accumulate(components.reshape(len(labels), -1).max(1))
-    for plane, (first, end) in enumerate(zip(np.concatenate([[0], last[:-1]]) + 1, last + 1)):
+    sizes[0] = 0
+    # Components are numbered in raster order, so plane k holds those after the planes before it; of equal
+    # sizes the first in raster order is the largest (as argmax).
+    last = np.maximum.accumulate(components.reshape(len(regions), -1).max(1))
+    firsts = np.concatenate([[0], last[:-1]]) + 1
+    largest = np.zeros(count + 1, bool)
+    for first, end in zip(firsts, last + 1):
         if end > first:
-            largest = first + int(np.argmax(sizes[first:end]))
-            words[labels[plane]] = _region_shape(components[plane] == largest)
+            largest[first + int(np.argmax(sizes[first:end]))] = True
+    keep = largest[components]                                                            # [P, h, w]
+    present, left = keep.any(2), keep.argmax(2)                                           # [P, h]
+    right = keep.shape[2] - keep[:, :, ::-1].argmax(2)
+    # The crop of mask i alone (its labels' box, padded by one pixel): the offset its hull is measured in.
+    img_rows, img_cols = rows.any(1), cols.any(1)                                         # [B, H], [B, W]
+    for plane in np.nonzero(present.any(1))[0]:
+        i, k = divmod(int(plane), len(labels))
+        row0 = int(np.argmax(img_rows[i])) - r_lo - 1
+        col0 = int(np.argmax(img_cols[i])) - c_lo - 1
+        kept = np.nonzero(present[plane])[0]
+        words[i][labels[k]] = _shape_of_extremes(kept - row0, left[plane, kept] - col0, right[plane, kept] - col0)
     return words
 
 
@@ -181,9 +209,12 @@ def mask_shape(mask: np.ndarray) -> str:
     return mask_shapes(np.asarray(mask) > 0, (True,))[True]
 
 
-def _region_shape(region: np.ndarray) -> str:
-    """Shape word of one connected boolean region (the rules of mask_shape)."""
-    poly = _hull_polygon(region)
+def _shape_of_extremes(rows: np.ndarray, left: np.ndarray, right: np.ndarray) -> str:
+    """Shape word of a connected region given by its rows' extreme pixels (see _hull_of_extremes)."""
+    return _shape_of_hull(_hull_of_extremes(rows, left, right))
+
+
+def _shape_of_hull(poly: np.ndarray | None) -> str:
     if poly is None or len(poly) < 3:
         return "oval"
     area = _polygon_area(poly)
