@@ -130,7 +130,10 @@ def _triangle_pairs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i * n + j, j * n + k, k * n + i
 
 
-def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = 40) -> float:
+_MAX_TRIANGLE_VERTICES = 40
+
+
+def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = _MAX_TRIANGLE_VERTICES) -> float:
     """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points).
 
     Twice a triangle's area is p_i x p_j + p_j x p_k + p_k x p_i, so one [n, n] table of cross products gives
@@ -184,15 +187,61 @@ def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
     keep = largest[components]                                                            # [P, h, w]
     present, left = keep.any(2), keep.argmax(2)                                           # [P, h]
     right = keep.shape[2] - keep[:, :, ::-1].argmax(2)
+    planes = np.nonzero(present.any(1))[0]
+    hulls = _hull_chains(present[planes], left[planes], right[planes])
     # The crop of mask i alone (its labels' box, padded by one pixel): the offset its hull is measured in.
     img_rows, img_cols = rows.any(1), cols.any(1)                                         # [B, H], [B, W]
-    for plane in np.nonzero(present.any(1))[0]:
+    for plane, hull in zip(planes, hulls):
         i, k = divmod(int(plane), len(labels))
-        row0 = int(np.argmax(img_rows[i])) - r_lo - 1
-        col0 = int(np.argmax(img_cols[i])) - c_lo - 1
-        kept = np.nonzero(present[plane])[0]
-        words[i][labels[k]] = _shape_of_extremes(kept - row0, left[plane, kept] - col0, right[plane, kept] - col0)
+        offset = np.array([int(np.argmax(img_rows[i])) - r_lo - 1, int(np.argmax(img_cols[i])) - c_lo - 1])
+        if len(hull) > _MAX_TRIANGLE_VERTICES:  # the triangle subsamples the hull in Qhull's vertex order
+            kept = np.nonzero(present[plane])[0]
+            words[i][labels[k]] = _shape_of_extremes(kept - offset[0], left[plane, kept] - offset[1],
+                                                     right[plane, kept] - offset[1])
+        else:
+            words[i][labels[k]] = _shape_of_hull((hull - offset).astype(np.float64))
     return words
+
+
+def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]:
+    """Convex hulls [K, 2] (row, col; integer corners, in no particular rotation) of several connected
+    regions at once, each given by its rows' extreme pixels (present, left, one past right: [R, h]).
+
+    Pixel edge line l of a region has its outermost corners at min(left[l - 1], left[l]) and
+    max(right[l - 1], right[l]); the hull is the lower hull of the left chain (col over line) and the upper
+    hull of the right chain. Each chain's hull comes from dropping, all chains at once, every point that
+    is not strictly convex between its remaining neighbours until none is: a run of such points is concave,
+    so it lies above the chord that replaces it, and what is left is convex with every point on or above
+    it. The vertices are the hull's (collinear points dropped, as Qhull does); exact integer arithmetic."""
+    r, h = present.shape
+    big = np.iinfo(np.int64).max // 4
+    pad = np.zeros((r, 1), bool)
+    on = np.concatenate([present, pad], 1) | np.concatenate([pad, present], 1)          # [R, h + 1] lines
+    lf = np.where(present, left, big).astype(np.int64)
+    rt = np.where(present, right, -big).astype(np.int64)
+    lo = np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big), np.pad(lf, ((0, 0), (0, 1)), constant_values=big))
+    hi = np.maximum(np.pad(rt, ((0, 0), (1, 0)), constant_values=-big), np.pad(rt, ((0, 0), (0, 1)), constant_values=-big))
+    y = np.concatenate([np.where(on, lo, 0), np.where(on, -hi, 0)])                     # [2R, h + 1]
+    valid = np.concatenate([on, on])
+    x = np.broadcast_to(np.arange(h + 1, dtype=np.int64), y.shape)
+    idx, chains = np.arange(h + 1), np.arange(2 * r)[:, None]
+    while True:
+        before = np.maximum.accumulate(np.where(valid, idx, -1), 1)
+        after = np.minimum.accumulate(np.where(valid, idx, h + 1)[:, ::-1], 1)[:, ::-1]
+        prev = np.concatenate([np.full((2 * r, 1), -1), before[:, :-1]], 1)
+        nxt = np.concatenate([after[:, 1:], np.full((2 * r, 1), h + 1)], 1)
+        inner = valid & (prev >= 0) & (nxt <= h)
+        p, n = np.clip(prev, 0, h), np.clip(nxt, 0, h)
+        cross = (x - x[chains, p]) * (y[chains, n] - y) - (y - y[chains, p]) * (x[chains, n] - x)
+        drop = inner & (cross <= 0)
+        if not drop.any():
+            break
+        valid = valid & ~drop
+    hulls = []
+    for c in range(r):
+        lower, upper = np.nonzero(valid[c])[0], np.nonzero(valid[r + c])[0][::-1]
+        hulls.append(np.concatenate([np.stack([lower, y[c, lower]], 1), np.stack([upper, -y[r + c, upper]], 1)]))
+    return hulls
 
 
 def mask_shape(mask: np.ndarray) -> str:
