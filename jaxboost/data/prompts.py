@@ -219,8 +219,10 @@ def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> li
     on = np.concatenate([present, pad], 1) | np.concatenate([pad, present], 1)          # [R, h + 1] lines
     lf = np.where(present, left, big).astype(np.int64)
     rt = np.where(present, right, -big).astype(np.int64)
-    lo = np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big), np.pad(lf, ((0, 0), (0, 1)), constant_values=big))
-    hi = np.maximum(np.pad(rt, ((0, 0), (1, 0)), constant_values=-big), np.pad(rt, ((0, 0), (0, 1)), constant_values=-big))
+    lo = np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big),
+                    np.pad(lf, ((0, 0), (0, 1)), constant_values=big))
+    hi = np.maximum(np.pad(rt, ((0, 0), (1, 0)), constant_values=-big),
+                    np.pad(rt, ((0, 0), (0, 1)), constant_values=-big))
     y = np.concatenate([np.where(on, lo, 0), np.where(on, -hi, 0)])                     # [2R, h + 1]
     valid = np.concatenate([on, on])
     x = np.broadcast_to(np.arange(h + 1, dtype=np.int64), y.shape)
