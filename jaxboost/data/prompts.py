@@ -154,95 +154,143 @@ def mask_shapes(mask: np.ndarray, labels) -> dict:
 
 
 def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
-    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: every plane (mask, label) labelled
-    into components in one pass, each plane's largest component and its rows' extreme pixels found for the
-    whole batch at once; only the hull of each region is measured one at a time. The words are those of
-    each mask cropped to the box of its labels (coordinates enter the hull measures: same crop, same
-    floating-point result)."""
+    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: every plane (mask, label), cropped
+    to its own box, labelled into components in one pass, each plane's largest component and its rows'
+    extreme pixels found for the whole batch at once, the hulls from those extremes. The words are those of
+    each mask cropped to the box of its labels, as mask_shapes measures it (coordinates enter the hull
+    measures: same frame, same floating-point result)."""
     masks, labels = np.asarray(masks), list(labels)
-    b = len(masks)
+    b, n = len(masks), len(labels)
     words = [{label: "oval" for label in labels} for _ in range(b)]
-    if not labels or not b:
+    if not n or not b:
         return words
-    regions = masks[:, None] == np.asarray(labels, masks.dtype).reshape(1, -1, 1, 1)     # [B, L, H, W]
-    rows, cols = regions.any(3), regions.any(2)                                           # [B, L, H], [B, L, W]
-    if not rows.any():
+    regions = (masks[:, None] == np.asarray(labels, masks.dtype).reshape(1, -1, 1, 1)).reshape(b * n, *masks.shape[1:])
+    rows, cols = regions.any(2), regions.any(1)                                           # [P, H], [P, W]
+    planes = np.nonzero(rows.any(1))[0]
+    if not len(planes):
         return words
-    # Crop the batch to the union of its boxes: the components and extremes do not depend on it.
-    r_any, c_any = np.nonzero(rows.any((0, 1)))[0], np.nonzero(cols.any((0, 1)))[0]
-    r_lo, c_lo = r_any[0], c_any[0]
-    regions = regions[:, :, r_lo:r_any[-1] + 1, c_lo:c_any[-1] + 1].reshape(b * len(labels), r_any[-1] + 1 - r_lo,
-                                                                             c_any[-1] + 1 - c_lo)
-    components, count = ndimage.label(regions, _IN_PLANE)  # components of each plane, never across planes
+    r0, c0 = rows[planes].argmax(1), cols[planes].argmax(1)
+    r1, c1 = rows.shape[1] - rows[planes, ::-1].argmax(1), cols.shape[1] - cols[planes, ::-1].argmax(1)
+    crop = np.zeros((len(planes), int((r1 - r0).max()), int((c1 - c0).max())), bool)
+    for q, plane in enumerate(planes):  # each plane in its own box: far fewer pixels than the masks' union
+        crop[q, :r1[q] - r0[q], :c1[q] - c0[q]] = regions[plane, r0[q]:r1[q], c0[q]:c1[q]]
+    components, count = ndimage.label(crop, _IN_PLANE)  # components of each plane, never across planes
     sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    sizes[0] = 0
-    # Components are numbered in raster order, so plane k holds those after the planes before it; of equal
-    # sizes the first in raster order is the largest (as argmax).
-    last = np.maximum.accumulate(components.reshape(len(regions), -1).max(1))
-    firsts = np.concatenate([[0], last[:-1]]) + 1
+    # Components are numbered in raster order (a crop keeps it), so plane q holds those after the planes
+    # before it; of equal sizes the first in raster order is the largest (as argmax).
+    last = np.maximum.accumulate(components.reshape(len(crop), -1).max(1))
     largest = np.zeros(count + 1, bool)
-    for first, end in zip(firsts, last + 1):
-        if end > first:
-            largest[first + int(np.argmax(sizes[first:end]))] = True
-    keep = largest[components]                                                            # [P, h, w]
-    present, left = keep.any(2), keep.argmax(2)                                           # [P, h]
+    for first, end in zip(np.concatenate([[0], last[:-1]]) + 1, last + 1):
+        largest[first + int(np.argmax(sizes[first:end]))] = True  # every plane has a component
+    keep = largest[components]                                                            # [Q, h, w]
+    present, left = keep.any(2), keep.argmax(2)
     right = keep.shape[2] - keep[:, :, ::-1].argmax(2)
-    planes = np.nonzero(present.any(1))[0]
-    hulls = _hull_chains(present[planes], left[planes], right[planes])
-    # The crop of mask i alone (its labels' box, padded by one pixel): the offset its hull is measured in.
-    img_rows, img_cols = rows.any(1), cols.any(1)                                         # [B, H], [B, W]
-    for plane, hull in zip(planes, hulls):
-        i, k = divmod(int(plane), len(labels))
-        offset = np.array([int(np.argmax(img_rows[i])) - r_lo - 1, int(np.argmax(img_cols[i])) - c_lo - 1])
-        if len(hull) > _MAX_TRIANGLE_VERTICES:  # the triangle subsamples the hull in Qhull's vertex order
-            kept = np.nonzero(present[plane])[0]
-            words[i][labels[k]] = _shape_of_extremes(kept - offset[0], left[plane, kept] - offset[1],
-                                                     right[plane, kept] - offset[1])
+    hulls = _hull_chains(present, left, right)
+    # The crop of mask i alone (its labels' box, padded by one pixel): the frame mask_shapes measures in.
+    img_rows, img_cols = rows.reshape(b, n, -1).any(1), cols.reshape(b, n, -1).any(1)    # [B, H], [B, W]
+    image, label = np.divmod(planes, n)
+    offsets = np.stack([img_rows[image].argmax(1) - 1 - r0, img_cols[image].argmax(1) - 1 - c0], 1)  # [Q, 2]
+    small = [q for q, hull in enumerate(hulls) if len(hull) <= _MAX_TRIANGLE_VERTICES]
+    for q, word in zip(small, _shapes_of_hulls([hulls[q] - offsets[q] for q in small])):
+        words[image[q]][labels[label[q]]] = word
+    for q in sorted(set(range(len(hulls))) - set(small)):  # the triangle subsamples Qhull's vertex order
+        kept = np.nonzero(present[q])[0]
+        words[image[q]][labels[label[q]]] = _shape_of_extremes(kept - offsets[q, 0], left[q, kept] - offsets[q, 1],
+                                                               right[q, kept] - offsets[q, 1])
+    return words
+
+
+def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str]:
+    """Shape words of hulls of at most _MAX_TRIANGLE_VERTICES vertices each, all at once: each padded with
+    copies of its last vertex (zero-length edges are skipped, a repeated vertex changes no extreme, no area
+    and no largest triangle), every measure elementwise as _shape_of_hull takes it, so the same floats.
+    The largest triangle is measured only where it could decide the word."""
+    if not hulls:
+        return []
+    k = max(len(h) for h in hulls)
+    poly = np.stack([np.concatenate([h, np.repeat(h[-1:], k - len(h), 0)]) for h in hulls]).astype(np.float64)
+    x, y = poly[..., 1], poly[..., 0]
+    area = 0.5 * np.abs((x * np.roll(y, -1, 1)).sum(1) - (y * np.roll(x, -1, 1)).sum(1))  # exact: integers
+    edges = np.roll(poly, -1, 1) - poly                                                  # [Q, E, 2]
+    norms = np.hypot(edges[..., 0], edges[..., 1])
+    u = edges / np.where(norms > 0, norms, 1)[..., None]
+    pu = poly[:, :, None, 0] * u[:, None, :, 0] + poly[:, :, None, 1] * u[:, None, :, 1]     # [Q, K, E]
+    pv = poly[:, :, None, 0] * -u[:, None, :, 1] + poly[:, :, None, 1] * u[:, None, :, 0]
+    sides_u, sides_v = pu.max(1) - pu.min(1), pv.max(1) - pv.min(1)                      # [Q, E]
+    best = np.argmin(np.where(norms > 0, sides_u * sides_v, np.inf), 1)
+    su, sv = np.take_along_axis(sides_u, best[:, None], 1)[:, 0], np.take_along_axis(sides_v, best[:, None], 1)[:, 0]
+    long_side, short_side = np.maximum(su, sv), np.minimum(su, sv)
+    # A triangle inside a rectangle covers at most half of it, so a hull whose rectangle's half is clearly
+    # under 0.8 of its area cannot pass the triangle rule: its largest triangle is not needed.
+    triangle = np.zeros(len(poly))
+    maybe = np.nonzero(long_side * short_side / 2 > 0.8 * area * (1 - 1e-9))[0]
+    if len(maybe):
+        pm = poly[maybe]
+        cross = (pm[:, :, None, 0] * pm[:, None, :, 1] - pm[:, :, None, 1] * pm[:, None, :, 0]).reshape(len(pm), -1)
+        ij, jk, ki = _triangle_pairs(k)
+        triangle[maybe] = np.abs(cross[:, ij] + cross[:, jk] + cross[:, ki]).max(1) / 2
+    words = []
+    for q, hull in enumerate(hulls):
+        if len(hull) < 3:
+            words.append("oval")
+            continue
+        aspect = long_side[q] / max(short_side[q], 1e-6)
+        if triangle[q] / area[q] > 0.8:
+            words.append("triangle")
+        elif area[q] / (long_side[q] * short_side[q]) > 0.9:
+            words.append("square" if aspect < 1.2 else "rectangle")
         else:
-            words[i][labels[k]] = _shape_of_hull((hull - offset).astype(np.float64))
+            words.append("circle" if aspect < 1.2 else "oval")
     return words
 
 
 def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]:
     """Convex hulls [K, 2] (row, col; integer corners, in no particular rotation) of several connected
-    regions at once, each given by its rows' extreme pixels (present, left, one past right: [R, h]).
+    regions, each given by its rows' extreme pixels (present, left, one past right: [R, h]).
 
     Pixel edge line l of a region has its outermost corners at min(left[l - 1], left[l]) and
     max(right[l - 1], right[l]); the hull is the lower hull of the left chain (col over line) and the upper
-    hull of the right chain. Each chain's hull comes from dropping, all chains at once, every point that
-    is not strictly convex between its remaining neighbours until none is: a run of such points is concave,
-    so it lies above the chord that replaces it, and what is left is convex with every point on or above
-    it. The vertices are the hull's (collinear points dropped, as Qhull does); exact integer arithmetic."""
+    hull of the right chain, all chains at once in exact integer arithmetic; collinear points are dropped,
+    as Qhull does."""
     r, h = present.shape
     big = np.iinfo(np.int64).max // 4
     pad = np.zeros((r, 1), bool)
     on = np.concatenate([present, pad], 1) | np.concatenate([pad, present], 1)          # [R, h + 1] lines
     lf = np.where(present, left, big).astype(np.int64)
-    rt = np.where(present, right, -big).astype(np.int64)
-    lo = np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big),
-                    np.pad(lf, ((0, 0), (0, 1)), constant_values=big))
-    hi = np.maximum(np.pad(rt, ((0, 0), (1, 0)), constant_values=-big),
-                    np.pad(rt, ((0, 0), (0, 1)), constant_values=-big))
-    y = np.concatenate([np.where(on, lo, 0), np.where(on, -hi, 0)])                     # [2R, h + 1]
-    valid = np.concatenate([on, on])
-    x = np.broadcast_to(np.arange(h + 1, dtype=np.int64), y.shape)
-    idx, chains = np.arange(h + 1), np.arange(2 * r)[:, None]
+    rt = np.where(present, -right, big).astype(np.int64)  # the right chain mirrored: a lower hull too
+    y = np.concatenate([np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big),
+                                   np.pad(lf, ((0, 0), (0, 1)), constant_values=big)),
+                        np.minimum(np.pad(rt, ((0, 0), (1, 0)), constant_values=big),
+                                   np.pad(rt, ((0, 0), (0, 1)), constant_values=big))])   # [2R, h + 1]
+    on = np.concatenate([on, on])
+    # Locally convex: the ends, and points strictly below the midpoint of their (line) neighbours.
+    keep = on.copy()
+    keep[:, 1:-1] &= ~(on[:, :-2] & on[:, 2:]) | (2 * y[:, 1:-1] < y[:, :-2] + y[:, 2:])
+    # Those few points of each chain, in order, side by side: [2R, K], then dropped, all chains at once,
+    # while any is not strictly convex between its remaining neighbours (a run of such points is concave,
+    # so it lies above the chord that replaces it; what is left is the lower hull).
+    count = keep.sum(1)
+    x = np.argsort(~keep, axis=1, kind="stable")[:, :int(count.max())]
+    y = np.take_along_axis(y, x, 1)
+    valid = np.arange(x.shape[1]) < count[:, None]
+    k, rows = x.shape[1], np.arange(2 * r)[:, None]
+    idx = np.arange(k)
     while True:
         before = np.maximum.accumulate(np.where(valid, idx, -1), 1)
-        after = np.minimum.accumulate(np.where(valid, idx, h + 1)[:, ::-1], 1)[:, ::-1]
+        after = np.minimum.accumulate(np.where(valid, idx, k)[:, ::-1], 1)[:, ::-1]
         prev = np.concatenate([np.full((2 * r, 1), -1), before[:, :-1]], 1)
-        nxt = np.concatenate([after[:, 1:], np.full((2 * r, 1), h + 1)], 1)
-        inner = valid & (prev >= 0) & (nxt <= h)
-        p, n = np.clip(prev, 0, h), np.clip(nxt, 0, h)
-        cross = (x - x[chains, p]) * (y[chains, n] - y) - (y - y[chains, p]) * (x[chains, n] - x)
-        drop = inner & (cross <= 0)
+        nxt = np.concatenate([after[:, 1:], np.full((2 * r, 1), k)], 1)
+        p, q = np.clip(prev, 0, k - 1), np.clip(nxt, 0, k - 1)
+        cross = (x - x[rows, p]) * (y[rows, q] - y[rows, p]) - (y - y[rows, p]) * (x[rows, q] - x[rows, p])
+        drop = valid & (prev >= 0) & (nxt < k) & (cross <= 0)
         if not drop.any():
             break
-        valid = valid & ~drop
+        valid &= ~drop
     hulls = []
     for c in range(r):
-        lower, upper = np.nonzero(valid[c])[0], np.nonzero(valid[r + c])[0][::-1]
-        hulls.append(np.concatenate([np.stack([lower, y[c, lower]], 1), np.stack([upper, -y[r + c, upper]], 1)]))
+        lower, upper = valid[c], valid[r + c]
+        hulls.append(np.concatenate([np.stack([x[c, lower], y[c, lower]], 1),
+                                     np.stack([x[r + c, upper], -y[r + c, upper]], 1)[::-1]]))
     return hulls
 
 
