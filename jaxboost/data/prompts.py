@@ -45,6 +45,14 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     structure: "LV" | "MYO" | "LA"; view: "2CH" | "4CH"; phase: "ED" | "ES"; sex: "M" | "F";
     quality: "Good" | "Medium" | "Poor" (ignored when drop_quality); shape: one of SHAPES.
     """
+    # Cached: a corpus repeats each patient's words for every image and structure (fresh lists each call).
+    return [list(pair) for pair in _prompts(structure, view, phase, sex, int(age),
+                                            None if drop_quality else quality, shape, drop_quality)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _prompts(structure: str, view: str, phase: str, sex: str, age: int, quality: str | None, shape: str,
+             drop_quality: bool) -> tuple:
     try:
         name, view_word = STRUCTURE_NAMES[structure], _VIEW_WORDS[view]
         cycle, sex_word = _CYCLE_WORDS[phase], _SEX_WORDS[sex]
@@ -74,7 +82,7 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     else:
         prompts.append(both(f"{name} {view_part}", cycle_part + age_sex_part + quality_part))
     prompts.append(both(f"{shaped} {view_part}", cycle_part + age_sex_part + quality_part))
-    return prompts
+    return tuple(tuple(pair) for pair in prompts)
 
 
 def _locally_convex(x: np.ndarray, y: np.ndarray) -> np.ndarray:
