@@ -4,6 +4,8 @@ between: shards staged locally, uploaded when finished, read back through a loca
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
 from jaxboost.data import corpus
-from tests.test_corpus import SIZE, _synthetic_images
+sys.path.insert(0, str(Path(__file__).parent))
+from test_corpus import SIZE, _synthetic_images  # noqa: E402
 
 fsspec_registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)
 

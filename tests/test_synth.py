@@ -24,6 +24,7 @@ from jaxboost.train import sdm as sdm_train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sdm_helpers import SIZE, phantom_corpus, tiny_config  # noqa: E402
+from test_corpus_remote import bucket  # noqa: E402,F401 (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2
@@ -100,6 +101,18 @@ def _synth_cmd(run, corpus, out, *extra):
     return [sys.executable, "-m", "jaxboost.cli", "synth", "--checkpoint", str(run), "--masks", str(corpus),
             "--out", str(out), "--per-mask", str(K), "--steps", "2", "--guidance", "1.5", "--seed", "7",
             "--records-per-shard", "6", *extra]
+
+
+def test_synth_writes_to_a_gs_bucket_the_shards_it_writes_locally(setup, bucket):
+    # --out gs://...: the corpus goes through etils.epath (an in-process bucket; see test_corpus_remote),
+    # shards staged locally and uploaded, process 0's manifest merged from the part on the bucket.
+    corpus, run, reference = setup
+    out = bucket / "synth"
+    manifest = synth.generate(run, corpus, str(out), batch_size=4,
+                              mesh=parallel.make_mesh(devices=jax.devices()[:1]), **OPTS)
+    local = corpus_lib.open_corpus(reference).manifest
+    assert manifest["shards"] == local["shards"] and manifest["counts"] == local["counts"]
+    assert corpus_lib.open_corpus(str(out)).verify() == []
 
 
 @pytest.mark.slow

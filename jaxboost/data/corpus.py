@@ -45,6 +45,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -546,6 +547,7 @@ class CorpusSource:
         with self._lock:
             if self._cache is None:
                 self._cache = tempfile.mkdtemp(prefix="jaxboost_corpus_cache_")
+                weakref.finalize(self, shutil.rmtree, self._cache, True)  # this host's copies go with the source
         return _local_copy(epath.Path(self._path(shard)), self._cache)
 
     def _reader(self, shard: int):
