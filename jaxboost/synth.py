@@ -78,6 +78,27 @@ def model_labels(mask: np.ndarray, cone: np.ndarray, num_labels: int, where: str
                      f"{labels_lib.NUM_CAMUS_LABELS} CAMUS labels ({labels_lib.NUM_SDM_LABELS} with the cone)")
 
 
+@jax.jit
+def _sdm_label_maps(maps):
+    """uint8 [B, S, S, 2] (mask, cone) -> uint8 [B, S, S]: labels_lib.sdm_labels of each row (integer
+    lookups: the same labels), and the largest mask label of each row."""
+    mask, cone = maps[..., 0], maps[..., 1]
+    table = jnp.asarray(np.concatenate([labels_lib.CAMUS_TO_SDM, np.zeros(252, np.uint8)]))
+    return jnp.where(cone != 0, table[mask], 0).astype(jnp.uint8), mask.max(axis=(1, 2))
+
+
+def batch_model_labels(maps: np.ndarray, num_labels: int, where) -> np.ndarray:
+    """uint8 [B, S, S, 2] augmented (mask, cone) -> the model's label maps [B, S, S] (model_labels of every
+    row, in one XLA call on the host's CPU: off the interpreter lock); where(i) names row i's source."""
+    labels, peak = (np.asarray(a) for a in _sdm_label_maps(jax.device_put(maps, jax.local_devices(backend="cpu")[0])))
+    bad = int(np.argmax(peak))
+    if peak[bad] >= labels_lib.NUM_CAMUS_LABELS:
+        raise ValueError(f"{where(bad)}: mask label {int(peak[bad])} is outside CAMUS labels 0-3")
+    if num_labels == labels_lib.NUM_SDM_LABELS:
+        return labels
+    return model_labels(maps[..., 0], maps[..., 1], num_labels, where(0))
+
+
 def augmented_samples(sources: list, split_id: int, indices, seed: int, rows: int | None = None) -> np.ndarray:
     """Samples `indices` (s = image index * K + k) of a split, sources[i] the source of indices[i] ->
     uint8 [rows, S, S, 2] (mask, cone), row i under one augmentation draw from default_rng([seed, split id, s]),
@@ -250,14 +271,10 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
         augmented = augmented_samples(srcs, split_id, [mine[j] for j in rows], seed, local_batch) if rows else []
         for j, src, maps in zip(rows, srcs, augmented):
             metas.append((j, mine[j], src, maps[..., 0], maps[..., 1]))
-        label_maps = []
-        if rows:  # all rows' label maps in one pass; a bad mask names its source
-            peak = augmented[..., 0].max(axis=(1, 2))
-            label_maps = model_labels(augmented[..., 0], augmented[..., 1], num_labels,
-                                      f"{where}/{split}/{srcs[int(np.argmax(peak))]['key']}")
-        # A host with fewer samples left pads its rows (every host runs the same number of calls).
-        # uint8: a quarter of the bytes to the device (the sampler casts them in its program)
-        labels_np = np.asarray(label_maps if rows else np.zeros((1, size, size), np.uint8), np.uint8)
+        # A host with fewer samples left pads its rows (every host runs the same number of calls). The label
+        # maps of all rows in one call (uint8: a quarter of the bytes to the device; the sampler casts them).
+        labels_np = (batch_model_labels(augmented, num_labels, lambda i: f"{where}/{split}/{srcs[i]['key']}")
+                     if rows else np.zeros((1, size, size), np.uint8))
         keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
         labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
         keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])

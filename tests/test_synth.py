@@ -243,3 +243,15 @@ def test_background_stage_is_bounded_and_writes_in_order():
     stage.drain()
     stage.close()
     assert peak[0] == 2 and written == [0, 1, 2, 3, 4, 5]
+
+
+def test_batch_model_labels_are_sdm_labels_of_each_row_and_name_a_bad_one():
+    rng = np.random.default_rng(0)
+    maps = np.stack([rng.integers(0, 4, (3, 16, 16)), rng.integers(0, 2, (3, 16, 16))], -1).astype(np.uint8)
+    got = synth.batch_model_labels(maps, labels_lib.NUM_SDM_LABELS, lambda i: f"row{i}")
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, np.stack([labels_lib.sdm_labels(m[..., 0], m[..., 1], is_cone=True) for m in maps]))
+    assert np.array_equal(synth.batch_model_labels(maps, labels_lib.NUM_CAMUS_LABELS, str), maps[..., 0])
+    maps[1, 3, 4, 0] = 7
+    with pytest.raises(ValueError, match="row1: mask label 7 is outside CAMUS labels 0-3"):
+        synth.batch_model_labels(maps, labels_lib.NUM_SDM_LABELS, lambda i: f"row{i}")
