@@ -199,20 +199,26 @@ def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
     image, label = np.divmod(planes, n)
     offsets = np.stack([img_rows[image].argmax(1) - 1 - r0, img_cols[image].argmax(1) - 1 - c0], 1)  # [Q, 2]
     small = [q for q, hull in enumerate(hulls) if len(hull) <= _MAX_TRIANGLE_VERTICES]
+    qhull = sorted(set(range(len(hulls))) - set(small))  # the triangle subsamples Qhull's vertex order
     for q, word in zip(small, _shapes_of_hulls([hulls[q] - offsets[q] for q in small])):
-        words[image[q]][labels[label[q]]] = word
-    for q in sorted(set(range(len(hulls))) - set(small)):  # the triangle subsamples Qhull's vertex order
+        if word is None:
+            qhull.append(q)
+        else:
+            words[image[q]][labels[label[q]]] = word
+    for q in qhull:
         kept = np.nonzero(present[q])[0]
         words[image[q]][labels[label[q]]] = _shape_of_extremes(kept - offsets[q, 0], left[q, kept] - offsets[q, 1],
                                                                right[q, kept] - offsets[q, 1])
     return words
 
 
-def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str]:
+def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str | None]:
     """Shape words of hulls of at most _MAX_TRIANGLE_VERTICES vertices each, all at once: each padded with
     copies of its last vertex (zero-length edges are skipped, a repeated vertex changes no extreme, no area
     and no largest triangle), every measure elementwise as _shape_of_hull takes it, so the same floats.
-    The largest triangle is measured only where it could decide the word."""
+    The largest triangle is measured only where it could decide the word. None where two edges give
+    bounding rectangles of exactly the same area but other sides (common on a small pixel lattice): the
+    first in Qhull's vertex order wins there, so only Qhull's order gives the same word."""
     if not hulls:
         return []
     k = max(len(h) for h in hulls)
@@ -225,9 +231,13 @@ def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str]:
     pu = poly[:, :, None, 0] * u[:, None, :, 0] + poly[:, :, None, 1] * u[:, None, :, 1]     # [Q, K, E]
     pv = poly[:, :, None, 0] * -u[:, None, :, 1] + poly[:, :, None, 1] * u[:, None, :, 0]
     sides_u, sides_v = pu.max(1) - pu.min(1), pv.max(1) - pv.min(1)                      # [Q, E]
-    best = np.argmin(np.where(norms > 0, sides_u * sides_v, np.inf), 1)
+    rect = np.where(norms > 0, sides_u * sides_v, np.inf)
+    best = np.argmin(rect, 1)
     su, sv = np.take_along_axis(sides_u, best[:, None], 1)[:, 0], np.take_along_axis(sides_v, best[:, None], 1)[:, 0]
     long_side, short_side = np.maximum(su, sv), np.minimum(su, sv)
+    tied = rect == rect[np.arange(len(rect)), best][:, None]
+    ambiguous = (tied & ((np.maximum(sides_u, sides_v) != long_side[:, None])
+                         | (np.minimum(sides_u, sides_v) != short_side[:, None]))).any(1)
     # A triangle inside a rectangle covers at most half of it, so a hull whose rectangle's half is clearly
     # under 0.8 of its area cannot pass the triangle rule: its largest triangle is not needed.
     triangle = np.zeros(len(poly))
@@ -239,8 +249,8 @@ def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str]:
         triangle[maybe] = np.abs(cross[:, ij] + cross[:, jk] + cross[:, ki]).max(1) / 2
     words = []
     for q, hull in enumerate(hulls):
-        if len(hull) < 3:
-            words.append("oval")
+        if ambiguous[q] or len(hull) < 3:
+            words.append(None if ambiguous[q] else "oval")
             continue
         aspect = long_side[q] / max(short_side[q], 1e-6)
         if triangle[q] / area[q] > 0.8:
