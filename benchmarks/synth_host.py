@@ -8,7 +8,8 @@ the device sat idle. Run: `python -m benchmarks.run --cases synth_host`.
 An older commit's figure in the same conditions: `python -m benchmarks.synth_host --at feb8d59` exports that
 commit (git archive) and times, in a child process on its code, the serial host loop its `synth.generate`
 ran (per image: augment, label map, sample, make_records, write), with the same near-free sampler and
-workload, then this tree's `measure`, one after the other.
+workload, then this tree's `measure`, one after the other; both after a warm-up (compiled programs), and
+each prints its process CPU time per image (all threads), the figure the load does not inflate.
 """
 from __future__ import annotations
 
@@ -46,17 +47,23 @@ def measure(size: int, per_mask: int, patients: int = 6, workers: int | None = N
     near_free = _near_free_sampler()
     with tempfile.TemporaryDirectory() as tmp:
         masks = _masks_corpus(Path(tmp), size, patients)
+        def run(out, k):
+            return synth.sample_and_write(
+                near_free, lambda images: np.clip(np.round((np.asarray(images)[..., 0] + 1) * 127.5), 0,
+                                                  255).astype(np.uint8),
+                out, masks, splits=("train",), per_mask=k, seed=0, num_labels=labels_lib.NUM_SDM_LABELS,
+                local_batch=BATCH, where="bench", workers=workers)
+        with corpus_lib.CorpusWriter(Path(tmp) / "warm", size=size, source="synthetic") as warm:
+            run(warm, 1)  # compiles the augmentation and label programs: the timed run is the steady state
         writer = corpus_lib.CorpusWriter(Path(tmp) / "out", size=size, source="synthetic")
-        start = time.perf_counter()
-        stats = synth.sample_and_write(
-            near_free, lambda images: np.clip(np.round((np.asarray(images)[..., 0] + 1) * 127.5), 0, 255).astype(np.uint8),
-            writer, masks, splits=("train",), per_mask=per_mask, seed=0, num_labels=labels_lib.NUM_SDM_LABELS,
-            local_batch=BATCH, where="bench", workers=workers)
+        start, cpu = time.perf_counter(), time.process_time()
+        stats = run(writer, per_mask)
         writer.close()
         manifest = corpus_lib.finalize_corpus(Path(tmp) / "out")
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert manifest["images"]["train"] == stats.sampled > 0
     return {"size": size, "images": stats.sampled, "seconds": stats.seconds, "wall_seconds": wall,
+            "cpu_ms_per_image": 1e3 * cpu / stats.sampled,
             "images_per_s": stats.sampled / stats.seconds, "records": manifest["counts"]["train"],
             "bytes_per_triplet": manifest["bytes"] / manifest["counts"]["train"]}
 
@@ -75,7 +82,8 @@ def measure_serial(size: int, per_mask: int, patients: int = 6) -> dict:
         sources = [r for r in masks.iter("train") if synth.pipeline.sdm_filter(r)]
         total, split_id = len(sources) * per_mask, corpus_lib.SPLITS.index("train")
         near_free(np.zeros((BATCH, size, size), np.int32), np.zeros((BATCH, 2), np.uint32)).block_until_ready()
-        start = time.perf_counter()
+        synth.augmented_sample(sources[0], split_id, 0, 0), synth.sample_keys(0, split_id, np.arange(BATCH))  # warm
+        start, cpu = time.perf_counter(), time.process_time()
         for first in range(0, total, BATCH):
             rows = list(range(first, min(first + BATCH, total)))
             augmented = [synth.augmented_sample(sources[s // per_mask], split_id, s, 0) for s in rows]
@@ -94,9 +102,10 @@ def measure_serial(size: int, per_mask: int, patients: int = 6) -> dict:
                         keep_orig_mask=False):
                     writer.add(record)
         writer.close()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         corpus_lib.finalize_corpus(Path(tmp) / "out")
-    return {"size": size, "images": total, "seconds": seconds, "images_per_s": total / seconds}
+    return {"size": size, "images": total, "seconds": seconds, "images_per_s": total / seconds,
+            "cpu_ms_per_image": 1e3 * cpu / total}
 
 
 def measure_at(commit: str, size: int, per_mask: int) -> dict:
@@ -125,7 +134,8 @@ def main(argv=None) -> None:
             old, now = measure_at(args.at, size, per_mask), measure(size, per_mask)
             print(f"synth_host {size}px: {args.at} {old['images_per_s']:.1f} images/s, now "
                   f"{now['images_per_s']:.1f} images/s ({now['images_per_s'] / old['images_per_s']:.1f}x; "
-                  f"load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"load {os.getloadavg()[0]:.1f}); CPU per image {old['cpu_ms_per_image']:.2f} -> "
+                  f"{now['cpu_ms_per_image']:.2f} ms (all threads)", flush=True)
 
 
 def run(quick: bool = False):

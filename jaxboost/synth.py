@@ -18,16 +18,18 @@ Hosts: host p of P samples s with s % P == p and writes them, in order, as write
 batch is one global array split over the mesh (each host fills its rows). Process 0 writes manifest.json
 after a barrier (all writers closed).
 
-Resume: a shard is complete once renamed from *.tmp and listed in its writer's part manifest; a rerun with
-the same settings samples only the samples of shards not listed (no per-sample file check), and ends with the
-same shards as an uninterrupted run. The settings are stored in OUT/config.json, so a folder holding another
-corpus (other checkpoint, seed, K, ...) is refused.
+Resume: a shard is complete once renamed from *.tmp (uploaded, off a local disk) and listed in its writer's
+part manifest; a rerun with the same settings samples only the samples of shards not listed (no per-sample
+file check), and ends with the same shards as an uninterrupted run. OUT and MASKS go through etils.epath (a
+local folder or an object store such as gs://): each host writes its own shards and part manifest, process 0
+alone merges them, and nothing needs a lock or a shared POSIX filesystem. The settings are stored in
+OUT/config.json, so a folder holding another corpus (other checkpoint, seed, K, ...) is refused.
 
 Host pipeline (`sample_and_write`): while the device runs call n, the host augments the masks of call n+1
 and dispatches it (so the device always has the next call queued), then hands call n's images to a bounded
 background stage (a thread pool, at most `STAGE_DEPTH` calls queued) that measures shape words, builds the
-prompts and encodes the entries; the writer appends them in sample order. The run prints the fraction of
-the sampling time the device sat idle waiting for the host.
+prompts and encodes the entries; one writer thread appends them in sample order. The run prints the
+fraction of the sampling time the device sat idle waiting for the host.
 """
 from __future__ import annotations
 
@@ -39,17 +41,17 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxboost import parallel
 from jaxboost.data import augment as augment_lib
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import labels as labels_lib
 from jaxboost.data import pipeline
+from jaxboost.data import prompts as prompts_lib
 from jaxboost.diffusion import samplers
 from jaxboost.train import sdm as sdm_train
 
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 SYNTH_SPLITS = ("train", "val")
 DEFAULT_PER_DEVICE_BATCH = 4
+LABELS = tuple(labels_lib.LABEL_OF[s] for s in labels_lib.STRUCTURES)
 STAGE_DEPTH = 4  # sampler calls whose images may wait for the background stage (bounds host memory)
 
 
@@ -73,6 +76,27 @@ def model_labels(mask: np.ndarray, cone: np.ndarray, num_labels: int, where: str
         return mask.astype(np.uint8)
     raise ValueError(f"{where}: the checkpoint's model has num_labels={num_labels}, but a masks corpus gives "
                      f"{labels_lib.NUM_CAMUS_LABELS} CAMUS labels ({labels_lib.NUM_SDM_LABELS} with the cone)")
+
+
+@jax.jit
+def _sdm_label_maps(maps):
+    """uint8 [B, S, S, 2] (mask, cone) -> uint8 [B, S, S]: labels_lib.sdm_labels of each row (integer
+    lookups: the same labels), and the largest mask label of each row."""
+    mask, cone = maps[..., 0], maps[..., 1]
+    table = jnp.asarray(np.concatenate([labels_lib.CAMUS_TO_SDM, np.zeros(252, np.uint8)]))
+    return jnp.where(cone != 0, table[mask], 0).astype(jnp.uint8), mask.max(axis=(1, 2))
+
+
+def batch_model_labels(maps: np.ndarray, num_labels: int, where) -> np.ndarray:
+    """uint8 [B, S, S, 2] augmented (mask, cone) -> the model's label maps [B, S, S] (model_labels of every
+    row, in one XLA call on the host's CPU: off the interpreter lock); where(i) names row i's source."""
+    labels, peak = (np.asarray(a) for a in _sdm_label_maps(jax.device_put(maps, jax.local_devices(backend="cpu")[0])))
+    bad = int(np.argmax(peak))
+    if peak[bad] >= labels_lib.NUM_CAMUS_LABELS:
+        raise ValueError(f"{where(bad)}: mask label {int(peak[bad])} is outside CAMUS labels 0-3")
+    if num_labels == labels_lib.NUM_SDM_LABELS:
+        return labels
+    return model_labels(maps[..., 0], maps[..., 1], num_labels, where(0))
 
 
 def augmented_samples(sources: list, split_id: int, indices, seed: int, rows: int | None = None) -> np.ndarray:
@@ -159,36 +183,55 @@ def _is_ready(output) -> bool:
 
 
 class _BackgroundStage:
-    """A thread pool for the per-image host work with at most `depth` calls queued; results are handed to
-    `write` in submission order on the caller's thread (the corpus writer is not shared between threads)."""
+    """A thread pool for the per-image host work with at most `depth` calls queued, and one writer thread
+    that hands the results to `write` in submission order (the corpus writer is used by that thread alone),
+    so the sampling loop neither encodes nor writes. A failed job or write fails every write after it (a
+    shard never gets entries out of order) and is raised to the caller at its next submit or drain."""
 
     def __init__(self, write, workers: int, depth: int = STAGE_DEPTH):
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="synth-host")
-        self._queue: collections.deque = collections.deque()
-        self._write, self._depth = write, depth
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="synth-write")
+        self._queue: collections.deque = collections.deque()  # write futures, oldest first
+        self._write, self._depth, self._failed = write, depth, False
+
+    def _write_result(self, job) -> None:
+        if self._failed:
+            raise RuntimeError("not written: an earlier call's host work or write failed")
+        try:
+            self._write(job.result())
+        except BaseException:
+            self._failed = True
+            raise
 
     def submit(self, fn, *args) -> None:
         while self._queue and (len(self._queue) >= self._depth or self._queue[0].done()):
-            self._write(self._queue.popleft().result())
-        self._queue.append(self._pool.submit(fn, *args))
+            self._queue.popleft().result()
+        job = self._pool.submit(fn, *args)
+        self._queue.append(self._writer.submit(self._write_result, job))
 
     def drain(self) -> None:
         while self._queue:
-            self._write(self._queue.popleft().result())
+            self._queue.popleft().result()
 
     def close(self) -> None:
+        self._failed = self._failed or bool(self._queue)  # closed with calls pending: write no more
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
 
 def _encoded_entries(metas: list, pixels: np.ndarray, per_mask: int) -> list:
-    """(local position, entry, its bytes) for each sampled image of one call: shape words, prompts, encoding."""
+    """(local position, entry, its bytes) for each sampled image of one call: the shape words of all its
+    masks at once, then each image's prompts and encoding."""
+    if not metas:
+        return []
+    shapes = prompts_lib.mask_shapes_batch(np.stack([m[3] for m in metas]), LABELS)
     done = []
-    for (j, s, src, aug_mask, aug_cone), image in zip(metas, pixels):
+    for (j, s, src, aug_mask, aug_cone), image, words in zip(metas, pixels, shapes):
         entry = corpus_lib.make_image(
             image, aug_mask, name=f"{src['key'].split('/')[1]}_aug{s % per_mask}", patient=src["patient"],
             view=src["view"], phase=src["phase"], sex=src["sex"], age=src["age"], quality=src["quality"],
             split=src["split"], source="synthetic", size=image.shape[0], cone=aug_cone, drop_quality=True,
-            keep_orig_mask=False)
+            keep_orig_mask=False, shapes=words)
         done.append((j, entry, corpus_lib.encode_record(entry)))
     return done
 
@@ -198,7 +241,7 @@ def sample_and_write(sample, fetch, writer: corpus_lib.CorpusWriter, source_corp
                      progress: bool = False, workers: int | None = None) -> HostStats:
     """Samples every split's missing images and writes them; returns this host's timings.
 
-    sample(labels int32 [local_batch, S, S], keys uint32 [local_batch, 2]) -> images (dispatched, not waited
+    sample(labels uint8 [local_batch, S, S], keys uint32 [local_batch, 2]) -> images (dispatched, not waited
     for); fetch(images) -> uint8 [local_batch, S, S] on this host. Every host runs the same number of calls.
     """
     stats = HostStats()
@@ -223,15 +266,15 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
     written = 0  # local samples handed to the writer so far (added or skipped)
 
     def prepare(call: int):
-        rows, label_maps, metas = todo[call * local_batch:(call + 1) * local_batch], [], []
+        rows, metas = todo[call * local_batch:(call + 1) * local_batch], []
         srcs = [sources[mine[j] // per_mask] for j in rows]
         augmented = augmented_samples(srcs, split_id, [mine[j] for j in rows], seed, local_batch) if rows else []
         for j, src, maps in zip(rows, srcs, augmented):
-            aug_mask, aug_cone = maps[..., 0], maps[..., 1]
-            label_maps.append(model_labels(aug_mask, aug_cone, num_labels, f"{where}/{split}/{src['key']}"))
-            metas.append((j, mine[j], src, aug_mask, aug_cone))
-        # A host with fewer samples left pads its rows (every host runs the same number of calls).
-        labels_np = np.stack(label_maps or [np.zeros((size, size), np.uint8)]).astype(np.int32)
+            metas.append((j, mine[j], src, maps[..., 0], maps[..., 1]))
+        # A host with fewer samples left pads its rows (every host runs the same number of calls). The label
+        # maps of all rows in one call (uint8: a quarter of the bytes to the device; the sampler casts them).
+        labels_np = (batch_model_labels(augmented, num_labels, lambda i: f"{where}/{split}/{srcs[i]['key']}")
+                     if rows else np.zeros((1, size, size), np.uint8))
         keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
         labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
         keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])
@@ -289,7 +332,7 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     batch_size: global samples per sampler call (default 4 per device), a multiple of the mesh's batch shards.
     mesh: default the run config's mesh over all devices.
     """
-    checkpoint, masks, out = Path(checkpoint), Path(masks), Path(out)
+    checkpoint, masks, out = epath.Path(checkpoint), epath.Path(masks), epath.Path(out)
     splits, guidance = _checked_arguments(splits, per_mask, steps, guidance, sampler, eta)
     source_corpus = corpus_lib.open_corpus(masks)
     config, params, ckpt_step, mesh = _open_sdm_run(checkpoint, masks, source_corpus, mesh, guidance)
@@ -298,8 +341,8 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
     parallel.check_batch_divides(mesh, batch_size)
     hosts = jax.process_count()
 
-    settings = {"checkpoint": str(checkpoint.absolute()), "checkpoint_step": int(ckpt_step),
-                "masks": str(masks.absolute()), "per_mask": int(per_mask), "sampler": sampler, "steps": int(steps),
+    settings = {"checkpoint": _absolute(checkpoint), "checkpoint_step": int(ckpt_step),
+                "masks": _absolute(masks), "per_mask": int(per_mask), "sampler": sampler, "steps": int(steps),
                 "guidance": None if guidance is None else float(guidance), "eta": float(eta), "seed": int(seed),
                 "splits": list(splits), "num_writers": hosts}
     writer = _open_writer(out, settings, config.model.image_size, records_per_shard)
@@ -313,6 +356,11 @@ def generate(checkpoint, masks, out, per_mask: int, sampler: str = "ddim", steps
               f"{stats.seconds:.1f}s; device idle {stats.idle_fraction:.1%} of the sampling time, waiting "
               f"for the host)", flush=True)
     return manifest
+
+
+def _absolute(path: epath.Path) -> str:
+    """A local path made absolute (as config.json has always held it); a URI as it is."""
+    return str(path.absolute()) if corpus_lib.is_local(path) else str(path)
 
 
 def _checked_arguments(splits, per_mask: int, steps: int, guidance, sampler: str, eta: float):
@@ -331,7 +379,7 @@ def _checked_arguments(splits, per_mask: int, steps: int, guidance, sampler: str
     return splits, guidance
 
 
-def _open_sdm_run(checkpoint: Path, masks: Path, source_corpus, mesh, guidance):
+def _open_sdm_run(checkpoint: epath.Path, masks: epath.Path, source_corpus, mesh, guidance):
     """-> (config, params, checkpoint step, mesh) of the SDM run, checked against the masks corpus."""
     # The model first: a folder that is not an SDM run fails before anything is written.
     probe = checkpoint / "config.json"
@@ -353,7 +401,7 @@ def _open_sdm_run(checkpoint: Path, masks: Path, source_corpus, mesh, guidance):
     return config, params, ckpt_step, mesh
 
 
-def _open_writer(out: Path, settings: dict, size: int, records_per_shard: int) -> corpus_lib.CorpusWriter:
+def _open_writer(out: epath.Path, settings: dict, size: int, records_per_shard: int) -> corpus_lib.CorpusWriter:
     """Process 0 claims the folder first (config.json), then every host opens its writer."""
     extra_config = {"source": "synthetic", "synth": settings}
     host = jax.process_index()
@@ -375,7 +423,8 @@ def _compiled_sampler(config, params, mesh, sampler: str, steps: int, eta: float
         sdm_train.apply_fn_for(sdm_train.build_model(config)), sdm_train.make_schedule(config),
         channels=config.model.in_channels, sampler=sampler, steps=steps, eta=eta, guidance=guidance, dtype=dtype)
     params = samplers.cast_params(params, dtype)  # once, not in every sampler call
-    sample_fn = jax.jit(lambda p, labels, keys: run(p, sdm_train.one_hot_labels(labels, num_labels), keys))
+    sample_fn = jax.jit(lambda p, labels, keys: run(p, sdm_train.one_hot_labels(labels.astype(jnp.int32),
+                                                                          num_labels), keys))
     label_sharding = parallel.batch_sharding(mesh, 3)
     key_sharding = parallel.batch_sharding(mesh, 2)
 
@@ -390,7 +439,7 @@ def _compiled_sampler(config, params, mesh, sampler: str, steps: int, eta: float
     return sample, fetch
 
 
-def _close_corpus(writer: corpus_lib.CorpusWriter, out: Path, settings: dict) -> dict:
+def _close_corpus(writer: corpus_lib.CorpusWriter, out: epath.Path, settings: dict) -> dict:
     """Every host closes its writer, then process 0 writes the manifest; -> the manifest (on every host)."""
     writer.close()
     _barrier("synth_writers_closed")

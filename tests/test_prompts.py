@@ -156,3 +156,90 @@ def test_mask_shapes_match_the_plain_rules_on_1152_augmented_phantom_masks():
     for mask in masks:
         words = prompts.mask_shapes(mask, (1, 2, 3))
         assert words == {label: _reference_shape(mask == label) for label in (1, 2, 3)}
+
+
+def test_mask_shapes_batch_is_mask_shapes_of_each_mask():
+    # One batch of masks at different places and sizes (and one empty): each mask's words as if alone.
+    rng = np.random.default_rng(1)
+    hearts = [phantom._draw_view(rng, phantom._patient_anatomy(rng), "4CH" if i % 2 else "2CH", "ED", "Good",
+                                 96, 96)[1] for i in range(6)]
+    rngs = [np.random.default_rng([5, i]) for i in range(11)]
+    masks = augment.augment_batch(np.stack([hearts[i % 6] for i in range(11)])[..., None], rngs)[..., 0]
+    masks = np.concatenate([masks, np.zeros_like(masks[:1])])
+    masks[3, :40] = 0  # a mask cut in half: another box than its neighbours'
+    batch = prompts.mask_shapes_batch(masks, (1, 2, 3))
+    assert batch == [{label: _reference_shape(m == label) for label in (1, 2, 3)} for m in masks]
+    assert batch[-1] == {1: "oval", 2: "oval", 3: "oval"}
+
+
+def test_hull_chains_are_qhulls_vertices():
+    # The batched hull (integer chains) has exactly Qhull's vertices on augmented phantom regions at 192 px.
+    rng = np.random.default_rng(2)
+    hearts = [phantom._draw_view(rng, phantom._patient_anatomy(rng), "2CH", "ES", "Good", 192, 192)[1]
+              for _ in range(4)]
+    masks = augment.augment_batch(np.stack(hearts * 4)[..., None],
+                                  [np.random.default_rng([7, i]) for i in range(16)])[..., 0]
+    regions = np.stack([m == label for m in masks for label in (1, 2, 3)])
+    present, left = regions.any(2), regions.argmax(2)
+    right = regions.shape[2] - regions[:, :, ::-1].argmax(2)
+    for plane, hull in enumerate(prompts._hull_chains(present, left, right)):
+        rows = np.nonzero(present[plane])[0]
+        if len(rows) == 0 or len(rows) != rows[-1] - rows[0] + 1:
+            continue  # the test draws whole label planes: only connected-by-rows ones have one hull here
+        qhull = prompts._hull_of_extremes(rows, left[plane, rows], right[plane, rows])
+        assert sorted(map(tuple, hull.tolist())) == sorted(map(tuple, qhull.astype(int).tolist()))
+
+
+def _qhull_words(mask: np.ndarray) -> dict:
+    """The per-mask computation the batch replaces: the mask cropped to its labels' box (padded by one),
+    each label's largest component, Qhull's hull of its rows' extreme corners, the measures in Qhull's order."""
+    present = [label for label in (1, 2, 3) if (mask == label).any()]
+    rows, cols = np.nonzero(np.isin(mask, present).any(1))[0], np.nonzero(np.isin(mask, present).any(0))[0]
+    crop = np.pad(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)
+    words = {}
+    for label in present:
+        components, _ = ndimage.label(crop == label)
+        region = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+        kept = np.nonzero(region.any(1))[0]
+        words[label] = prompts._shape_of_extremes(kept, region[kept].argmax(1),
+                                                  region.shape[1] - region[kept, ::-1].argmax(1))
+    return words
+
+
+def test_mask_shapes_batch_gives_qhulls_words_where_rectangles_tie():
+    # Rotated ellipses, rectangles and triangles at 64 px: on a small pixel lattice two hull edges often give
+    # bounding rectangles of exactly the same area but other sides, and the first in Qhull's vertex order
+    # decides the word; the batch must give the per-mask (Qhull) word there too.
+    rng = np.random.default_rng(123)
+    yy, xx = np.mgrid[:64, :64]
+    masks = np.zeros((64, 64, 64), np.uint8)
+    for mask in masks:
+        for label in (1, 2, 3):
+            (cy, cx), (a, b) = rng.uniform(0.2, 0.8, 2) * 64, rng.uniform(0.05, 0.3, 2) * 64
+            t = rng.uniform(0, np.pi)
+            u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+            v = (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
+            mask[[(u / a) ** 2 + (v / b) ** 2 <= 1, (np.abs(u) <= a) & (np.abs(v) <= b),
+                  (v >= -b) & (v <= b - 2 * b * np.abs(u) / a)][label - 1]] = label
+    got = [w for start in range(0, 64, 8) for w in prompts.mask_shapes_batch(masks[start:start + 8])]
+    for mask, words in zip(masks, got):
+        assert {k: v for k, v in words.items() if (mask == k).any()} == _qhull_words(mask)
+
+
+def test_a_tie_of_bounding_rectangles_takes_qhulls_word():
+    # A 17-row region (from an augmented 64 px mask) whose hull has two edges with bounding rectangles of
+    # exactly the same area (20 x 17 and 21.5 x 15.8): Qhull's vertex order picks the first, a circle; the
+    # batched measures see the tie and leave the word to Qhull's order.
+    rows = np.arange(37, 54)
+    left = np.array([14, 11, 9, 8, 5, 4, 2, 2, 2, 2, 2, 2, 2, 3, 4, 6, 9])
+    right = np.array([18, 19, 21, 21, 21, 21, 22, 22, 22, 21, 20, 20, 20, 19, 18, 16, 13])
+    assert prompts._shape_of_extremes(rows, left, right) == "circle"
+    present = np.zeros((1, 60), bool)
+    present[0, rows] = True
+    wide = np.zeros((1, 60), int)
+    hull = prompts._hull_chains(present, wide + np.pad(left, (37, 6))[None], wide + np.pad(right, (37, 6))[None])[0]
+    assert prompts._shapes_of_hulls([hull]) == [None]
+    mask = np.zeros((64, 64), np.uint8)
+    for r, lo, hi in zip(rows, left, right):
+        mask[r - 1 + 10, lo - 1 + 10:hi - 1 + 10] = 3  # the region at some offset; its box is the crop
+    assert prompts.mask_shapes_batch(mask[None])[0][3] == "circle"

@@ -24,6 +24,7 @@ from jaxboost.train import sdm as sdm_train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sdm_helpers import SIZE, phantom_corpus, tiny_config  # noqa: E402
+from test_corpus_remote import bucket  # noqa: E402,F401 (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2
@@ -100,6 +101,18 @@ def _synth_cmd(run, corpus, out, *extra):
     return [sys.executable, "-m", "jaxboost.cli", "synth", "--checkpoint", str(run), "--masks", str(corpus),
             "--out", str(out), "--per-mask", str(K), "--steps", "2", "--guidance", "1.5", "--seed", "7",
             "--records-per-shard", "6", *extra]
+
+
+def test_synth_writes_to_a_gs_bucket_the_shards_it_writes_locally(setup, bucket):
+    # --out gs://...: the corpus goes through etils.epath (an in-process bucket; see test_corpus_remote),
+    # shards staged locally and uploaded, process 0's manifest merged from the part on the bucket.
+    corpus, run, reference = setup
+    out = bucket / "synth"
+    manifest = synth.generate(run, corpus, str(out), batch_size=4,
+                              mesh=parallel.make_mesh(devices=jax.devices()[:1]), **OPTS)
+    local = corpus_lib.open_corpus(reference).manifest
+    assert manifest["shards"] == local["shards"] and manifest["counts"] == local["counts"]
+    assert corpus_lib.open_corpus(str(out)).verify() == []
 
 
 @pytest.mark.slow
@@ -230,3 +243,15 @@ def test_background_stage_is_bounded_and_writes_in_order():
     stage.drain()
     stage.close()
     assert peak[0] == 2 and written == [0, 1, 2, 3, 4, 5]
+
+
+def test_batch_model_labels_are_sdm_labels_of_each_row_and_name_a_bad_one():
+    rng = np.random.default_rng(0)
+    maps = np.stack([rng.integers(0, 4, (3, 16, 16)), rng.integers(0, 2, (3, 16, 16))], -1).astype(np.uint8)
+    got = synth.batch_model_labels(maps, labels_lib.NUM_SDM_LABELS, lambda i: f"row{i}")
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, np.stack([labels_lib.sdm_labels(m[..., 0], m[..., 1], is_cone=True) for m in maps]))
+    assert np.array_equal(synth.batch_model_labels(maps, labels_lib.NUM_CAMUS_LABELS, str), maps[..., 0])
+    maps[1, 3, 4, 0] = 7
+    with pytest.raises(ValueError, match="row1: mask label 7 is outside CAMUS labels 0-3"):
+        synth.batch_model_labels(maps, labels_lib.NUM_SDM_LABELS, lambda i: f"row{i}")

@@ -74,15 +74,27 @@ def _grid_step(shape: tuple[int, int], cfg: AugmentConfig) -> tuple[float, int]:
 def draw_augmentation(rng: np.random.Generator, shape: tuple[int, int], cfg: AugmentConfig = AugmentConfig()):
     """One random draw (cheap, on the host): the output->input affine map (inverse [2, 2], offset [2], float32)
     and the smoothed elastic noise on the coarse grid [2, gh, gw] (zeros without elastic)."""
+    inverse, offset, coarse = draw_augmentations([rng], shape, cfg)
+    return inverse[0], offset[0], coarse[0]
+
+
+def draw_augmentations(rngs, shape: tuple[int, int], cfg: AugmentConfig = AugmentConfig()):
+    """Draws of several rngs, one each: inverse [B, 2, 2], offset [B, 2], coarse noise [B, 2, gh, gw]. Each
+    rng's numbers are drawn in the order of one draw; the noise of all is smoothed in one filter call (the
+    filter runs along the grid axes only: the same values as one call per field)."""
     h, w = shape
-    inverse, offset = (a.astype(np.float32) for a in _affine_matrix(rng, shape, cfg))
     sigma, step = _grid_step(shape, cfg)
     grid = (2, (h - 1) // step + 2, (w - 1) // step + 2)
-    if not cfg.elastic:
-        return inverse, offset, np.zeros(grid, np.float32)
-    noise = rng.uniform(-1, 1, size=grid)
-    coarse = np.stack([ndimage.gaussian_filter(n, sigma / step, mode="constant") for n in noise])
-    return inverse, offset, coarse.astype(np.float32)
+    affine, noise = [], []
+    for rng in rngs:
+        affine.append(_affine_matrix(rng, shape, cfg))
+        noise.append(rng.uniform(-1, 1, size=grid) if cfg.elastic else np.zeros(grid))
+    inverse = np.stack([a[0] for a in affine]).astype(np.float32)
+    offset = np.stack([a[1] for a in affine]).astype(np.float32)
+    noise = np.stack(noise)
+    if cfg.elastic:
+        noise = ndimage.gaussian_filter(noise, (0, 0, sigma / step, sigma / step), mode="constant")
+    return inverse, offset, noise.astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("step", "alpha_px"))
@@ -111,7 +123,7 @@ def augment_batch(maps: np.ndarray, rngs, cfg: AugmentConfig = AugmentConfig()) 
     (the same result as augment_label_maps with that rng, whatever B is)."""
     maps = np.asarray(maps)
     shape = maps.shape[1:3]
-    draws = (np.stack(parts) for parts in zip(*[draw_augmentation(r, shape, cfg) for r in rngs]))
+    draws = draw_augmentations(rngs, shape, cfg)
     maps, inverse, offset, coarse = jax.device_put((maps, *draws), jax.local_devices(backend="cpu")[0])
     return np.asarray(warp_label_maps(maps, inverse, offset, coarse, step=_grid_step(shape, cfg)[1],
                                       alpha_px=float(cfg.elastic_alpha * max(shape))))

@@ -20,6 +20,12 @@ given, so a killed build that is rerun with the same input skips the shards its 
 redoes only the unfinished one, and ends with byte-identical shards and manifest. Several hosts write one
 corpus with distinct writer ids; `finalize_corpus` merges their parts.
 
+Paths: every corpus path goes through etils.epath, so a corpus may live on a local disk or an object store
+(gs://, s3://: nothing assumes a shared POSIX filesystem; no locks, no renames across hosts). ArrayRecord
+reads and writes local files only, so off a local disk a shard is written to a local staging file and
+uploaded once finished (an object appears whole or not at all), and a reader fetches a shard into a local
+cache the first time it opens it.
+
 Record contract (decoded dict): key, image uint8 [S, S], mask uint8 [S, S] (CAMUS labels 0-3), cone uint8
 [S, S], structure "LV"|"MYO"|"LA", label 1|2|3, prompts (8 x [ending "of the heart", ending "in the cardiac
 ultrasound"]), patient, view, phase, sex, age, quality, split, source ("camus"|"phantom"|"synthetic"),
@@ -36,15 +42,20 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import msgpack
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from jaxboost import jsonio
 from jaxboost.data import json_list
 from jaxboost.data import labels as labels_lib
 from jaxboost.data import prompts as prompts_lib
@@ -127,13 +138,14 @@ def resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
 def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, view: str, phase: str,
                sex: str, age: int, quality: str, split: str, source: str, size: int,
                cone: np.ndarray | None = None, drop_quality: bool = False,
-               keep_orig_mask: bool = True) -> dict:
+               keep_orig_mask: bool = True, shapes: dict | None = None) -> dict:
     """One image + multi-class mask -> its stored entry: resized arrays, and the prompts of each structure
     present in the resized mask (a structure whose mask is empty gets no record claiming it is there).
 
     image, mask: [H0, W0] uint8 (mask labels 0-3); cone: [H0, W0] scan sector, derived from the image's
     non-zero support when None. name: unique image name inside the source (record key = source/name/structure).
-    drop_quality: prompts as the original synthetic set (no image quality).
+    drop_quality: prompts as the original synthetic set (no image quality). shapes: {label: shape word} of
+    the mask, when measured already for a batch (prompts.mask_shapes_batch; the mask at the corpus size).
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -154,7 +166,8 @@ def make_image(image: np.ndarray, mask: np.ndarray, *, name: str, patient: str, 
     cone = labels_lib.cone_from_image(image) if cone is None else np.asarray(cone, np.uint8)
     image_s, mask_s, cone_s = resize(image, size, False), resize(mask, size, True), resize(cone, size, True)
     present = [s for s in labels_lib.STRUCTURES if (mask_s == labels_lib.LABEL_OF[s]).any()]
-    shapes = prompts_lib.mask_shapes(mask, [labels_lib.LABEL_OF[s] for s in present])
+    if shapes is None:
+        shapes = prompts_lib.mask_shapes(mask, [labels_lib.LABEL_OF[s] for s in present])
     prompts = {s: prompts_lib.make_prompts(s, view, phase, sex, age, quality, shapes[labels_lib.LABEL_OF[s]],
                                            drop_quality=drop_quality) for s in present}
     return dict(key=f"{source}/{name}", image=image_s, mask=mask_s, cone=cone_s,
@@ -202,35 +215,52 @@ def _entries_from_records(records: Iterable[dict]) -> Iterator[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def _sha256(path: Path) -> str:
+def _sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_json_atomic(path: epath.Path, obj: Any) -> None:
+    jsonio.write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def is_local(path) -> bool:
+    """Whether `path` is on this host's filesystem (ArrayRecord opens it directly) rather than a URI."""
+    return "://" not in os.fspath(path)
+
+
+def _local_copy(path: epath.Path, folder: str) -> str:
+    """A local file holding the shard at `path`: the path itself when local, else a copy in `folder`."""
+    if is_local(path):
+        return os.fspath(path)
+    local = os.path.join(folder, path.name)
+    if not os.path.exists(local):  # a file of this host's cache, not a corpus path
+        part = f"{local}.part{threading.get_ident()}"
+        path.copy(epath.Path(part), overwrite=True)
+        os.replace(part, local)
+    return local
 
 
 def shard_name(split: str, writer_id: int, index: int) -> str:
     return f"{split}-w{writer_id:03d}-{index:05d}.array_record"
 
 
-def _num_records(path: Path) -> int:
+def _num_records(path: str) -> int:
+    """Entries of a local ArrayRecord file."""
     from array_record.python import array_record_module
-    reader = array_record_module.ArrayRecordReader(str(path))
+    reader = array_record_module.ArrayRecordReader(path)
     try:
         return reader.num_records()
     finally:
         reader.close()
 
 
-def claim_folder(out_dir: Path, config: dict) -> None:
+def claim_folder(out_dir, config: dict) -> None:
     """Make out_dir a corpus folder for `config`, or check it already is one for the same config."""
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
     if config_path.exists():
@@ -266,7 +296,7 @@ class CorpusWriter:
 
     def __init__(self, out_dir, *, size: int, source: str, writer_id: int = 0,
                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, extra_config: dict | None = None):
-        self.out_dir = Path(out_dir)
+        self.out_dir = epath.Path(out_dir)
         self.size, self.source, self.writer_id = check_size(size, "corpus size"), source, int(writer_id)
         self.images_per_shard = images_per_shard(records_per_shard)
         self.config = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "size": self.size,
@@ -275,6 +305,8 @@ class CorpusWriter:
         for stale in self.out_dir.glob(f"*-w{self.writer_id:03d}-*.array_record.tmp"):
             stale.unlink()  # a shard a killed run left unfinished: redone from its first image
         (self.out_dir / "parts").mkdir(exist_ok=True)
+        # Off a local disk, shards are written here and uploaded when finished (ArrayRecord writes local files).
+        self._staging = None if is_local(self.out_dir) else tempfile.mkdtemp(prefix="jaxboost_shards_")
         self._part_path = self.out_dir / "parts" / f"writer-{self.writer_id:03d}.json"
         self._finished = self._read_part()  # (split, index) -> shard info
         self._position = {s: 0 for s in SPLITS}  # images seen per split
@@ -288,13 +320,14 @@ class CorpusWriter:
         if not isinstance(part, dict) or part.get("config") != self.config or not isinstance(part.get("shards"), list):
             raise ValueError(f"{self._part_path}: not a part manifest of this corpus config; use a new --out folder")
         finished = {}
+        on_disk = {p.name for p in self.out_dir.glob(f"*-w{self.writer_id:03d}-*.array_record")}  # one listing
         for shard in part["shards"]:
             match = _SHARD_RE.match(str(shard.get("file")))
-            if match and (self.out_dir / shard["file"]).is_file():
+            if match and shard["file"] in on_disk:
                 finished[(match.group(1), int(match.group(3)))] = shard
         return finished
 
-    def _shard_path(self, split: str, index: int) -> Path:
+    def _shard_path(self, split: str, index: int) -> epath.Path:
         return self.out_dir / shard_name(split, self.writer_id, index)
 
     def is_finished(self, split: str, position: int) -> bool:
@@ -328,9 +361,10 @@ class CorpusWriter:
             self._finish(split)
         if split not in self._open:
             from array_record.python import array_record_module
-            tmp = self._shard_path(split, index).with_name(shard_name(split, self.writer_id, index) + ".tmp")
+            name = shard_name(split, self.writer_id, index) + ".tmp"
+            tmp = os.path.join(self._staging, name) if self._staging else os.fspath(self.out_dir / name)
             self._open[split] = {"index": index, "tmp": tmp, "images": 0, "absent": [],
-                                 "writer": array_record_module.ArrayRecordWriter(str(tmp), _ARRAY_RECORD_OPTIONS)}
+                                 "writer": array_record_module.ArrayRecordWriter(tmp, _ARRAY_RECORD_OPTIONS)}
         shard = self._open[split]
         shard["writer"].write(encode_record(entry) if encoded is None else encoded)
         shard["absent"] += [[shard["images"], s] for s in labels_lib.STRUCTURES if s not in entry["structures"]]
@@ -339,14 +373,19 @@ class CorpusWriter:
             self._finish(split)
 
     def _finish(self, split: str) -> None:
-        """Close, hash (once) and rename the open shard, then record it in the part manifest."""
+        """Close, hash (once) and rename (or upload) the open shard, then record it in the part manifest."""
         shard = self._open.pop(split)
         shard["writer"].close()
         final = self._shard_path(split, shard["index"])
+        tmp = epath.Path(shard["tmp"])
         info = {"file": final.name, "split": split, "writer": self.writer_id, "images": shard["images"],
                 "records": shard["images"] * RECORDS_PER_IMAGE - len(shard["absent"]), "absent": shard["absent"],
-                "bytes": shard["tmp"].stat().st_size, "sha256": _sha256(shard["tmp"])}
-        os.replace(shard["tmp"], final)
+                "bytes": tmp.stat().length, "sha256": _sha256(tmp)}
+        if self._staging:
+            tmp.copy(final, overwrite=True)  # one upload: the object appears whole
+            tmp.unlink()
+        else:
+            tmp.replace(final)
         self._finished[(split, shard["index"])] = info
         self._write_part()
 
@@ -365,8 +404,9 @@ class CorpusWriter:
         else:  # leave finished shards for a resume, drop the unfinished ones
             for shard in self._open.values():
                 shard["writer"].close()
-                shard["tmp"].unlink(missing_ok=True)
+                epath.Path(shard["tmp"]).unlink(missing_ok=True)
             self._open.clear()
+            self._drop_staging()
 
     def close(self) -> dict:
         """Finish open shards and write this writer's part manifest; returns it."""
@@ -380,10 +420,16 @@ class CorpusWriter:
                 raise ValueError(f"{self.out_dir}: writer {self.writer_id} was given {self._position[split]} "
                                  f"{split} images but its shards hold {on_disk}; the input changed since the "
                                  "interrupted build: use a new --out folder")
-        return self._write_part()
+        part = self._write_part()
+        self._drop_staging()
+        return part
+
+    def _drop_staging(self) -> None:
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)  # this host's temporary folder, not the corpus
 
 
-def _read_parts(out_dir: Path, expect_writers: int | None) -> list[dict]:
+def _read_parts(out_dir: epath.Path, expect_writers: int | None) -> list[dict]:
     part_paths = sorted((out_dir / "parts").glob("writer-*.json"))
     if not part_paths:
         raise FileNotFoundError(f"{out_dir / 'parts'}: no writer part manifests; did the writers close()?")
@@ -401,7 +447,7 @@ def _read_parts(out_dir: Path, expect_writers: int | None) -> list[dict]:
 
 def finalize_corpus(out_dir, *, expect_writers: int | None = None, source_info: dict | None = None) -> dict:
     """Merge every writer's part manifest into manifest.json (written atomically, last)."""
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     parts = _read_parts(out_dir, expect_writers)
     config = parts[0]["config"]
     shards = sorted((s for part in parts for s in part["shards"]),
@@ -467,7 +513,7 @@ def camus_items(root, *, size: int, source: str = "camus") -> tuple[list, dict]:
         return load
 
     patients = {s: len({r.patient for r in image_records if r.split == s}) for s in SPLITS}
-    info = {"kind": source, "path": str(Path(root).resolve()), "patients": patients}
+    info = {"kind": source, "path": str(Path(root).resolve()), "patients": patients}  # a local CAMUS folder
     return [(r.split, loader(r)) for r in image_records], info
 
 
@@ -487,12 +533,22 @@ class CorpusSource:
         self._readers: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._cache: str | None = None  # local copies of the shards of a corpus that is not on a local disk
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def _path(self, shard: int) -> str:
-        return os.path.join(self._root, self._shards[shard]["file"])
+        return os.fspath(epath.Path(self._root) / self._shards[shard]["file"])
+
+    def _local_path(self, shard: int) -> str:
+        if is_local(self._root):
+            return self._path(shard)
+        with self._lock:
+            if self._cache is None:
+                self._cache = tempfile.mkdtemp(prefix="jaxboost_corpus_cache_")
+                weakref.finalize(self, shutil.rmtree, self._cache, True)  # this host's copies go with the source
+        return _local_copy(epath.Path(self._path(shard)), self._cache)
 
     def _reader(self, shard: int):
         with self._lock:  # grain reads from several threads
@@ -503,7 +559,7 @@ class CorpusSource:
                 self._readers.popitem(last=False)  # closed when the last thread reading it lets go, not now
         from array_record.python import array_record_module
         try:  # random access: no readahead
-            reader = array_record_module.ArrayRecordReader(self._path(shard), "readahead_buffer_size:0")
+            reader = array_record_module.ArrayRecordReader(self._local_path(shard), "readahead_buffer_size:0")
         except Exception as e:  # noqa: BLE001 — riegeli raises plain RuntimeError/ValueError without the file
             raise ValueError(f"{self._path(shard)}: unreadable ArrayRecord shard ({_first_line(e)}); "
                              "run `jaxboost corpus verify` on the corpus") from None
@@ -569,7 +625,8 @@ class CorpusSource:
         return {"_root": self._root, "_shards": self._shards, "_schema": self._schema, "_starts": self._starts}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _readers=collections.OrderedDict(), _tables={}, _lock=threading.Lock())
+        self.__dict__.update(state, _readers=collections.OrderedDict(), _tables={}, _lock=threading.Lock(),
+                             _cache=None)
 
     def __repr__(self) -> str:
         return f"CorpusSource({len(self._shards)} shards, {len(self)} records)"
@@ -581,7 +638,7 @@ def _first_line(error: Exception) -> str:
 
 @dataclasses.dataclass
 class Corpus:
-    path: Path
+    path: epath.Path
     manifest: dict
 
     @property
@@ -607,7 +664,7 @@ class Corpus:
 
     def num_bytes(self) -> int:
         """Bytes of every shard (listed in a schema-2 manifest; measured on disk for schema 1)."""
-        return sum(int(s["bytes"]) if "bytes" in s else (self.path / s["file"]).stat().st_size
+        return sum(int(s["bytes"]) if "bytes" in s else (self.path / s["file"]).stat().length
                    for s in self.manifest["shards"])
 
     def source(self, split: str) -> CorpusSource:
@@ -622,26 +679,35 @@ class Corpus:
     def verify(self) -> list[str]:
         """Re-check every shard's sha256 and entry count against the manifest; one line per bad shard
         (empty when the corpus is intact)."""
-        problems = []
-        for shard in self.manifest["shards"]:
-            path = self.path / shard["file"]
-            entries = int(shard.get("images", shard["records"]))
-            if not path.is_file():
-                problems.append(f"{path}: shard listed in manifest.json is missing")
-            elif _sha256(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard)")
-            else:
-                try:
-                    found = _num_records(path)
-                except Exception as e:  # noqa: BLE001 — riegeli's error does not name the file
-                    problems.append(f"{path}: unreadable ArrayRecord shard ({_first_line(e)})")
-                    continue
-                if found != entries:
-                    problems.append(f"{path}: holds {found} entries, manifest.json says {entries}")
+        problems, present = [], _file_names(self.path)
+        with tempfile.TemporaryDirectory(prefix="jaxboost_verify_") as cache:  # local copies of remote shards
+            for shard in self.manifest["shards"]:
+                path = self.path / shard["file"]
+                entries = int(shard.get("images", shard["records"]))
+                if shard["file"] not in present:
+                    problems.append(f"{path}: shard listed in manifest.json is missing")
+                elif _sha256(path) != shard["sha256"]:
+                    problems.append(f"{path}: sha256 does not match manifest.json (corrupt or replaced shard)")
+                else:
+                    try:
+                        found = _num_records(_local_copy(path, cache))
+                    except Exception as e:  # noqa: BLE001 — riegeli's error does not name the file
+                        problems.append(f"{path}: unreadable ArrayRecord shard ({_first_line(e)})")
+                        continue
+                    if found != entries:
+                        problems.append(f"{path}: holds {found} entries, manifest.json says {entries}")
+                    if not is_local(path):
+                        os.remove(os.path.join(cache, path.name))  # one shard's copy on this host at a time
         return problems
 
 
-def _check_manifest(manifest, manifest_path: Path) -> None:
+def _file_names(folder: epath.Path) -> set[str]:
+    """Names of the files in a corpus folder: one listing (one request on an object store), not a stat per
+    shard."""
+    return {p.name for p in folder.iterdir()}
+
+
+def _check_manifest(manifest, manifest_path) -> None:
     """One clear line for a manifest that is not a corpus manifest of a readable schema."""
     if not isinstance(manifest, dict):
         raise ValueError(f"{manifest_path}: expected a JSON object (a corpus manifest), got {type(manifest).__name__}")
@@ -665,13 +731,14 @@ def _check_manifest(manifest, manifest_path: Path) -> None:
 
 def open_corpus(path, *, verify: bool = False) -> Corpus:
     """Open a finished corpus folder; checks the manifest's format, schema version, counts and shard files."""
-    path = Path(path)
+    path = epath.Path(path)
     manifest_path = path / "manifest.json"
     manifest = json_list.read_json(
         manifest_path, f"{manifest_path}: no manifest (not a corpus, or its build did not finish)")
     _check_manifest(manifest, manifest_path)
+    present = _file_names(path)
     for shard in manifest["shards"]:
-        if not (path / shard["file"]).is_file():
+        if shard["file"] not in present:
             raise FileNotFoundError(f"{path / shard['file']}: shard listed in manifest.json is missing")
     corpus = Corpus(path, manifest)
     if verify and (problems := corpus.verify()):

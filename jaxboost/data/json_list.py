@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from etils import epath
+
 
 def read_json(path, missing: str):
-    """`path` -> its parsed json; `missing` is the whole error message when the file is absent."""
-    path = Path(path)
+    """`path` (local or remote, through etils.epath) -> its parsed json; `missing` is the whole error message
+    when the file is absent."""
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(missing)
     try:

@@ -26,8 +26,9 @@ _CYCLE_WORDS = {"ED": "diastole", "ES": "systole"}
 _SEX_WORDS = {"M": "male", "F": "female"}
 
 
+@functools.lru_cache(maxsize=256)
 def age_in_words(age: int) -> str:
-    """73 -> 'seventy-three' (num2words, as the original prompts)."""
+    """73 -> 'seventy-three' (num2words, as the original prompts; cached: every record of a patient asks)."""
     return num2words(int(age))
 
 
@@ -44,6 +45,14 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     structure: "LV" | "MYO" | "LA"; view: "2CH" | "4CH"; phase: "ED" | "ES"; sex: "M" | "F";
     quality: "Good" | "Medium" | "Poor" (ignored when drop_quality); shape: one of SHAPES.
     """
+    # Cached: a corpus repeats each patient's words for every image and structure (fresh lists each call).
+    return [list(pair) for pair in _prompts(structure, view, phase, sex, int(age),
+                                            None if drop_quality else quality, shape, drop_quality)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _prompts(structure: str, view: str, phase: str, sex: str, age: int, quality: str | None, shape: str,
+             drop_quality: bool) -> tuple:
     try:
         name, view_word = STRUCTURE_NAMES[structure], _VIEW_WORDS[view]
         cycle, sex_word = _CYCLE_WORDS[phase], _SEX_WORDS[sex]
@@ -73,7 +82,7 @@ def make_prompts(structure: str, view: str, phase: str, sex: str, age: int, qual
     else:
         prompts.append(both(f"{name} {view_part}", cycle_part + age_sex_part + quality_part))
     prompts.append(both(f"{shaped} {view_part}", cycle_part + age_sex_part + quality_part))
-    return prompts
+    return tuple(tuple(pair) for pair in prompts)
 
 
 def _locally_convex(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -85,16 +94,14 @@ def _locally_convex(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.stack([x[keep], y[keep]], 1)
 
 
-def _hull_polygon(region: np.ndarray) -> np.ndarray | None:
-    """Convex hull [K, 2] (row, col) of the pixel squares of a connected boolean region, counter-clockwise.
+def _hull_of_extremes(rows: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray | None:
+    """Convex hull [K, 2] (row, col) of the pixel squares of a connected region given, for each of its
+    (contiguous) rows, its leftmost column and one past its rightmost.
 
     Only the outer corners of each row's leftmost and rightmost pixel can be hull vertices, and of the two
     corners on one pixel edge line (row r's bottom, row r + 1's top) only the outermost on each side, and of
     those only the locally convex ones: the same polygon from ~20x fewer points than the 4 corners of every
     edge pixel."""
-    rows = np.nonzero(region.any(1))[0]  # contiguous: the region is connected
-    left = region[rows].argmax(1)
-    right = region.shape[1] - region[rows, ::-1].argmax(1)
     lines = rows[0] + np.arange(len(rows) + 1)
     lo = np.concatenate([left[:1], np.minimum(left[:-1], left[1:]), left[-1:]])
     hi = np.concatenate([right[:1], np.maximum(right[:-1], right[1:]), right[-1:]])
@@ -131,7 +138,10 @@ def _triangle_pairs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i * n + j, j * n + k, k * n + i
 
 
-def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = 40) -> float:
+_MAX_TRIANGLE_VERTICES = 40
+
+
+def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = _MAX_TRIANGLE_VERTICES) -> float:
     """Area of the largest triangle with vertices on the hull (hull subsampled to max_vertices points).
 
     Twice a triangle's area is p_i x p_j + p_j x p_k + p_k x p_i, so one [n, n] table of cross products gives
@@ -147,24 +157,159 @@ _IN_PLANE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(
 
 
 def mask_shapes(mask: np.ndarray, labels) -> dict:
-    """{label: shape word of the region mask == label} for a multi-class mask [H, W] (mask_shape of each,
-    all labels cropped and labelled into components in one pass: the per-structure cost of a synth image)."""
-    mask, labels = np.asarray(mask), list(labels)
-    words = {label: "oval" for label in labels}
-    regions = np.stack([mask == label for label in labels]) if labels else np.zeros((0,) + mask.shape, bool)
-    if not regions.any():
+    """{label: shape word of the region mask == label} for a multi-class mask [H, W] (mask_shape of each)."""
+    return mask_shapes_batch(np.asarray(mask)[None], labels)[0]
+
+
+def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
+    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: every plane (mask, label), cropped
+    to its own box, labelled into components in one pass, each plane's largest component and its rows'
+    extreme pixels found for the whole batch at once, the hulls from those extremes. The words are those of
+    each mask cropped to the box of its labels, as mask_shapes measures it (coordinates enter the hull
+    measures: same frame, same floating-point result)."""
+    masks, labels = np.asarray(masks), list(labels)
+    b, n = len(masks), len(labels)
+    words = [{label: "oval" for label in labels} for _ in range(b)]
+    if not n or not b:
         return words
-    rows, cols = np.nonzero(regions.any((0, 2)))[0], np.nonzero(regions.any((0, 1)))[0]
-    regions = np.pad(regions[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], ((0, 0), (1, 1), (1, 1)))
-    components, count = ndimage.label(regions, _IN_PLANE)  # components of each label's plane, never across
+    regions = (masks[:, None] == np.asarray(labels, masks.dtype).reshape(1, -1, 1, 1)).reshape(b * n, *masks.shape[1:])
+    rows, cols = regions.any(2), regions.any(1)                                           # [P, H], [P, W]
+    planes = np.nonzero(rows.any(1))[0]
+    if not len(planes):
+        return words
+    r0, c0 = rows[planes].argmax(1), cols[planes].argmax(1)
+    r1, c1 = rows.shape[1] - rows[planes, ::-1].argmax(1), cols.shape[1] - cols[planes, ::-1].argmax(1)
+    crop = np.zeros((len(planes), int((r1 - r0).max()), int((c1 - c0).max())), bool)
+    for q, plane in enumerate(planes):  # each plane in its own box: far fewer pixels than the masks' union
+        crop[q, :r1[q] - r0[q], :c1[q] - c0[q]] = regions[plane, r0[q]:r1[q], c0[q]:c1[q]]
+    components, count = ndimage.label(crop, _IN_PLANE)  # components of each plane, never across planes
     sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    # Components are numbered in raster order, so plane k holds those after the planes before it.
-    last = np.maximum.accumulate(components.reshape(len(labels), -1).max(1))
-    for plane, (first, end) in enumerate(zip(np.concatenate([[0], last[:-1]]) + 1, last + 1)):
-        if end > first:
-            largest = first + int(np.argmax(sizes[first:end]))
-            words[labels[plane]] = _region_shape(components[plane] == largest)
+    # Components are numbered in raster order (a crop keeps it), so plane q holds those after the planes
+    # before it; of equal sizes the first in raster order is the largest (as argmax).
+    last = np.maximum.accumulate(components.reshape(len(crop), -1).max(1))
+    largest = np.zeros(count + 1, bool)
+    for first, end in zip(np.concatenate([[0], last[:-1]]) + 1, last + 1):
+        largest[first + int(np.argmax(sizes[first:end]))] = True  # every plane has a component
+    keep = largest[components]                                                            # [Q, h, w]
+    present, left = keep.any(2), keep.argmax(2)
+    right = keep.shape[2] - keep[:, :, ::-1].argmax(2)
+    hulls = _hull_chains(present, left, right)
+    # The crop of mask i alone (its labels' box, padded by one pixel): the frame mask_shapes measures in.
+    img_rows, img_cols = rows.reshape(b, n, -1).any(1), cols.reshape(b, n, -1).any(1)    # [B, H], [B, W]
+    image, label = np.divmod(planes, n)
+    offsets = np.stack([img_rows[image].argmax(1) - 1 - r0, img_cols[image].argmax(1) - 1 - c0], 1)  # [Q, 2]
+    small = [q for q, hull in enumerate(hulls) if len(hull) <= _MAX_TRIANGLE_VERTICES]
+    qhull = sorted(set(range(len(hulls))) - set(small))  # the triangle subsamples Qhull's vertex order
+    for q, word in zip(small, _shapes_of_hulls([hulls[q] - offsets[q] for q in small])):
+        if word is None:
+            qhull.append(q)
+        else:
+            words[image[q]][labels[label[q]]] = word
+    for q in qhull:
+        kept = np.nonzero(present[q])[0]
+        words[image[q]][labels[label[q]]] = _shape_of_extremes(kept - offsets[q, 0], left[q, kept] - offsets[q, 1],
+                                                               right[q, kept] - offsets[q, 1])
     return words
+
+
+def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str | None]:
+    """Shape words of hulls of at most _MAX_TRIANGLE_VERTICES vertices each, all at once: each padded with
+    copies of its last vertex (zero-length edges are skipped, a repeated vertex changes no extreme, no area
+    and no largest triangle), every measure elementwise as _shape_of_hull takes it, so the same floats.
+    The largest triangle is measured only where it could decide the word. None where two edges give
+    bounding rectangles of exactly the same area but other sides (common on a small pixel lattice): the
+    first in Qhull's vertex order wins there, so only Qhull's order gives the same word."""
+    if not hulls:
+        return []
+    k = max(len(h) for h in hulls)
+    poly = np.stack([np.concatenate([h, np.repeat(h[-1:], k - len(h), 0)]) for h in hulls]).astype(np.float64)
+    x, y = poly[..., 1], poly[..., 0]
+    area = 0.5 * np.abs((x * np.roll(y, -1, 1)).sum(1) - (y * np.roll(x, -1, 1)).sum(1))  # exact: integers
+    edges = np.roll(poly, -1, 1) - poly                                                  # [Q, E, 2]
+    norms = np.hypot(edges[..., 0], edges[..., 1])
+    u = edges / np.where(norms > 0, norms, 1)[..., None]
+    pu = poly[:, :, None, 0] * u[:, None, :, 0] + poly[:, :, None, 1] * u[:, None, :, 1]     # [Q, K, E]
+    pv = poly[:, :, None, 0] * -u[:, None, :, 1] + poly[:, :, None, 1] * u[:, None, :, 0]
+    sides_u, sides_v = pu.max(1) - pu.min(1), pv.max(1) - pv.min(1)                      # [Q, E]
+    rect = np.where(norms > 0, sides_u * sides_v, np.inf)
+    best = np.argmin(rect, 1)
+    su, sv = np.take_along_axis(sides_u, best[:, None], 1)[:, 0], np.take_along_axis(sides_v, best[:, None], 1)[:, 0]
+    long_side, short_side = np.maximum(su, sv), np.minimum(su, sv)
+    tied = rect == rect[np.arange(len(rect)), best][:, None]
+    ambiguous = (tied & ((np.maximum(sides_u, sides_v) != long_side[:, None])
+                         | (np.minimum(sides_u, sides_v) != short_side[:, None]))).any(1)
+    # A triangle inside a rectangle covers at most half of it, so a hull whose rectangle's half is clearly
+    # under 0.8 of its area cannot pass the triangle rule: its largest triangle is not needed.
+    triangle = np.zeros(len(poly))
+    maybe = np.nonzero(long_side * short_side / 2 > 0.8 * area * (1 - 1e-9))[0]
+    if len(maybe):
+        pm = poly[maybe]
+        cross = (pm[:, :, None, 0] * pm[:, None, :, 1] - pm[:, :, None, 1] * pm[:, None, :, 0]).reshape(len(pm), -1)
+        ij, jk, ki = _triangle_pairs(k)
+        triangle[maybe] = np.abs(cross[:, ij] + cross[:, jk] + cross[:, ki]).max(1) / 2
+    words = []
+    for q, hull in enumerate(hulls):
+        if ambiguous[q] or len(hull) < 3:
+            words.append(None if ambiguous[q] else "oval")
+            continue
+        aspect = long_side[q] / max(short_side[q], 1e-6)
+        if triangle[q] / area[q] > 0.8:
+            words.append("triangle")
+        elif area[q] / (long_side[q] * short_side[q]) > 0.9:
+            words.append("square" if aspect < 1.2 else "rectangle")
+        else:
+            words.append("circle" if aspect < 1.2 else "oval")
+    return words
+
+
+def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]:
+    """Convex hulls [K, 2] (row, col; integer corners, in no particular rotation) of several connected
+    regions, each given by its rows' extreme pixels (present, left, one past right: [R, h]).
+
+    Pixel edge line l of a region has its outermost corners at min(left[l - 1], left[l]) and
+    max(right[l - 1], right[l]); the hull is the lower hull of the left chain (col over line) and the upper
+    hull of the right chain, all chains at once in exact integer arithmetic; collinear points are dropped,
+    as Qhull does."""
+    r, h = present.shape
+    big = np.iinfo(np.int64).max // 4
+    pad = np.zeros((r, 1), bool)
+    on = np.concatenate([present, pad], 1) | np.concatenate([pad, present], 1)          # [R, h + 1] lines
+    lf = np.where(present, left, big).astype(np.int64)
+    rt = np.where(present, -right, big).astype(np.int64)  # the right chain mirrored: a lower hull too
+    y = np.concatenate([np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big),
+                                   np.pad(lf, ((0, 0), (0, 1)), constant_values=big)),
+                        np.minimum(np.pad(rt, ((0, 0), (1, 0)), constant_values=big),
+                                   np.pad(rt, ((0, 0), (0, 1)), constant_values=big))])   # [2R, h + 1]
+    on = np.concatenate([on, on])
+    # Locally convex: the ends, and points strictly below the midpoint of their (line) neighbours.
+    keep = on.copy()
+    keep[:, 1:-1] &= ~(on[:, :-2] & on[:, 2:]) | (2 * y[:, 1:-1] < y[:, :-2] + y[:, 2:])
+    # Those few points of each chain, in order, side by side: [2R, K], then dropped, all chains at once,
+    # while any is not strictly convex between its remaining neighbours (a run of such points is concave,
+    # so it lies above the chord that replaces it; what is left is the lower hull).
+    count = keep.sum(1)
+    x = np.argsort(~keep, axis=1, kind="stable")[:, :int(count.max())]
+    y = np.take_along_axis(y, x, 1)
+    valid = np.arange(x.shape[1]) < count[:, None]
+    k, rows = x.shape[1], np.arange(2 * r)[:, None]
+    idx = np.arange(k)
+    while True:
+        before = np.maximum.accumulate(np.where(valid, idx, -1), 1)
+        after = np.minimum.accumulate(np.where(valid, idx, k)[:, ::-1], 1)[:, ::-1]
+        prev = np.concatenate([np.full((2 * r, 1), -1), before[:, :-1]], 1)
+        nxt = np.concatenate([after[:, 1:], np.full((2 * r, 1), k)], 1)
+        p, q = np.clip(prev, 0, k - 1), np.clip(nxt, 0, k - 1)
+        cross = (x - x[rows, p]) * (y[rows, q] - y[rows, p]) - (y - y[rows, p]) * (x[rows, q] - x[rows, p])
+        drop = valid & (prev >= 0) & (nxt < k) & (cross <= 0)
+        if not drop.any():
+            break
+        valid &= ~drop
+    hulls = []
+    for c in range(r):
+        lower, upper = valid[c], valid[r + c]
+        hulls.append(np.concatenate([np.stack([x[c, lower], y[c, lower]], 1),
+                                     np.stack([x[r + c, upper], -y[r + c, upper]], 1)[::-1]]))
+    return hulls
 
 
 def mask_shape(mask: np.ndarray) -> str:
@@ -181,9 +326,12 @@ def mask_shape(mask: np.ndarray) -> str:
     return mask_shapes(np.asarray(mask) > 0, (True,))[True]
 
 
-def _region_shape(region: np.ndarray) -> str:
-    """Shape word of one connected boolean region (the rules of mask_shape)."""
-    poly = _hull_polygon(region)
+def _shape_of_extremes(rows: np.ndarray, left: np.ndarray, right: np.ndarray) -> str:
+    """Shape word of a connected region given by its rows' extreme pixels (see _hull_of_extremes)."""
+    return _shape_of_hull(_hull_of_extremes(rows, left, right))
+
+
+def _shape_of_hull(poly: np.ndarray | None) -> str:
     if poly is None or len(poly) < 3:
         return "oval"
     area = _polygon_area(poly)
