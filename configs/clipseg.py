@@ -25,9 +25,11 @@ FULL_MODEL = dict(vision_width=768, vision_depth=12, vision_heads=12, vision_mlp
                   reduce_dim=64, decoder_heads=4, decoder_mlp_dim=2048)
 
 # `demo` (what `jaxboost demo` trains): tiny at patch 4, a 16x16 token grid the masks' walls fit in (patch 8's
-# 8x8 tokens drew blocks), the complex head upsampling 2x2 twice, the decoder at rd64's width.
+# 8x8 tokens drew blocks), the complex head upsampling 2x2 twice, the decoder at rd64's width. The latest
+# checkpoint is written once, at the end (the best one whenever validation improves; the demo resumes run by
+# run, not step by step), not after every 6-step epoch.
 DEMO_OVERRIDES = {"model.patch_size": 4, "model.complex_transposed_conv": True, "model.head_kernels": (2, 2),
-                  "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 15}
+                  "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 15, "ckpt_every": 10**9}
 
 
 def get_config(arg=None):

@@ -20,8 +20,9 @@ FULL_MODEL = dict(stage_sizes=(3, 4, 6, 3), vision_width=64, embed_dim=1024, vis
                   vocab_size=49408, text_width=512, text_depth=12, text_heads=8, context_length=77,
                   fpn_out=(256, 512, 1024), num_layers=3, num_heads=8, mlp_dim=2048, dropout_rate=0.2)
 
-# `demo` (what `jaxboost demo` trains): tiny, run long enough to learn the phantom from 4 patients' labels.
-DEMO_OVERRIDES = {"num_epochs": 15}
+# `demo` (what `jaxboost demo` trains): tiny, run long enough to learn the phantom from 4 patients' labels;
+# the latest checkpoint once, at the end (the best one whenever validation improves), as clipseg's demo.
+DEMO_OVERRIDES = {"num_epochs": 15, "ckpt_every": 10**9}
 
 
 def get_config(arg=None):

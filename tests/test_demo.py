@@ -85,9 +85,11 @@ def test_parse_sets_values():
 @pytest.mark.slow
 def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     out = tmp_path / "demo"
+    # tiny segmenters, 2-step SDM and sampler, one epoch: every stage runs, and the persistent compilation
+    # cache compiles each program once for both seeds and all three regimes
     argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "2",
             "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
-            "--batch-size", "8", "--set", "sdm.batch_size=8"]
+            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8"]
     assert cli.main(argv) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["data"]["train_patients"] == 2 and report["data"]["synthetic_train"] == 2 * 4 * 3
