@@ -52,6 +52,55 @@ class _ToNumpy(grain.MapTransform):
         return _to_numpy_tree({k: v for k, v in element.items() if k != "orig_mask"})
 
 
+class GlobalOrder:
+    """The one global sample order: epoch e visits the records in a permutation drawn from (seed, e) (numpy,
+    kept for the current epochs), or in order without shuffle; num_epochs None repeats forever. Position i
+    carries grain's per-record rng, Philox(key=seed + i). Same interface as grain.IndexSampler; grain's own
+    index_shuffle costs ~0.3 ms per record on corpora of a few hundred records (as much as reading one)."""
+
+    def __init__(self, num_records: int, *, seed: int, shuffle: bool = True, num_epochs: int | None = None):
+        if num_records <= 0:
+            raise ValueError(f"GlobalOrder: num_records must be > 0, got {num_records}")
+        self._n, self._seed, self._shuffle, self._epochs = int(num_records), int(seed), bool(shuffle), num_epochs
+        self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._epochs is None else self._epochs * self._n
+
+    def __repr__(self) -> str:
+        return f"GlobalOrder({self._n} records, seed={self._seed}, shuffle={self._shuffle}, epochs={self._epochs})"
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms[epoch] = np.random.default_rng((self._seed, epoch)).permutation(self._n)
+            while len(self._perms) > 2:  # positions move forward: the current and the next epoch
+                self._perms.popitem(last=False)
+        return self._perms[epoch]
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample position {index} out of range [0, {len(self)})")
+        epoch, within = divmod(int(index), self._n)
+        key = int(self._permutation(epoch)[within]) if self._shuffle else within
+        return grain.RecordMetadata(index=index, record_key=key,
+                                    rng=np.random.Generator(np.random.Philox(key=self._seed + index)))
+
+
+def grain_worker_args(worker_count: int, prefetch: int) -> dict:
+    """grain.DataLoader's worker and read settings. Reads run on READ_THREADS threads with a short buffer:
+    grain's default (16 threads, 500 records) spends more time polling its futures than reading on a small
+    host, and the records a worker needs for `prefetch` batches are read ahead either way."""
+    if worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
+            flags.FLAGS.mark_as_parsed()
+    return {"worker_count": worker_count, "worker_buffer_size": prefetch,
+            "read_options": grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)}
+
+
+READ_THREADS, READ_BUFFER = 2, 16
+
+
 class _HostSliceSampler:
     """Host `process_index`'s share of one global sample order, so global batches do not depend on the host
     count. The DataLoader (given ShardOptions(p, P)) asks for stream indices k = j * P + p for its local
@@ -153,19 +202,14 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         if len(source) == 0:
             raise ValueError(f"{corpus_dir}: no record of split {split!r} passes the filter")
     # One global order over all hosts; each host reads only its rows of every global batch.
-    global_sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
-                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    global_sampler = GlobalOrder(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     sampler = _HostSliceSampler(global_sampler, global_batch_size, process_count, keep_remainder=not drop_remainder)
     shard_options = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     operations = []
     operations.append(_RandomRecordTransform(transform) if transform is not None else _ToNumpy())
     operations.append(grain.Batch(batch_size=global_batch_size // process_count, drop_remainder=drop_remainder))
-    if worker_count > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
-            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=worker_count, worker_buffer_size=prefetch, shard_options=shard_options)
+                            shard_options=shard_options, **grain_worker_args(worker_count, prefetch))
 
 
 def loader_options(config) -> dict:
@@ -176,6 +220,13 @@ def loader_options(config) -> dict:
     if workers < 0 or prefetch < 1:
         raise ValueError(f"config.data.workers={workers} must be >= 0 and config.data.prefetch={prefetch} >= 1")
     return {"worker_count": workers, "prefetch": prefetch}
+
+
+def host_uint8(config) -> bool:
+    """`config.data.host_uint8` (default True): the trainers hand the stored uint8 grayscale to the step and
+    `device_preprocess` makes the model's input there; False keeps the float32 host transforms (the same
+    values, for comparison)."""
+    return bool((config.get("data", None) or {}).get("host_uint8", True))
 
 
 def prefetch_to_device(batches: Iterable[dict], sharding_for: Callable[[int], object], size: int = 2) -> Iterator[dict]:
@@ -324,3 +375,28 @@ def _sdm_on_device(batch: dict, config, rng=None) -> dict:
     labels = _resize_square(labels, size, "nearest").astype(jnp.int32)
     rest = {k: v for k, v in batch.items() if k not in ("mask", "cone")}
     return dict(rest, image=jnp.repeat(image[..., None], channels, axis=-1), labels=labels)
+
+
+@DEVICE_PREPROCESS.register("unet_seg")
+def _unet_on_device(batch: dict, config, rng=None) -> dict:
+    """image uint8 [B, S, S] -> float32 [B, S, S, 1] in [0, 1]; CAMUS labels uint8 -> int32."""
+    import jax.numpy as jnp
+    if batch["image"].dtype != jnp.uint8:
+        return batch
+    return dict(batch, image=batch["image"].astype(jnp.float32)[..., None] / 255.0,
+                labels=batch["labels"].astype(jnp.int32))
+
+
+@DEVICE_PREPROCESS.register("mumc_pretrain")
+def _mumc_on_device(batch: dict, config, rng=None) -> dict:
+    """images uint8 [B, S, S, 3] (the host's augmented views: crop, flip and RandAugment are PIL ops) ->
+    float32 normalised with CLIP's mean/std, as caption_augment.normalize."""
+    import jax.numpy as jnp
+    from jaxboost.data import caption_augment
+    if batch["images"].dtype != jnp.uint8:
+        return batch
+    images = (batch["images"].astype(jnp.float32) / 255.0 - caption_augment.MEAN) / caption_augment.STD
+    return dict(batch, images=images)
+
+
+DEVICE_PREPROCESS.register("mumc_vqa")(_mumc_on_device)
