@@ -3,12 +3,13 @@
   python -m benchmarks.run --cases input [--quick]
 
 A phantom corpus is built at 256 and 352 px (the SDM/MUMC and CLIPSeg sizes). `read+decode` reads the
-records in a shuffled order straight from the corpus source, one by one in the benchmark's thread; `loader` is `pipeline.make_loader` with the
-host_uint8 transforms (the host only reads; casting, resizing, scaling and flips are `device_preprocess`
-inside the step), batched, in the training process (data.workers=0: worker processes only add contention
-on a 2-core machine). `loader (float32 x3 host)` is the same loader with the transforms computing on the
-host, for comparison. The note gives loader rate / raw rate. Raw reads and loaders take turns, best of
-several rounds each, so a change in the shared machine's load hits both alike.
+records in a shuffled order straight from the corpus source, one by one in the benchmark's thread;
+`loader` is `pipeline.make_loader` with the host_uint8 transforms (the host only reads; casting, resizing,
+scaling and flips are `device_preprocess` inside the step), batched, in the training process
+(data.workers=0: worker processes only add contention on a 2-core machine; grain's 2 read threads do
+the reading). `loader (float32 x3 host)` is the same loader with the transforms computing on the host, for
+comparison. The note gives loader rate / raw rate. Raw reads and loaders take turns, best of several
+rounds each, so a change in the shared machine's load hits both alike.
 """
 from __future__ import annotations
 
