@@ -226,7 +226,7 @@ def _mumc_vqa_step(config, workdir: Path) -> ProductionStep:
     tokenizer = _mumc_tokenizer(config, workdir)
     model = trainer.build_model(config, tokenizer.vocab_size)
     tx = optim.make_optimizer(config, SCHEDULE_STEPS, SCHEDULE_STEPS)
-    init_fn = trainer._state_fn(tx, lambda: trainer.fresh_params(config, model), config.seed)
+    init_fn = trainer._state_fn(tx, lambda: (trainer.fresh_params(config, model), None), config.seed)
     s, q, a = int(config.model.image_size), int(config.data.max_question_tokens), int(config.data.max_answer_tokens)
     return ProductionStep(trainer.make_loss_fn(config, model, SCHEDULE_STEPS), trainer.momentum_post_update(config),
                           tx, jax.eval_shape(init_fn),
