@@ -80,6 +80,7 @@ def get_config(arg=None):
     c.overlays = 6                  # samples drawn in workdir/overlays_<split>.png
     c.mesh = dict(data=-1, fsdp=1)
     c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    c.profile_steps = ""  # "A,B": a jax.profiler trace of steps A..B in the workdir (TensorBoard profile)
     if name == "demo":
         c.update_from_flattened_dict(DEMO_OVERRIDES)
     return c

@@ -55,4 +55,5 @@ def get_config(arg=None):
     c.ckpt_every = 100 if tiny else 1000
     c.mesh = dict(data=-1, fsdp=1)
     c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    c.profile_steps = ""  # "A,B": a jax.profiler trace of steps A..B in the workdir (TensorBoard profile)
     return c

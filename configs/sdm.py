@@ -48,6 +48,7 @@ def get_config(arg=None):
     c.ckpt_every = 100 if tiny else 5000
     c.mesh = dict(data=-1, fsdp=1)
     c.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); "": $JAX_COMPILATION_CACHE_DIR
+    c.profile_steps = ""  # "A,B": a jax.profiler trace of steps A..B in the workdir (TensorBoard profile)
     c.init_from = ""  # a run folder or a `jaxboost convert sdm` folder: start from its params and EMA params
     if v == "echo_from_noise":
         _echo_from_noise(c)

@@ -209,3 +209,55 @@ def test_prefetch_to_device_keeps_order_and_places_batches_on_the_mesh(corpus_di
         assert isinstance(d["image"], jax.Array) and d["image"].sharding.spec[0] == ("data", "fsdp")
         np.testing.assert_array_equal(np.asarray(d["image"]), h["image"])
         assert list(d["key"]) == list(h["key"])
+
+
+def test_unet_and_mumc_device_preprocess_equal_the_host_transforms(corpus_dir):
+    """The U-Net's cast and MUMC's normalisation of the host's uint8 views, on device, against the host."""
+    import functools
+    import jax
+    from jaxboost.data import caption_augment
+    from jaxboost.train import unet_seg
+    raw = next(iter(_loader(corpus_dir, shuffle=False, filter_fn=pipeline.sdm_filter,
+                            transform=functools.partial(unet_seg.image_transform, size=SIZE, host_uint8=True))))
+    want = next(iter(_loader(corpus_dir, shuffle=False, filter_fn=pipeline.sdm_filter,
+                             transform=functools.partial(unet_seg.image_transform, size=SIZE))))
+    assert raw["image"].dtype == np.uint8
+    got = jax.jit(lambda b: pipeline.device_preprocess(b, _device_config("unet_seg", SIZE)))(raw)
+    np.testing.assert_allclose(np.asarray(got["image"]), want["image"], rtol=0, atol=1.2e-7)
+    np.testing.assert_array_equal(np.asarray(got["labels"]), want["labels"])
+    views = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    for trainer in ("mumc_pretrain", "mumc_vqa"):
+        got = jax.jit(lambda b: pipeline.device_preprocess(b, _device_config(trainer, SIZE)))({"images": views})
+        np.testing.assert_allclose(np.asarray(got["images"]), caption_augment.normalize(views), rtol=0, atol=1e-6)
+
+
+def test_device_flips_are_as_frequent_as_the_host_transforms(corpus_dir):
+    """Random augmentation on device is not the host's draw for draw, but the same distribution: each
+    example is mirrored with probability 1/2 on both paths (binomial, 4 sigma over 512 examples)."""
+    import jax
+    rec = next(iter(corpus.open_corpus(corpus_dir).iter("train")))
+    host, plain = pipeline.segmentation_transform(3, hflip=True), pipeline.segmentation_transform(3)
+    unflipped = plain(rec, np.random.default_rng(0))["image"]
+    host_flips = [not np.array_equal(host(rec, np.random.default_rng(i))["image"], unflipped) for i in range(512)]
+    batch = {"image": np.repeat(rec["image"][None], 512, 0), "mask": np.repeat(rec["mask"][None], 512, 0),
+             "label": np.full((512,), rec["label"], np.int32)}
+    out = jax.device_get(pipeline.device_preprocess(batch, _device_config("vl_seg", SIZE, hflip=True),
+                                                    jax.random.key(0)))
+    device_flips = [not np.array_equal(out["image"][i], out["image"][i, :, ::-1]) and
+                    not np.allclose(out["image"][i], unflipped, atol=1e-6) for i in range(512)]
+    for flips in (host_flips, device_flips):
+        assert abs(np.mean(flips) - 0.5) < 4 * np.sqrt(0.25 / 512), np.mean(flips)
+
+
+def test_global_order_is_a_permutation_per_epoch_with_grains_record_rngs():
+    import grain.python as grain
+    order = pipeline.GlobalOrder(10, seed=3, num_epochs=2)
+    assert len(order) == 20
+    keys = [order[i].record_key for i in range(20)]
+    assert sorted(keys[:10]) == list(range(10)) == sorted(keys[10:]) and keys[:10] != keys[10:]
+    assert keys == [pipeline.GlobalOrder(10, seed=3, num_epochs=2)[i].record_key for i in range(20)]
+    assert [pipeline.GlobalOrder(10, seed=0, shuffle=False)[i].record_key for i in range(12)] == [*range(10), 0, 1]
+    reference = grain.IndexSampler(10, grain.NoSharding(), shuffle=True, num_epochs=2, seed=3)
+    assert order[7].rng.random() == reference[7].rng.random()
+    with pytest.raises(IndexError):
+        order[20]

@@ -45,8 +45,9 @@ def first_batch(task, batch_size=8):
 
 @pytest.mark.parametrize("model", ["clipseg", pytest.param("cris", marks=pytest.mark.slow)])
 def test_tiny_segmenter_loss_falls(model, corpus, tmp_path):
-    # CRIS's deeper decoder oscillates on one batch at 1e-2 (and 3e-3); 2e-3 falls step by step.
-    lr = {"clipseg": 1e-2, "cris": 2e-3}[model]
+    # CRIS's deeper decoder oscillates on one batch at 1e-2 (and 3e-3, and on some batches 2e-3); 1e-3 falls
+    # step by step.
+    lr = {"clipseg": 1e-2, "cris": 1e-3}[model]
     task = vl_seg.make_task(config(model, corpus, f"optim.lr={lr}"), tmp_path)
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
     state = task.create_state()

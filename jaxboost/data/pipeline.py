@@ -3,7 +3,7 @@
 `make_loader` returns a grain DataLoader. Iterating it yields host-local batches (dict of numpy arrays,
 strings as numpy str arrays) of global_batch_size // process_count examples; hosts read disjoint records.
 The global batch of every step is the same examples in the same order (with the same per-record rngs)
-whatever the number of hosts: host p's batch is slice p of the one global order (see _HostSliceSampler).
+whatever the number of hosts: host p's batch is slice p of the one global order (see _HostBatches).
 `iter(loader)` gives a grain iterator whose `get_state()/set_state()` (or orbax via
 `grain.PyGrainCheckpointHandler`) saves and restores the position exactly.
 `prefetch_to_device` keeps a few batches in flight on the devices (placed as `jaxboost.parallel.shard_batch`
@@ -34,22 +34,118 @@ def _to_numpy_tree(record: dict) -> dict:
     return {k: (np.asarray(v) if isinstance(v, (list, tuple, str)) else v) for k, v in record.items()}
 
 
-class _RandomRecordTransform(grain.RandomMapTransform):
-    """Calls transform(record, rng) with grain's per-record rng (derived from the seed and record index)."""
+def _drop_orig_mask(record: dict, rng=None) -> dict:
+    """Raw records, batchable: orig_mask is dropped (its source-resolution shape differs between images;
+    evaluate at original resolution with `Corpus.iter` or a transform that keeps it)."""
+    return {k: v for k, v in record.items() if k != "orig_mask"}
+
+
+class _HostBatches:
+    """grain data source whose element j is this host's rows of global batch j, as (record, rng) pairs:
+    positions j*B + p*b .. j*B + (p+1)*b of the global order (B global, b = B / P per host, host p). grain
+    then handles one element per batch, not per record: its per-element cost (futures, statistics,
+    wrappers) was as large as reading a record."""
+
+    def __init__(self, source, order: "GlobalOrder", global_batch_size: int, process_index: int,
+                 process_count: int, keep_remainder: bool):
+        self._source, self._order = source, order
+        self._batch, self._local = global_batch_size, global_batch_size // process_count
+        self._offset = process_index * self._local
+        self._end = len(order)
+        full = self._end // global_batch_size if self._end != sys.maxsize else sys.maxsize
+        self._len = full + int(full != sys.maxsize and keep_remainder and process_count == 1
+                               and self._end % global_batch_size > 0)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:  # grain checks the source's repr when it restores an iterator
+        return f"_HostBatches({self._source!r}, {self._order!r}, batch={self._batch}, offset={self._offset})"
+
+    def __getitem__(self, index: int) -> list:
+        start = int(index) * self._batch + self._offset
+        metas = [self._order[k] for k in range(start, min(start + self._local, self._end))]
+        return [(self._source[m.record_key], m.rng) for m in metas]
+
+
+class _BatchIndices:
+    """grain sampler over batch numbers 0 .. n-1 (the order lives in GlobalOrder)."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"_BatchIndices({self._n})"
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._n:
+            raise IndexError(f"batch {index} out of range [0, {self._n})")
+        return grain.RecordMetadata(index=index, record_key=index, rng=None)
+
+
+class _TransformAndStack(grain.MapTransform):
+    """[(record, rng)] -> one host batch: transform(record, rng) for each, then every field stacked (strings
+    as numpy str arrays)."""
 
     def __init__(self, transform: Callable[[dict, np.random.Generator], dict]):
         self._transform = transform
 
-    def random_map(self, element, rng: np.random.Generator):
-        return _to_numpy_tree(self._transform(element, rng))
+    def map(self, element: list) -> dict:
+        examples = [_to_numpy_tree(self._transform(record, rng)) for record, rng in element]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-class _ToNumpy(grain.MapTransform):
-    """Raw records, batchable: orig_mask is dropped (its source-resolution shape differs between images;
-    evaluate at original resolution with `Corpus.iter` or a transform that keeps it)."""
+class GlobalOrder:
+    """The one global sample order: epoch e visits the records in a permutation drawn from (seed, e) (numpy,
+    kept for the current epochs), or in order without shuffle; num_epochs None repeats forever. Position i
+    carries grain's per-record rng, Philox(key=seed + i). Same interface as grain.IndexSampler; grain's own
+    index_shuffle costs ~0.3 ms per record on corpora of a few hundred records (as much as reading one)."""
 
-    def map(self, element):
-        return _to_numpy_tree({k: v for k, v in element.items() if k != "orig_mask"})
+    def __init__(self, num_records: int, *, seed: int, shuffle: bool = True, num_epochs: int | None = None):
+        if num_records <= 0:
+            raise ValueError(f"GlobalOrder: num_records must be > 0, got {num_records}")
+        self._n, self._seed, self._shuffle, self._epochs = int(num_records), int(seed), bool(shuffle), num_epochs
+        self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._epochs is None else self._epochs * self._n
+
+    def __repr__(self) -> str:
+        return f"GlobalOrder({self._n} records, seed={self._seed}, shuffle={self._shuffle}, epochs={self._epochs})"
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms[epoch] = np.random.default_rng((self._seed, epoch)).permutation(self._n)
+            while len(self._perms) > 2:  # positions move forward: the current and the next epoch
+                self._perms.popitem(last=False)
+        return self._perms[epoch]
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample position {index} out of range [0, {len(self)})")
+        epoch, within = divmod(int(index), self._n)
+        key = int(self._permutation(epoch)[within]) if self._shuffle else within
+        return grain.RecordMetadata(index=index, record_key=key,
+                                    rng=np.random.Generator(np.random.Philox(key=self._seed + index)))
+
+
+def grain_worker_args(worker_count: int, prefetch: int, read_buffer: int = 16) -> dict:
+    """grain.DataLoader's worker and read settings. Reads run on READ_THREADS threads with a short buffer
+    (`read_buffer` elements): grain's default (16 threads, 500 elements) spends more time polling its
+    futures than reading on a small host, and `prefetch` batches per worker are read ahead either way."""
+    if worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
+            flags.FLAGS.mark_as_parsed()
+    return {"worker_count": worker_count, "worker_buffer_size": prefetch,
+            "read_options": grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=read_buffer)}
+
+
+READ_THREADS = 2
+BATCHES_READ_AHEAD = 2  # make_loader's elements are whole batches
 
 
 class _HostSliceSampler:
@@ -131,8 +227,8 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         `record_filter` attribute (sdm_transform sets one). Filtering before sampling keeps the global
         batches independent of the host count.
     process_index/process_count default to jax.process_index()/jax.process_count().
-    worker_count: grain worker processes. With workers each one batches its own records in turn, so the
-        order is reproducible for a given (seed, worker_count), not across worker counts.
+    worker_count: grain worker processes, each making whole batches in turn (the same batches in the same
+        order whatever the worker count).
     prefetch: batches each worker keeps ready (grain's worker_buffer_size). `loader_options(config)` gives
         both from config.data.workers / config.data.prefetch.
     """
@@ -153,19 +249,13 @@ def make_loader(corpus_dir, split: str, *, global_batch_size: int, seed: int, sh
         if len(source) == 0:
             raise ValueError(f"{corpus_dir}: no record of split {split!r} passes the filter")
     # One global order over all hosts; each host reads only its rows of every global batch.
-    global_sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
-                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-    sampler = _HostSliceSampler(global_sampler, global_batch_size, process_count, keep_remainder=not drop_remainder)
-    shard_options = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-    operations = []
-    operations.append(_RandomRecordTransform(transform) if transform is not None else _ToNumpy())
-    operations.append(grain.Batch(batch_size=global_batch_size // process_count, drop_remainder=drop_remainder))
-    if worker_count > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, use defaults
-            flags.FLAGS.mark_as_parsed()
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=worker_count, worker_buffer_size=prefetch, shard_options=shard_options)
+    order = GlobalOrder(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    batches = _HostBatches(source, order, global_batch_size, process_index, process_count,
+                           keep_remainder=not drop_remainder)
+    return grain.DataLoader(data_source=batches, sampler=_BatchIndices(len(batches)),
+                            operations=[_TransformAndStack(transform or _drop_orig_mask)],
+                            shard_options=grain.NoSharding(),
+                            **grain_worker_args(worker_count, prefetch, read_buffer=BATCHES_READ_AHEAD))
 
 
 def loader_options(config) -> dict:
@@ -176,6 +266,13 @@ def loader_options(config) -> dict:
     if workers < 0 or prefetch < 1:
         raise ValueError(f"config.data.workers={workers} must be >= 0 and config.data.prefetch={prefetch} >= 1")
     return {"worker_count": workers, "prefetch": prefetch}
+
+
+def host_uint8(config) -> bool:
+    """`config.data.host_uint8` (default True): the trainers hand the stored uint8 grayscale to the step and
+    `device_preprocess` makes the model's input there; False keeps the float32 host transforms (the same
+    values, for comparison)."""
+    return bool((config.get("data", None) or {}).get("host_uint8", True))
 
 
 def prefetch_to_device(batches: Iterable[dict], sharding_for: Callable[[int], object], size: int = 2) -> Iterator[dict]:
@@ -324,3 +421,28 @@ def _sdm_on_device(batch: dict, config, rng=None) -> dict:
     labels = _resize_square(labels, size, "nearest").astype(jnp.int32)
     rest = {k: v for k, v in batch.items() if k not in ("mask", "cone")}
     return dict(rest, image=jnp.repeat(image[..., None], channels, axis=-1), labels=labels)
+
+
+@DEVICE_PREPROCESS.register("unet_seg")
+def _unet_on_device(batch: dict, config, rng=None) -> dict:
+    """image uint8 [B, S, S] -> float32 [B, S, S, 1] in [0, 1]; CAMUS labels uint8 -> int32."""
+    import jax.numpy as jnp
+    if batch["image"].dtype != jnp.uint8:
+        return batch
+    return dict(batch, image=batch["image"].astype(jnp.float32)[..., None] / 255.0,
+                labels=batch["labels"].astype(jnp.int32))
+
+
+@DEVICE_PREPROCESS.register("mumc_pretrain")
+def _mumc_on_device(batch: dict, config, rng=None) -> dict:
+    """images uint8 [B, S, S, 3] (the host's augmented views: crop, flip and RandAugment are PIL ops) ->
+    float32 normalised with CLIP's mean/std, as caption_augment.normalize."""
+    import jax.numpy as jnp
+    from jaxboost.data import caption_augment
+    if batch["images"].dtype != jnp.uint8:
+        return batch
+    images = (batch["images"].astype(jnp.float32) / 255.0 - caption_augment.MEAN) / caption_augment.STD
+    return dict(batch, images=images)
+
+
+DEVICE_PREPROCESS.register("mumc_vqa")(_mumc_on_device)

@@ -6,7 +6,8 @@ SIGINT save, plateau LR, early stopping and pretrain->finetune initialisation li
 
 Config fields read here: log_every, keep_checkpoints, async_checkpointing, best_metric, best_mode,
 early_stop_patience (evals, 0 = off), plateau_patience (evals, torch semantics; 0 = off), plateau_factor,
-init_from, finetune_mode ("fresh" | "resume"), preemption_check_every. The run length is the Task's.
+init_from, finetune_mode ("fresh" | "resume"), preemption_check_every, profile_steps ("A,B": a jax.profiler
+trace of those steps in the workdir). The run length is the Task's.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from jaxboost import parallel
 from jaxboost.train import checkpoints as ckpt_lib
 from jaxboost.train import workdir as workdir_lib
-from jaxboost.train.metrics_writer import MetricWriter
+from jaxboost.train.metrics_writer import MetricWriter, StepCost
 from jaxboost.train.optim import set_lr_scale
 from jaxboost.train.preemption import Preemption
 from jaxboost.train.state import TrainState
@@ -185,6 +186,45 @@ def _next_batch(task: Task, train_iter, clock: StepClock):
     return parallel.shard_batch(task.mesh, host_batch)
 
 
+def profile_window(config) -> tuple[int, int] | None:
+    """`config.profile_steps` "A,B" -> (A, B): trace steps A..B (1-based, as the step counter after each
+    step), or None when empty."""
+    text = str(config.get("profile_steps", "") or "").strip()
+    if not text:
+        return None
+    try:
+        first, last = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"config.profile_steps={text!r}: give two step numbers A,B (e.g. 10,20)") from None
+    if not 1 <= first <= last:
+        raise ValueError(f"config.profile_steps={text!r}: need 1 <= A <= B")
+    return first, last
+
+
+class Profiler:
+    """A jax.profiler trace of steps A..B written into the workdir, where TensorBoard's profile plugin
+    looks for it (WORKDIR/plugins/profile/<run>/<host>.xplane.pb)."""
+
+    def __init__(self, config, workdir):
+        self.window, self.workdir, self.active = profile_window(config), workdir, False
+
+    def before(self, step: int) -> None:
+        """Before running the step that makes the counter `step`."""
+        if self.window and step == self.window[0] and not self.active:
+            jax.profiler.start_trace(str(self.workdir))
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.window[1]:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        if self.active:
+            jax.block_until_ready(outputs)  # the traced steps' device work, not only their dispatch
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _progress(config, task, length, initial: int):
     """The step bar, made once the first step has compiled, so its rate and ETA count steps only."""
     from tqdm.auto import tqdm
@@ -209,23 +249,29 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
     jit_step = jax.jit(task.step_fn, out_shardings=(run.shardings, None), donate_argnums=(0,))
     start = int(state.step)
     last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
-    bar = None
+    bar, cost, profiler = None, None, Profiler(config, run.workdir)
     for step in range(start, length.total_steps):
         batch = _next_batch(task, train_iter, clock)
+        profiler.before(step + 1)
         if step == start:   # the compile: not a step's time
             if parallel.is_main_process():
                 print(f"[jaxboost] compiling the {task.name} step ...", flush=True)
             state, metrics = _timed(clock, lambda: jax.block_until_ready(jit_step(state, batch)))
+            # The same executable (jit's cache), for its FLOP count and buffer sizes.
+            cost = _timed(clock, lambda: StepCost(jit_step.lower(state, batch).compile(), task.mesh.devices.flat))
             bar = _progress(config, task, length, step)
         else:
             state, metrics = jit_step(state, batch)
             clock.steps += 1
         done = step + 1
         bar.update(1)
+        profiler.after(done, (state, metrics))
         if done % config.get("log_every", 50) == 0 or done == length.total_steps:
             last = jax.device_get(metrics)
             bar.set_postfix(loss=f"{run.check_finite(last, done):.4f}")
-            last.update(steps_per_s=(done - start) / max(time.time() - t0, 1e-9), **clock.read())
+            timing = clock.read()
+            last.update(steps_per_s=(done - start) / max(time.time() - t0, 1e-9), **timing,
+                        **cost.read(timing.get("step_time_s")))
             run.writer.write(done, {f"train/{k}": v for k, v in last.items()})
         if task.evaluate and length.eval_every and (done % length.eval_every == 0 or done == length.total_steps):
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
@@ -238,6 +284,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
             raise preempt.exit(done, run.workdir / "ckpt")
         if run.early_stop(done):
             break
+    profiler.stop((state, metrics))  # a window past the run's last step ends with the run
     if bar is not None:
         bar.close()
     return state, metrics, last, history, time.time() - t0

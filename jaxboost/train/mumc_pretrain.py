@@ -93,10 +93,13 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
 
 # ------------------------------------------------------------------------------------------------ data
 def _example(image, caption, rng, config):
+    """The augmented view as uint8 [S, S, 3] (`pipeline.device_preprocess` normalises it in the step) or,
+    with data.host_uint8=False, normalised float32 on the host."""
     d = config.data
     pixels = caption_augment.pretrain_augment(image, rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
                                               randaugment=tuple(d.randaugment) if d.randaugment else None)
-    return {"images": caption_augment.normalize(pixels), "caption": caption}
+    return {"images": pixels if pipeline.host_uint8(config) else caption_augment.normalize(pixels),
+            "caption": caption}
 
 
 def corpus_image(record, highlight: bool) -> np.ndarray:
@@ -155,19 +158,19 @@ class _CaptionTransform(grain.RandomMapTransform):
 
 
 def host_sliced_loader(source, *, global_batch_size: int, seed: int, operations=(), process_index=None,
-                       process_count=None):
+                       process_count=None, worker_count: int = 0, prefetch: int = 2):
     """A grain loader over any random-access source with the corpus loader's host slicing
     (pipeline._HostSliceSampler): global batch k holds the same records on 1, 2 or 4 hosts, host p its rows
     [p*b, (p+1)*b). The process defaults to jax's."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    sampler = pipeline._HostSliceSampler(
-        grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
-                           num_epochs=None, seed=seed), global_batch_size, count, False)
+    sampler = pipeline._HostSliceSampler(pipeline.GlobalOrder(len(source), seed=seed), global_batch_size, count,
+                                         False)
     return grain.DataLoader(
         data_source=source, sampler=sampler,
         operations=[*operations, grain.Batch(global_batch_size // count, True)],
-        shard_options=grain.ShardOptions(index, count, drop_remainder=True))
+        shard_options=grain.ShardOptions(index, count, drop_remainder=True),
+        **pipeline.grain_worker_args(worker_count, prefetch))
 
 
 def caption_loader(items, *, global_batch_size, seed, config):
@@ -175,7 +178,7 @@ def caption_loader(items, *, global_batch_size, seed, config):
     if not len(source):
         raise ValueError("the caption files hold no usable entry")
     return host_sliced_loader(source, global_batch_size=global_batch_size, seed=seed,
-                              operations=[_CaptionTransform(config)])
+                              operations=[_CaptionTransform(config)], **pipeline.loader_options(config))
 
 
 def make_train_loader(config, split: str = "train"):
@@ -188,7 +191,8 @@ def make_train_loader(config, split: str = "train"):
         # same image under three captions (false negatives for the contrastive terms).
         keep = pipeline.sdm_filter if d.get("one_per_image", False) else None
         loader = pipeline.make_loader(d.corpus, split, global_batch_size=config.batch_size, seed=config.seed,
-                                      shuffle=True, transform=corpus_transform(config), filter_fn=keep)
+                                      shuffle=True, transform=corpus_transform(config), filter_fn=keep,
+                                      **pipeline.loader_options(config))
         return loader, n // 3 if keep else n
     if not d.get("caption_files"):
         raise ValueError("config.data.corpus or config.data.caption_files must be given")
@@ -198,10 +202,18 @@ def make_train_loader(config, split: str = "train"):
 
 
 def tokenize_batch(tokenizer: BertTokenizer, max_tokens: int):
-    """Host batch {images, caption} -> {images, input_ids, mask} (deterministic: no random draws here)."""
+    """Host batch {images, caption} -> {images, input_ids, mask} (deterministic: no random draws here). Each
+    distinct caption is tokenized once per run (a corpus has a few hundred), not once per step."""
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     def prepare(batch):
-        ids, mask = tokenizer.tokenize([str(c) for c in np.asarray(batch["caption"]).reshape(-1)], max_tokens)
-        return {"images": batch["images"], "input_ids": ids, "mask": mask}
+        captions = [str(c) for c in np.asarray(batch["caption"]).reshape(-1)]
+        new = sorted(set(captions) - cache.keys())
+        if new:
+            ids, mask = tokenizer.tokenize(new, max_tokens)
+            cache.update({c: (i, m) for c, i, m in zip(new, np.asarray(ids), np.asarray(mask))})
+        return {"images": batch["images"], "input_ids": np.stack([cache[c][0] for c in captions]),
+                "mask": np.stack([cache[c][1] for c in captions])}
     return prepare
 
 
@@ -322,6 +334,7 @@ def make_loss_fn(config, model: mumc.Model, tokenizer: BertTokenizer, epoch_step
                    patch_drop=config.patch_drop, mlm_probability=config.mlm_probability)
 
     def loss_fn(params, state, batch, rng):
+        batch = pipeline.device_preprocess(batch, config)  # uint8 views are normalised here, on device
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, config.alpha_ramp_epochs)
         # MUMC's order: momentum features from the stored tree, then the EMA step towards this step's params,
         # then the MLM teacher on the EMA'd text encoder (models/model.py get_contrastive_loss, get_mlm_loss).

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from jaxboost import parallel
-from jaxboost.data import caption_augment, vqa as vqa_lib
+from jaxboost.data import caption_augment, pipeline, vqa as vqa_lib
 from jaxboost.data.tokenize_bert import BertTokenizer
 from jaxboost.losses import contrastive
 from jaxboost.losses import mumc as mumc_losses
@@ -122,7 +122,8 @@ class _AugmentImage(grain.RandomMapTransform):
         pixels = caption_augment.pretrain_augment(
             element["images"], rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
             randaugment=tuple(d.randaugment) if d.randaugment else None)
-        return dict(element, images=caption_augment.normalize(pixels))
+        # uint8 to the step (`pipeline.device_preprocess` normalises it there) unless data.host_uint8=False
+        return dict(element, images=pixels if pipeline.host_uint8(self.config) else caption_augment.normalize(pixels))
 
 
 def train_loader(source: VQASource, config):
@@ -131,7 +132,7 @@ def train_loader(source: VQASource, config):
     images gets the augmented view (per-record rng from grain)."""
     operations = [_AugmentImage(config)] if source.decoded else []
     return mumc_pretrain.host_sliced_loader(source, global_batch_size=config.batch_size, seed=config.seed,
-                                            operations=operations)
+                                            operations=operations, **pipeline.loader_options(config))
 
 
 def vqa_texts(config) -> list[str]:
@@ -253,6 +254,7 @@ def make_evaluator(config, predict, images: ImageCache):
 def make_loss_fn(config, model, epoch_steps: int):
     """Answer LM loss distilled from the momentum model (alpha ramped over the first epoch, as ALBEF)."""
     def loss_fn(params, state, batch, rng):
+        batch = pipeline.device_preprocess(batch, config)  # uint8 views are normalised here, on device
         alpha = contrastive.alpha_ramp(state.step, epoch_steps, config.alpha, 1.0)
         loss, _ = mumc_losses.vqa_loss(model, params, state.extra["momentum"], batch, rng, alpha,
                                 teacher_deterministic=not config.get("teacher_dropout", True))

@@ -97,6 +97,7 @@ def make_loss_fn(model, config, schedule):
     drop = float(config.diffusion.get("cond_drop_prob", 0.0))
 
     def loss_fn(params, state, batch, rng):
+        batch = pipeline.device_preprocess(batch, config)  # uint8 host batches -> [-1, 1] images, SDM labels
         dropout_rng, loss_rng = jax.random.split(rng)
         apply_fn = apply_fn_for(model, train=True, dropout_rng=dropout_rng)
         loss, metrics = diffusion_losses.diffusion_loss(
@@ -242,14 +243,18 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
             grid(state.ema_params, int(jax.device_get(state.step)))
         return losses(state.ema_params, split)
 
+    uint8 = pipeline.host_uint8(config)
+    fields = ("image", "mask", "cone") if uint8 else ("image", "labels")
+
     def train_loader():
+        transform = pipeline.sdm_transform(size, channels=channels, host_uint8=uint8)
         return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
-                                         seed=config.seed, shuffle=True,
-                                         transform=pipeline.sdm_transform(size, channels=channels)))
+                                         seed=config.seed, shuffle=True, transform=transform,
+                                         **pipeline.loader_options(config)))
 
     return Task("sdm", config, mesh, length, tx, make_init_fn(model, config, tx), make_loss_fn(model, config, schedule),
                 post_update=ema_post_update(float(config.ema_decay)), train_loader=train_loader,
-                prepare_batch=lambda b: {"image": b["image"], "labels": b["labels"]}, evaluate=evaluate, model=model)
+                prepare_batch=lambda b: {k: b[k] for k in fields}, evaluate=evaluate, model=model)
 
 
 def train(config, workdir):

@@ -25,12 +25,15 @@ from jaxboost.train.state import initial_state
 from jaxboost.train.task import RunLength, Task
 
 
-def image_transform(record, rng=None, *, size: int):
-    """Record -> {image [S,S,1] float in [0,1], labels [S,S] int32}; the corpus is already at `size`."""
-    image = np.asarray(record["image"], np.float32)
+def image_transform(record, rng=None, *, size: int, host_uint8: bool = False):
+    """Record -> {image [S,S,1] float in [0,1], labels [S,S] int32}; the corpus is already at `size`.
+    host_uint8: image and labels uint8 [S,S] as stored (`pipeline.device_preprocess` casts them in the step)."""
+    image = np.asarray(record["image"])
     if image.shape != (size, size):
         raise ValueError(f"record {record.get('key')}: image is {image.shape}, config.data.size is {size}")
-    return {"image": image[..., None] / 255.0, "labels": np.asarray(record["mask"], np.int32)}
+    if host_uint8:
+        return {"image": image, "labels": np.asarray(record["mask"])}
+    return {"image": image.astype(np.float32)[..., None] / 255.0, "labels": np.asarray(record["mask"], np.int32)}
 
 
 one_per_image = pipeline.sdm_filter  # the corpus holds each image once per structure
@@ -96,6 +99,7 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
         return initial_state(params, tx, config.seed + 1)
 
     def loss_fn(params, state, batch, rng):
+        batch = pipeline.device_preprocess(batch, config)  # uint8 host batches are cast here, on device
         logits = model.apply({"params": params}, batch["image"])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
         return ce, ({"ce": ce}, None)
@@ -103,7 +107,9 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
     def train_loader():
         return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=config.batch_size,
                                          seed=config.seed, shuffle=True, filter_fn=one_per_image,
-                                         transform=functools.partial(image_transform, size=size)))
+                                         transform=functools.partial(image_transform, size=size,
+                                                                     host_uint8=pipeline.host_uint8(config)),
+                                         **pipeline.loader_options(config)))
 
     scores = make_evaluator(config, model, mesh)
     return Task("unet_seg", config, mesh, length, tx, init_state, loss_fn, train_loader=train_loader,

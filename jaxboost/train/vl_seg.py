@@ -188,6 +188,8 @@ def make_loss_fn(config, model):
     lc = config.loss
 
     def loss_fn(params, state, batch, rng):
+        # uint8 batches are cast, resized and flipped here, on device; float host batches pass through.
+        batch = pipeline.device_preprocess(batch, config, jax.random.fold_in(rng, 1))
         variables = {"params": params, **(state.extra or {})}
         args = (normalise(config, batch["image"]), batch["input_ids"], batch["attention_mask"])
         if state.extra:   # CRIS: BatchNorm statistics, returned to post_update
@@ -199,6 +201,21 @@ def make_loss_fn(config, model):
         loss, terms = dice_bce(logits, batch["mask"], lc.dice_weight, lc.bce_weight, lc.get("mode", "fixed"))
         return loss, (terms, new_stats)
     return loss_fn
+
+
+def prompt_tokens(tokenizer: ClipTokenizer, context_length: int):
+    """prompts [B] -> (input_ids, attention_mask) [B, L], each distinct prompt tokenized once per run: a
+    corpus has a few hundred distinct prompts, so the training thread stops re-tokenizing them every step."""
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def tokens(prompts) -> tuple[np.ndarray, np.ndarray]:
+        prompts = [str(p) for p in prompts]
+        new = sorted(set(prompts) - cache.keys())
+        if new:
+            ids, mask = tokenizer.tokenize(new, context_length)
+            cache.update({p: (i, m) for p, i, m in zip(new, np.asarray(ids), np.asarray(mask))})
+        return (np.stack([cache[p][0] for p in prompts]), np.stack([cache[p][1] for p in prompts]))
+    return tokens
 
 
 def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
@@ -227,14 +244,20 @@ def make_task(config, workdir, *, mesh=None, opening: bool = False) -> Task:
         stats = {k: v for k, v in variables.items() if k != "params"}
         return initial_state(params, tx, seed + 1, extra=stats or None)
 
+    tokens = prompt_tokens(tokenizer, model.context_length)
+
     def prepare_batch(host_batch: dict) -> dict:
-        ids, mask = tokenizer.tokenize([str(p) for p in host_batch["prompt"]], model.context_length)
-        return {"image": host_batch["image"], "mask": host_batch["mask"], "input_ids": ids, "attention_mask": mask}
+        ids, mask = tokens(host_batch["prompt"])
+        return {"image": host_batch["image"], "mask": host_batch["mask"], "label": host_batch["label"],
+                "input_ids": ids, "attention_mask": mask}
 
     def train_loader():
-        transform = pipeline.segmentation_transform(int(config.data.prompt), int(config.data.size))
+        transform = pipeline.segmentation_transform(int(config.data.prompt), int(config.data.size),
+                                                    hflip=bool(config.data.get("hflip", False)),
+                                                    host_uint8=pipeline.host_uint8(config))
         return iter(pipeline.make_loader(config.data.corpus, "train", global_batch_size=int(config.batch_size),
-                                         seed=seed, shuffle=True, transform=transform))
+                                         seed=seed, shuffle=True, transform=transform,
+                                         **pipeline.loader_options(config)))
 
     scorer = SegmentationScorer(config, model, tokenizer, mesh)
     return Task(config.model_name, config, mesh, length, tx, init_state, make_loss_fn(config, model),
