@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -373,11 +374,11 @@ def _kind_of(name: str, opcode: str, body: str) -> str:
     if "convolution(" in body:
         if "lhs_dilate" in body:  # a strided conv's data gradient, or a grouped conv's filter gradient rewritten
             return "conv dilated-input"  # by XLA:CPU: both run outside its convolution library
-        if "transpose(jvp(" not in body:
-            return "conv fwd"
-        window = re.search(r"window=\{size=(\d+)x(\d+)", body)
-        # the filter gradient is a convolution whose window is the activation's spatial extent
-        return "conv bwd-filter" if window and int(window.group(1)) * int(window.group(2)) > 49 else "conv bwd-data"
+        window = re.search(r"window=\{size=([\dx]+)([^}]*)\}", body)
+        # the filter gradient is an unstrided convolution whose window is the activation's spatial extent
+        if window and math.prod(int(n) for n in window.group(1).split("x")) > 49 and "stride=" not in window.group(2):
+            return "conv bwd-filter"
+        return "conv bwd-data" if "transpose(jvp(" in body else "conv fwd"
     if " dot(" in body or opcode == "dot":
         return "dot"
     roots = [ln for ln in body.splitlines() if "ROOT" in ln] or [body]
