@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -336,3 +337,151 @@ def vl_seg_step(config_spec: str, overrides: list[str], module, variables, batch
     images, ids, mask, target = batch
     return step, initial_state(variables["params"], tx, 0, extra=stats), {
         "image": images, "input_ids": ids, "attention_mask": mask, "mask": target}
+
+
+# ------------------------------------------------------------------------------------------ op profiles
+# Where a step's time goes, by kind of operation, in both frameworks: `python -m benchmarks.speed_cris
+# --profile` (also speed_sdm) prints the two tables side by side. XLA:CPU runs one thunk per HLO fusion or
+# op (convolutions and dots as YNNPACK/oneDNN custom fusions or Eigen calls); jax.profiler records each thunk
+# by its HLO name, which the compiled module maps to what it computes.
+
+OP_KINDS = ("conv fwd", "conv bwd-data", "conv bwd-filter", "conv bwd", "conv dilated-input", "dot", "transpose/copy", "reduce", "elementwise",
+            "other")
+
+
+def _hlo_instruction_kinds(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> OP_KINDS entry, from a compiled module's text (fusions by what they call)."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None and line.strip().startswith(("%", "ROOT")):
+            current.append(line)
+    kinds = {}
+    for lines in computations.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
+            if not m:
+                continue
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            body = "\n".join(computations.get(called.group(1), [])) if called else line
+            kinds[m.group(1)] = _kind_of(m.group(1), m.group(2), body)
+    return kinds
+
+
+def _kind_of(name: str, opcode: str, body: str) -> str:
+    if "convolution(" in body:
+        if "lhs_dilate" in body:  # a strided conv's data gradient, or a grouped conv's filter gradient rewritten
+            return "conv dilated-input"  # by XLA:CPU: both run outside its convolution library
+        window = re.search(r"window=\{size=([\dx]+)([^}]*)\}", body)
+        # the filter gradient is an unstrided convolution whose window is the activation's spatial extent
+        if window and math.prod(int(n) for n in window.group(1).split("x")) > 49 and "stride=" not in window.group(2):
+            return "conv bwd-filter"
+        return "conv bwd-data" if "transpose(jvp(" in body else "conv fwd"
+    if " dot(" in body or opcode == "dot":
+        return "dot"
+    roots = [ln for ln in body.splitlines() if "ROOT" in ln] or [body]
+    root_op = re.search(r"= \S+ ([\w\-]+)\(", roots[-1])
+    root_op = root_op.group(1) if root_op else opcode
+    if root_op in ("transpose", "copy") or name.startswith(("transpose", "copy")):
+        return "transpose/copy"
+    if " reduce(" in body or root_op in ("reduce", "reduce-window"):
+        return "reduce"
+    if opcode in ("fusion",) or root_op in ("add", "multiply", "select", "maximum", "exponential", "divide",
+                                             "subtract", "broadcast", "convert", "tanh", "logistic", "rsqrt"):
+        return "elementwise"
+    return "other"
+
+
+def xla_op_profile(jitted, *args, iters: int = 3) -> dict:
+    """Per call: {"kinds": {kind: ms}, "top": [(thunk, kind, ms)], "wall_ms"} of a jitted function, from a
+    jax.profiler trace of `iters` calls (after one warm-up), thunks mapped to kinds through the compiled HLO.
+    Thunk times are summed over threads, so with 2 cores their total can exceed the wall time."""
+    import collections
+    import tempfile
+
+    from jax.profiler import ProfileData
+    kinds = _hlo_instruction_kinds(jitted.lower(*args).compile().as_text())
+    jax.block_until_ready(jitted(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t = time.perf_counter()
+        for _ in range(iters):
+            jax.block_until_ready(jitted(*args))
+        wall = (time.perf_counter() - t) / iters
+        jax.profiler.stop_trace()
+        trace = ProfileData.from_file(str(next(Path(d).rglob("*.xplane.pb"))))
+    per_thunk = collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for e in line.events:
+                if e.name in kinds:
+                    per_thunk[e.name] += e.duration_ns / 1e6 / iters
+    by_kind = collections.Counter()
+    for name, ms in per_thunk.items():
+        by_kind[kinds[name]] += ms
+    return {"kinds": dict(by_kind), "wall_ms": wall * 1e3,
+            "top": [(n, kinds[n], ms) for n, ms in per_thunk.most_common(12)]}
+
+
+def _torch_kind(op: str) -> str | None:
+    """aten op -> OP_KINDS entry (None: a wrapper whose self time is counted in its children)."""
+    if "convolution_backward" in op:
+        return "conv bwd"  # torch computes the data and filter gradients in one op
+    if "conv" in op and ("mkldnn" in op or "thnn" in op or op in ("aten::_convolution", "aten::convolution",
+                                                                   "aten::conv2d", "aten::conv_transpose2d")):
+        return "conv fwd"
+    if op in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear") or \
+            "scaled_dot_product" in op:
+        return "dot"
+    if op in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::permute", "aten::transpose", "aten::t",
+              "aten::cat", "aten::_to_copy"):
+        return "transpose/copy"
+    if any(k in op for k in ("norm", "sum", "mean", "var", "max", "softmax")):
+        return "reduce"
+    return "elementwise"
+
+
+def torch_op_profile(fn: Callable[[], Any], iters: int = 3) -> dict:
+    """Per call: {"kinds": {kind: ms}, "top": [(op, kind, ms)], "wall_ms"} of a torch callable from
+    torch.profiler's self CPU time per aten op (after one warm-up)."""
+    import collections
+
+    import torch
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        wall = (time.perf_counter() - t) / iters
+    by_kind, per_op = collections.Counter(), collections.Counter()
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3 / iters
+        if ms and e.key.startswith("aten::"):
+            per_op[e.key] += ms
+            by_kind[_torch_kind(e.key)] += ms
+    return {"kinds": dict(by_kind), "wall_ms": wall * 1e3,
+            "top": [(n, _torch_kind(n), ms) for n, ms in per_op.most_common(12)]}
+
+
+def format_op_profiles(title: str, jax_profile: dict, torch_profile: dict) -> str:
+    """The two profiles as one markdown table of ms per call by kind, then each side's top operations."""
+    lines = [f"### {title}: ms per call by kind (JAX wall {jax_profile['wall_ms']:.1f} ms, torch eager wall "
+             f"{torch_profile['wall_ms']:.1f} ms)", "", "| kind | JAX (XLA thunks) | torch eager (aten self) |",
+             "|---|---|---|"]
+    both = lambda p: {**p["kinds"], "conv bwd": sum(p["kinds"].get(k, 0.0) for k in (
+        "conv bwd-data", "conv bwd-filter", "conv bwd", "conv dilated-input"))}
+    jk, tk = both(jax_profile), both(torch_profile)
+    for kind in OP_KINDS:
+        j, t = jk.get(kind, 0.0), tk.get(kind, 0.0)
+        if j or t:
+            lines.append(f"| {kind} | {j:.1f} | {t:.1f} |")
+    lines.append(f"| total | {sum(jax_profile['kinds'].values()):.1f} | {sum(torch_profile['kinds'].values()):.1f} |")
+    lines.append("(conv bwd: data + filter gradients, dilated-input ones included; torch computes both in one "
+                 "convolution_backward. Convolutions without jvp metadata count as fwd.)")
+    for side, prof in (("JAX", jax_profile), ("torch", torch_profile)):
+        lines += ["", f"{side} top ops: " + "; ".join(f"{n} ({k}) {ms:.1f}" for n, k, ms in prof["top"][:8])]
+    return "\n".join(lines)

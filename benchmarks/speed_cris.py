@@ -33,7 +33,8 @@ def _configs(quick: bool):
     return clip, head, dict(num_heads=8, text_heads=8), 416, 4, 77
 
 
-def run(quick: bool = False):
+def run(quick: bool = False, profile: bool = False):
+    """Rows; with `profile`, (rows, {"op_profiles": ...}): where each step's time goes in both frameworks."""
     import torch
 
     from benchmarks.torch_ref import cris as ref
@@ -80,11 +81,12 @@ def run(quick: bool = False):
 
     # --- train step: the trainer's own; everything trains, the CLIP backbone at 0.1x lr
     lr = 2e-5
-    step = harness.vl_seg_step("configs/cris.py:tiny", [f"optim.lr={lr}", "optim.weight_decay=1e-3",
-                                                         "optim.grad_clip=0.5", "optim.backbone_lr_mult=0.1",
-                                                         "model.freeze_encoders=False"], module, variables,
-                               (jp, jids, jmask, jtarget))
-    t, flops = harness.time_product_step(*step)
+    def product_step():
+        return harness.vl_seg_step("configs/cris.py:tiny", [f"optim.lr={lr}", "optim.weight_decay=1e-3",
+                                                             "optim.grad_clip=0.5", "optim.backbone_lr_mult=0.1",
+                                                             "model.freeze_encoders=False"], module, variables,
+                                   (jp, jids, jmask, jtarget))
+    t, flops = harness.time_product_step(*product_step())
     rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t), note="vl_seg train step"))
 
     def make_torch_step(model):
@@ -99,6 +101,17 @@ def run(quick: bool = False):
     tmodel.train()
     t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
     rows.append(Row(case_train, "torch eager", t, batch / t))
+    if profile:
+        tmodel.eval()
+        profiles = {case_inf: (harness.xla_op_profile(apply, variables, jp, jids, jmask),
+                               harness.torch_op_profile(lambda: torch_infer(tmodel)))}
+        tmodel.train()
+        step_fn, state, device_batch = product_step()  # time_product_step donated the first state
+        profiles[case_train] = (harness.xla_op_profile(jax.jit(step_fn), state, device_batch),
+                                harness.torch_op_profile(make_torch_step(tmodel)))
+        return harness.add_ratios(rows), {"op_profiles": {
+            case: {"jax": j, "torch eager": t, "table": harness.format_op_profiles(case, j, t)}
+            for case, (j, t) in profiles.items()}}
     if quick:  # torch.compile of CRIS takes minutes on a small CPU: the full run measures it
         rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note="skipped in --quick"))
         return rows
@@ -115,6 +128,8 @@ def run(quick: bool = False):
 
 if __name__ == "__main__":
     import sys
-    out = run(quick="--quick" in sys.argv)
-    harness.add_ratios(out)
-    print(harness.format_table(out))
+    out = run(quick="--quick" in sys.argv, profile="--profile" in sys.argv)
+    rows, extra = out if isinstance(out, tuple) else (out, {})
+    print(harness.format_table(harness.add_ratios(rows)))
+    for p in extra.get("op_profiles", {}).values():
+        print("\n" + p["table"])

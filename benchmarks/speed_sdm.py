@@ -8,6 +8,7 @@ Outputs are checked equal first (model output, loss, sampled images).
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,36 @@ VLB_WEIGHT = 0.001
 
 
 def _fields(quick: bool) -> tuple[dict, int, int]:
-    """(model fields, train batch, sampler steps); SPADE hidden 128 as the reference."""
+    """(model fields, train batch, sampler steps). Full: configs/sdm.py:full's model (echo_from_noise's SDM at
+    256 px, 652 M parameters, SPADE hidden 128, each block rematerialised as the trainer runs it) in float32
+    like the torch reference, batch 1; the guided DDIM loop at 5 steps (10 model calls of ~1 TFLOP each)."""
     if quick:
         return dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(16,), num_head_channels=32, num_labels=5, learn_sigma=True,
                     dropout=0.0, use_scale_shift_norm=True, resblock_updown=True), 4, 5
-    return dict(image_size=64, in_channels=1, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
-                attention_resolutions=(16, 8), num_head_channels=32, num_labels=5, learn_sigma=True, dropout=0.0,
-                use_scale_shift_norm=True, resblock_updown=True), 8, 25
+    from jaxboost.config import load_config
+    fields = dict(load_config("configs/sdm.py:full").model)
+    fields["dtype"] = "float32"
+    return fields, 1, 5
+
+
+def check_memory(fields: dict, batch: int) -> None:
+    """Refuse, naming what is needed, a size this machine cannot hold: AdamW + EMA state, gradients and the
+    torch reference's copy (5 + 4 float32 copies of the parameters) and torch's saved activations (the
+    reference keeps every block's; ~19 GiB per 256 px sample in float32)."""
+    import jax
+
+    from jaxboost.models.sdm import Model
+    size, c = fields["image_size"], fields["in_channels"]
+    shapes = jax.eval_shape(lambda: Model(**fields).init(jax.random.key(0), jnp.zeros((1, size, size, c)),
+                                                         jnp.zeros((1,), jnp.int32),
+                                                         jnp.zeros((1, size, size, fields["num_labels"]))))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    need = 4 * params * 9 + batch * 19 * 2 ** 30 * (size / 256) ** 2 * (fields["model_channels"] / 256)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > available:
+        raise MemoryError(f"SDM {size}px b{batch} ({params / 1e6:.0f} M parameters): needs ~{need / 2 ** 30:.0f} GiB, "
+                          f"{available / 2 ** 30:.0f} GiB available")
 
 
 def _torch_loss(model, diffusion_tables, x0, t, noise, y):
@@ -84,6 +107,7 @@ def _setup(quick: bool) -> dict:
 
     torch.manual_seed(0)
     fields, batch, steps = _fields(quick)
+    check_memory(fields, batch)
     cfg = ConfigDict(fields)
     ref = unet_from_config(cfg)
     # Non-zero output layers so outputs and gradients are not trivially equal.
