@@ -46,6 +46,7 @@ def get_config(arg=None):
                    freeze_encoders=True, attention_impl="auto", remat_policy="none")  # vocab_size 0: the tokenizer's size
     c.data = dict(corpus="",            # training corpus
                   workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
+                  host_uint8=True,  # uint8 from the host, cast/normalise/resize inside the step
                   eval_corpus="",       # validation/test corpus ("": the training corpus)
                   size=64 if tiny else 352,
                   prompt=3,             # prompt index P0-P7 used in training

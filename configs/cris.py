@@ -38,7 +38,8 @@ def get_config(arg=None):
     c.data = dict(corpus="", eval_corpus="", size=64 if tiny else 416, prompt=2, eval_prompts=(),
                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),  # CLIP
                   tokenizer="", tokenizer_vocab_size=1000,
-                  workers=0 if tiny else 8, prefetch=2)  # grain worker processes; batches each keeps ready
+                  workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
+                  host_uint8=True)  # uint8 from the host, cast/normalise/resize inside the step
     c.pretrained = ""               # `jaxboost convert cris` output folder; "": random init
     c.init_from = ""
     c.finetune_mode = "fresh"       # "fresh" | "resume"

@@ -39,6 +39,7 @@ def get_config(arg=None):
     c.init = dict(bert="", mae="", albef="")
     c.data = dict(
         workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
+        host_uint8=True,  # uint8 views from the host, normalised inside the step
         corpus="",                        # triplet corpus -> captions from P6/P7 (one corpus for both methods); or caption json:
         caption_files=(), image_roots=(),  # ROCO / MedICaT / ImageCLEF lists of {image, caption}
         size=c.model.image_size, max_words=30, max_tokens=25,

@@ -36,7 +36,8 @@ def get_config(arg=None):
     c.diffusion = dict(schedule="cosine", num_steps=1000, vlb_weight=0.001, cond_drop_prob=0.2)
     c.sampler = dict(name="ddim", steps=25 if tiny else 50, eta=0.0, guidance=1.5, dtype="float32")
     c.data = dict(corpus="", size=size, num_labels=labels,
-                  workers=0 if tiny else 8, prefetch=2)  # grain worker processes; batches each keeps ready
+                  workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
+                  host_uint8=True)  # uint8 from the host, labels and normalisation inside the step
     c.seed = 0
     c.batch_size = 8 if tiny else 96
     c.total_steps = 300 if tiny else 100_000

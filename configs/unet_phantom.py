@@ -14,7 +14,8 @@ def get_config(arg=None):
     c.trainer = "unet_seg"
     c.model_name = "unet"
     c.model = dict(num_classes=4, widths=(16, 32, 64) if v == "tiny" else (32, 64, 128, 256))
-    c.data = dict(corpus="", size=64 if v == "tiny" else 256)
+    c.data = dict(corpus="", size=64 if v == "tiny" else 256,
+                  host_uint8=True)  # uint8 from the host, normalised inside the step
     c.seed = 0
     c.batch_size = 8 if v == "tiny" else 32
     c.total_steps = 150 if v == "tiny" else 20_000

@@ -28,11 +28,16 @@ def test_full_config_augments_like_mumc():
 
 
 def test_training_loader_augments_and_repeats_with_the_seed(tmp_path):
-    config = load_config("configs/mumc_vqa.py:tiny", ["data.augment=True", "data.size=32", "batch_size=4"])
+    overrides = ["data.augment=True", "data.size=32", "batch_size=4"]
+    config = load_config("configs/mumc_vqa.py:tiny", overrides + ["data.host_uint8=False"])
     source = _source(tmp_path, decoded=True)
     first = next(iter(mumc_vqa.train_loader(source, config)))
     again = next(iter(mumc_vqa.train_loader(source, config)))
     assert first["images"].shape == (4, 32, 32, 3) and first["images"].dtype == np.float32
+    # the default hands the same augmented views to the step as uint8; the step normalises them
+    as_uint8 = next(iter(mumc_vqa.train_loader(source, load_config("configs/mumc_vqa.py:tiny", overrides))))
+    assert as_uint8["images"].dtype == np.uint8
+    np.testing.assert_allclose(caption_augment.normalize(as_uint8["images"]), first["images"], atol=1e-6)
     np.testing.assert_array_equal(first["images"], again["images"])
     plain = np.stack([source.images(it.image_path) for it in source.items])
     for image in first["images"]:   # no augmented view equals the plain resize of any image
