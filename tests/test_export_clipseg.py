@@ -7,13 +7,11 @@ import transformers
 
 from jaxboost.cli import main
 
-SMALL = dict(
-    text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, max_position_embeddings=16, eos_token_id=99),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                       image_size=64, patch_size=16),
-    projection_dim=24, extract_layers=(1, 2), reduce_dim=16, decoder_num_attention_heads=2,
-    decoder_intermediate_size=32)
+from test_clipseg import SMALL as CLIPSEG_SMALL  # noqa: E402
+
+# test_clipseg's tiny HF CLIPSeg with the simple head and an explicit eos id (export writes it back)
+SMALL = dict({k: v for k, v in CLIPSEG_SMALL.items() if k != "use_complex_transposed_convolution"},
+             text_config=dict(CLIPSEG_SMALL["text_config"], eos_token_id=99))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
