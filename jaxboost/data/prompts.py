@@ -13,7 +13,6 @@ import itertools
 
 import numpy as np
 from num2words import num2words
-from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from jaxboost.data.labels import STRUCTURE_NAMES
@@ -153,58 +152,37 @@ def _max_inscribed_triangle(poly: np.ndarray, max_vertices: int = _MAX_TRIANGLE_
     return float(np.abs(cross[ij] + cross[jk] + cross[ki]).max() / 2)
 
 
-_IN_PLANE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
-
-
 def mask_shapes(mask: np.ndarray, labels) -> dict:
     """{label: shape word of the region mask == label} for a multi-class mask [H, W] (mask_shape of each)."""
     return mask_shapes_batch(np.asarray(mask)[None], labels)[0]
 
 
 def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
-    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: every plane (mask, label), cropped
-    to its own box, labelled into components in one pass, each plane's largest component and its rows'
-    extreme pixels found for the whole batch at once, the hulls from those extremes. The words are those of
-    each mask cropped to the box of its labels, as mask_shapes measures it (coordinates enter the hull
-    measures: same frame, same floating-point result)."""
+    """[{label: shape word}] for a batch of multi-class masks [B, H, W]: the horizontal runs of every plane
+    (mask, label) from one pass over the masks, each plane's largest 4-connected component from the graph of
+    runs that share a column with a run of the next row, its rows' extreme pixels, and the hulls from those
+    extremes. The words are those of each mask cropped to the box of its labels, as mask_shapes measures it
+    (coordinates enter the hull measures: same frame, same floating-point result)."""
     masks, labels = np.asarray(masks), list(labels)
     b, n = len(masks), len(labels)
     words = [{label: "oval" for label in labels} for _ in range(b)]
     if not n or not b:
         return words
-    regions = (masks[:, None] == np.asarray(labels, masks.dtype).reshape(1, -1, 1, 1)).reshape(b * n, *masks.shape[1:])
-    rows, cols = regions.any(2), regions.any(1)                                           # [P, H], [P, W]
-    planes = np.nonzero(rows.any(1))[0]
-    if not len(planes):
+    runs = _plane_runs(masks, labels)
+    if not len(runs[0]):
         return words
-    r0, c0 = rows[planes].argmax(1), cols[planes].argmax(1)
-    r1, c1 = rows.shape[1] - rows[planes, ::-1].argmax(1), cols.shape[1] - cols[planes, ::-1].argmax(1)
-    crop = np.zeros((len(planes), int((r1 - r0).max()), int((c1 - c0).max())), bool)
-    for q, plane in enumerate(planes):  # each plane in its own box: far fewer pixels than the masks' union
-        crop[q, :r1[q] - r0[q], :c1[q] - c0[q]] = regions[plane, r0[q]:r1[q], c0[q]:c1[q]]
-    components, count = ndimage.label(crop, _IN_PLANE)  # components of each plane, never across planes
-    sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    # Components are numbered in raster order (a crop keeps it), so plane q holds those after the planes
-    # before it; of equal sizes the first in raster order is the largest (as argmax).
-    last = np.maximum.accumulate(components.reshape(len(crop), -1).max(1))
-    largest = np.zeros(count + 1, bool)
-    for first, end in zip(np.concatenate([[0], last[:-1]]) + 1, last + 1):
-        largest[first + int(np.argmax(sizes[first:end]))] = True  # every plane has a component
-    keep = largest[components]                                                            # [Q, h, w]
-    present, left = keep.any(2), keep.argmax(2)
-    right = keep.shape[2] - keep[:, :, ::-1].argmax(2)
-    hulls = _hull_chains(present, left, right)
-    # The crop of mask i alone (its labels' box, padded by one pixel): the frame mask_shapes measures in.
-    img_rows, img_cols = rows.reshape(b, n, -1).any(1), cols.reshape(b, n, -1).any(1)    # [B, H], [B, W]
+    planes, present, left, right, offsets = _largest_components(*runs, masks.shape[2], n)
+    poly, counts = _hull_polygons(present, left, right)
     image, label = np.divmod(planes, n)
-    offsets = np.stack([img_rows[image].argmax(1) - 1 - r0, img_cols[image].argmax(1) - 1 - c0], 1)  # [Q, 2]
-    small = [q for q, hull in enumerate(hulls) if len(hull) <= _MAX_TRIANGLE_VERTICES]
-    qhull = sorted(set(range(len(hulls))) - set(small))  # the triangle subsamples Qhull's vertex order
-    for q, word in zip(small, _shapes_of_hulls([hulls[q] - offsets[q] for q in small])):
-        if word is None:
-            qhull.append(q)
-        else:
-            words[image[q]][labels[label[q]]] = word
+    small = np.flatnonzero(counts <= _MAX_TRIANGLE_VERTICES)
+    qhull = np.flatnonzero(counts > _MAX_TRIANGLE_VERTICES).tolist()  # the triangle subsamples Qhull's order
+    if len(small):
+        shifted = poly[small, :int(counts[small].max())] - offsets[small, None, :]
+        for q, word in zip(small.tolist(), _polygon_words(shifted, counts[small])):
+            if word is None:
+                qhull.append(q)
+            else:
+                words[image[q]][labels[label[q]]] = word
     for q in qhull:
         kept = np.nonzero(present[q])[0]
         words[image[q]][labels[label[q]]] = _shape_of_extremes(kept - offsets[q, 0], left[q, kept] - offsets[q, 1],
@@ -212,25 +190,141 @@ def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
     return words
 
 
+def _plane_runs(masks: np.ndarray, labels: list):
+    """Horizontal runs of pixels == labels[i] in masks [B, H, W], ordered by plane (image * n + i), row and
+    column: (plane, row, start, one past the end), int64 arrays [N]. One pass finds where a row's value
+    changes (each row padded with a value that is no label asked for); only those few pixels are matched
+    against the labels."""
+    b, h, w = masks.shape
+    border = _border_value(masks.dtype, labels)
+    if border is None:  # every value of the dtype asked for (or not an integer dtype): label indices instead
+        values = np.zeros(masks.shape, np.int64)
+        for i, label in enumerate(labels):
+            values[masks == label] = i + 1
+        masks, labels, border = values, list(range(1, len(labels) + 1)), 0
+    padded = np.empty((b, h, w + 2), masks.dtype)
+    padded[:, :, 0] = padded[:, :, -1] = border
+    padded[:, :, 1:-1] = masks
+    flat = padded.reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1])  # between padded columns col and col + 1 of one row
+    line, col = np.divmod(change, w + 2)
+    image, row = np.divmod(line, h)
+    ends = []
+    for values in (flat[change + 1], flat[change]):  # run starts (at col), then run ends (one past, at col)
+        index = np.zeros(len(change), np.int64)
+        for i, label in enumerate(labels):
+            index[values == label] = i + 1
+        at = index > 0
+        plane, r, c = image[at] * len(labels) + index[at] - 1, row[at], col[at]
+        order = np.argsort(plane * h + r, kind="stable")  # columns stay in order within a row
+        ends.append((plane[order], r[order], c[order]))
+    (plane, row, start), (_, _, end) = ends  # in each plane's row the k-th start and the k-th end make a run
+    return plane, row, start, end
+
+
+def _first_of_component(count: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """[count] the smallest node of each node's connected component in the graph of edges (src, dst):
+    every root hooked under the smallest root it has an edge to, then pointers followed to their roots, until
+    no edge joins two roots (a chain of k runs takes one round and log2(k) jumps)."""
+    parent = np.arange(count)
+    while True:
+        a, b = parent[src], parent[dst]
+        apart = a != b
+        if not apart.any():
+            return parent
+        np.minimum.at(parent, np.maximum(a, b)[apart], np.minimum(a, b)[apart])
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+
+
+def _border_value(dtype, labels):
+    """A value of an integer (or bool) dtype that is none of the labels; None if there is none."""
+    if dtype == np.bool_:
+        candidates = [False, True]
+    elif np.issubdtype(dtype, np.integer):
+        candidates = range(min(len(labels) + 1, int(np.iinfo(dtype).max) + 1))
+    else:
+        return None
+    asked = set(labels)
+    return next((dtype.type(v) for v in candidates if v not in asked), None)
+
+
+def _largest_components(plane, row, start, end, width: int, n: int):
+    """Each plane's largest 4-connected component (the first in raster order of equal sizes, as argmax over
+    raster-order labels) from its runs -> (planes [Q], present [Q, h], left [Q, h], one past right [Q, h],
+    offsets [Q, 2]): rows and columns counted from the plane's box (h: the tallest box), and the offset of
+    that box from its mask's frame (the box of all its labels, padded by one pixel)."""
+    count = len(plane)
+    line = plane * (int(row.max()) + 2) + row    # a row's key; the next row of the same plane is key + 1
+    span = width + 1
+    below = (line + 1) * span
+    lo = np.searchsorted(line * span + end, below + start, side="right")  # runs below that end past start ...
+    hi = np.searchsorted(line * span + start, below + end, side="left")   # ... and start before end
+    links = np.maximum(hi - lo, 0)
+    src = np.repeat(np.arange(count), links)
+    dst = lo[src] + np.arange(len(src)) - np.repeat(np.cumsum(links) - links, links)
+    component = _first_of_component(count, src, dst)  # runs are in raster order: a component's first pixel
+    sizes = np.bincount(component, weights=end - start, minlength=count)
+    first = np.flatnonzero(component == np.arange(count))
+    sizes, owner = sizes[first], plane[first]
+    ranked = np.lexsort((first, -sizes, owner))
+    best = ranked[np.concatenate([[True], owner[ranked][1:] != owner[ranked][:-1]])]  # [Q], by plane
+    planes = owner[best]
+    of_plane = np.full(int(planes.max()) + 1, -1)
+    of_plane[planes] = np.arange(len(planes))
+    q_all = of_plane[plane]
+    heads = np.concatenate([[0], np.flatnonzero(plane[1:] != plane[:-1]) + 1])  # each plane's first run
+    r0, r1 = row[heads], row[np.concatenate([heads[1:], [count]]) - 1] + 1
+    c0 = np.minimum.reduceat(start, heads)
+    kept = np.flatnonzero(component == first[best][q_all])
+    firsts = np.concatenate([[True], line[kept][1:] != line[kept][:-1]])
+    lasts = np.concatenate([firsts[1:], [True]])
+    q, r = q_all[kept[firsts]], row[kept[firsts]] - r0[q_all[kept[firsts]]]
+    present = np.zeros((len(planes), int((r1 - r0).max())), bool)
+    left, right = np.zeros(present.shape, np.int64), np.zeros(present.shape, np.int64)
+    present[q, r] = True
+    left[q, r] = start[kept[firsts]] - c0[q]
+    right[q, r] = end[kept[lasts]] - c0[q]
+    image = planes // n
+    groups = np.concatenate([[0], np.flatnonzero(image[1:] != image[:-1]) + 1])
+    frame = np.stack([np.minimum.reduceat(r0, groups), np.minimum.reduceat(c0, groups)], 1)
+    offsets = np.repeat(frame, np.diff(np.concatenate([groups, [len(planes)]])), 0) - 1 - np.stack([r0, c0], 1)
+    return planes, present, left, right, offsets
+
+
 def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str | None]:
-    """Shape words of hulls of at most _MAX_TRIANGLE_VERTICES vertices each, all at once: each padded with
-    copies of its last vertex (zero-length edges are skipped, a repeated vertex changes no extreme, no area
-    and no largest triangle), every measure elementwise as _shape_of_hull takes it, so the same floats.
-    The largest triangle is measured only where it could decide the word. None where two edges give
-    bounding rectangles of exactly the same area but other sides (common on a small pixel lattice): the
-    first in Qhull's vertex order wins there, so only Qhull's order gives the same word."""
+    """Shape words of hulls of at most _MAX_TRIANGLE_VERTICES vertices each (_polygon_words of them, each
+    padded with copies of its last vertex)."""
     if not hulls:
         return []
     k = max(len(h) for h in hulls)
-    poly = np.stack([np.concatenate([h, np.repeat(h[-1:], k - len(h), 0)]) for h in hulls]).astype(np.float64)
+    poly = np.stack([np.concatenate([h, np.repeat(h[-1:], k - len(h), 0)]) for h in hulls])
+    return _polygon_words(poly, np.asarray([len(h) for h in hulls]))
+
+
+_WORDS = np.asarray([None, "oval", "triangle", "square", "rectangle", "circle"], object)
+
+
+def _polygon_words(poly: np.ndarray, counts: np.ndarray) -> list[str | None]:
+    """Shape words of hulls [Q, K, 2] with counts[q] vertices each, the rest copies of the last vertex
+    (zero-length edges are skipped, a repeated vertex changes no extreme, no area and no largest triangle),
+    all at once, every measure elementwise as _shape_of_hull takes it, so the same floats. The largest
+    triangle is measured only where it could decide the word. None where two edges give bounding rectangles
+    of exactly the same area but other sides (common on a small pixel lattice): the first in Qhull's vertex
+    order wins there, so only Qhull's order gives the same word."""
+    poly = poly.astype(np.float64)
+    k = poly.shape[1]
     x, y = poly[..., 1], poly[..., 0]
     area = 0.5 * np.abs((x * np.roll(y, -1, 1)).sum(1) - (y * np.roll(x, -1, 1)).sum(1))  # exact: integers
     edges = np.roll(poly, -1, 1) - poly                                                  # [Q, E, 2]
     norms = np.hypot(edges[..., 0], edges[..., 1])
     u = edges / np.where(norms > 0, norms, 1)[..., None]
-    pu = poly[:, :, None, 0] * u[:, None, :, 0] + poly[:, :, None, 1] * u[:, None, :, 1]     # [Q, K, E]
-    pv = poly[:, :, None, 0] * -u[:, None, :, 1] + poly[:, :, None, 1] * u[:, None, :, 0]
-    sides_u, sides_v = pu.max(1) - pu.min(1), pv.max(1) - pv.min(1)                      # [Q, E]
+    pu = poly[:, None, :, 0] * u[:, :, None, 0] + poly[:, None, :, 1] * u[:, :, None, 1]     # [Q, E, K]
+    pv = poly[:, None, :, 0] * -u[:, :, None, 1] + poly[:, None, :, 1] * u[:, :, None, 0]
+    sides_u, sides_v = pu.max(2) - pu.min(2), pv.max(2) - pv.min(2)                      # [Q, E]
     rect = np.where(norms > 0, sides_u * sides_v, np.inf)
     best = np.argmin(rect, 1)
     su, sv = np.take_along_axis(sides_u, best[:, None], 1)[:, 0], np.take_along_axis(sides_v, best[:, None], 1)[:, 0]
@@ -247,24 +341,25 @@ def _shapes_of_hulls(hulls: list[np.ndarray]) -> list[str | None]:
         cross = (pm[:, :, None, 0] * pm[:, None, :, 1] - pm[:, :, None, 1] * pm[:, None, :, 0]).reshape(len(pm), -1)
         ij, jk, ki = _triangle_pairs(k)
         triangle[maybe] = np.abs(cross[:, ij] + cross[:, jk] + cross[:, ki]).max(1) / 2
-    words = []
-    for q, hull in enumerate(hulls):
-        if ambiguous[q] or len(hull) < 3:
-            words.append(None if ambiguous[q] else "oval")
-            continue
-        aspect = long_side[q] / max(short_side[q], 1e-6)
-        if triangle[q] / area[q] > 0.8:
-            words.append("triangle")
-        elif area[q] / (long_side[q] * short_side[q]) > 0.9:
-            words.append("square" if aspect < 1.2 else "rectangle")
-        else:
-            words.append("circle" if aspect < 1.2 else "oval")
-    return words
+    with np.errstate(divide="ignore", invalid="ignore"):  # degenerate hulls (fewer than 3 vertices): "oval"
+        aspect = long_side / np.maximum(short_side, 1e-6)
+        rule = np.select([triangle / area > 0.8, area / (long_side * short_side) > 0.9], [2, 3], 5)
+    rule = np.where((rule >= 3) & (aspect >= 1.2), rule + 1, rule)  # square -> rectangle, circle -> oval
+    rule = np.where(rule == 6, 1, rule)
+    rule = np.where(counts < 3, 1, rule)
+    return _WORDS[np.where(ambiguous, 0, rule)].tolist()
 
 
 def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]:
     """Convex hulls [K, 2] (row, col; integer corners, in no particular rotation) of several connected
-    regions, each given by its rows' extreme pixels (present, left, one past right: [R, h]).
+    regions, each given by its rows' extreme pixels (present, left, one past right: [R, h])."""
+    poly, counts = _hull_polygons(present, left, right)
+    return [hull[:count] for hull, count in zip(poly, counts)]
+
+
+def _hull_polygons(present: np.ndarray, left: np.ndarray, right: np.ndarray):
+    """_hull_chains as one array [R, K, 2], each hull padded with copies of its last vertex, and the vertex
+    count of each [R].
 
     Pixel edge line l of a region has its outermost corners at min(left[l - 1], left[l]) and
     max(right[l - 1], right[l]); the hull is the lower hull of the left chain (col over line) and the upper
@@ -274,12 +369,12 @@ def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> li
     big = np.iinfo(np.int64).max // 4
     pad = np.zeros((r, 1), bool)
     on = np.concatenate([present, pad], 1) | np.concatenate([pad, present], 1)          # [R, h + 1] lines
-    lf = np.where(present, left, big).astype(np.int64)
-    rt = np.where(present, -right, big).astype(np.int64)  # the right chain mirrored: a lower hull too
-    y = np.concatenate([np.minimum(np.pad(lf, ((0, 0), (1, 0)), constant_values=big),
-                                   np.pad(lf, ((0, 0), (0, 1)), constant_values=big)),
-                        np.minimum(np.pad(rt, ((0, 0), (1, 0)), constant_values=big),
-                                   np.pad(rt, ((0, 0), (0, 1)), constant_values=big))])   # [2R, h + 1]
+    # Both chains' rows, padded by a row that is not there at each end: [2R, h + 2]; the right chain
+    # mirrored, so that its upper hull is a lower hull too.
+    ends = np.full((2 * r, h + 2), big, np.int64)
+    ends[:r, 1:-1] = np.where(present, left, big)
+    ends[r:, 1:-1] = np.where(present, -right, big)
+    y = np.minimum(ends[:, :-1], ends[:, 1:])                                                # [2R, h + 1]
     on = np.concatenate([on, on])
     # Locally convex: the ends, and points strictly below the midpoint of their (line) neighbours.
     keep = on.copy()
@@ -304,12 +399,16 @@ def _hull_chains(present: np.ndarray, left: np.ndarray, right: np.ndarray) -> li
         if not drop.any():
             break
         valid &= ~drop
-    hulls = []
-    for c in range(r):
-        lower, upper = valid[c], valid[r + c]
-        hulls.append(np.concatenate([np.stack([x[c, lower], y[c, lower]], 1),
-                                     np.stack([x[r + c, upper], -y[r + c, upper]], 1)[::-1]]))
-    return hulls
+    # Hull c: the lower chain's points in order, then the right chain's backwards; padded with the last.
+    order = np.argsort(~valid, axis=1, kind="stable")
+    x, y = np.take_along_axis(x, order, 1), np.take_along_axis(y, order, 1)
+    lower, upper = valid[:r].sum(1, keepdims=True), valid[r:].sum(1, keepdims=True)
+    at = np.arange(int((lower + upper).max()))[None]
+    on_right = at >= lower
+    chain = np.where(on_right, np.arange(r)[:, None] + r, np.arange(r)[:, None])
+    point = np.where(on_right, np.maximum(upper - 1 - (at - lower), 0), at)
+    poly = np.stack([x[chain, point], np.where(on_right, -y[chain, point], y[chain, point])], -1)
+    return poly, (lower + upper)[:, 0]
 
 
 def mask_shape(mask: np.ndarray) -> str:
