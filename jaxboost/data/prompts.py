@@ -171,9 +171,9 @@ def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
     runs = _plane_runs(masks, labels)
     if not len(runs[0]):
         return words
-    planes, present, left, right, offsets = _largest_components(*runs, masks.shape[2], n)
+    planes, present, left, right, offsets = _largest_components(*runs, masks.shape[2], n, b)
     poly, counts = _hull_polygons(present, left, right)
-    image, label = np.divmod(planes, n)
+    label, image = np.divmod(planes, b)
     small = np.flatnonzero(counts <= _MAX_TRIANGLE_VERTICES)
     qhull = np.flatnonzero(counts > _MAX_TRIANGLE_VERTICES).tolist()  # the triangle subsamples Qhull's order
     if len(small):
@@ -191,35 +191,43 @@ def mask_shapes_batch(masks: np.ndarray, labels=(1, 2, 3)) -> list[dict]:
 
 
 def _plane_runs(masks: np.ndarray, labels: list):
-    """Horizontal runs of pixels == labels[i] in masks [B, H, W], ordered by plane (image * n + i), row and
+    """Horizontal runs of pixels == labels[i] in masks [B, H, W], ordered by plane (i * B + image), row and
     column: (plane, row, start, one past the end), int64 arrays [N]. One pass finds where a row's value
     changes (each row padded with a value that is no label asked for); only those few pixels are matched
     against the labels."""
     b, h, w = masks.shape
     border = _border_value(masks.dtype, labels)
     if border is None:  # every value of the dtype asked for (or not an integer dtype): label indices instead
-        values = np.zeros(masks.shape, np.int64)
-        for i, label in enumerate(labels):
-            values[masks == label] = i + 1
-        masks, labels, border = values, list(range(1, len(labels) + 1)), 0
+        masks, labels, border = _label_indices(masks, labels), list(range(1, len(labels) + 1)), 0
     padded = np.empty((b, h, w + 2), masks.dtype)
     padded[:, :, 0] = padded[:, :, -1] = border
     padded[:, :, 1:-1] = masks
     flat = padded.reshape(-1)
     change = np.flatnonzero(flat[1:] != flat[:-1])  # between padded columns col and col + 1 of one row
-    line, col = np.divmod(change, w + 2)
-    image, row = np.divmod(line, h)
     ends = []
     for values in (flat[change + 1], flat[change]):  # run starts (at col), then run ends (one past, at col)
-        index = np.zeros(len(change), np.int64)
-        for i, label in enumerate(labels):
-            index[values == label] = i + 1
-        at = index > 0
-        plane, r, c = image[at] * len(labels) + index[at] - 1, row[at], col[at]
-        order = np.argsort(plane * h + r, kind="stable")  # columns stay in order within a row
-        ends.append((plane[order], r[order], c[order]))
+        index = _label_indices(values, labels)
+        at = np.flatnonzero(index)
+        at = at[np.argsort(index[at], kind="stable")]  # by label; (image, row, column) within a label
+        line, col = np.divmod(change[at], w + 2)
+        image, row = np.divmod(line, h)
+        ends.append(((index[at].astype(np.int64) - 1) * b + image, row, col))
     (plane, row, start), (_, _, end) = ends  # in each plane's row the k-th start and the k-th end make a run
     return plane, row, start, end
+
+
+def _label_indices(values: np.ndarray, labels: list) -> np.ndarray:
+    """values -> uint8 (int64 past 255 labels) i + 1 where values == labels[i] (the last such i), else 0."""
+    index = np.zeros(values.shape, np.uint8 if len(labels) < 256 else np.int64)
+    if values.dtype in (np.uint8, np.bool_) and all(isinstance(v, (int, np.integer, np.bool_)) for v in labels):
+        table = np.zeros(256, index.dtype)
+        for i, label in enumerate(labels):
+            if 0 <= int(label) <= 255:
+                table[int(label)] = i + 1
+        return table[values.view(np.uint8)]
+    for i, label in enumerate(labels):
+        index[values == label] = i + 1
+    return index
 
 
 def _first_of_component(count: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -252,7 +260,7 @@ def _border_value(dtype, labels):
     return next((dtype.type(v) for v in candidates if v not in asked), None)
 
 
-def _largest_components(plane, row, start, end, width: int, n: int):
+def _largest_components(plane, row, start, end, width: int, n: int, images: int):
     """Each plane's largest 4-connected component (the first in raster order of equal sizes, as argmax over
     raster-order labels) from its runs -> (planes [Q], present [Q, h], left [Q, h], one past right [Q, h],
     offsets [Q, 2]): rows and columns counted from the plane's box (h: the tallest box), and the offset of
@@ -288,10 +296,10 @@ def _largest_components(plane, row, start, end, width: int, n: int):
     present[q, r] = True
     left[q, r] = start[kept[firsts]] - c0[q]
     right[q, r] = end[kept[lasts]] - c0[q]
-    image = planes // n
-    groups = np.concatenate([[0], np.flatnonzero(image[1:] != image[:-1]) + 1])
-    frame = np.stack([np.minimum.reduceat(r0, groups), np.minimum.reduceat(c0, groups)], 1)
-    offsets = np.repeat(frame, np.diff(np.concatenate([groups, [len(planes)]])), 0) - 1 - np.stack([r0, c0], 1)
+    corner = np.full((2, n * images), np.iinfo(np.int64).max)
+    corner[:, planes] = r0, c0
+    frame = corner.reshape(2, n, images).min(1)[:, planes % images]  # the box of all labels of its image
+    offsets = (frame - 1 - np.stack([r0, c0])).T
     return planes, present, left, right, offsets
 
 
@@ -386,19 +394,7 @@ def _hull_polygons(present: np.ndarray, left: np.ndarray, right: np.ndarray):
     x = np.argsort(~keep, axis=1, kind="stable")[:, :int(count.max())]
     y = np.take_along_axis(y, x, 1)
     valid = np.arange(x.shape[1]) < count[:, None]
-    k, rows = x.shape[1], np.arange(2 * r)[:, None]
-    idx = np.arange(k)
-    while True:
-        before = np.maximum.accumulate(np.where(valid, idx, -1), 1)
-        after = np.minimum.accumulate(np.where(valid, idx, k)[:, ::-1], 1)[:, ::-1]
-        prev = np.concatenate([np.full((2 * r, 1), -1), before[:, :-1]], 1)
-        nxt = np.concatenate([after[:, 1:], np.full((2 * r, 1), k)], 1)
-        p, q = np.clip(prev, 0, k - 1), np.clip(nxt, 0, k - 1)
-        cross = (x - x[rows, p]) * (y[rows, q] - y[rows, p]) - (y - y[rows, p]) * (x[rows, q] - x[rows, p])
-        drop = valid & (prev >= 0) & (nxt < k) & (cross <= 0)
-        if not drop.any():
-            break
-        valid &= ~drop
+    valid = _drop_concave(x, y, valid)
     # Hull c: the lower chain's points in order, then the right chain's backwards; padded with the last.
     order = np.argsort(~valid, axis=1, kind="stable")
     x, y = np.take_along_axis(x, order, 1), np.take_along_axis(y, order, 1)
@@ -409,6 +405,30 @@ def _hull_polygons(present: np.ndarray, left: np.ndarray, right: np.ndarray):
     point = np.where(on_right, np.maximum(upper - 1 - (at - lower), 0), at)
     poly = np.stack([x[chain, point], np.where(on_right, -y[chain, point], y[chain, point])], -1)
     return poly, (lower + upper)[:, 0]
+
+
+def _drop_concave(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """valid [C, K] (points (x, y) of C chains, in x order) less every point that is not strictly convex
+    between its remaining neighbours, dropped all at once and again until none is; a chain with nothing to
+    drop is done (its neighbours no longer change), so each round works on the chains still changing."""
+    k = x.shape[1]
+    idx = np.arange(k)
+    active = np.arange(len(x))
+    while len(active):
+        xa, ya, va = x[active], y[active], valid[active]
+        before = np.maximum.accumulate(np.where(va, idx, -1), 1)
+        after = np.minimum.accumulate(np.where(va, idx, k)[:, ::-1], 1)[:, ::-1]
+        prev = np.concatenate([np.full((len(active), 1), -1), before[:, :-1]], 1)
+        nxt = np.concatenate([after[:, 1:], np.full((len(active), 1), k)], 1)
+        base = k * np.arange(len(active))[:, None]
+        p, q = base + np.clip(prev, 0, k - 1), base + np.clip(nxt, 0, k - 1)
+        xf, yf = xa.reshape(-1), ya.reshape(-1)
+        xp, yp = xf[p], yf[p]
+        cross = (xa - xp) * (yf[q] - yp) - (ya - yp) * (xf[q] - xp)
+        drop = va & (prev >= 0) & (nxt < k) & (cross <= 0)
+        valid[active] = va & ~drop
+        active = active[drop.any(1)]
+    return valid
 
 
 def mask_shape(mask: np.ndarray) -> str:
