@@ -103,17 +103,31 @@ def batch_model_labels(maps: np.ndarray, num_labels: int, where) -> np.ndarray:
 
 def augmented_samples(sources: list, split_id: int, indices, seed: int, rows: int | None = None) -> np.ndarray:
     """Samples `indices` (s = image index * K + k) of a split, sources[i] the source of indices[i] ->
-    uint8 [rows, S, S, 2] (mask, cone), row i under one augmentation draw from default_rng([seed, split id, s]),
-    all rows in one XLA call. rows >= len(indices) pads with copies of the last row (one compiled shape
-    per run); a row's result does not depend on the others."""
-    indices = list(indices)
-    rows = rows or len(indices)
-    maps = np.stack([np.stack([src["mask"], src["cone"]], -1) for src in sources]).astype(np.uint8)
-    rngs = [np.random.default_rng([seed, split_id, s]) for s in indices]
-    pad = rows - len(indices)
-    maps = np.concatenate([maps, np.repeat(maps[-1:], pad, 0)])
-    rngs += [np.random.default_rng([seed, split_id, indices[-1]]) for _ in range(pad)]
-    return augment_lib.augment_batch(maps, rngs)[:len(indices)]
+    uint8 [len(indices), S, S, 2] (mask, cone), row i under one augmentation draw from
+    default_rng([seed, split id, s]), all rows in one XLA call (`rows` >= len(indices) of them: see
+    augmented_rows)."""
+    return augmented_rows(source_maps(sources), np.arange(len(sources)), split_id, indices, seed, rows)
+
+
+def source_maps(sources: list) -> np.ndarray:
+    """uint8 [len(sources), S, S, 2]: each source's (mask, cone), stacked once per split (each is augmented
+    K times; one gather per call then builds its batch)."""
+    maps = np.empty((len(sources), *np.shape(sources[0]["mask"]), 2), np.uint8)
+    for i, src in enumerate(sources):
+        maps[i, ..., 0], maps[i, ..., 1] = src["mask"], src["cone"]
+    return maps
+
+
+def augmented_rows(maps: np.ndarray, of: np.ndarray, split_id: int, indices, seed: int,
+                   rows: int | None = None) -> np.ndarray:
+    """augmented_samples with the sources' maps stacked (source_maps): sample indices[i] augments
+    maps[of[i]]. The call runs `rows` >= len(indices) rows, padded with copies of the last (one compiled
+    shape per run); a row's result does not depend on the others."""
+    indices, of = list(indices), np.asarray(of)
+    pad = (rows or len(indices)) - len(indices)
+    batch = maps[np.concatenate([of, np.repeat(of[-1:], pad)])]
+    rngs = [np.random.default_rng([seed, split_id, s]) for s in indices + [indices[-1]] * pad]
+    return augment_lib.augment_batch(batch, rngs)[:len(indices)]
 
 
 def augmented_sample(source: dict, split_id: int, index: int, seed: int):
@@ -221,6 +235,11 @@ class _BackgroundStage:
         self._writer.shutdown(wait=True, cancel_futures=True)
 
 
+def _padded(rows: np.ndarray, count: int) -> np.ndarray:
+    """rows padded to `count` with copies of the last (not copied when there are that many)."""
+    return rows if len(rows) == count else np.concatenate([rows, np.repeat(rows[-1:], count - len(rows), 0)])
+
+
 def _encoded_entries(metas: list, pixels: np.ndarray, per_mask: int) -> list:
     """(local position, entry, its bytes) for each sampled image of one call: the shape words of all its
     masks at once, then each image's prompts and encoding."""
@@ -275,6 +294,7 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
                   where, progress, workers) -> HostStats:
     split_id, hosts, host = corpus_lib.SPLITS.index(split), jax.process_count(), jax.process_index()
     sources = [r for r in source_corpus.iter(split) if pipeline.sdm_filter(r)]
+    table = source_maps(sources) if sources else None
     total = len(sources) * per_mask
     mine = list(range(host, total, hosts))  # this host's samples, in order
     todo = [j for j in range(len(mine)) if not writer.is_finished(split, j)]
@@ -286,7 +306,8 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
     def prepare(call: int):
         rows, metas = todo[call * local_batch:(call + 1) * local_batch], []
         srcs = [sources[mine[j] // per_mask] for j in rows]
-        augmented = augmented_samples(srcs, split_id, [mine[j] for j in rows], seed, local_batch) if rows else []
+        augmented = (augmented_rows(table, [mine[j] // per_mask for j in rows], split_id, [mine[j] for j in rows],
+                                    seed, local_batch) if rows else [])
         for j, src, maps in zip(rows, srcs, augmented):
             metas.append((j, mine[j], src, maps[..., 0], maps[..., 1]))
         # A host with fewer samples left pads its rows (every host runs the same number of calls). The label
@@ -294,9 +315,7 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
         labels_np = (batch_model_labels(augmented, num_labels, lambda i: f"{where}/{split}/{srcs[i]['key']}")
                      if rows else np.zeros((1, size, size), np.uint8))
         keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
-        labels_np = np.concatenate([labels_np, np.repeat(labels_np[-1:], local_batch - len(labels_np), 0)])
-        keys_np = np.concatenate([keys_np, np.repeat(keys_np[-1:], local_batch - len(keys_np), 0)])
-        return labels_np, keys_np, metas
+        return _padded(labels_np, local_batch), _padded(keys_np, local_batch), metas
 
     def write(done: list) -> None:
         nonlocal written
