@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -103,16 +104,18 @@ def _synth_cmd(run, corpus, out, *extra):
             "--records-per-shard", "6", *extra]
 
 
-def test_synth_writes_to_a_gs_bucket_the_shards_it_writes_locally(setup, bucket):
+def test_synth_writes_to_a_gs_bucket_the_shards_it_writes_locally(setup, bucket, capsys):
     # --out gs://...: the corpus goes through etils.epath (an in-process bucket; see test_corpus_remote),
     # shards staged locally and uploaded, process 0's manifest merged from the part on the bucket.
     corpus, run, reference = setup
     out = bucket / "synth"
     manifest = synth.generate(run, corpus, str(out), batch_size=4,
-                              mesh=parallel.make_mesh(devices=jax.devices()[:1]), **OPTS)
+                              mesh=parallel.make_mesh(devices=jax.devices()[:1]), **{**OPTS, "progress": True})
     local = corpus_lib.open_corpus(reference).manifest
     assert manifest["shards"] == local["shards"] and manifest["counts"] == local["counts"]
     assert corpus_lib.open_corpus(str(out)).verify() == []
+    # A run with progress says how long the device sat idle waiting for the host.
+    assert re.search(r"device idle \d+\.\d% of the sampling time", capsys.readouterr().out)
 
 
 @pytest.mark.slow
