@@ -308,8 +308,11 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
         srcs = [sources[mine[j] // per_mask] for j in rows]
         augmented = (augmented_rows(table, [mine[j] // per_mask for j in rows], split_id, [mine[j] for j in rows],
                                     seed, local_batch) if rows else [])
-        for j, src, maps in zip(rows, srcs, augmented):
-            metas.append((j, mine[j], src, maps[..., 0], maps[..., 1]))
+        # Each mask and cone contiguous (one copy per call): a strided view makes every later pass over it
+        # (the entry's checks, shape words, encoding) ~2x slower.
+        planes = np.ascontiguousarray(np.moveaxis(augmented, -1, 1)) if rows else []
+        for j, src, (mask, cone) in zip(rows, srcs, planes):
+            metas.append((j, mine[j], src, mask, cone))
         # A host with fewer samples left pads its rows (every host runs the same number of calls). The label
         # maps of all rows in one call (uint8: a quarter of the bytes to the device; the sampler casts them).
         labels_np = (batch_model_labels(augmented, num_labels, lambda i: f"{where}/{split}/{srcs[i]['key']}")
