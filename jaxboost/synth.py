@@ -142,10 +142,19 @@ def _fold_in_keys(seed, split_id, indices):
     return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(indices))
 
 
+KEY_CHUNK = 1024  # sample indices per compiled key call (one shape, whatever a split's length)
+
+
 def sample_keys(seed: int, split_id: int, indices: np.ndarray) -> np.ndarray:
-    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s (one compiled
-    call, not one dispatch per op: the host pays it for every sampler call)."""
-    return np.asarray(_fold_in_keys(np.uint32(seed), np.uint32(split_id), np.asarray(indices, np.uint32)))
+    """Raw key data [n, 2] of fold_in(fold_in(key(seed), split id), s) for each sample index s (compiled
+    calls of KEY_CHUNK indices, not one dispatch per op)."""
+    indices = np.asarray(indices, np.uint32).reshape(-1)
+    if len(indices) <= 8:  # a few (tests, one sample): no padding to a chunk
+        return np.asarray(_fold_in_keys(np.uint32(seed), np.uint32(split_id), indices))
+    chunks = np.zeros(-(-len(indices) // KEY_CHUNK) * KEY_CHUNK, np.uint32)
+    chunks[:len(indices)] = indices
+    return np.concatenate([np.asarray(_fold_in_keys(np.uint32(seed), np.uint32(split_id), chunk))
+                           for chunk in chunks.reshape(-1, KEY_CHUNK)])[:len(indices)]
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -301,6 +310,9 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
     todo_per_host = _allgather(len(todo))
     calls = -(-int(todo_per_host.max()) // local_batch)
     size = source_corpus.size
+    # The noise keys of all samples left, in one XLA call (not one per sampler call). A call with no rows
+    # left on this host (it still runs, as every host does) pads with any key: its images are not written.
+    keys = sample_keys(seed, split_id, np.asarray([mine[j] for j in todo] or [0]))
     written = 0  # local samples handed to the writer so far (added or skipped)
 
     def prepare(call: int):
@@ -317,7 +329,7 @@ def _sample_split(sample, fetch, writer, source_corpus, split, stats, *, per_mas
         # maps of all rows in one call (uint8: a quarter of the bytes to the device; the sampler casts them).
         labels_np = (batch_model_labels(augmented, num_labels, lambda i: f"{where}/{split}/{srcs[i]['key']}")
                      if rows else np.zeros((1, size, size), np.uint8))
-        keys_np = sample_keys(seed, split_id, np.asarray([mine[j] for j in rows] or [0]))
+        keys_np = keys[call * local_batch:call * local_batch + len(rows)] if rows else keys[:1]
         return _padded(labels_np, local_batch), _padded(keys_np, local_batch), metas
 
     def write(done: list) -> None:

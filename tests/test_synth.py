@@ -258,3 +258,13 @@ def test_batch_model_labels_are_sdm_labels_of_each_row_and_name_a_bad_one():
     maps[1, 3, 4, 0] = 7
     with pytest.raises(ValueError, match="row1: mask label 7 is outside CAMUS labels 0-3"):
         synth.batch_model_labels(maps, labels_lib.NUM_SDM_LABELS, lambda i: f"row{i}")
+
+
+def test_sample_keys_of_a_whole_split_are_those_of_each_sample():
+    # All of a split's keys are made in chunks of KEY_CHUNK (padded): each is still fold_in of its own index.
+    indices = np.arange(synth.KEY_CHUNK + 37) * 3 + 1
+    got = synth.sample_keys(5, 1, indices)
+    base = jax.random.fold_in(jax.random.key(5), 1)
+    for i in (0, 1, synth.KEY_CHUNK - 1, synth.KEY_CHUNK, len(indices) - 1):
+        assert np.array_equal(got[i], jax.random.key_data(jax.random.fold_in(base, int(indices[i]))))
+    assert np.array_equal(synth.sample_keys(5, 1, indices[:3]), got[:3])
