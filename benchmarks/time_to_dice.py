@@ -376,12 +376,12 @@ def _phantom_render_corpus(real: Path, out: Path, per_mask: int, seed: int) -> P
     for s, m in zip(indices, maps):
         src, rng = sources[s // per_mask], np.random.default_rng([seed, split_id, s, 1])
         image = _echo_from_mask(m[..., 0], m[..., 1], src["quality"], rng)
-        up = image.shape[0] // m.shape[0]
+        block = np.ones((image.shape[0] // m.shape[0],) * 2, np.uint8)  # the mask at the drawing's size
         entries.append(corpus_lib.make_image(
-            image, np.kron(m[..., 0], np.ones((up, up), np.uint8)), name=f"{src['key'].split('/')[1]}_aug{s % per_mask}",
+            image, np.kron(m[..., 0], block), name=f"{src['key'].split('/')[1]}_aug{s % per_mask}",
             patient=src["patient"], view=src["view"], phase=src["phase"], sex=src["sex"], age=src["age"],
             quality=src["quality"], split="train", source="synthetic", size=source.size,
-            cone=np.kron(m[..., 1], np.ones((up, up), np.uint8)), drop_quality=True, keep_orig_mask=False))
+            cone=np.kron(m[..., 1], block), drop_quality=True, keep_orig_mask=False))
     corpus_lib.build_corpus(entries, out, size=source.size, source="synthetic",
                             source_info={"generator": "phantom image model on augmented real masks",
                                          "masks": str(real), "per_mask": per_mask, "seed": seed})
