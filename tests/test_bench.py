@@ -265,3 +265,24 @@ def test_time_to_dice_render_draws_its_mask_into_the_sector():
     assert lv.mean() < 0.5 * myo.mean() and not image[~up(cone)].any()
     again = time_to_dice._echo_from_mask(mask, cone, "Good", np.random.default_rng(0))
     np.testing.assert_array_equal(image, again)
+
+
+def test_convergence_case_reads_the_demo_report(tmp_path, monkeypatch):
+    """The multi-seed convergence case runs `jaxboost demo` (one CLIPSeg seed with --quick) and tabulates its
+    report.json beside the paper."""
+    from benchmarks import convergence
+    from jaxboost import demo
+    spread = lambda mean, n=1: {"mean": mean, "sd": 0.0, "n": n}  # noqa: E731
+    summary = {"speedup_epochs": spread(1.5), "speedup_wall": spread(1.2), "faster_in": 1, "wins_in": 1, "seeds": 1,
+               "convergence": {"0": {}}, "test": {r: {"mean": spread(40.0 + i)} for i, r in enumerate(demo.REGIMES)}}
+    seen = {}
+
+    def fake_main(args):
+        seen.update(seeds=args.seeds, models=args.models)
+        (tmp_path / "report").mkdir()
+        (tmp_path / "report" / "report.json").write_text(json.dumps({"timings": {}, "models": {"clipseg": summary}}))
+    monkeypatch.setattr(demo, "main", fake_main)
+    rows, extra = convergence.run(quick=True, out=str(tmp_path))
+    assert rows == [] and seen == {"seeds": 1, "models": "clipseg"}
+    assert extra["table"].splitlines()[2] == ("| clipseg | 1 of 1 | 1.50 ± 0.00 (reached in 1) | 1.20 ± 0.00 | 1.71x | "
+                                              "40.0 ± 0.0 / 41.0 ± 0.0 / 42.0 ± 0.0 |")
