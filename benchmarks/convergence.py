@@ -1,52 +1,46 @@
-"""Convergence: synthetic pretrain -> real finetune vs real only (jaxboost's definition of the paper's claim,
-`demo.convergence_speedup`), epochs and wall time to 99% of the real-only best validation Dice, for
-CLIPSeg (and CRIS outside --quick), over seeds, mean and spread. Runs the demo's own stages on the phantom.
+"""Convergence over seeds: `jaxboost demo` itself (its data, SDM, synthetic corpus and three regimes per
+segmenter and seed), read back from its report.json: the synthetic pretrain -> real finetune speed-up
+(`demo.convergence_speedup`: epochs and wall time to 99% of the real-only best validation Dice), mean ± sd
+over seeds, how many seeds were faster, and the test Dice of each regime, beside the paper's figures.
+--quick: one seed of CLIPSeg; else the demo's defaults (3 seeds, both segmenters; ~14 minutes on 2 quiet
+cores). The single-seed comparison against PyTorch is `time_to_dice`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from jaxboost import demo
 
 PAPER = {"clipseg": 1.71, "cris": 4.55}
 
 
+def demo_args(out: Path, quick: bool) -> argparse.Namespace:
+    """`jaxboost demo`'s arguments: its defaults, one seed of CLIPSeg with --quick."""
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args([f"--out={out}"] + (["--seeds=1", "--models=clipseg"] if quick else []))
+
+
+def table(report: dict) -> str:
+    """report.json's models -> one markdown row per segmenter."""
+    lines = ["| model | seeds faster | speed-up (epochs) mean ± sd | speed-up (wall) | paper | "
+             "test Dice real / synthetic / pretrain -> finetune |", "|---|---|---|---|---|---|"]
+    for m, s in report["models"].items():
+        dice = " / ".join(demo.fmt_spread(s["test"][r]["mean"]) for r in demo.REGIMES)
+        lines.append(f"| {m} | {s['faster_in']} of {s['seeds']} | {demo.fmt_spread(s['speedup_epochs'], '.2f')} "
+                     f"(reached in {s['speedup_epochs']['n']}) | {demo.fmt_spread(s['speedup_wall'], '.2f')} | "
+                     f"{PAPER[m]}x | {dice} |")
+    return "\n".join(lines)
+
+
 def run(quick: bool = False, out: str | None = None):
-    seeds = [0] if quick else [0, 1, 2]
-    models = ["clipseg"] if quick else ["clipseg", "cris"]
     root = Path(out or tempfile.mkdtemp(prefix="jaxboost_convergence_"))
-    per_model: dict[str, list[dict]] = {m: [] for m in models}
-    for seed in seeds:
-        args = argparse.Namespace(out=str(root / f"seed{seed}"), seed=seed, camus=None,
-                                  patients=16 if quick else 30, per_mask=1 if quick else 2,
-                                  sampler_steps=10 if quick else 25, guidance=1.5,
-                                  sdm_steps=60 if quick else 0, epochs=3 if quick else 0, models=",".join(models))
-        o = Path(args.out)
-        size = demo.config_lib.load_config(f"{models[0]}.py:tiny").data.size
-        real = demo.stage_data(o, args, size)
-        synthetic = demo.stage_synth(o, demo.stage_sdm(o, real, args), real, args)
-        for m in models:
-            res = demo.stage_segmenter(o, m, real, synthetic, args)
-            spe = lambda r: r["summary"].get("steps_per_epoch", 1)
-            conv = demo.convergence_speedup(res["real"]["summary"]["evals"], res["pretrain_finetune"]["summary"]["evals"],
-                                            "val/dice_mean", spe(res["real"]), spe(res["pretrain_finetune"]))
-            conv["test_dice"] = {k: v["test"].get("test/dice_mean") for k, v in res.items()}
-            per_model[m].append(conv)
-    rows, extra = [], {"per_seed": per_model, "paper": PAPER}
-    lines = ["| model | seeds | speed-up (epochs) mean ± sd | speed-up (wall) | paper | test Dice real / synth / ft |",
-             "|---|---|---|---|---|---|"]
-    for m, convs in per_model.items():
-        ep = [c["speedup_epochs"] for c in convs if c["speedup_epochs"]]
-        wall = [c["speedup_wall"] for c in convs if c["speedup_wall"]]
-        dice = np.array([[c["test_dice"][r] for r in demo.REGIMES] for c in convs], float)
-        lines.append(f"| {m} | {len(convs)} | {np.mean(ep) if ep else float('nan'):.2f} ± "
-                     f"{np.std(ep) if ep else float('nan'):.2f} (reached {len(ep)}/{len(convs)}) | "
-                     f"{np.mean(wall) if wall else float('nan'):.2f} | {PAPER[m]} | "
-                     + " / ".join(f"{v:.1f}" for v in dice.mean(0)) + " |")
-        extra[m] = {"speedup_epochs": ep, "speedup_wall": wall, "test_dice_mean": dice.mean(0).tolist()}
-    extra["table"] = "\n".join(lines)
-    return rows, extra
+    demo.main(demo_args(root, quick))
+    report = json.loads((root / "report" / "report.json").read_text())
+    extra = {"paper": PAPER, "timings": report["timings"], "table": table(report),
+             "models": {m: {k: s[k] for k in ("speedup_epochs", "speedup_wall", "faster_in", "wins_in", "seeds",
+                                               "test", "convergence")} for m, s in report["models"].items()}}
+    return [], extra

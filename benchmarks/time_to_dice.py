@@ -3,18 +3,25 @@
 benchmarks/torch_ref/cris.py) on the same phantom corpus, batches, seed and initial weights (the torch model's
 random init, taken over by jaxboost through its converter), with the Synthetic Boost recipe: AdamW at the
 config's lr (CRIS backbone at 0.1x), gradient clipping 0.5, Dice + 0.2 BCE, validation Dice once per epoch.
+The models and the schedule are `jaxboost demo`'s (`configs/<model>.py:demo`: 15 epochs, best checkpoint on
+every better validation Dice, latest at the end; the torch loop writes the same).
 
 Rows `time_to_dice/<model>` (impl `jax`, `torch eager`): wall-clock from the first step until the validation
-Dice first reaches the target (evaluation and checkpoint writes included on both sides: jaxboost writes its
-per-epoch and best checkpoints as the product does, the torch loop the same), epochs to it in the note.
-The target is Synthetic Boost's convergence level, fixed before any run: 99% of the real-only run's best
+Dice first reaches the target (evaluation and checkpoint writes included on both sides), epochs to it in the
+note. The target is Synthetic Boost's convergence level, fixed before any run: 99% of the real-only run's best
 validation Dice, taken of the lower of the two frameworks' bests so that both reach it (and only if it lies
-above the initial Dice, the same in both: checked). The extra holds each framework's whole curve and
-training time. With the synthetic corpus (a tiny SDM trained and sampled on the same labels, as `jaxboost
-demo` stages it) the synthetic-pretraining speed-up (epochs of the real-only run to 99% of its best
-validation Dice / epochs of the synthetic-pretrained finetune to the same level, jaxboost's
-`demo.convergence_speedup`) is measured in both frameworks beside the paper's (Adhikari et al. 2023: CRIS
-4.55x, CLIPSeg 1.71x).
+above the initial Dice, the same in both: checked). The extra holds each framework's whole curve, the wall and
+CPU seconds of every stage, and the synthetic-pretraining speed-up (Adhikari et al. 2023's convergence
+speed-up: epochs of the real-only run to 99% of its own best validation Dice / epochs of the synthetic
+pretrain -> real finetune to the same level, `demo.convergence_speedup`) in both frameworks beside the
+paper's (CRIS 4.55x, CLIPSeg 1.71x).
+
+The regime is the demo's few-labels one (4 labelled training patients, a synthetic corpus 5x larger). Its
+synthetic corpus: without --quick the demo's own (a tiny SDM trained on those 4 patients' images, sampled
+from their augmented masks; ~4 CPU minutes); with --quick a cheap stand-in, the phantom's image model
+(jaxboost/data/phantom.py) redrawn on the same augmented masks with fresh speckle: an idealised generator
+whose images follow their masks exactly (no right heart in 4CH views, which the masks do not hold), so the
+quick speed-up is what perfect-fidelity synthetic data gives, not what the tiny SDM gives.
 
   python -m benchmarks.run --cases time_to_dice [--quick]
 """
@@ -35,27 +42,20 @@ PAPER_SPEEDUP = {"clipseg": 1.71, "cris": 4.55}
 # frameworks' bests, so that both reach it.
 TARGET_LEVEL = 0.99
 METRIC = "val/dice_mean"
-
-# The segmenters as this benchmark trains them: the configs' `tiny` sizes with what they need to learn within
-# the run. CLIPSeg at tiny's patch 8 sees 64 px masks as an 8x8 token grid and its one ConvT(8) head draws
-# blocks: on a 10-patient phantom its validation Dice fell below its start for 6 epochs. Patch 4 (a 16x16
-# grid), the complex head upsampling 2x2 twice (a 3x3 conv before it) and the decoder at rd64's width learn
-# the phantom. The towers stay frozen as CLIPSeg keeps CLIP frozen (HF runs them under no_grad, so torch
-# could not train them anyway). CRIS trains as tiny (the backbone at 0.1x lr).
-MODEL_OVERRIDES = {
-    "clipseg": {"model.patch_size": 4, "model.complex_transposed_conv": True, "model.head_kernels": (2, 2),
-                "model.reduce_dim": 64, "model.decoder_mlp_dim": 128},
-    "cris": {},
-}
+# The segmenters as `jaxboost demo` trains them (configs/clipseg.py:demo is tiny at patch 4 with the complex
+# 2x2-2x2 head and rd64's decoder width, towers frozen as CLIPSeg keeps CLIP; configs/cris.py:demo is tiny).
+VARIANT = "demo"
 
 
 def _plan(quick: bool) -> dict:
-    """Synthetic Boost's few-labels regime as `jaxboost demo` stages it: a 20-patient phantom split by patient
-    (16 train, 2 val, 2 test), the labels of 4 training patients (48 records, 6 steps of 8 per epoch) for
-    the real-only run, the finetune and the SDM; a synthetic corpus of `per_mask` images per real mask."""
-    return dict(patients=20, real_patients=4, epochs=12 if quick else 15, pretrain_epochs=2 if quick else 4,
-                sdm_steps=100 if quick else 200, sampler_steps=5 if quick else 10, per_mask=2 if quick else 5,
-                models=("clipseg", "cris"), seed=0)
+    """Synthetic Boost's few-labels regime as `jaxboost demo` stages it, fixed before any run: a 20-patient
+    phantom split by patient (16 train, 2 val, 2 test), the labels of 4 training patients (48 records, 6 steps
+    of 8 per epoch) for the real-only run, the finetune and the synthetic corpus; 5 synthetic images per real
+    mask (the paper's 5x: 240 records, 30 steps per epoch). The demo's schedule: 15 epochs real only and
+    finetune, 4 of synthetic pretraining. --quick: the cheap synthetic source (module docstring), 10 epochs
+    real only and finetune and 2 of pretraining (as many examples as the real-only run sees)."""
+    return dict(patients=20, real_patients=4, epochs=10 if quick else 15, pretrain_epochs=2 if quick else 4,
+                per_mask=5, synthetic="phantom_render" if quick else "sdm", models=("clipseg", "cris"), seed=0)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -189,10 +189,11 @@ def _torch_validate(name: str, model, config, tokenizer) -> float:
 def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Path,
                  keep_best: bool = False) -> list[dict]:
     """The trainer's loop in torch eager: same loader (batches, order, prompts), loss, optimiser, clipping;
-    -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them. Like jaxboost's loop (and the public
-    code's Lightning ModelCheckpoint) it saves a checkpoint (weights and optimiser) every epoch and the best
-    weights on every better validation Dice, so both wall-clocks hold the same work. keep_best: end with the
-    weights of the best validation Dice, as a jaxboost finetune starts from its pretraining run's best."""
+    -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them. It writes the checkpoints the demo
+    config's jaxboost run writes (the best weights on every better validation Dice, as the public code's
+    Lightning ModelCheckpoint; weights and optimiser at the end), so both wall-clocks hold the same work.
+    keep_best: end with the weights of the best validation Dice, as a jaxboost finetune starts from its
+    pretraining run's best."""
     import torch
 
     from jaxboost.data import corpus as corpus_lib
@@ -220,12 +221,13 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
             raise FloatingPointError(f"torch {name}: loss {loss} at step {done}")
         if done % steps_per_epoch == 0:
             dice = _torch_validate(name, model, config, tokenizer)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
-                       ckpt_dir / "latest.pt")
             if dice > max((e[METRIC] for e in evals), default=-np.inf):
                 torch.save(model.state_dict(), ckpt_dir / "best.pt")
                 if keep_best:
                     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if done == epochs * steps_per_epoch:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
+                           ckpt_dir / "latest.pt")
             evals.append({"step": done, "wall_s": time.time() - t0, METRIC: dice})
     if keep_best:
         model.load_state_dict(best)
@@ -249,10 +251,10 @@ def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dic
 
 def _config(name: str, corpus: Path, tokenizer_dir: Path, pretrained: Path, epochs: int, seed: int, **extra):
     from jaxboost import config as config_lib
-    cfg = config_lib.load_config(f"{name}.py:tiny")
-    cfg.update_from_flattened_dict({**MODEL_OVERRIDES[name], "data.corpus": str(corpus),
-                                    "data.tokenizer": str(tokenizer_dir), "pretrained": str(pretrained),
-                                    "num_epochs": epochs, "seed": seed, "early_stop_patience": 0, **extra})
+    cfg = config_lib.load_config(f"{name}.py:{VARIANT}")
+    cfg.update_from_flattened_dict({"data.corpus": str(corpus), "data.tokenizer": str(tokenizer_dir),
+                                    "pretrained": str(pretrained), "num_epochs": epochs, "seed": seed,
+                                    "early_stop_patience": 0, **extra})
     return cfg
 
 
@@ -264,7 +266,8 @@ def _jax_train(cfg, workdir: Path) -> tuple[list[dict], int]:
 
 def _model_runs(name: str, data: dict, plan: dict, root: Path) -> dict:
     """Both frameworks, real only (and synthetic pretrain -> real finetune when data has "synthetic")
-    -> {impl: {regime: evals}, "steps_per_epoch": {regime: n}}, kept in ROOT/<name>_runs.json."""
+    -> {impl: {regime: evals}, "steps_per_epoch": {regime: n}, "stages": {stage: wall/CPU s}}, kept in
+    ROOT/<name>_runs.json."""
     import json
     import shutil
     done = root / f"{name}_runs.json"
@@ -278,67 +281,142 @@ def _model_runs(name: str, data: dict, plan: dict, root: Path) -> dict:
 
 def _train_both(name: str, data: dict, plan: dict, root: Path) -> dict:
     import torch
+
+    from jaxboost import demo
     from jaxboost.data.tokenize_clip import ClipTokenizer
     base = _config(name, data["real"], data["tokenizer"], root / name / "init" / "jax", plan["epochs"], plan["seed"])
     tokenizer = ClipTokenizer.from_folder(str(data["tokenizer"]), int(base.model.context_length))
     torch.manual_seed(plan["seed"])
     init = TORCH_MODELS[name](dict(base.model), tokenizer, root / name / "init")
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
-    runs = {"jax": {}, "torch eager": {}, "steps_per_epoch": {}}
-    runs["batch_size"] = int(base.batch_size)
+    runs = {"jax": {}, "torch eager": {}, "steps_per_epoch": {}, "batch_size": int(base.batch_size), "stages": {}}
+    clock = lambda stage: demo.Stopwatch(runs["stages"], stage)  # noqa: E731
     runs["initial_dice"] = _check_same_start(name, init, base, tokenizer, root / name / "check")
-    runs["jax"]["real"], runs["steps_per_epoch"]["real"] = _jax_train(base, root / name / "jax_real")
-    runs["torch eager"]["real"] = _torch_train(name, init, base, tokenizer, plan["epochs"], root / name / "torch_real")
+    with clock("jax real"):
+        runs["jax"]["real"], runs["steps_per_epoch"]["real"] = _jax_train(base, root / name / "jax_real")
+    with clock("torch real"):
+        runs["torch eager"]["real"] = _torch_train(name, init, base, tokenizer, plan["epochs"],
+                                                   root / name / "torch_real")
     if "synthetic" not in data:
         return runs
     pre = _config(name, data["synthetic"], data["tokenizer"], root / name / "init" / "jax", plan["pretrain_epochs"],
                   plan["seed"], **{"data.eval_corpus": str(data["real"])})
-    _jax_train(pre, root / name / "jax_synthetic")
     ft = _config(name, data["real"], data["tokenizer"], "", plan["epochs"], plan["seed"],
                  init_from=str(root / name / "jax_synthetic"))
-    runs["jax"]["pretrain_finetune"], runs["steps_per_epoch"]["pretrain_finetune"] = _jax_train(
-        ft, root / name / "jax_finetune")
+    with clock("jax pretrain"):
+        _jax_train(pre, root / name / "jax_synthetic")
+    with clock("jax finetune"):
+        runs["jax"]["pretrain_finetune"], runs["steps_per_epoch"]["pretrain_finetune"] = _jax_train(
+            ft, root / name / "jax_finetune")
     init.load_state_dict(init_state)
-    _torch_train(name, init, pre, tokenizer, plan["pretrain_epochs"], root / name / "torch_synthetic",
-                 keep_best=True)  # validated on real, as jax
-    runs["torch eager"]["pretrain_finetune"] = _torch_train(name, init, base, tokenizer, plan["epochs"],
-                                                            root / name / "torch_finetune")
+    with clock("torch pretrain"):  # validated on real, as jax
+        _torch_train(name, init, pre, tokenizer, plan["pretrain_epochs"], root / name / "torch_synthetic",
+                     keep_best=True)
+    with clock("torch finetune"):
+        runs["torch eager"]["pretrain_finetune"] = _torch_train(name, init, base, tokenizer, plan["epochs"],
+                                                                root / name / "torch_finetune")
     return runs
 
 
-# ------------------------------------------------------------------------------------------ data, report
+# ------------------------------------------------------------------------------------------ data
 
 def _demo_args(plan: dict) -> argparse.Namespace:
-    """`jaxboost demo`'s arguments (its defaults, so its stages run as the demo runs them) with this plan's."""
+    """`jaxboost demo`'s arguments (its defaults, so its stages run as the demo runs them: the SDM at
+    configs/sdm.py:demo, DPM-Solver++(2M) at 8 steps, guidance 1.5) with this plan's data sizes."""
     from jaxboost import demo
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args([f"--seed={plan['seed']}", f"--patients={plan['patients']}",
-                              f"--real-patients={plan['real_patients']}", f"--per-mask={plan['per_mask']}",
-                              f"--sampler-steps={plan['sampler_steps']}", f"--sdm-steps={plan['sdm_steps']}"])
+                              f"--real-patients={plan['real_patients']}", f"--per-mask={plan['per_mask']}"])
     demo._check_args(args)
     return args
 
 
+# The phantom's image model (jaxboost/data/phantom.py `_draw_view`): echogenicity per label, smoothed, times
+# Rayleigh speckle and depth attenuation, plus haze and noise by image quality, log-compressed.
+ECHO = {0: 0.35, 1: 0.04, 2: 0.85, 3: 0.04}   # tissue, LV blood, MYO, LA blood
+RENDER_SIZE = 256                             # drawn near the phantom's own resolution, then cut to the corpus size
+
+
+def _echo_from_mask(mask: np.ndarray, cone: np.ndarray, quality: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [S, S] labels 0-3 and scan sector -> an echo image [R, R] drawn by the phantom's image model."""
+    from scipy import ndimage
+
+    from jaxboost.data import phantom
+    up = RENDER_SIZE // mask.shape[0]
+    mask, cone = (np.kron(a, np.ones((up, up), np.uint8)) for a in (mask, cone))
+    h, w = mask.shape
+    echo = ndimage.gaussian_filter(np.vectorize(ECHO.get)(mask).astype(np.float64), 1.5)
+    level = phantom.QUALITIES.index(quality) if quality in phantom.QUALITIES else 1
+    field = ndimage.gaussian_filter(rng.standard_normal((2, h, w)), sigma=(0, 0.8, 1.6))
+    speckle = np.hypot(field[0], field[1])
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    attenuation = np.exp(-(0.6 + 0.4 * level) * np.hypot(rows, cols - w / 2) / h)
+    haze = (0.02, 0.08, 0.16)[level] * (1 + 0.5 * rng.random())
+    noise = (0.02, 0.06, 0.12)[level] * np.abs(rng.standard_normal((h, w)))
+    signal = (haze + (1.0, 0.7, 0.45)[level] * echo) * speckle / speckle.mean() * attenuation + noise
+    image = np.clip(np.log1p(8.0 * signal) / np.log1p(8.0 * 1.6) * 255.0, 0, 255).astype(np.uint8)
+    return np.where(cone != 0, image, 0).astype(np.uint8)
+
+
+def _phantom_render_corpus(real: Path, out: Path, per_mask: int, seed: int) -> Path:
+    """The --quick synthetic corpus: `per_mask` images per real training mask, each mask augmented as
+    `jaxboost synth` augments it for the SDM (`synth.augmented_samples`, same seed and indices) and drawn by
+    the phantom's image model; records as `synth` writes them (source "synthetic", prompts without quality)."""
+    from jaxboost import synth
+    from jaxboost.data import corpus as corpus_lib
+    from jaxboost.data import pipeline
+    if (out / "manifest.json").exists():
+        return out
+    source = corpus_lib.open_corpus(real)
+    sources = [r for r in source.iter("train") if pipeline.sdm_filter(r)]
+    split_id, entries = corpus_lib.SPLITS.index("train"), []
+    indices = list(range(len(sources) * per_mask))
+    maps = synth.augmented_samples([sources[s // per_mask] for s in indices], split_id, indices, seed)
+    for s, m in zip(indices, maps):
+        src, rng = sources[s // per_mask], np.random.default_rng([seed, split_id, s, 1])
+        image = _echo_from_mask(m[..., 0], m[..., 1], src["quality"], rng)
+        block = np.ones((image.shape[0] // m.shape[0],) * 2, np.uint8)  # the mask at the drawing's size
+        entries.append(corpus_lib.make_image(
+            image, np.kron(m[..., 0], block), name=f"{src['key'].split('/')[1]}_aug{s % per_mask}",
+            patient=src["patient"], view=src["view"], phase=src["phase"], sex=src["sex"], age=src["age"],
+            quality=src["quality"], split="train", source="synthetic", size=source.size,
+            cone=np.kron(m[..., 1], block), drop_quality=True, keep_orig_mask=False))
+    corpus_lib.build_corpus(entries, out, size=source.size, source="synthetic",
+                            source_info={"generator": "phantom image model on augmented real masks",
+                                         "masks": str(real), "per_mask": per_mask, "seed": seed})
+    return out
+
+
 def _data(root: Path, plan: dict, with_synthetic: bool) -> dict:
-    """The phantom corpus at the tiny configs' 64 px cut to `real_patients` labelled training patients, its
-    prompt-trained tokenizer and, optionally, a synthetic corpus from a tiny SDM trained on those labels and
-    sampled from their masks (jaxboost demo's stages)."""
+    """The phantom corpus at the demo configs' 64 px cut to `real_patients` labelled training patients, its
+    prompt-trained tokenizer and, optionally, the synthetic corpus of the plan's source; -> paths and the
+    wall/CPU seconds of each stage."""
     from jaxboost import demo
     from jaxboost.data.tokenize_clip import ClipTokenizer
     from jaxboost.train import vl_seg
-    args = _demo_args(plan)
-    size = demo.config_lib.load_config("clipseg.py:tiny").data.size
-    real = demo.stage_scarce(root, demo.stage_data(root, args, size), args.real_patients)
-    data = {"real": real, "tokenizer": root / "tokenizer"}
-    if with_synthetic:
-        data["synthetic"] = demo.stage_synth(root, demo.stage_sdm(root, real, args), real, args)
+    args, stages = _demo_args(plan), {}
+    size = demo.config_lib.load_config(f"clipseg.py:{VARIANT}").data.size
+    with demo.Stopwatch(stages, "data"):
+        real = demo.stage_scarce(root, demo.stage_data(root, args, size), args.real_patients)
+    data = {"real": real, "tokenizer": root / "tokenizer", "stages": stages}
+    if with_synthetic and plan["synthetic"] == "sdm":
+        with demo.Stopwatch(stages, "sdm"):
+            sdm = demo.stage_sdm(root, real, args)
+        with demo.Stopwatch(stages, "synthetic"):
+            data["synthetic"] = demo.stage_synth(root, sdm, real, args)
+    elif with_synthetic:
+        with demo.Stopwatch(stages, "synthetic"):
+            data["synthetic"] = _phantom_render_corpus(real, root / "data" / "synthetic_render", plan["per_mask"],
+                                                       plan["seed"])
     prompts = sorted(set(vl_seg.corpus_prompts(str(data["real"])))
                      | set(vl_seg.corpus_prompts(str(data["synthetic"])) if with_synthetic else set()))
     if not (data["tokenizer"] / "tokenizer.json").exists():
         ClipTokenizer.train(prompts, str(data["tokenizer"]), 1000, 64)
     return data
 
+
+# ------------------------------------------------------------------------------------------ report
 
 def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
     """Rows `time_to_dice/<name>` (target: see the module docstring), and each framework's whole-run time and
@@ -350,7 +428,7 @@ def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
     # Synthetic Boost's level of the lower best; a run that never rises above its start has no time to
     # accuracy (NaN), instead of "reaching" a target at or below where it began
     target = TARGET_LEVEL * best if TARGET_LEVEL * best > start else float("nan")
-    rows, summary = [], {"target_dice": target, "initial_dice": runs["initial_dice"]}
+    rows, summary = [], {"target_dice": target, "initial_dice": runs["initial_dice"], "stages": runs.get("stages", {})}
     for impl in ("jax", "torch eager"):
         evals = runs[impl]["real"]
         epochs, wall = demo.epochs_to_reach(evals, METRIC, target, spe["real"]) if target == target else (None, None)
@@ -360,34 +438,51 @@ def _rows(name: str, runs: dict) -> tuple[list[Row], dict]:
                         note=f"val Dice {runs['initial_dice'][impl]:.1f} -> {target:.1f} in {epochs} epochs "
                              f"(best {max(e[METRIC] for e in evals):.1f})"))
         summary[impl] = {"epochs_to_target": epochs, "wall_to_target_s": wall, "wall_all_epochs_s": evals[-1]["wall_s"],
+                         "best_dice": max(e[METRIC] for e in evals),
                          "curve": [(e["step"] / spe["real"], e["wall_s"], e[METRIC]) for e in evals]}
         if "pretrain_finetune" in runs[impl]:
-            conv = demo.convergence_speedup(evals, runs[impl]["pretrain_finetune"], METRIC, spe["real"],
-                                            spe["pretrain_finetune"])
-            summary[impl]["synthetic_speedup"] = conv
+            ft = runs[impl]["pretrain_finetune"]
+            conv = demo.convergence_speedup(evals, ft, METRIC, spe["real"], spe["pretrain_finetune"])
+            summary[impl]["synthetic_speedup"] = {**conv, "finetune_best": max(e[METRIC] for e in ft),
+                                                  "finetune_curve": [e[METRIC] for e in ft]}
     return rows, summary
 
 
+def _speedup_cell(conv: dict) -> str:
+    if not conv:
+        return "not run"
+    if conv.get("speedup_epochs") is None:
+        return (f"not reached (real {conv['epochs_real']:.0f} ep to {conv['target']:.1f}; finetune best "
+                f"{conv['finetune_best']:.1f})")
+    return (f"{conv['speedup_epochs']:.2f}x / {conv['speedup_wall']:.2f}x (real {conv['epochs_real']:.0f} ep, "
+            f"finetune {conv['epochs_finetune']:.0f} ep to {conv['target']:.1f})")
+
+
 def _table(summaries: dict) -> str:
-    lines = ["| model | impl | epochs to target | s to target | s for all epochs | synthetic-pretraining speed-up "
-             "(epochs / wall) | paper |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | impl | val Dice start -> best | epochs to target | s to target | s for all epochs | "
+             "synthetic-pretraining speed-up (epochs / wall) | paper |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         for impl in ("jax", "torch eager"):
-            conv = s[impl].get("synthetic_speedup") or {}
-            speed = (f"{conv.get('speedup_epochs') or float('nan'):.2f}x / {conv.get('speedup_wall') or float('nan'):.2f}x"
-                     if conv else "not run")
-            wall = s[impl]["wall_to_target_s"]
-            lines.append(f"| {name} | {impl} | {s[impl]['epochs_to_target']} | "
-                         f"{'' if wall is None else f'{wall:.1f}'} | {s[impl]['wall_all_epochs_s']:.1f} | {speed} | "
-                         f"{PAPER_SPEEDUP[name]}x |")
+            wall, ep = s[impl]["wall_to_target_s"], s[impl]["epochs_to_target"]
+            lines.append(f"| {name} | {impl} | {s['initial_dice'][impl]:.1f} -> {s[impl]['best_dice']:.1f} | "
+                         f"{'not reached' if ep is None else f'{ep:.0f}'} (target {s['target_dice']:.1f}) | "
+                         f"{'' if wall is None else f'{wall:.1f}'} | {s[impl]['wall_all_epochs_s']:.1f} | "
+                         f"{_speedup_cell(s[impl].get('synthetic_speedup') or {})} | {PAPER_SPEEDUP[name]}x |")
     return "\n".join(lines)
 
 
 def run(quick: bool = False, out: str | None = None, models: tuple[str, ...] | None = None,
         synthetic: bool = True):
+    import os
+
     import torch
+
+    from jaxboost import parallel
     plan = _plan(quick)
     root = Path(out or tempfile.mkdtemp(prefix="jaxboost_time_to_dice_"))
+    # as `jaxboost demo`: each run of a model compiles the same programs once per work folder
+    parallel.setup_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "xla_cache"))
+    wall, cpu = time.time(), time.process_time()
     data = _data(root, plan, synthetic)
     rows, summaries = [], {}
     for name in models or plan["models"]:
@@ -396,8 +491,10 @@ def run(quick: bool = False, out: str | None = None, models: tuple[str, ...] | N
             model_rows, summaries[name] = _rows(name, _model_runs(name, data, plan, root))
         rows += model_rows
         print(f"[time_to_dice] {name} done in {time.time() - t:.0f}s\n{_table({name: summaries[name]})}", flush=True)
-    return harness.add_ratios(rows), {"plan": plan, "paper_speedup": PAPER_SPEEDUP, "models": summaries,
-                                      "table": _table(summaries), "workdir": str(root)}
+    return harness.add_ratios(rows), {
+        "plan": plan, "paper_speedup": PAPER_SPEEDUP, "models": summaries, "table": _table(summaries),
+        "data_stages": data["stages"], "wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu,
+        "workdir": str(root)}
 
 
 if __name__ == "__main__":
@@ -405,8 +502,9 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--models", default="clipseg,cris")
-    parser.add_argument("--no-synthetic", action="store_true", help="real-only runs (no SDM, no speed-up)")
+    parser.add_argument("--no-synthetic", action="store_true", help="real-only runs (no synthetic corpus, no speed-up)")
     a = parser.parse_args()
     r, extra = run(a.quick, a.out, tuple(m for m in a.models.split(",") if m), not a.no_synthetic)
     print(harness.format_table(r))
     print(extra["table"])
+    print(f"wall {extra['wall_s']:.0f} s, process CPU {extra['cpu_s']:.0f} s")

@@ -210,3 +210,79 @@ def test_time_to_dice_is_nan_when_validation_dice_never_rises():
             "initial_dice": {"jax": 14.4, "torch eager": 14.4}}
     rows, _ = time_to_dice._rows("clipseg", runs)
     assert all(np.isnan(r.seconds) for r in rows)
+
+
+def _both_regimes():
+    real = {"jax": _curve([10, 30, 50, 50], [1, 2, 3, 4]), "torch eager": _curve([10, 20, 40, 45], [3, 6, 9, 12])}
+    finetune = {"jax": _curve([45, 50, 51, 51], [1, 2, 3, 4]), "torch eager": _curve([20, 30, 35, 40], [3, 6, 9, 12])}
+    return {**{impl: {"real": real[impl], "pretrain_finetune": finetune[impl]} for impl in real},
+            "steps_per_epoch": {"real": 10, "pretrain_finetune": 10}, "batch_size": 8,
+            "initial_dice": {"jax": 5.0, "torch eager": 5.0}, "stages": {"jax real": {"wall_s": 4.0, "cpu_s": 6.0}}}
+
+
+def test_time_to_dice_case_runs_through_the_runner_and_compare(tmp_path, monkeypatch, capsys):
+    """The case's plumbing without training: canned curves in, rows, the table with both frameworks'
+    synthetic-pretraining speed-ups beside the paper's, results.json and `bench compare` out."""
+    from benchmarks import time_to_dice
+    from jaxboost import parallel
+    monkeypatch.setattr(parallel, "setup_compilation_cache", lambda path: None)
+    monkeypatch.setattr(time_to_dice, "_data", lambda root, plan, synthetic: {"stages": {"data": {"wall_s": 1.0}}})
+    monkeypatch.setattr(time_to_dice, "_model_runs", lambda name, data, plan, root: _both_regimes())
+    out = tmp_path / "bench"
+    assert run.main(_args(out, "time_to_dice")) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["case"], r["impl"]) for r in doc["rows"]] == [
+        (f"time_to_dice/{m}", impl) for m in ("clipseg", "cris") for impl in ("jax", "torch eager")]
+    # target 0.99 x min(50, 45) = 44.55: jax at epoch 3 (3 s), torch at epoch 4 (12 s)
+    assert [r["seconds"] for r in doc["rows"][:2]] == [3, 12] and doc["rows"][1]["ratio_vs_jax"] == pytest.approx(4)
+    extra = doc["extra"]["time_to_dice"]
+    assert extra["plan"]["synthetic"] == "phantom_render" and extra["plan"]["per_mask"] == 5
+    table = extra["table"].splitlines()
+    # jax: 99% of its own best (49.5) at real epoch 3, finetune epoch 2 -> 1.50x; torch: 44.55 never reached
+    # by its finetune (best 40)
+    assert "| clipseg | jax | 5.0 -> 50.0 | 3 (target 44.5) | 3.0 | 4.0 | 1.50x / 1.50x (real 3 ep, finetune 2 ep" \
+        in table[2] and table[2].endswith("| 1.71x |")
+    assert "not reached (real 4 ep to 44.5; finetune best 40.0)" in table[3] and table[5].endswith("| 4.55x |")
+    base = tmp_path / "base.json"
+    base.write_text((out / "results.json").read_text())
+    assert cli.main(["bench", "compare", str(base), str(out / "results.json")]) == 0
+    assert "time_to_dice/cris" in capsys.readouterr().out
+
+
+def test_time_to_dice_render_draws_its_mask_into_the_sector():
+    """The --quick synthetic stand-in: the phantom's image model on a mask, blood dark, myocardium bright,
+    nothing outside the sector, the same image from the same rng."""
+    from benchmarks import time_to_dice
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 20:44], mask[30:34, 20:44], mask[34:50, 24:40] = 1, 2, 3
+    cone = np.zeros_like(mask)
+    cone[2:62, 4:60] = 1
+    image = time_to_dice._echo_from_mask(mask, cone, "Good", np.random.default_rng(0))
+    assert image.shape == (time_to_dice.RENDER_SIZE,) * 2 and image.dtype == np.uint8
+    up = lambda m: np.kron(m, np.ones((4, 4), np.uint8)).astype(bool)  # noqa: E731
+    inner = lambda m: up(m) & ~np.roll(up(m), 8, 0) | up(m) & ~np.roll(up(m), -8, 0)  # noqa: E731
+    lv, myo = image[up(mask == 1) & ~inner(mask == 1)], image[up(mask == 2)]
+    assert lv.mean() < 0.5 * myo.mean() and not image[~up(cone)].any()
+    again = time_to_dice._echo_from_mask(mask, cone, "Good", np.random.default_rng(0))
+    np.testing.assert_array_equal(image, again)
+
+
+def test_convergence_case_reads_the_demo_report(tmp_path, monkeypatch):
+    """The multi-seed convergence case runs `jaxboost demo` (one CLIPSeg seed with --quick) and tabulates its
+    report.json beside the paper."""
+    from benchmarks import convergence
+    from jaxboost import demo
+    spread = lambda mean, n=1: {"mean": mean, "sd": 0.0, "n": n}  # noqa: E731
+    summary = {"speedup_epochs": spread(1.5), "speedup_wall": spread(1.2), "faster_in": 1, "wins_in": 1, "seeds": 1,
+               "convergence": {"0": {}}, "test": {r: {"mean": spread(40.0 + i)} for i, r in enumerate(demo.REGIMES)}}
+    seen = {}
+
+    def fake_main(args):
+        seen.update(seeds=args.seeds, models=args.models)
+        (tmp_path / "report").mkdir()
+        (tmp_path / "report" / "report.json").write_text(json.dumps({"timings": {}, "models": {"clipseg": summary}}))
+    monkeypatch.setattr(demo, "main", fake_main)
+    rows, extra = convergence.run(quick=True, out=str(tmp_path))
+    assert rows == [] and seen == {"seeds": 1, "models": "clipseg"}
+    assert extra["table"].splitlines()[2] == ("| clipseg | 1 of 1 | 1.50 ± 0.00 (reached in 1) | 1.20 ± 0.00 | 1.71x | "
+                                              "40.0 ± 0.0 / 41.0 ± 0.0 / 42.0 ± 0.0 |")
