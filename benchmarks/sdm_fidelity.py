@@ -119,6 +119,24 @@ def sample_and_score(name: str, steps: int, ctx: dict, n_masks: int, seeds: list
     return {"dice": dice, "seconds": seconds, "images": n_masks * len(seeds)}
 
 
+def cached_sample_and_score(name: str, steps: int, ctx: dict, n_masks: int, seeds: list[int]) -> dict:
+    """sample_and_score, kept in the workdir (scores_<sampler><steps>.npz) so a killed or extended run does not
+    sample again what it has: reused only for the same SDM checkpoint, guidance, masks and seeds."""
+    path = ctx["root"] / f"scores_{name}{steps}.npz"
+    key = json.dumps({"sdm_step": ctx["sdm_step"], "guidance": ctx["guidance"], "masks": n_masks,
+                      "seeds": list(seeds)})
+    if path.exists():
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                print(f"[fidelity] {name}-{steps}: scores reused from {path}", flush=True)
+                return {"dice": f["dice"], "seconds": float(f["seconds"]), "images": int(f["images"])}
+    result = sample_and_score(name, steps, ctx, n_masks, seeds)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, key=key, dice=result["dice"], seconds=result["seconds"], images=result["images"])
+    os.replace(tmp, path)
+    return result
+
+
 def summarize(results: dict) -> dict:
     """Per sampler: mean Dice over all images, the per-seed means' min-max, and the paired difference to
     DDIM-50 (mean and its standard error over the images both sampled)."""
@@ -161,11 +179,11 @@ def run(quick: bool = False, workdir: str | None = None, sdm_steps: int | None =
     mesh = parallel.mesh_from_config(unet_cfg)
     unet, unet_params, _ = unet_seg.restore(unet_cfg, root / "unet")
     real_dice = unet_seg.make_evaluator(unet_cfg, unet, mesh)(unet_params, "test")["test/dice_mean"]
-    config, ema, _ = sdm_train.load_run(root / "sdm")
+    config, ema, sdm_step = sdm_train.load_run(root / "sdm")
     n_masks = max_masks or (4 if quick else 32)
     masks, labels = held_out_masks(real, n_masks)
-    ctx = dict(root=root, config=config, ema=ema, masks=masks, labels=labels, guidance=guidance, mesh=mesh,
-               unet_cfg=unet_cfg, unet=unet, unet_params=unet_params)
+    ctx = dict(root=root, config=config, ema=ema, sdm_step=sdm_step, masks=masks, labels=labels,
+               guidance=guidance, mesh=mesh, unet_cfg=unet_cfg, unet=unet, unet_params=unet_params)
     seeds, results = list(seeds), {}
     rows = [Row("sdm/fidelity real test images", "jax", float("nan"), float("nan"),
                 note=f"U-Net Dice {real_dice:.1f} on real images")]
@@ -174,7 +192,7 @@ def run(quick: bool = False, workdir: str | None = None, sdm_steps: int | None =
     for name, steps in (QUICK_PLANS if quick else PLANS):
         m, s = (min(ddpm_masks or n_masks, n_masks), seeds[:ddpm_seeds or len(seeds)]) if name == "ddpm" \
             else (n_masks, seeds)
-        results[f"{name}{steps}"] = sample_and_score(name, steps, ctx, m, s)
+        results[f"{name}{steps}"] = cached_sample_and_score(name, steps, ctx, m, s)
         summary = summarize(results)
         r = summary[f"{name}{steps}"]
         rows.append(Row(f"sdm/fidelity {name}{steps}", "jax", r["seconds_per_image"], 1 / r["seconds_per_image"],
