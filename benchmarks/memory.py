@@ -154,11 +154,12 @@ class ProductionStep:
     tx: Any                       # the optax optimiser
     abstract_state: Any           # TrainState of ShapeDtypeStructs
     example: dict                 # field -> (shape of one example, dtype)
+    microbatches: int = 1         # config.microbatches: gradient accumulation over micro-batches
 
     @property
     def step_fn(self):
         from jaxboost.train import task as task_lib
-        return task_lib.make_train_step(self.loss_fn, self.tx, self.post_update)
+        return task_lib.make_train_step(self.loss_fn, self.tx, self.post_update, self.microbatches)
 
 
 # By trainer name. Each builds the Task's pieces as that trainer's `make_task` does, without its data
@@ -264,6 +265,7 @@ def lower_train_step(config, mesh, batch_size: int):
     `loop.fit` shards it (state donated). Returns (lowered, the ProductionStep, state shardings)."""
     with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
         step = STEP_BUILDERS.get(config.trainer)(config, Path(tmp))
+    step.microbatches = int(config.get("microbatches", 1) or 1)
     shardings = parallel.shardings_for(step.abstract_state, mesh)
     jitted = jax.jit(step.step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
     lowered = jitted.lower(sharded_abstract(step.abstract_state, shardings),
@@ -343,19 +345,22 @@ def compile_row(spec: str, devices: list, step: str = "train", overrides: dict |
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = int(config.batch_size) if step == "train" else SAMPLER_PER_DEVICE_BATCH * shards
     policy = layers.remat_policy_name(config.model.get(_remat_field(config), "none"))
+    micro = int(config.get("microbatches", 1) or 1) if step == "train" else 1
     t0 = time.perf_counter()
     row = {"config": spec, "step": step, "devices": len(devices), "batch": batch, "per_device_batch": batch // shards,
+           "microbatches": micro,
            "mesh": f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']}", "remat_policy": policy}
     if step == "train":
         lowered, production, shardings = lower_train_step(config, mesh, batch)
         row.update(**peak_bytes(lowered.compile()), **_state_bytes(production.abstract_state, shardings))
-        row["saved_activation_bytes"] = saved_activation_bytes(production, batch // shards)
+        # per micro-batch: the scan runs each micro-batch's forward and backward in turn
+        row["saved_activation_bytes"] = saved_activation_bytes(production, batch // shards // micro)
         without = row["saved_activation_bytes"]
         if policy != "none":
             with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
                 plain = STEP_BUILDERS.get(config.trainer)(_load(spec, {**(overrides or {}),
                                                                        _remat_field(config): "none"}), Path(tmp))
-            without = saved_activation_bytes(plain, batch // shards)
+            without = saved_activation_bytes(plain, batch // shards // micro)
         row["saved_activation_bytes_without_remat"] = without
         row["estimated_peak_bytes"] = estimated_peak(row)
     else:
@@ -381,12 +386,12 @@ def estimated_peak(row: dict) -> int:
         return row["peak_bytes_per_device"]
     dropped = row["saved_activation_bytes_without_remat"] - row["saved_activation_bytes"]
     live = (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["saved_activation_bytes"]
-            + row["params_bytes"])
+            + row["params_bytes"] * (2 if row.get("microbatches", 1) > 1 else 1))
     return max(row["peak_bytes_per_device"] - dropped, live)
 
 
 def _row_key(row: dict) -> tuple:
-    return row["config"], row["step"], row["devices"], row.get("remat_policy")
+    return row["config"], row["step"], row["devices"], row.get("remat_policy"), row.get("microbatches", 1)
 
 
 def write_rows(path: Path, rows: list[dict]) -> list[dict]:
@@ -399,6 +404,11 @@ def write_rows(path: Path, rows: list[dict]) -> list[dict]:
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, path)
     return out
+
+
+def _batch_cell(row: dict) -> str:
+    k = row.get("microbatches", 1)
+    return f"{row['batch']}" if k == 1 else f"{row['batch']} ({k} x {row['batch'] // k})"
 
 
 def peak_table(rows: list[dict]) -> str:
