@@ -328,9 +328,14 @@ def _remat_field(config) -> str:
 
 
 def _load(spec: str, overrides: dict | None):
+    """The config with `overrides` set: model fields, or top-level ones the config has (batch_size,
+    microbatches)."""
     config = load_config(str(CONFIGS / spec))
     for key, value in (overrides or {}).items():
-        config.model[key] = value
+        if key in config and key not in config.model:
+            config[key] = value
+        else:
+            config.model[key] = value
     return config
 
 
@@ -420,7 +425,7 @@ def peak_table(rows: list[dict]) -> str:
             r["fits"] = None if r["budget_bytes"] is None else r["estimated_peak_bytes"] <= r["budget_bytes"]
         state = (r["params_bytes"] + r["optimizer_bytes"] + r["ema_bytes"] + r["extra_bytes"]) / GB
         fits = "" if r["fits"] is None else f"yes (<= {r['budget_bytes'] / GB:.0f})" if r["fits"] else "NO"
-        lines.append(f"| {r['config']} | {r['step']} | {r['devices']} | {r['mesh']} | {r['batch']} | "
+        lines.append(f"| {r['config']} | {r['step']} | {r['devices']} | {r['mesh']} | {_batch_cell(r)} | "
                      f"{r['remat_policy']} | {r['peak_bytes_per_device'] / GB:.2f} | "
                      f"{r['saved_activation_bytes'] / GB:.2f} ({r['saved_activation_bytes_without_remat'] / GB:.2f}) | "
                      f"{r['estimated_peak_bytes'] / GB:.2f} | {state:.2f} | {fits} |")
