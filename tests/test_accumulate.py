@@ -69,3 +69,14 @@ def test_microbatches_must_divide_the_batch():
     tx = _tx()
     with pytest.raises(ValueError, match="config.microbatches=5"):
         jax.jit(make_train_step(_linear_loss, tx, microbatches=5))(_state(tx), _batch())
+
+
+def test_split_keeps_every_micro_batch_on_every_device():
+    """The strided split of a data-sharded batch is local: micro-batch axis unsharded, no collectives."""
+    from jaxboost import parallel
+    mesh = parallel.make_mesh(8, 1, jax.devices()[:8])
+    x = jax.device_put(jnp.arange(32 * 3.0).reshape(32, 3), parallel.batch_sharding(mesh, 2))
+    split = jax.jit(lambda b: accumulate.split(b, 2))
+    assert tuple(split(x).sharding.spec)[:2] == (None, "data")
+    hlo = split.lower(x).compile().as_text()
+    assert not any(op in hlo for op in ("all-to-all", "collective-permute", "all-gather"))
