@@ -1,7 +1,7 @@
 """Full-size configs on simulated meshes, without allocating them.
 
   python -m benchmarks.memory                          # params + AdamW bytes per device, with and without FSDP
-  python -m benchmarks.memory --json OUT [--configs sdm.py:full,...] [--devices 8,16]
+  python -m benchmarks.memory --json OUT [--configs sdm.py:full,...] [--devices 8,16] [--microbatches K]
   python -m benchmarks.memory --table OUT [OUT2 ...]     # the table of rows already written
       AOT-compiles each full config's production train step (and the SDM sampler) for 8 devices (the
       config's own mesh) and 16 devices (data=1 x fsdp=16) at the paper batch and writes a JSON list of rows
@@ -438,6 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default=",".join(FULL_CONFIGS), help="comma-separated CONFIG.py:VARIANT")
     parser.add_argument("--devices", default="8,16", help="simulated device counts to compile for")
     parser.add_argument("--no-sampler", action="store_true", help="skip the SDM sampler rows")
+    parser.add_argument("--microbatches", type=int, default=0,
+                        help="compile the train steps with this config.microbatches (0: the config's own)")
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these JSON files and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -459,7 +461,8 @@ def main(argv=None) -> int:
         steps = ["train"] + (["sampler"] if spec.startswith("sdm.py") and not args.no_sampler else [])
         for step in steps:
             for n in counts:
-                row = compile_row(spec, jax.devices()[:n], step)
+                overrides = {"microbatches": args.microbatches} if args.microbatches and step == "train" else None
+                row = compile_row(spec, jax.devices()[:n], step, overrides)
                 rows = write_rows(args.json, [row])
                 print(peak_table([row]).splitlines()[-1], flush=True)
     print(peak_table(rows))
