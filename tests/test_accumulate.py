@@ -80,3 +80,19 @@ def test_split_keeps_every_micro_batch_on_every_device():
     assert tuple(split(x).sharding.spec)[:2] == (None, "data")
     hlo = split.lower(x).compile().as_text()
     assert not any(op in hlo for op in ("all-to-all", "collective-permute", "all-gather"))
+
+
+def test_the_loop_takes_microbatches_from_the_config(tmp_path):
+    """Task.step_fn reads config.microbatches: a run of the toy task accumulates over 2 micro-batches, and
+    3 (not dividing its batch of 8) is named."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import toy_task
+    config = toy_task.make_config(4, ckpt_every=0, async_checkpointing=False)
+    config.microbatches = 2
+    state, summary = toy_task.run(str(tmp_path / "two"), config)
+    assert summary["final_step"] == 4 and np.isfinite(summary["last_train"]["loss"])
+    config.microbatches = 3
+    with pytest.raises(ValueError, match="config.microbatches=3 does not divide the batch of 8"):
+        toy_task.run(str(tmp_path / "three"), config)
