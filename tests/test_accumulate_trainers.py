@@ -35,7 +35,8 @@ def test_sdm_step_with_microbatches_updates_params_and_ema():
     (state1, m1), (state2, m2) = out[1], out[2]
     assert int(state2.step) == 1 and np.isfinite(m2["loss"]) and float(m2["grad_norm"]) > 0
     decay = float(m2["ema_decay"])
-    for p0, p, e in zip(jax.tree.leaves(init.params), jax.tree.leaves(state2.params), jax.tree.leaves(state2.ema_params)):
+    trees = (init.params, state2.params, state2.ema_params)
+    for p0, p, e in zip(*(jax.tree.leaves(t) for t in trees)):
         np.testing.assert_allclose(e, decay * p0 + (1 - decay) * p, rtol=1e-5, atol=1e-6)
     # the same magnitude of loss as the one-batch step (other noise draws: not equal)
     assert 0.2 < float(m2["loss"]) / float(m1["loss"]) < 5

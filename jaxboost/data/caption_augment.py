@@ -116,7 +116,8 @@ def augment_at(data) -> str:
     if where not in AUGMENT_AT:
         raise ValueError(f"config.data.augment_at={where!r}: use one of {list(AUGMENT_AT)}")
     if where == "device" and not data.get("host_uint8", True):
-        raise ValueError("config.data.augment_at='device' needs config.data.host_uint8=True (the step crops the uint8 view)")
+        raise ValueError("config.data.augment_at='device' needs config.data.host_uint8=True (the step crops the "
+                         "uint8 view)")
     return where
 
 
