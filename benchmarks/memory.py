@@ -1,7 +1,7 @@
 """Full-size configs on simulated meshes, without allocating them.
 
   python -m benchmarks.memory                          # params + AdamW bytes per device, with and without FSDP
-  python -m benchmarks.memory --json OUT [--configs sdm.py:full,...] [--devices 8,16]
+  python -m benchmarks.memory --json OUT [--configs sdm.py:full,...] [--devices 8,16] [--microbatches K]
   python -m benchmarks.memory --table OUT [OUT2 ...]     # the table of rows already written
       AOT-compiles each full config's production train step (and the SDM sampler) for 8 devices (the
       config's own mesh) and 16 devices (data=1 x fsdp=16) at the paper batch and writes a JSON list of rows
@@ -154,11 +154,12 @@ class ProductionStep:
     tx: Any                       # the optax optimiser
     abstract_state: Any           # TrainState of ShapeDtypeStructs
     example: dict                 # field -> (shape of one example, dtype)
+    microbatches: int = 1         # config.microbatches: gradient accumulation over micro-batches
 
     @property
     def step_fn(self):
         from jaxboost.train import task as task_lib
-        return task_lib.make_train_step(self.loss_fn, self.tx, self.post_update)
+        return task_lib.make_train_step(self.loss_fn, self.tx, self.post_update, self.microbatches)
 
 
 # By trainer name. Each builds the Task's pieces as that trainer's `make_task` does, without its data
@@ -264,6 +265,7 @@ def lower_train_step(config, mesh, batch_size: int):
     `loop.fit` shards it (state donated). Returns (lowered, the ProductionStep, state shardings)."""
     with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
         step = STEP_BUILDERS.get(config.trainer)(config, Path(tmp))
+    step.microbatches = int(config.get("microbatches", 1) or 1)
     shardings = parallel.shardings_for(step.abstract_state, mesh)
     jitted = jax.jit(step.step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
     lowered = jitted.lower(sharded_abstract(step.abstract_state, shardings),
@@ -326,9 +328,14 @@ def _remat_field(config) -> str:
 
 
 def _load(spec: str, overrides: dict | None):
+    """The config with `overrides` set: model fields, or top-level ones the config has (batch_size,
+    microbatches)."""
     config = load_config(str(CONFIGS / spec))
     for key, value in (overrides or {}).items():
-        config.model[key] = value
+        if key in config and key not in config.model:
+            config[key] = value
+        else:
+            config.model[key] = value
     return config
 
 
@@ -343,19 +350,22 @@ def compile_row(spec: str, devices: list, step: str = "train", overrides: dict |
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = int(config.batch_size) if step == "train" else SAMPLER_PER_DEVICE_BATCH * shards
     policy = layers.remat_policy_name(config.model.get(_remat_field(config), "none"))
+    micro = int(config.get("microbatches", 1) or 1) if step == "train" else 1
     t0 = time.perf_counter()
     row = {"config": spec, "step": step, "devices": len(devices), "batch": batch, "per_device_batch": batch // shards,
+           "microbatches": micro,
            "mesh": f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']}", "remat_policy": policy}
     if step == "train":
         lowered, production, shardings = lower_train_step(config, mesh, batch)
         row.update(**peak_bytes(lowered.compile()), **_state_bytes(production.abstract_state, shardings))
-        row["saved_activation_bytes"] = saved_activation_bytes(production, batch // shards)
+        # per micro-batch: the scan runs each micro-batch's forward and backward in turn
+        row["saved_activation_bytes"] = saved_activation_bytes(production, batch // shards // micro)
         without = row["saved_activation_bytes"]
         if policy != "none":
             with tempfile.TemporaryDirectory(prefix="jaxboost-memory-") as tmp:
                 plain = STEP_BUILDERS.get(config.trainer)(_load(spec, {**(overrides or {}),
                                                                        _remat_field(config): "none"}), Path(tmp))
-            without = saved_activation_bytes(plain, batch // shards)
+            without = saved_activation_bytes(plain, batch // shards // micro)
         row["saved_activation_bytes_without_remat"] = without
         row["estimated_peak_bytes"] = estimated_peak(row)
     else:
@@ -381,12 +391,12 @@ def estimated_peak(row: dict) -> int:
         return row["peak_bytes_per_device"]
     dropped = row["saved_activation_bytes_without_remat"] - row["saved_activation_bytes"]
     live = (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["saved_activation_bytes"]
-            + row["params_bytes"])
+            + row["params_bytes"] * (2 if row.get("microbatches", 1) > 1 else 1))
     return max(row["peak_bytes_per_device"] - dropped, live)
 
 
 def _row_key(row: dict) -> tuple:
-    return row["config"], row["step"], row["devices"], row.get("remat_policy")
+    return row["config"], row["step"], row["devices"], row.get("remat_policy"), row.get("microbatches", 1)
 
 
 def write_rows(path: Path, rows: list[dict]) -> list[dict]:
@@ -401,6 +411,11 @@ def write_rows(path: Path, rows: list[dict]) -> list[dict]:
     return out
 
 
+def _batch_cell(row: dict) -> str:
+    k = row.get("microbatches", 1)
+    return f"{row['batch']}" if k == 1 else f"{row['batch']} ({k} x {row['batch'] // k})"
+
+
 def peak_table(rows: list[dict]) -> str:
     lines = ["| config | step | devices | mesh | batch | remat | XLA:CPU peak GB/device | saved activations GB "
              "(no remat) | est. peak GB/device | params+opt+EMA GB/device | fits |", "|---|" * 1 + "---|" * 10]
@@ -410,7 +425,7 @@ def peak_table(rows: list[dict]) -> str:
             r["fits"] = None if r["budget_bytes"] is None else r["estimated_peak_bytes"] <= r["budget_bytes"]
         state = (r["params_bytes"] + r["optimizer_bytes"] + r["ema_bytes"] + r["extra_bytes"]) / GB
         fits = "" if r["fits"] is None else f"yes (<= {r['budget_bytes'] / GB:.0f})" if r["fits"] else "NO"
-        lines.append(f"| {r['config']} | {r['step']} | {r['devices']} | {r['mesh']} | {r['batch']} | "
+        lines.append(f"| {r['config']} | {r['step']} | {r['devices']} | {r['mesh']} | {_batch_cell(r)} | "
                      f"{r['remat_policy']} | {r['peak_bytes_per_device'] / GB:.2f} | "
                      f"{r['saved_activation_bytes'] / GB:.2f} ({r['saved_activation_bytes_without_remat'] / GB:.2f}) | "
                      f"{r['estimated_peak_bytes'] / GB:.2f} | {state:.2f} | {fits} |")
@@ -423,6 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default=",".join(FULL_CONFIGS), help="comma-separated CONFIG.py:VARIANT")
     parser.add_argument("--devices", default="8,16", help="simulated device counts to compile for")
     parser.add_argument("--no-sampler", action="store_true", help="skip the SDM sampler rows")
+    parser.add_argument("--microbatches", type=int, default=0,
+                        help="compile the train steps with this config.microbatches (0: the config's own)")
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these JSON files and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -444,7 +461,8 @@ def main(argv=None) -> int:
         steps = ["train"] + (["sampler"] if spec.startswith("sdm.py") and not args.no_sampler else [])
         for step in steps:
             for n in counts:
-                row = compile_row(spec, jax.devices()[:n], step)
+                overrides = {"microbatches": args.microbatches} if args.microbatches and step == "train" else None
+                row = compile_row(spec, jax.devices()[:n], step, overrides)
                 rows = write_rows(args.json, [row])
                 print(peak_table([row]).splitlines()[-1], flush=True)
     print(peak_table(rows))

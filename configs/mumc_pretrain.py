@@ -47,7 +47,8 @@ def get_config(arg=None):
         tokenizer_vocab_size=1000 if tiny else 30522,
         one_per_image=False,              # corpus: one record (the LV one) per image instead of three
         highlight_structure=True,         # corpus: tint the caption's structure into the image (its subject)
-        augment=True,                     # random resized crop, flip, RandAugment (host, per-record rng)
+        augment=True,                     # random resized crop, flip, RandAugment (per-record rng)
+        augment_at="host",  # "host": MUMC's PIL order; "device": crop and flip in the step (caption_augment)
         # tiny: a 20% crop of a 32 px image often cuts the highlighted structure (the caption's subject) away,
         # and RandAugment at magnitude 7 held ITM at its prior for 600 steps (0.64 -> 0.50 without it).
         crop_scale=(0.5, 1.0) if tiny else (0.2, 1.0), flip=True, randaugment=() if tiny else (2, 7))

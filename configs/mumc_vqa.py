@@ -33,6 +33,7 @@ def get_config(arg=None):
                   max_question_tokens=25, max_answer_tokens=0, tokenizer="",
                   # MUMC's VQA training view; tiny (32 px, a few hundred steps) trains on the plain image
                   augment=not tiny, crop_scale=(0.5, 1.0), flip=True, randaugment=(2, 7),
+                  augment_at="host",  # "host": MUMC's PIL order; "device": crop and flip in the step
                   host_uint8=True)  # uint8 views from the host, normalised inside the step
     c.protocol = "fixed"             # "fixed" | "original"
     c.top_k = 16 if tiny else 128    # candidates kept by first-token probability, re-ranked by likelihood

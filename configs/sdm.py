@@ -5,6 +5,8 @@ MSE + lambda * VLB.
 `demo` is tiny as `jaxboost demo` trains it (fewer steps, no sample grid).
 `full` is echo_from_noise's SDM (256 px, width 256, cosine, 1000 steps, lambda 0.001, cfg dropout 0.2, guidance 1.5):
 652,198,918 parameters (jax.eval_shape of init; the torch reference counts the same).
+`full_16` is `full` for 16 chips of 16 GB (TPU v4/v5e): every parameter split over fsdp=16 and each step's
+batch of 96 run as 2 accumulated micro-batches of 48 (3 per chip; README's Scale section has the memory rows).
 `echo_from_noise` is the model behind the 9,000 synthetic CAMUS images, with the flags of that repository's
 semantic_diffusion_model/config.py and README: the new attention order (USE_NEW_ATTENTION_ORDER=True), 64
 channels per head, no label dropout (so no guidance), lr 1e-4 annealed linearly to 0 over lr_anneal_steps
@@ -17,7 +19,7 @@ from jaxboost.config import variant
 
 
 def get_config(arg=None):
-    v = variant(arg, ("tiny", "demo", "full", "echo_from_noise"))
+    v = variant(arg, ("tiny", "demo", "full", "full_16", "echo_from_noise"))
     tiny = v in ("tiny", "demo")
     c = ml_collections.ConfigDict()
     c.name = "sdm"
@@ -40,6 +42,7 @@ def get_config(arg=None):
                   host_uint8=True)  # uint8 from the host, labels and normalisation inside the step
     c.seed = 0
     c.batch_size = 8 if tiny else 96
+    c.microbatches = 1  # >1: the batch's gradient accumulated over this many micro-batches (same update)
     c.total_steps = 300 if tiny else 100_000
     c.optim = dict(name="adamw", lr=1e-4 if not tiny else 3e-4, weight_decay=0.0, grad_clip=1.0 if tiny else 0.0,
                    schedule="constant", warmup_steps=0)  # upstream does not clip (0 = off)
@@ -55,6 +58,9 @@ def get_config(arg=None):
         _echo_from_noise(c)
     if v == "demo":
         _demo(c)
+    if v == "full_16":
+        c.microbatches = 2
+        c.mesh = dict(data=-1, fsdp=16)
     return c
 
 

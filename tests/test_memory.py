@@ -106,3 +106,16 @@ def test_memory_rows_report_compiled_peaks_and_remat_lowers_the_sdm_peak(tiny_ro
     assert [r["remat_policy"] for r in json.loads(path.read_text())] == ["none", "full"] == \
         [r["remat_policy"] for r in written]
     assert "| sdm.py:tiny | train | 8 | data=8,fsdp=1 | 8 | full |" in memory.peak_table(written)
+
+
+@pytest.mark.slow
+def test_microbatches_halve_the_activations_of_the_same_batch(tiny_rows):
+    """config.microbatches=2 at twice the batch: the step's temporaries are those of one micro-batch (about
+    the K=1 step at half the batch), the saved activations are one micro-batch's, and the row says so."""
+    one = tiny_rows[1]   # remat full, batch 8
+    two = memory.compile_row("sdm.py:tiny", jax.devices()[:8],
+                             overrides={"remat_policy": "full", "batch_size": 16, "microbatches": 2})
+    assert two["microbatches"] == 2 and two["batch"] == 16 and two["per_device_batch"] == 2
+    assert two["saved_activation_bytes"] == one["saved_activation_bytes"]
+    assert two["temp_bytes"] < 1.3 * one["temp_bytes"]
+    assert "| sdm.py:tiny | train | 8 | data=8,fsdp=1 | 16 (2 x 8) | full |" in memory.peak_table([two])

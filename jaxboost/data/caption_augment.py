@@ -11,6 +11,12 @@ What differs from timm/ALBEF's `RandomAugment(2, 7, isPIL=True, augs=[...])` (th
   not ALBEF's OpenCV re-implementation, so interpolation and border fill (128 gray) differ in detail;
 - the crop uses torchvision's RandomResizedCrop rule (10 tries of scale x log-uniform ratio 3/4..4/3, then
   the centre crop) with PIL bicubic resizing.
+
+`data.augment_at` says where the crop and flip run: "host" (MUMC's own order, all PIL: crop, flip,
+RandAugment) or "device": the host draws the same crop box and flip from the same rng, in the same order,
+and `pipeline.device_preprocess` crops, resizes (bicubic, antialiased as PIL) and flips in the jitted step
+(`device_view_inputs` below). RandAugment's ops stay PIL ops on the host and then come before the crop, on
+the whole image resized to the training size.
 """
 from __future__ import annotations
 
@@ -99,6 +105,39 @@ def pretrain_augment(image: np.ndarray, rng: np.random.Generator | None, size: i
     if randaugment:
         img = rand_augment(img, rng, int(randaugment[0]), int(randaugment[1]))
     return np.asarray(img)
+
+
+AUGMENT_AT = ("host", "device")
+
+
+def augment_at(data) -> str:
+    """config.data.augment_at, checked: "host" (MUMC's PIL transforms) or "device" (crop and flip in the step)."""
+    where = data.get("augment_at", "host")
+    if where not in AUGMENT_AT:
+        raise ValueError(f"config.data.augment_at={where!r}: use one of {list(AUGMENT_AT)}")
+    if where == "device" and not data.get("host_uint8", True):
+        raise ValueError("config.data.augment_at='device' needs config.data.host_uint8=True (the step crops the "
+                         "uint8 view)")
+    return where
+
+
+def device_view_inputs(image: np.ndarray, rng: np.random.Generator, size: int, *, crop_scale=(0.2, 1.0),
+                       flip: bool = True, randaugment=(2, 7)) -> dict:
+    """The host half of augment_at="device": pretrain_augment's draws from `rng` in its order (crop box, flip,
+    RandAugment), so either path gives a record the same box and flip. Returns {images: uint8 [size, size, 3]
+    (the whole image, resized; RandAugment applied to it), crop_box: float32 (top, left, h, w) in its pixels,
+    flip: uint8 0/1}; `pipeline.crop_resize_flip` finishes the view on device."""
+    img = to_rgb(image)
+    width, height = img.size
+    top, left, h, w = random_resized_crop_box(rng, height, width, tuple(crop_scale))
+    flipped = bool(flip) and rng.random() < 0.5
+    if (width, height) != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    if randaugment:
+        img = rand_augment(img, rng, int(randaugment[0]), int(randaugment[1]))
+    sy, sx = size / height, size / width
+    return {"images": np.asarray(img), "crop_box": np.array([top * sy, left * sx, h * sy, w * sx], np.float32),
+            "flip": np.uint8(flipped)}
 
 
 # CLIP's mean/std, which ALBEF/MUMC normalise with.

@@ -433,16 +433,43 @@ def _unet_on_device(batch: dict, config, rng=None) -> dict:
                 labels=batch["labels"].astype(jnp.int32))
 
 
+def crop_resize_flip(images, crop_box, flip, size: int):
+    """images [B, H, W, C] (uint8 or float, 0..255), crop_box [B, 4] float (top, left, h, w) in pixels, flip [B]
+    -> uint8-valued float32 [B, size, size, C]: PIL's `resize((size, size), BICUBIC, box=...)` of each box
+    (Keys cubic a=-0.5, its support widened when shrinking, weights renormalised at the borders; as PIL, the
+    horizontal pass first, each pass rounded and clipped to 0..255), mirrored where flip
+    (caption_augment.device_view_inputs)."""
+    import jax
+    import jax.numpy as jnp
+
+    def one_pass(image, start, length, axis):
+        scale = size / length  # output centre y + 1/2 samples the input at start + (y + 1/2) / scale (PIL)
+        shape = list(image.shape)
+        shape[axis] = size
+        out = jax.image.scale_and_translate(image, shape, (axis,), scale[None], (-start * scale)[None], "cubic",
+                                            antialias=True)
+        return jnp.clip(jnp.round(out), 0, 255)
+
+    def one(image, box):
+        return one_pass(one_pass(image, box[1], box[3], 1), box[0], box[2], 0)
+    out = jax.vmap(one)(images.astype(jnp.float32), crop_box.astype(jnp.float32))
+    return jnp.where(flip.reshape(-1, 1, 1, 1) > 0, out[:, :, ::-1], out)
+
+
 @DEVICE_PREPROCESS.register("mumc_pretrain")
 def _mumc_on_device(batch: dict, config, rng=None) -> dict:
-    """images uint8 [B, S, S, 3] (the host's augmented views: crop, flip and RandAugment are PIL ops) ->
-    float32 normalised with CLIP's mean/std, as caption_augment.normalize."""
+    """images uint8 [B, S, S, 3] -> float32 normalised with CLIP's mean/std, as caption_augment.normalize.
+    With data.augment_at="host" they are the host's augmented views (crop, flip and RandAugment: PIL ops);
+    with "device" the batch carries each view's crop_box and flip, applied here first."""
     import jax.numpy as jnp
     from jaxboost.data import caption_augment
     if batch["images"].dtype != jnp.uint8:
         return batch
-    images = (batch["images"].astype(jnp.float32) / 255.0 - caption_augment.MEAN) / caption_augment.STD
-    return dict(batch, images=images)
+    images = batch["images"]
+    if "crop_box" in batch:
+        images = crop_resize_flip(images, batch["crop_box"], batch["flip"], int(config.data.size))
+    images = (images.astype(jnp.float32) / 255.0 - caption_augment.MEAN) / caption_augment.STD
+    return dict({k: v for k, v in batch.items() if k not in ("crop_box", "flip")}, images=images)
 
 
 DEVICE_PREPROCESS.register("mumc_vqa")(_mumc_on_device)

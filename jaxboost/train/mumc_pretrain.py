@@ -95,11 +95,20 @@ def get_tokenizer(config, workdir, texts_fn=None, max_length: int | None = None)
 def _example(image, caption, rng, config):
     """The augmented view as uint8 [S, S, 3] (`pipeline.device_preprocess` normalises it in the step) or,
     with data.host_uint8=False, normalised float32 on the host."""
+    return dict(augmented_view(image, rng, config), caption=caption)
+
+
+def augmented_view(image, rng, config) -> dict:
+    """{images}: MUMC's training view of a uint8 image (rng None: the plain resize). data.augment_at="host":
+    the finished view (uint8, or normalised float32 with data.host_uint8=False); "device": the whole image
+    with its crop_box and flip, which `pipeline.device_preprocess` applies in the step."""
     d = config.data
-    pixels = caption_augment.pretrain_augment(image, rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
-                                              randaugment=tuple(d.randaugment) if d.randaugment else None)
-    return {"images": pixels if pipeline.host_uint8(config) else caption_augment.normalize(pixels),
-            "caption": caption}
+    options = dict(crop_scale=tuple(d.crop_scale), flip=d.flip,
+                   randaugment=tuple(d.randaugment) if d.randaugment else None)
+    if rng is not None and caption_augment.augment_at(d) == "device":
+        return caption_augment.device_view_inputs(image, rng, d.size, **options)
+    pixels = caption_augment.pretrain_augment(image, rng, d.size, **options)
+    return {"images": pixels if pipeline.host_uint8(config) else caption_augment.normalize(pixels)}
 
 
 def corpus_image(record, highlight: bool) -> np.ndarray:
@@ -212,7 +221,8 @@ def tokenize_batch(tokenizer: BertTokenizer, max_tokens: int):
         if new:
             ids, mask = tokenizer.tokenize(new, max_tokens)
             cache.update({c: (i, m) for c, i, m in zip(new, np.asarray(ids), np.asarray(mask))})
-        return {"images": batch["images"], "input_ids": np.stack([cache[c][0] for c in captions]),
+        views = {k: batch[k] for k in ("images", "crop_box", "flip") if k in batch}   # augment_at="device"
+        return {**views, "input_ids": np.stack([cache[c][0] for c in captions]),
                 "mask": np.stack([cache[c][1] for c in captions])}
     return prepare
 

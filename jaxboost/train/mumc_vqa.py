@@ -118,12 +118,9 @@ class _AugmentImage(grain.RandomMapTransform):
         self.config = config
 
     def random_map(self, element, rng):
-        d = self.config.data
-        pixels = caption_augment.pretrain_augment(
-            element["images"], rng, d.size, crop_scale=tuple(d.crop_scale), flip=d.flip,
-            randaugment=tuple(d.randaugment) if d.randaugment else None)
-        # uint8 to the step (`pipeline.device_preprocess` normalises it there) unless data.host_uint8=False
-        return dict(element, images=pixels if pipeline.host_uint8(self.config) else caption_augment.normalize(pixels))
+        # uint8 to the step (`pipeline.device_preprocess` normalises it there) unless data.host_uint8=False;
+        # with data.augment_at="device" the crop and flip too
+        return dict(element, **mumc_pretrain.augmented_view(element["images"], rng, self.config))
 
 
 def train_loader(source: VQASource, config):

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from jaxboost import parallel
+from jaxboost.train import accumulate
 from jaxboost.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -85,7 +86,8 @@ class Task:
 
     @property
     def step_fn(self):
-        return make_train_step(self.loss_fn, self.tx, self.post_update)
+        return make_train_step(self.loss_fn, self.tx, self.post_update,
+                               int(self.config.get("microbatches", 1) or 1))
 
     def abstract_state(self):
         return jax.eval_shape(self.init_state)
@@ -107,12 +109,15 @@ class Task:
                                  variables, placement))
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, post_update: Callable | None = None):
-    """The one train step: grads of `loss_fn`, the optax update, then `post_update` (if any)."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, post_update: Callable | None = None,
+                    microbatches: int = 1):
+    """The one train step: grads of `loss_fn` (accumulated over `microbatches` micro-batches of the batch,
+    `accumulate.value_and_grad`), the optax update, then `post_update` (if any)."""
+    grad_fn = accumulate.value_and_grad(loss_fn, microbatches)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+        (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
