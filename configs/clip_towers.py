@@ -19,9 +19,13 @@ def get_config(arg=None):
     c.segmenter = "configs/clipseg.py:demo"   # whose towers these are (sizes, patch, context length)
     c.data = dict(corpus="",                  # training split: the region/caption pairs
                   background=0.2)             # the image outside the structure is scaled by this
-    c.steps = 150
+    c.steps = 100
     c.batch_size = 24
     c.lr = 1e-3
     c.weight_decay = 0.1   # CLIP's
+    # The vision tower's learned position table starts from the 2-D sin-cos table (MAE; big_vision's ViT
+    # default) instead of N(0, 1/width): CLIPSeg's decoder has no position embedding of its own and a random
+    # table is a few percent of a token's norm, too little to tell the LV cavity from the LA (or the RV).
+    c.posemb_init = "sincos2d"      # or "normal"
     c.seed = 0
     return c

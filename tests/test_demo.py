@@ -82,14 +82,22 @@ def test_parse_sets_values():
     assert sets["cris"] == {"model.num_layers": 2} and sets["sdm"] == {"optim.lr": 1e-4}
 
 
+# The smallest programs every stage still runs: compiling them is most of the test's time on a CPU.
+SMALL = ["--set", "sdm.model.channel_mult=[1,2]",
+         "--set", "sdm.model.attention_resolutions=[]",
+         "--set", "clipseg.model.vision_depth=2", "--set", "clipseg.model.extract_layers=[0,1]",
+         "--set", "clipseg.model.text_depth=1", "--set", "cris.model.text_depth=1",
+         "--set", "clip_towers.steps=2", "--set", "clip_towers.batch_size=8"]
+
+
 @pytest.mark.slow
 def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     out = tmp_path / "demo"
-    # tiny segmenters, 2-step SDM and sampler, one epoch: every stage runs, and the persistent compilation
-    # cache compiles each program once for both seeds and all three regimes
+    # tiny segmenters, 2-step SDM and sampler, one epoch: every stage runs (the towers' too), and the
+    # persistent compilation cache compiles each program once for both seeds and all three regimes
     argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "2",
             "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
-            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8"]
+            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8", *SMALL]
     assert cli.main(argv) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["data"]["train_patients"] == 2 and report["data"]["synthetic_train"] == 2 * 4 * 3
@@ -100,6 +108,9 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
         assert all(0.0 <= d <= 100.0 for d in dice)
         for png in (f"curves_{model}.png", f"overlays_{model}.png"):
             assert (out / "report" / png).stat().st_size > 1000
+    assert (out / "towers" / "towers" / "model.json").exists()
+    clipseg_run = json.loads((out / "clipseg" / "seed0" / "real" / "config.json").read_text())
+    assert clipseg_run["pretrained"] == str(out / "towers" / "towers")
     text = (out / "report" / "report.md").read_text()
     assert "CAMUS data" in text and "not reachedx" not in text
     assert np.isfinite(report["timings"]["sdm"]["cpu_s"])

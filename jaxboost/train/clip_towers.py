@@ -32,7 +32,7 @@ from jaxboost.convert.clip import fill_missing, load_converted, save_converted
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_clip import ClipTokenizer
 from jaxboost.losses.contrastive import soft_cross_entropy
-from jaxboost.models import clip
+from jaxboost.models import clip, vit
 from jaxboost.train import vl_seg
 
 TOWERS_DIR, TOKENIZER_DIR = "towers", "tokenizer"
@@ -95,6 +95,13 @@ def _batches(images, labels, prompts, batch: int, seed: int):
             yield images[idx], labels[idx], [prompts[j][rng.integers(len(prompts[j]))] for j in idx]
 
 
+def sincos_table(shape) -> np.ndarray:
+    """[1 + g*g, D]: a zero row for the class token, then the 2-D sin-cos table of the g x g patch grid."""
+    grid = int(round((shape[0] - 1) ** 0.5))
+    return np.concatenate([np.zeros((1, shape[1]), np.float32),
+                           np.asarray(vit.sincos_2d_posemb(grid, shape[1]), np.float32)])
+
+
 def make_step(towers: Towers, tx, mean, std):
     def loss_fn(params, images, ids, mask, labels):
         pixels = (jnp.repeat(images[..., None], 3, -1) - mean) / std
@@ -141,7 +148,10 @@ def train(config, workdir, segmenter=None) -> dict:
     size = images.shape[1]
     ids0, mask0 = tokenizer.tokenize(prompts[0][:1], fields["context_length"])
     shapes = jax.eval_shape(towers.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), ids0, mask0)
-    params = {"towers": fill_missing({}, shapes, int(config.seed))["params"],
+    towers_params = fill_missing({}, shapes, int(config.seed))["params"]
+    if config.posemb_init == "sincos2d":
+        towers_params["vision"]["pos_embedding"] = sincos_table(towers_params["vision"]["pos_embedding"].shape)
+    params = {"towers": towers_params,
               "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}   # CLIP's initial temperature 0.07
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(optax.cosine_decay_schedule(float(config.lr), int(config.steps)),
