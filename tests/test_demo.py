@@ -82,7 +82,8 @@ def test_parse_sets_values():
     assert sets["cris"] == {"model.num_layers": 2} and sets["sdm"] == {"optim.lr": 1e-4}
 
 
-# The smallest programs every stage still runs: compiling them is most of the test's time on a CPU.
+# Smaller programs than tiny's (fewer levels, blocks and layers): each stage compiles faster, and every stage
+# still runs.
 SMALL = ["--set", "sdm.model.channel_mult=[1,2]",
          "--set", "sdm.model.attention_resolutions=[]",
          "--set", "clipseg.model.vision_depth=2", "--set", "clipseg.model.extract_layers=[0,1]",
