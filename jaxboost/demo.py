@@ -64,6 +64,13 @@ def fmt_value(v, spec: str = ".2f", suffix: str = "") -> str:
     return "not reached" if v is None else f"{v:{spec}}{suffix}"
 
 
+def fmt_speedup(s: dict) -> str:
+    """A speed-up's spread over the seeds whose finetune reached the target, or "not reached in any seed"."""
+    if s["mean"] is None:
+        return "not reached in any seed"
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}x over the {s['n']} seed{'s' if s['n'] > 1 else ''} that reached it"
+
+
 def fmt_spread(s: dict, spec: str = ".1f") -> str:
     return "n/a" if s["mean"] is None else f"{s['mean']:{spec}} ± {s['sd']:{spec}}"
 
@@ -376,8 +383,8 @@ def _model_lines(model: str, per_seed: dict, s: dict) -> list[str]:
                      f"{per_seed[seed]['real']['test']['test/dice_mean']:.1f}, finetune "
                      f"{per_seed[seed]['pretrain_finetune']['test']['test/dice_mean']:.1f}")
     lines += ["", f"The finetune reaches the target in fewer epochs than real only in {s['faster_in']} of "
-              f"{s['seeds']} seeds (speed-up {fmt_spread(s['speedup_epochs'], '.2f')}x in epochs, "
-              f"{fmt_spread(s['speedup_wall'], '.2f')}x in wall time; paper: CLIPSeg 1.71x, CRIS 4.55x); its final "
+              f"{s['seeds']} seeds (speed-up {fmt_speedup(s['speedup_epochs'])} in epochs, "
+              f"{fmt_speedup(s['speedup_wall'])} in wall time; paper: CLIPSeg 1.71x, CRIS 4.55x); its final "
               f"test Dice is no worse than real only (wins) in {s['wins_in']} of {s['seeds']}.", ""]
     return lines
 

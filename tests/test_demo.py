@@ -29,6 +29,8 @@ def test_speedup_not_reached_reads_as_such():
     assert c["epochs_finetune"] is None and c["speedup_epochs"] is None
     assert demo.fmt_value(c["speedup_epochs"], ".2f", "x") == "not reached"
     assert demo.fmt_value(1.5, ".2f", "x") == "1.50x"
+    assert demo.fmt_speedup(demo.spread([None, None])) == "not reached in any seed"
+    assert demo.fmt_speedup(demo.spread([2.0, None])) == "2.00 ± 0.00x over the 1 seed that reached it"
 
 
 def test_spread_and_win_counts():
