@@ -23,7 +23,7 @@ from jaxboost import plots, registry
 
 REGIMES = ("real", "synthetic", "pretrain_finetune")
 MODELS = ("clipseg", "cris")
-STAGE_CONFIGS = ("sdm", *MODELS)
+STAGE_CONFIGS = ("sdm", *MODELS, "clip_towers")
 METRIC = "val/dice_mean"
 
 
@@ -62,6 +62,13 @@ def spread(values) -> dict:
 def fmt_value(v, spec: str = ".2f", suffix: str = "") -> str:
     """A figure, or "not reached" (no suffix) when there is none."""
     return "not reached" if v is None else f"{v:{spec}}{suffix}"
+
+
+def fmt_speedup(s: dict) -> str:
+    """A speed-up's spread over the seeds whose finetune reached the target, or "not reached in any seed"."""
+    if s["mean"] is None:
+        return "not reached in any seed"
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}x over the {s['n']} seed{'s' if s['n'] > 1 else ''} that reached it"
 
 
 def fmt_spread(s: dict, spec: str = ".1f") -> str:
@@ -134,8 +141,8 @@ def stage_scarce(out: Path, real: Path, patients: int) -> Path:
 
 
 def parse_sets(items: list[str]) -> dict:
-    """--set MODEL.key=value (MODEL: sdm, clipseg, cris) -> {MODEL: {key: value}}; values as JSON when they
-    parse (numbers, booleans, lists), else strings."""
+    """--set MODEL.key=value (MODEL: sdm, clipseg, cris, clip_towers) -> {MODEL: {key: value}}; values as JSON
+    when they parse (numbers, booleans, lists), else strings."""
     sets = {name: {} for name in STAGE_CONFIGS}
     for item in items or []:
         target, sep, value = item.partition("=")
@@ -190,8 +197,33 @@ def stage_synth(out: Path, sdm_dir: Path, masks: Path, args) -> Path:
     return synth_dir
 
 
+def wants_towers(args, models) -> bool:
+    """Pretrain CLIPSeg's towers (--towers contrastive) unless a converted CLIP is given."""
+    return "clipseg" in models and args.towers == "contrastive" and not args.sets["clipseg"].get("pretrained")
+
+
+def stage_towers(out: Path, real: Path, args) -> Path:
+    """CLIPSeg's CLIP towers, contrastively pretrained on the scarce real training split's region/caption
+    pairs (configs/clip_towers.py:demo); every CLIPSeg run then freezes them, as CLIPSeg freezes CLIP. Real
+    only: the real-only and the finetune regimes start from the same towers, and no synthetic image reaches
+    the real-only run through them."""
+    workdir = out / "towers"
+    if not _done(workdir):
+        cfg = _config("clip_towers", "demo", {"data.corpus": str(real), "seed": args.seed,
+                                              "segmenter": f"configs/clipseg.py:{args.variant}",
+                                              **args.sets["clip_towers"]})
+        # the towers of the very config the CLIPSeg runs train (--variant, --set clipseg.*)
+        segmenter = segmenter_config(args, "clipseg", args.seed, {})
+        info = registry.trainer(cfg.trainer).train(cfg, str(workdir), segmenter=segmenter)
+        _mark(workdir, info)
+    args.tower_overrides = {"pretrained": str(workdir / "towers"), "data.tokenizer": str(workdir / "tokenizer")}
+    return workdir
+
+
 def segmenter_config(args, model: str, seed: int, regime_overrides: dict, pretrain: bool = False):
     overrides = {"seed": seed}
+    if model == "clipseg":
+        overrides.update(getattr(args, "tower_overrides", {}))
     epochs = args.pretrain_epochs if pretrain and args.pretrain_epochs else args.epochs
     if epochs:
         overrides["num_epochs"] = epochs
@@ -260,25 +292,53 @@ def plot_curves(path: Path, model: str, per_seed: dict, convergence: dict) -> No
     plt.close(fig)
 
 
+def labelled_grid(path: Path, cells: list, cell_titles: list[str], title: str, xlabel: str, ylabel: str,
+                  columns: int, cell_inches: float = 2.0) -> None:
+    """Image cells in rows of `columns`, with a title, axis labels and a legend of the structure tints."""
+    from matplotlib.patches import Patch
+    plt = _pyplot()
+    rows = -(-len(cells) // columns)
+    h, w = np.shape(cells[0])[:2]
+    cw, ch = cell_inches * w / max(h, w), cell_inches * h / max(h, w)
+    fig, axes = plt.subplots(rows, columns, figsize=(cw * columns + 1.2, ch * rows + 0.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if i >= len(cells):
+            ax.axis("off")
+            continue
+        ax.imshow(cells[i], interpolation="nearest")
+        ax.set_title(cell_titles[i], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    handles = [Patch(color=np.asarray(plots.STRUCTURE_COLOURS[s]) / 255, label=s) for s in ("LV", "MYO", "LA")]
+    fig.legend(handles=handles, loc="upper right", fontsize=8, title="tint", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / (cw * columns + 1.2), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_samples(path: Path, synthetic: Path, n: int = 6) -> None:
     """Synthetic images with the mask that conditioned them (one structure each) and their structure."""
     from jaxboost.data import corpus as corpus_lib
     source = corpus_lib.open_corpus(synthetic).source("train")
     idx = np.linspace(0, len(source) - 1, min(n, len(source))).astype(int)
     records = [source[int(i)] for i in idx]
-    row = [plots.overlay(r["image"], np.where(r["mask"] == r["label"], r["label"], 0)) for r in records]
-    plots.image_grid(path, [row], [[r["structure"] for r in records]],
-                     title="Synthetic triplets: SDM images drawn from real masks (tinted: the conditioning mask)")
+    cells = [plots.overlay(r["image"], np.where(r["mask"] == r["label"], r["label"], 0)) for r in records]
+    labelled_grid(path, cells, [r["structure"] for r in records],
+                  "Synthetic triplets: SDM images drawn from real masks", "synthetic image (one per column)",
+                  "image + conditioning mask", columns=len(cells))
 
 
 def plot_overlays(path: Path, model: str, source_png: Path) -> None:
-    """The trainer's overlay grid (image | ground truth | prediction rows) under the demo's title."""
+    """The trainer's overlay grid (image | ground truth | prediction rows) under the demo's title, labels
+    and legend."""
     from PIL import Image
     with Image.open(source_png) as png:
         image = np.asarray(png.convert("RGB"))
-    plots.image_grid(path, [[image]], [["columns: image | ground truth | prediction; rows: test images"]],
-                     title=f"{model}, synthetic pretrain -> real finetune, test split",
-                     cell_inches=max(image.shape[:2]) / 100)
+    labelled_grid(path, [image], [""], f"{model}, synthetic pretrain -> real finetune, test split",
+                  "image | ground truth | prediction", "test images (one per row)", columns=1,
+                  cell_inches=max(image.shape[:2]) / 100)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -323,8 +383,8 @@ def _model_lines(model: str, per_seed: dict, s: dict) -> list[str]:
                      f"{per_seed[seed]['real']['test']['test/dice_mean']:.1f}, finetune "
                      f"{per_seed[seed]['pretrain_finetune']['test']['test/dice_mean']:.1f}")
     lines += ["", f"The finetune reaches the target in fewer epochs than real only in {s['faster_in']} of "
-              f"{s['seeds']} seeds (speed-up {fmt_spread(s['speedup_epochs'], '.2f')}x in epochs, "
-              f"{fmt_spread(s['speedup_wall'], '.2f')}x in wall time; paper: CLIPSeg 1.71x, CRIS 4.55x); its final "
+              f"{s['seeds']} seeds (speed-up {fmt_speedup(s['speedup_epochs'])} in epochs, "
+              f"{fmt_speedup(s['speedup_wall'])} in wall time; paper: CLIPSeg 1.71x, CRIS 4.55x); its final "
               f"test Dice is no worse than real only (wins) in {s['wins_in']} of {s['seeds']}.", ""]
     return lines
 
@@ -384,8 +444,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=4,
                         help="epochs of the synthetic-only run (0: as --epochs; its epochs are 5x longer)")
     parser.add_argument("--batch-size", type=int, default=0, help="segmenter batch (0: the config's)")
+    parser.add_argument("--towers", default="contrastive", choices=("contrastive", "random"),
+                        help="CLIPSeg's frozen CLIP towers: contrastively pretrained on the scarce real "
+                             "region/caption pairs, or random (ignored when clipseg.pretrained is set)")
     parser.add_argument("--set", action="append", default=[], metavar="MODEL.key=value",
-                        help="any config field of sdm, clipseg or cris, e.g. clipseg.pretrained=DIR (repeatable)")
+                        help="any config field of sdm, clipseg, cris or clip_towers, e.g. clipseg.pretrained=DIR "
+                             "(repeatable)")
 
 
 def _check_args(args) -> list[str]:
@@ -426,6 +490,9 @@ def main(args) -> int:
         sdm_dir = stage_sdm(out, real, args)
     with Stopwatch(timings, "synth"):
         synthetic = stage_synth(out, sdm_dir, real, args)
+    if wants_towers(args, models):
+        with Stopwatch(timings, "towers"):
+            stage_towers(out, real, args)
     (out / "report").mkdir(exist_ok=True)
     plot_samples(out / "report" / "samples.png", synthetic)
     real_corpus, synth_corpus = corpus_lib.open_corpus(real), corpus_lib.open_corpus(synthetic)

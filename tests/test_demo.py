@@ -29,6 +29,8 @@ def test_speedup_not_reached_reads_as_such():
     assert c["epochs_finetune"] is None and c["speedup_epochs"] is None
     assert demo.fmt_value(c["speedup_epochs"], ".2f", "x") == "not reached"
     assert demo.fmt_value(1.5, ".2f", "x") == "1.50x"
+    assert demo.fmt_speedup(demo.spread([None, None])) == "not reached in any seed"
+    assert demo.fmt_speedup(demo.spread([2.0, None])) == "2.00 ± 0.00x over the 1 seed that reached it"
 
 
 def test_spread_and_win_counts():
@@ -82,14 +84,23 @@ def test_parse_sets_values():
     assert sets["cris"] == {"model.num_layers": 2} and sets["sdm"] == {"optim.lr": 1e-4}
 
 
+# Smaller programs than tiny's (fewer levels, blocks and layers): each stage compiles faster, and every stage
+# still runs.
+SMALL = ["--set", "sdm.model.channel_mult=[1,2]",
+         "--set", "sdm.model.attention_resolutions=[]",
+         "--set", "clipseg.model.vision_depth=2", "--set", "clipseg.model.extract_layers=[0,1]",
+         "--set", "clipseg.model.text_depth=1", "--set", "cris.model.text_depth=1",
+         "--set", "clip_towers.steps=2", "--set", "clip_towers.batch_size=8"]
+
+
 @pytest.mark.slow
 def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     out = tmp_path / "demo"
-    # tiny segmenters, 2-step SDM and sampler, one epoch: every stage runs, and the persistent compilation
-    # cache compiles each program once for both seeds and all three regimes
+    # tiny segmenters, 2-step SDM and sampler, one epoch: every stage runs (the towers' too), and the
+    # persistent compilation cache compiles each program once for both seeds and all three regimes
     argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "2",
             "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
-            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8"]
+            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8", *SMALL]
     assert cli.main(argv) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["data"]["train_patients"] == 2 and report["data"]["synthetic_train"] == 2 * 4 * 3
@@ -100,6 +111,9 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
         assert all(0.0 <= d <= 100.0 for d in dice)
         for png in (f"curves_{model}.png", f"overlays_{model}.png"):
             assert (out / "report" / png).stat().st_size > 1000
+    assert (out / "towers" / "towers" / "model.json").exists()
+    clipseg_run = json.loads((out / "clipseg" / "seed0" / "real" / "config.json").read_text())
+    assert clipseg_run["pretrained"] == str(out / "towers" / "towers")
     text = (out / "report" / "report.md").read_text()
     assert "CAMUS data" in text and "not reachedx" not in text
     assert np.isfinite(report["timings"]["sdm"]["cpu_s"])
