@@ -1,0 +1,83 @@
+"""layers.CONV_IMPLS: the matmul convolutions (im2col; XLA's forward with a matmul filter gradient) equal
+lax.conv_general_dilated in value and both gradients (float32) through nn.Conv as the models call it; the SDM
+with them still matches the PyTorch reference, and its parameter gradients equal those with XLA's convs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from jaxboost.models import layers
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cin,cout", [
+    ((3, 3), 1, ((1, 1), (1, 1)), 5, 16), ((3, 3), 2, ((1, 1), (1, 1)), 8, 8), ((1, 1), 1, "VALID", 12, 4),
+    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8), ((2, 2), 2, "VALID", 4, 4)],
+    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem", "2x2_stride2"])
+@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
+def test_matmul_convs_equal_lax_conv_in_value_and_gradients(impl, kernel, stride, padding, cin, cout, monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)  # the matmul gradient at test sizes
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 13, 11, cin)), jnp.float32)
+    convs = {name: nn.Conv(cout, kernel, strides=stride, padding=padding,
+                           conv_general_dilated=layers.CONV_IMPLS.get(name)) for name in ("xla", impl)}
+    params = convs["xla"].init(jax.random.key(1), x)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(convs["xla"].apply(params, x).shape), jnp.float32)
+    loss = lambda name: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(convs[name].apply(p, x) * w), (0, 1)))
+    (v_xla, (gp_xla, gx_xla)), (v_mm, (gp_mm, gx_mm)) = loss("xla")(params, x), loss(impl)(params, x)
+    np.testing.assert_allclose(v_mm, v_xla, rtol=1e-5)
+    np.testing.assert_allclose(gx_mm, gx_xla, atol=1e-5 * float(jnp.abs(gx_xla).max()), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp_mm), jax.tree.leaves(gp_xla)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
+def test_matmul_convs_leave_grouped_and_dilated_convs_to_lax(impl):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 9, 4)), jnp.float32)
+    for kw in (dict(feature_group_count=2), dict(kernel_dilation=2)):
+        conv = lambda name: nn.Conv(4, (3, 3), conv_general_dilated=layers.CONV_IMPLS.get(name), **kw)
+        params = conv("xla").init(jax.random.key(0), x)
+        np.testing.assert_array_equal(conv(impl).apply(params, x), conv("xla").apply(params, x))
+
+
+def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused():
+    assert layers.choose_conv("auto", backend="cpu") == "matmul_filter_grad"
+    assert layers.choose_conv("auto", backend="gpu") == layers.choose_conv("auto", backend="tpu") == "xla"
+    assert layers.choose_conv("xla", backend="cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown convolution implementation 'im2col'"):
+        layers.conv_fn("im2col")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
+def test_sdm_with_matmul_convs_matches_torch_reference(impl, monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)
+    import torch
+    from jaxboost.convert import sdm as convert_sdm
+    from sdm_helpers import random_reference
+    from test_sdm_model import SMALL, random_inputs, torch_forward
+    fields = SMALL
+    ref = random_reference(fields)
+    params = convert_sdm.sdm_from_torch_state_dict({k: v.numpy() for k, v in ref.state_dict().items()},
+                                                   ConfigDict(fields))
+    x, t, labels = random_inputs(fields)
+    with torch.no_grad():
+        expected = torch_forward(ref, x, t, labels).numpy()
+    model = convert_sdm.model_from_config(ConfigDict(dict(fields, conv_impl=impl)))
+    assert model.conv_impl == impl
+    out = jax.jit(model.apply)({"params": params}, x, t, labels)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=0)
+
+
+def test_sdm_gradients_with_matmul_filter_grad_equal_xla_convs(monkeypatch):
+    from jaxboost.models.sdm import Model
+    from test_sdm_model import SMALL, random_inputs
+    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)
+    x, t, labels = random_inputs(SMALL)
+    params = Model(**SMALL).init(jax.random.key(0), x, t, labels)["params"]
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)  # no zero layers
+    grads = {impl: jax.jit(jax.grad(lambda p: jnp.sum(Model(**SMALL, conv_impl=impl).apply({"params": p}, x, t,
+                                                                                        labels) ** 2)))(params)
+             for impl in ("xla", "matmul_filter_grad")}
+    for a, b in zip(jax.tree.leaves(grads["matmul_filter_grad"]), jax.tree.leaves(grads["xla"])):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)
