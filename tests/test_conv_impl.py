@@ -81,3 +81,25 @@ def test_sdm_gradients_with_matmul_filter_grad_equal_xla_convs(monkeypatch):
              for impl in ("xla", "matmul_filter_grad")}
     for a, b in zip(jax.tree.leaves(grads["matmul_filter_grad"]), jax.tree.leaves(grads["xla"])):
         np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)
+
+
+def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeypatch):
+    """models/cris.py's @layers.intercept_convs reaches the CLIP ResNet's convs: at threshold 0 every 3x3/7x7
+    conv's gradient is the custom matmul one, and the parameter gradients equal XLA's."""
+    from jaxboost.models import cris
+    model = cris.Model(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vocab_size=512, text_width=64,
+                       text_depth=1, text_heads=4, context_length=8, fpn_out=(32, 64, 64), num_layers=1, num_heads=4,
+                       mlp_dim=64, dropout_rate=0.0, upsample="none")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (2, 8)), jnp.int32)
+    variables = model.init(jax.random.key(0), x, ids)
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, ids, train=True,
+                                         mutable=["batch_stats"])[0] ** 2)
+    grads = {}
+    for threshold in (0, 2 ** 62):
+        monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", threshold)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+        assert ("custom_vjp_call" in jaxpr) == (threshold == 0)
+        grads[threshold] = jax.jit(jax.grad(loss))(variables["params"])
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[2 ** 62])):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)

@@ -337,3 +337,27 @@ def choose_conv(implementation: str, backend: str | None = None) -> str:
 def conv_fn(implementation: str = "auto"):
     """The `conv_general_dilated` to give nn.Conv for `model.conv_impl`."""
     return CONV_IMPLS.get(choose_conv(implementation))
+
+
+def intercept_convs(method):
+    """Decorator of a model's `__call__` (under @nn.compact): every nn.Conv called inside it, submodules
+    included, that was not given its own `conv_general_dilated` runs `conv_fn(self.conv_impl)` ("auto" for a
+    model without that field), so a backbone shared with other models needs no field of its own."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        fn = conv_fn(getattr(self, "conv_impl", "auto"))
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            conv = context.module
+            if (context.method_name != "__call__" or not isinstance(conv, nn.Conv)
+                    or conv.conv_general_dilated is not None):
+                return next_fun(*call_args, **call_kwargs)
+            object.__setattr__(conv, "conv_general_dilated", fn)  # modules are frozen dataclasses
+            try:
+                return next_fun(*call_args, **call_kwargs)
+            finally:
+                object.__setattr__(conv, "conv_general_dilated", None)
+
+        with nn.intercept_methods(interceptor):
+            return method(self, *args, **kwargs)
+    return wrapped
