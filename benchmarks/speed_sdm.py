@@ -201,21 +201,22 @@ def _timing(quick: bool) -> dict:
 
 def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
     """The SDM trainer's own step (EMA, label dropout) and the guided DDIM loop `jaxboost synth` runs (cond +
-    uncond batched): rows and the samples."""
+    uncond batched): rows and the samples, drawn before any train step (the checks compare untrained weights
+    on both sides: each side's timed steps train its copy)."""
     from jaxboost.diffusion import samplers
     train_case, sample_case = _cases(s)
     jl, tl = s["losses"]
-    step, state, device_batch = _product_step(s["fields"], s["params"], s["x0"], s["labels"])
-    sec, flops = harness.time_product_step(step, state, device_batch, iters=_timing(quick)["iters"])
-    del state, device_batch
-    loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
-    rows = [Row(train_case, "jax", sec, s["batch"] / sec, flops, harness.mfu(flops, sec),
-                note=f"sdm train step (EMA, label dropout); {loss_note}")]
     fields, batch, steps, params, labels = s["fields"], s["batch"], s["steps"], s["params"], s["labels"]
     keys = samplers.per_sample_keys(0, 0, batch)
     run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=fields["in_channels"], sampler="ddim",
                                         steps=steps, guidance=1.5)
     ours = np.asarray(run_sampler(params, labels, keys))
+    step, state, device_batch = _product_step(fields, params, s["x0"], labels)
+    sec, flops = harness.time_product_step(step, state, device_batch, **_timing(quick))
+    del state, device_batch
+    loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
+    rows = [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
+                note=f"sdm train step (EMA, label dropout); {loss_note}")]
     flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
     sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0, iters=2 if quick else 1)
     return rows + [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))], ours
@@ -223,21 +224,22 @@ def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
 
 def _torch_rows(s: dict, quick: bool, model, impl: str) -> tuple[list[Row], np.ndarray]:
     """The torch reference's AdamW step and its guided DDIM loop (two calls per step), `model` eager or
-    compiled: rows and the samples (NHWC)."""
+    compiled: rows and the samples (NHWC), drawn before any train step."""
     from benchmarks.torch_ref.sdm_unet import GaussianDiffusion
     from jaxboost.diffusion import samplers, schedules
     train_case, sample_case = _cases(s)
     fields, batch, steps = s["fields"], s["batch"], s["steps"]
     size, c = fields["image_size"], fields["in_channels"]
-    timing = _timing(quick) if impl == "torch eager" else dict(warmup=2, iters=3)
-    sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"]), sync=harness.torch_sync, **timing)
-    rows = [Row(train_case, impl, sec, batch / sec)]
     diffusion = GaussianDiffusion(s["schedule"].betas, schedules.space_timesteps(1000, f"ddim{steps}"))
     x_T = s["nchw"](samplers.initial_noise(samplers.per_sample_keys(0, 0, batch), (size, size, c)))
     ty = s["torch_inputs"][4]
-    model.eval()
     loop = lambda: diffusion.ddim_sample_loop(model, x_T, ty, s=1.5)
+    model.eval()
     theirs = loop().permute(0, 2, 3, 1).numpy()
+    timing = _timing(quick) if impl == "torch eager" else dict(warmup=2, iters=3)
+    sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"]), sync=harness.torch_sync, **timing)
+    rows = [Row(train_case, impl, sec, batch / sec)]
+    model.eval()
     sec = harness.time_call(loop, sync=harness.torch_sync, warmup=0, iters=2 if quick else 1)
     return rows + [Row(sample_case, impl, sec, batch / sec)], theirs
 
