@@ -13,8 +13,8 @@ from jaxboost.models import layers
 
 @pytest.mark.parametrize("kernel,stride,padding,cin,cout", [
     ((3, 3), 1, ((1, 1), (1, 1)), 5, 16), ((3, 3), 2, ((1, 1), (1, 1)), 8, 8), ((1, 1), 1, "VALID", 12, 4),
-    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8), ((2, 2), 2, "VALID", 4, 4)],
-    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem", "2x2_stride2"])
+    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8)],
+    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem"])
 @pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
 def test_matmul_convs_equal_lax_conv_in_value_and_gradients(impl, kernel, stride, padding, cin, cout, monkeypatch):
     monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)  # the matmul gradient at test sizes
@@ -49,9 +49,7 @@ def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
-def test_sdm_with_matmul_convs_matches_torch_reference(impl, monkeypatch):
-    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)
+def test_sdm_with_matmul_convs_matches_torch_reference():
     import torch
     from jaxboost.convert import sdm as convert_sdm
     from sdm_helpers import random_reference
@@ -63,6 +61,7 @@ def test_sdm_with_matmul_convs_matches_torch_reference(impl, monkeypatch):
     x, t, labels = random_inputs(fields)
     with torch.no_grad():
         expected = torch_forward(ref, x, t, labels).numpy()
+    impl = "matmul"  # the im2col forward (matmul_filter_grad's forward is XLA's; its gradients: below)
     model = convert_sdm.model_from_config(ConfigDict(dict(fields, conv_impl=impl)))
     assert model.conv_impl == impl
     out = jax.jit(model.apply)({"params": params}, x, t, labels)
