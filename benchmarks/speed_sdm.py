@@ -218,7 +218,8 @@ def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
     rows = [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
                 note=f"sdm train step (EMA, label dropout); {loss_note}")]
     flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
-    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0, iters=2 if quick else 1)
+    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0,
+                            iters=2 if quick else 1)
     return rows + [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))], ours
 
 
@@ -325,7 +326,8 @@ def _run_parts(quick: bool) -> list[Row]:
         for part in ("torch eager", "torch compile"):
             if part in losses:
                 check_losses(losses["jax"], losses[part])
-                notes.append(f"{part}: loss {losses[part]:.4f}, max|dx| {check_samples(samples['jax'], samples[part], 5e-3):.1e}")
+                err = check_samples(samples["jax"], samples[part], 5e-3)
+                notes.append(f"{part}: loss {losses[part]:.4f}, max|dx| {err:.1e}")
         for r in rows:
             if r.impl == "jax":
                 r.note = (r.note + "; " if r.note else "") + "; ".join(notes)
