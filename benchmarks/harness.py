@@ -310,7 +310,8 @@ def torch_seg_train_step(forward, params, opt):
     return step
 
 
-def time_product_step(step_fn: Callable, state, batch, *, iters: int = 5) -> tuple[float, float | None]:
+def time_product_step(step_fn: Callable, state, batch, *, iters: int = 5, warmup: int = 2
+                      ) -> tuple[float, float | None]:
     """(median seconds, FLOPs) of a trainer's own train step (`task.step_fn` or the builder a trainer
     exposes), jitted with the state donated as `loop.fit` runs it, on one fixed device batch."""
     jitted = jax.jit(step_fn, donate_argnums=(0,))
@@ -320,7 +321,7 @@ def time_product_step(step_fn: Callable, state, batch, *, iters: int = 5) -> tup
     def call():
         holder[0], metrics = jitted(holder[0], batch)
         return metrics["loss"]
-    return time_call(call, iters=iters), flops
+    return time_call(call, warmup=warmup, iters=iters), flops
 
 
 def vl_seg_step(config_spec: str, overrides: list[str], module, variables, batch):

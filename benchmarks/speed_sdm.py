@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,11 @@ VLB_WEIGHT = 0.001
 
 def _fields(quick: bool) -> tuple[dict, int, int]:
     """(model fields, train batch, sampler steps). Full: configs/sdm.py:full's model (echo_from_noise's SDM at
-    256 px, 652 M parameters, SPADE hidden 128, each block rematerialised as the trainer runs it) in float32
-    like the torch reference, batch 1; the guided DDIM loop at 5 steps (10 model calls of ~1 TFLOP each)."""
-    if quick:
+    256 px, 652 M parameters, SPADE hidden 128, each block rematerialised as the trainer runs it, the torch
+    reference with guided-diffusion's per-block checkpointing to match) in float32 like the torch reference,
+    batch 1 (the most this 24 GiB machine holds: AdamW state alone is 10 GiB); the guided DDIM loop at 5 steps
+    (10 model calls of ~0.5 TFLOP each), timed once after the call that is checked."""
+    if quick or os.environ.get("BENCH_SDM_FULL_AS_QUICK"):  # the latter: the full-size path at quick size (tests)
         return dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(16,), num_head_channels=32, num_labels=5, learn_sigma=True,
                     dropout=0.0, use_scale_shift_norm=True, resblock_updown=True), 4, 5
@@ -35,10 +38,15 @@ def _fields(quick: bool) -> tuple[dict, int, int]:
     return fields, 1, 5
 
 
-def check_memory(fields: dict, batch: int) -> None:
-    """Refuse, naming what is needed, a size this machine cannot hold: AdamW + EMA state, gradients and the
-    torch reference's copy (5 + 4 float32 copies of the parameters) and torch's saved activations (the
-    reference keeps every block's; ~19 GiB per 256 px sample in float32)."""
+# Float32 copies of the parameters each side holds while training: JAX params, gradients, AdamW's two moments
+# and the EMA (plus the converted copy's source while converting); torch params, gradients and two moments.
+PARAM_COPIES = {"jax": 6, "torch eager": 4, "torch compile": 4, "both": 9}
+
+
+def check_memory(fields: dict, batch: int, part: str = "both") -> None:
+    """Refuse, naming what is needed, a size this machine cannot hold: the parameter copies of `part`
+    (PARAM_COPIES) and the saved activations (without checkpointing the torch reference keeps every block's,
+    ~19 GiB per 256 px sample in float32; with per-block remat / checkpointing ~2 GiB)."""
     import jax
 
     from jaxboost.models.sdm import Model
@@ -47,11 +55,12 @@ def check_memory(fields: dict, batch: int) -> None:
                                                          jnp.zeros((1,), jnp.int32),
                                                          jnp.zeros((1, size, size, fields["num_labels"]))))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    need = 4 * params * 9 + batch * 19 * 2 ** 30 * (size / 256) ** 2 * (fields["model_channels"] / 256)
+    per_sample = (2 if fields.get("remat_policy", "none") != "none" else 19) * 2 ** 30
+    need = 4 * params * PARAM_COPIES[part] + batch * per_sample * (size / 256) ** 2 * (fields["model_channels"] / 256)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > available:
-        raise MemoryError(f"SDM {size}px b{batch} ({params / 1e6:.0f} M parameters): needs ~{need / 2 ** 30:.0f} GiB, "
-                          f"{available / 2 ** 30:.0f} GiB available")
+        raise MemoryError(f"SDM {size}px b{batch} ({params / 1e6:.0f} M parameters, {part}): needs "
+                          f"~{need / 2 ** 30:.0f} GiB, {available / 2 ** 30:.0f} GiB available")
 
 
 def _torch_loss(model, diffusion_tables, x0, t, noise, y):
@@ -94,12 +103,16 @@ def _product_step(fields: dict, params, x0, labels):
     return step, state, {"image": jnp.asarray(x0), "labels": jnp.asarray(np.argmax(labels, -1).astype(np.int32))}
 
 
-def _setup(quick: bool) -> dict:
-    """The torch reference with non-trivial weights, the same weights converted, one batch, and both
-    frameworks' loss pieces; the JAX and torch losses are checked equal here, before anything is timed."""
+def _setup(quick: bool, part: str = "both") -> dict:
+    """The torch reference with non-trivial weights, the same weights converted, one batch, and the losses of
+    the sides `part` names ("both", "jax", "torch eager", "torch compile"); with both they are checked equal
+    here, before anything is timed. A "jax" part keeps no torch model (it is dropped after converting), a
+    torch part no JAX parameters: the full SDM is built once per process."""
+    import gc
+
     import torch
 
-    from benchmarks.torch_ref.sdm_unet import unet_from_config
+    from benchmarks.torch_ref.sdm_unet import unet_from_config, use_checkpoint
     from jaxboost.convert.sdm import sdm_from_torch_state_dict
     from jaxboost.diffusion import losses, schedules
     from jaxboost.models.sdm import Model
@@ -107,14 +120,19 @@ def _setup(quick: bool) -> dict:
 
     torch.manual_seed(0)
     fields, batch, steps = _fields(quick)
-    check_memory(fields, batch)
+    check_memory(fields, batch, part)
     cfg = ConfigDict(fields)
-    ref = unet_from_config(cfg)
+    ref = use_checkpoint(unet_from_config(cfg), fields.get("remat_policy", "none") != "none")
     # Non-zero output layers so outputs and gradients are not trivially equal.
     for name, p in ref.named_parameters():
         if p.abs().sum() == 0 and p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    params = sdm_from_torch_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
+    params = None
+    if part in ("both", "jax"):
+        params = sdm_from_torch_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
+    if part == "jax":
+        ref = None
+        gc.collect()
     model = Model(**fields)
     schedule = schedules.make_schedule("cosine", 1000)
     size, c, L = fields["image_size"], fields["in_channels"], fields["num_labels"]
@@ -135,13 +153,27 @@ def _setup(quick: bool) -> dict:
         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
         schedule.posterior_mean_coef2, schedule.posterior_log_variance_clipped, schedule.log_betas)]
     torch_inputs = (tables, nchw(x0), torch.tensor(t, dtype=torch.long), nchw(noise), nchw(labels))
-    jl = float(jax.jit(jax_loss)(params, x0, labels, t, noise))
-    with torch.no_grad():
-        tl = float(_torch_loss(ref, *torch_inputs))
-    if abs(jl - tl) > 1e-4 * max(1.0, abs(tl)):
-        raise AssertionError(f"SDM loss JAX {jl} vs torch {tl}")
+    jl = float(jax.jit(jax_loss)(params, x0, labels, t, noise)) if params is not None else None
+    tl = None
+    if ref is not None:
+        with torch.no_grad():
+            tl = float(_torch_loss(ref, *torch_inputs))
+    if jl is not None and tl is not None:
+        check_losses(jl, tl)
     return dict(fields=fields, batch=batch, steps=steps, ref=ref, params=params, schedule=schedule, x0=x0,
                 labels=labels, nchw=nchw, apply_fn=apply_fn, torch_inputs=torch_inputs, losses=(jl, tl))
+
+
+def check_losses(jl: float, tl: float) -> None:
+    if abs(jl - tl) > 1e-4 * max(1.0, abs(tl)):
+        raise AssertionError(f"SDM loss JAX {jl} vs torch {tl}")
+
+
+def check_samples(ours, theirs, tol: float) -> float:
+    err = float(np.abs(np.asarray(ours) - np.asarray(theirs)).max())
+    if err > tol:
+        raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
+    return err
 
 
 def _torch_train_step(model, torch_inputs):
@@ -157,72 +189,153 @@ def _torch_train_step(model, torch_inputs):
     return step
 
 
-def _train_rows(s: dict, quick: bool) -> list[Row]:
-    """The SDM trainer's own step (EMA, label dropout) vs the torch reference's AdamW step."""
-    batch, (jl, tl) = s["batch"], s["losses"]
-    case = f"sdm/train {s['fields']['image_size']}px b{batch}"
-    step, state, device_batch = _product_step(s["fields"], s["params"], s["x0"], s["labels"])
-    sec, flops = harness.time_product_step(step, state, device_batch, iters=3 if quick else 10)
-    rows = [Row(case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
-                note=f"sdm train step (EMA, label dropout); loss {jl:.4f}={tl:.4f}")]
-    sec = harness.time_call(_torch_train_step(s["ref"], s["torch_inputs"]), sync=harness.torch_sync,
-                            iters=3 if quick else 10)
-    return rows + [Row(case, "torch eager", sec, batch / sec)]
+def _cases(s: dict) -> tuple[str, str]:
+    size, batch = s["fields"]["image_size"], s["batch"]
+    return f"sdm/train {size}px b{batch}", f"sdm/ddim{s['steps']} guided {size}px b{batch}"
 
 
-def _sampler_rows(s: dict, quick: bool) -> tuple[list[Row], tuple]:
-    """The whole guided DDIM loop (cond + uncond batched in JAX; two calls per step in torch), samples
-    checked equal first. Returns the rows and (diffusion, x_T, labels) for the torch.compile rows."""
+def _timing(quick: bool) -> dict:
+    """time_call's warm-up and iterations: full-size steps take tens of seconds each on 2 cores."""
+    return dict(warmup=2, iters=3) if quick else dict(warmup=1, iters=3)
+
+
+def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
+    """The SDM trainer's own step (EMA, label dropout) and the guided DDIM loop `jaxboost synth` runs (cond +
+    uncond batched): rows and the samples, drawn before any train step (the checks compare untrained weights
+    on both sides: each side's timed steps train its copy)."""
+    from jaxboost.diffusion import samplers
+    train_case, sample_case = _cases(s)
+    jl, tl = s["losses"]
+    fields, batch, steps, params, labels = s["fields"], s["batch"], s["steps"], s["params"], s["labels"]
+    keys = samplers.per_sample_keys(0, 0, batch)
+    run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=fields["in_channels"], sampler="ddim",
+                                        steps=steps, guidance=1.5)
+    ours = np.asarray(run_sampler(params, labels, keys))
+    step, state, device_batch = _product_step(fields, params, s["x0"], labels)
+    sec, flops = harness.time_product_step(step, state, device_batch, **_timing(quick))
+    del state, device_batch
+    loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
+    rows = [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
+                note=f"sdm train step (EMA, label dropout); {loss_note}")]
+    flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
+    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0,
+                            iters=2 if quick else 1)
+    return rows + [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))], ours
+
+
+def _torch_rows(s: dict, quick: bool, model, impl: str) -> tuple[list[Row], np.ndarray]:
+    """The torch reference's AdamW step and its guided DDIM loop (two calls per step), `model` eager or
+    compiled: rows and the samples (NHWC), drawn before any train step."""
     from benchmarks.torch_ref.sdm_unet import GaussianDiffusion
     from jaxboost.diffusion import samplers, schedules
-    fields, batch, steps, params, labels = s["fields"], s["batch"], s["steps"], s["params"], s["labels"]
+    train_case, sample_case = _cases(s)
+    fields, batch, steps = s["fields"], s["batch"], s["steps"]
     size, c = fields["image_size"], fields["in_channels"]
-    case = f"sdm/ddim{steps} guided {size}px b{batch}"
-    keys = samplers.per_sample_keys(0, 0, batch)
-    run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=c, sampler="ddim", steps=steps,
-                                        guidance=1.5)
-    ours = np.asarray(run_sampler(params, labels, keys))
     diffusion = GaussianDiffusion(s["schedule"].betas, schedules.space_timesteps(1000, f"ddim{steps}"))
-    x_T, ty = s["nchw"](samplers.initial_noise(keys, (size, size, c))), s["torch_inputs"][4]
-    s["ref"].eval()
-    theirs = diffusion.ddim_sample_loop(s["ref"], x_T, ty, s=1.5).permute(0, 2, 3, 1).numpy()
-    err = float(np.abs(ours - theirs).max())
-    if err > 1e-3:
-        raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
-    flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
-    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1, iters=2 if quick else 5)
-    rows = [Row(case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec), note=f"max|dx|={err:.1e}")]
-    sec = harness.time_call(lambda: diffusion.ddim_sample_loop(s["ref"], x_T, ty, s=1.5), sync=harness.torch_sync,
-                            warmup=1, iters=2 if quick else 5)
-    return rows + [Row(case, "torch eager", sec, batch / sec)], (case, diffusion, x_T, ty)
+    x_T = s["nchw"](samplers.initial_noise(samplers.per_sample_keys(0, 0, batch), (size, size, c)))
+    ty = s["torch_inputs"][4]
+    loop = lambda: diffusion.ddim_sample_loop(model, x_T, ty, s=1.5)
+    model.eval()
+    theirs = loop().permute(0, 2, 3, 1).numpy()
+    timing = _timing(quick) if impl == "torch eager" else dict(warmup=2, iters=3)
+    sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"]), sync=harness.torch_sync, **timing)
+    rows = [Row(train_case, impl, sec, batch / sec)]
+    model.eval()
+    sec = harness.time_call(loop, sync=harness.torch_sync, warmup=0, iters=2 if quick else 1)
+    return rows + [Row(sample_case, impl, sec, batch / sec)], theirs
 
 
-def _compile_rows(s: dict, train_case: str, sampler_case) -> list[Row]:
+def _run_in_process(quick: bool) -> list[Row]:
+    """Both frameworks in this process (the quick sizes): outputs checked equal before anything is timed."""
+    s = _setup(quick)
+    jax_rows, ours = _jax_rows(s, quick)
+    torch_rows, theirs = _torch_rows(s, quick, s["ref"], "torch eager")
+    err = check_samples(ours, theirs, 1e-3)
+    jax_rows[1].note = f"max|dx|={err:.1e}"
+    rows = [jax_rows[0], torch_rows[0], jax_rows[1], torch_rows[1]]
+    if not quick:
+        rows += _compile_rows(s)
+    return rows
+
+
+def _compile_rows(s: dict) -> list[Row]:
     """torch.compile of the same train step and sampling loop (minutes on CPU; not in --quick)."""
     import torch
-    case, diffusion, x_T, ty = sampler_case
-    batch = s["batch"]
     try:
-        compiled = torch.compile(s["ref"])
-        sec = harness.time_call(_torch_train_step(compiled.train(), s["torch_inputs"]), sync=harness.torch_sync,
-                                warmup=2, iters=5)
-        rows = [Row(train_case, "torch compile", sec, batch / sec)]
-        compiled.eval()
-        sec = harness.time_call(lambda: diffusion.ddim_sample_loop(compiled, x_T, ty, s=1.5),
-                                sync=harness.torch_sync, warmup=1, iters=3)
-        return rows + [Row(case, "torch compile", sec, batch / sec)]
+        return _torch_rows(s, False, torch.compile(s["ref"]), "torch compile")[0]
     except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
-        return [Row(train_case, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}")]
+        return [Row(_cases(s)[0], "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}")]
+
+
+# Each framework's full-size measurement in its own process, so JAX and torch never hold the 652 M-parameter
+# SDM and its optimiser state at once; seconds each part may take (compilation included).
+PART_TIMEOUT = {"jax": 2400, "torch eager": 1500, "torch compile": 2400}
+
+
+def run_part(part: str, out: str) -> None:
+    """One side of the full-size case: its rows, loss and samples into OUT/<part>.json / .npy."""
+    import dataclasses
+    import json
+    s = _setup(False, part)
+    if part == "jax":
+        rows, samples = _jax_rows(s, False)
+    elif part == "torch eager":
+        rows, samples = _torch_rows(s, False, s["ref"], "torch eager")
+    else:
+        import torch
+        rows, samples = _torch_rows(s, False, torch.compile(s["ref"]), "torch compile")
+    name = part.replace(" ", "_")
+    np.save(Path(out) / f"{name}.npy", samples)
+    (Path(out) / f"{name}.json").write_text(json.dumps(
+        {"rows": [dataclasses.asdict(r) for r in rows], "loss": s["losses"][0 if part == "jax" else 1]}))
+
+
+def _run_parts(quick: bool) -> list[Row]:
+    """The full-size case as one process per framework (PART_TIMEOUT each), then the checks: the losses on
+    the same weights and batch and the sampled images must agree (a part that failed gives a NaN row)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    rows, losses, samples = [], {}, {}
+    fields, batch, steps = _fields(quick)
+    train_case, sample_case = _cases(dict(fields=fields, batch=batch, steps=steps))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="speed_sdm_") as out:
+        for part, timeout in PART_TIMEOUT.items():
+            t, name = time.time(), part.replace(" ", "_")
+            print(f"[speed_sdm] {part} ...", flush=True)
+            try:
+                rc = subprocess.run([sys.executable, "-m", "benchmarks.speed_sdm", "--part", part, "--out", out],
+                                    env=env, timeout=timeout).returncode
+                error = None if rc == 0 else f"exited with status {rc}"
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {timeout} s"
+            if error or not (Path(out) / f"{name}.json").exists():
+                note = f"failed: {error or 'no result'} ({time.time() - t:.0f} s)"
+                rows += [Row(case, part, float("nan"), float("nan"), note=note) for case in (train_case, sample_case)]
+                continue
+            doc = json.loads((Path(out) / f"{name}.json").read_text())
+            rows += [Row.from_json(r) for r in doc["rows"]]
+            losses[part], samples[part] = doc["loss"], np.load(Path(out) / f"{name}.npy")
+    print(harness.format_table(harness.add_ratios(rows)), flush=True)  # in the log even if a check fails below
+    if "jax" in losses:
+        notes = []
+        for part in ("torch eager", "torch compile"):
+            if part in losses:
+                check_losses(losses["jax"], losses[part])
+                err = check_samples(samples["jax"], samples[part], 5e-3)
+                notes.append(f"{part}: loss {losses[part]:.4f}, max|dx| {err:.1e}")
+        for r in rows:
+            if r.impl == "jax":
+                r.note = (r.note + "; " if r.note else "") + "; ".join(notes)
+    return rows
 
 
 def run(quick: bool = False):
-    s = _setup(quick)
-    rows = _train_rows(s, quick)
-    sample_rows, sampler_case = _sampler_rows(s, quick)
-    rows += sample_rows
-    if not quick:
-        rows += _compile_rows(s, rows[0].case, sampler_case)
-    return harness.add_ratios(rows)
+    return harness.add_ratios(_run_in_process(True) if quick else _run_parts(False))
 
 
 if __name__ == "__main__":
@@ -230,7 +343,14 @@ if __name__ == "__main__":
     import sys
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=list(PART_TIMEOUT), help="one side of the full-size case (internal)")
+    parser.add_argument("--out", help="with --part: the folder its results go to")
+    parser.add_argument("--in-process", action="store_true", help="full size with both frameworks in one process")
     args = parser.parse_args(sys.argv[1:])
     import torch
     torch.set_num_threads(2)
-    print(harness.format_table(run(args.quick)))
+    if args.part:
+        run_part(args.part, args.out)
+    else:
+        rows = _run_in_process(args.quick) if args.in_process or args.quick else _run_parts(False)
+        print(harness.format_table(harness.add_ratios(rows)))

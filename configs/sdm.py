@@ -34,7 +34,8 @@ def get_config(arg=None):
         num_labels=labels, learn_sigma=True, dropout=0.0, use_scale_shift_norm=True, resblock_updown=True,
         # full: remat keeps each block's inputs only (9.6 GiB of saved activations per sample without it)
         dtype="float32" if tiny else "bfloat16", remat_policy="none" if tiny else "full",
-        spade_hidden=32 if tiny else 128)  # SPADE's 128-wide convs would be ~60% of the tiny model's FLOPs
+        spade_hidden=32 if tiny else 128,  # SPADE's 128-wide convs would be ~60% of the tiny model's FLOPs
+        conv_impl="auto")  # layers.CONV_IMPLS: on CPU large convs' filter gradients as matmuls, else XLA's
     c.diffusion = dict(schedule="cosine", num_steps=1000, vlb_weight=0.001, cond_drop_prob=0.2)
     c.sampler = dict(name="ddim", steps=25 if tiny else 50, eta=0.0, guidance=1.5, dtype="float32")
     c.data = dict(corpus="", size=size, num_labels=labels,

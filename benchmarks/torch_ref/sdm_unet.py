@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -184,10 +185,25 @@ class AttentionBlock(nn.Module):
 
 
 class CondSequential(nn.Sequential):
+    checkpoint = False  # guided-diffusion's use_checkpoint: recompute each block's activations in backward
+
     def forward(self, x, cond, emb):
         for layer in self:
-            x = layer(x, cond, emb) if isinstance(layer, (ResBlock, SDMResBlock, AttentionBlock)) else layer(x)
+            if not isinstance(layer, (ResBlock, SDMResBlock, AttentionBlock)):
+                x = layer(x)
+            elif self.checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cond, emb, use_reentrant=False)
+            else:
+                x = layer(x, cond, emb)
         return x
+
+
+def use_checkpoint(model: nn.Module, on: bool = True) -> nn.Module:
+    """Per-block activation checkpointing (guided-diffusion's use_checkpoint), as jaxboost's remat "full"."""
+    for m in model.modules():
+        if isinstance(m, CondSequential):
+            m.checkpoint = on
+    return model
 
 
 class UNetModel(nn.Module):

@@ -188,6 +188,7 @@ class Model(nn.Module):
     dtype: layers.Dtype | None = None
 
     @nn.compact
+    @layers.intercept_convs  # large convs' filter gradients as matmuls on CPU (layers.CONV_IMPLS)
     def __call__(self, pixel_values, input_ids, attention_mask=None, train: bool = False):
         """pixel_values [B, H, W, 3], input_ids [B, L], attention_mask [B, L] -> logits [B, H, W]."""
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != 3:

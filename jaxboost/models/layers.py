@@ -5,6 +5,7 @@ PyTorch state dicts by rule. Shapes: tokens are [B, L, D]; masks are boolean [B,
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -227,3 +228,136 @@ class PreNormBlock(nn.Module):
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln2")(x)
         y = Mlp(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")(y, deterministic)
         return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------------------- convolution
+
+# The convolution a model's nn.Conv layers run (`model.conv_impl`), passed to flax as `conv_general_dilated`
+# so parameter names and shapes do not change. "xla": lax.conv_general_dilated (XLA's convolution emitter:
+# cuDNN on GPU, the MXU on TPU, YNNPACK/Eigen on CPU). "matmul": im2col, the k*k shifted views of the padded
+# input concatenated along channels and contracted with the [k*k*C, O] kernel in one dot_general, so the
+# forward and both gradients are matmuls, pads, slices and adds. "matmul_filter_grad": XLA's forward and data
+# gradient, the filter gradient as k*k matmuls of a shifted input view with the output gradient: XLA:CPU
+# runs the filter gradient as a convolution whose window is the whole activation, 3-6x the forward's time at
+# large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
+# MATMUL_FILTER_GRAD_MIN_INPUT input elements XLA's own filter gradient is as fast or faster, so it keeps it.
+MATMUL_FILTER_GRAD_MIN_INPUT = 2 ** 22
+CONV_IMPLS = Registry("convolution implementation")
+CONV_IMPLS.register("xla")(jax.lax.conv_general_dilated)
+
+_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lax's ConvDimensionNumbers of NHWC x HWIO -> NHWC
+
+
+def _plain_conv_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count):
+    """The explicit pads of a 2-D NHWC x HWIO convolution without dilation or groups, else None."""
+    numbers = dimension_numbers and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if (lhs.ndim != 4 or tuple(map(tuple, numbers or ())) != _NHWC_HWIO or feature_group_count != 1
+            or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))):
+        return None
+    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+            if isinstance(padding, str) else [tuple(p) for p in padding])
+    return None if any(p < 0 for pair in pads for p in pair) else tuple(pads)
+
+
+def _shifted_views(lhs, kernel_hw, strides, pads):
+    """The kh*kw views of the padded input that meet each kernel tap: each [B, Ho, Wo, C]."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0))) if any(p for pair in pads for p in pair) else lhs
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+
+
+@CONV_IMPLS.register("matmul")
+def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                preferred_element_type=None):
+    """lax.conv_general_dilated's signature and result for a 2-D NHWC x HWIO convolution as one matmul of
+    the input's patches; any other case (dilation, groups, other layouts) goes to lax.conv_general_dilated."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count)
+    pads = _plain_conv_pads(*args)
+    if pads is None:
+        return jax.lax.conv_general_dilated(*args, precision, preferred_element_type)
+    kh, kw, c, o = rhs.shape
+    views = _shifted_views(lhs, (kh, kw), tuple(window_strides), pads)
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return jax.lax.dot_general(patches, rhs.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
+                               precision=precision, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_matmul_filter_grad(lhs, rhs, strides, pads, precision, preferred_element_type):
+    return jax.lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _conv_matmul_filter_grad_fwd(lhs, rhs, strides, pads, precision, preferred_element_type):
+    return _conv_matmul_filter_grad(lhs, rhs, strides, pads, precision, preferred_element_type), (lhs, rhs)
+
+
+def _conv_matmul_filter_grad_bwd(strides, pads, precision, preferred_element_type, residuals, g):
+    lhs, rhs = residuals
+    conv = lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                  precision=precision)
+    d_lhs, = jax.vjp(conv, lhs)[1](g.astype(lhs.dtype))
+    # dW[i, j] = sum over batch and output positions of view_ij^T g: one [C, O] matmul per tap, in float32
+    taps = [jax.lax.dot_general(v, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32)
+            for v in _shifted_views(lhs, rhs.shape[:2], strides, pads)]
+    d_rhs = jnp.stack(taps).reshape(rhs.shape).astype(rhs.dtype)
+    return d_lhs, d_rhs
+
+
+_conv_matmul_filter_grad.defvjp(_conv_matmul_filter_grad_fwd, _conv_matmul_filter_grad_bwd)
+
+
+@CONV_IMPLS.register("matmul_filter_grad")
+def conv_matmul_filter_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                            dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                            preferred_element_type=None):
+    """lax.conv_general_dilated whose filter gradient is k*k matmuls (see CONV_IMPLS) for inputs of at least
+    MATMUL_FILTER_GRAD_MIN_INPUT elements; other cases (smaller inputs, 1x1 kernels, dilation, groups, other
+    layouts) go to lax.conv_general_dilated."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count)
+    pads = _plain_conv_pads(*args)
+    if pads is None or lhs.size < MATMUL_FILTER_GRAD_MIN_INPUT or rhs.shape[:2] == (1, 1):
+        return jax.lax.conv_general_dilated(*args, precision, preferred_element_type)
+    return _conv_matmul_filter_grad(lhs, rhs, tuple(window_strides), pads, precision, preferred_element_type)
+
+
+def choose_conv(implementation: str, backend: str | None = None) -> str:
+    """The implementation `auto` resolves to on this backend (CPU: "matmul_filter_grad", elsewhere "xla")."""
+    if implementation != "auto":
+        return implementation
+    return "matmul_filter_grad" if (backend or current_backend()) == "cpu" else "xla"
+
+
+def conv_fn(implementation: str = "auto"):
+    """The `conv_general_dilated` to give nn.Conv for `model.conv_impl`."""
+    return CONV_IMPLS.get(choose_conv(implementation))
+
+
+def intercept_convs(method):
+    """Decorator of a model's `__call__` (under @nn.compact): every nn.Conv called inside it, submodules
+    included, that was not given its own `conv_general_dilated` runs `conv_fn(self.conv_impl)` ("auto" for a
+    model without that field), so a backbone shared with other models needs no field of its own."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        fn = conv_fn(getattr(self, "conv_impl", "auto"))
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            conv = context.module
+            if (context.method_name != "__call__" or not isinstance(conv, nn.Conv)
+                    or conv.conv_general_dilated is not None):
+                return next_fun(*call_args, **call_kwargs)
+            object.__setattr__(conv, "conv_general_dilated", fn)  # modules are frozen dataclasses
+            try:
+                return next_fun(*call_args, **call_kwargs)
+            finally:
+                object.__setattr__(conv, "conv_general_dilated", None)
+
+        with nn.intercept_methods(interceptor):
+            return method(self, *args, **kwargs)
+    return wrapped

@@ -35,11 +35,12 @@ def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def conv3x3(features: int, name: str, dtype, stride: int = 1, zero_init: bool = False):
-    """3x3 conv with torch's padding 1; zero_init for the layers guided-diffusion zeroes (residual outputs)."""
+def conv3x3(features: int, name: str, dtype, stride: int = 1, zero_init: bool = False, impl: str = "auto"):
+    """3x3 conv with torch's padding 1; zero_init for the layers guided-diffusion zeroes (residual outputs);
+    impl: layers.CONV_IMPLS name or "auto" (per backend, `layers.choose_conv`)."""
     init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), dtype=dtype,
-                   kernel_init=init, name=name)
+                   kernel_init=init, conv_general_dilated=layers.conv_fn(impl), name=name)
 
 
 def group_norm(x, name: str, affine: bool = True):
@@ -57,15 +58,17 @@ class SpadeGroupNorm(nn.Module):
     """
     dtype: Any = jnp.float32
     hidden: int = SPADE_HIDDEN
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, labels):
         c = x.shape[-1]
         normed = group_norm(x.astype(jnp.float32), "norm", affine=False)
         seg = resize_nearest(labels, x.shape[1:3]).astype(self.dtype)
-        actv = nn.relu(conv3x3(self.hidden, "mlp_shared", self.dtype)(seg))
-        gamma = conv3x3(c, "mlp_gamma", self.dtype)(actv)
-        beta = conv3x3(c, "mlp_beta", self.dtype)(actv)
+        conv = lambda features, name: conv3x3(features, name, self.dtype, impl=self.conv_impl)
+        actv = nn.relu(conv(self.hidden, "mlp_shared")(seg))
+        gamma = conv(c, "mlp_gamma")(actv)
+        beta = conv(c, "mlp_beta")(actv)
         f32 = lambda a: a.astype(jnp.float32)
         return (normed * (1 + f32(gamma)) + f32(beta)).astype(x.dtype)
 
@@ -90,15 +93,17 @@ class ResBlock(nn.Module):
     updown: str | None = None
     dtype: Any = jnp.float32
     spade_hidden: int = SPADE_HIDDEN
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, labels, emb, train: bool = False):
-        norm = ((lambda h, name: SpadeGroupNorm(self.dtype, self.spade_hidden, name=name)(h, labels)) if self.spade
+        norm = ((lambda h, name: SpadeGroupNorm(self.dtype, self.spade_hidden, self.conv_impl, name=name)(h, labels))
+                if self.spade
                 else (lambda h, name: group_norm(h, name)))
         resample = {None: lambda a: a, "up": upsample_nearest2x, "down": avg_pool2x}[self.updown]
         h = nn.silu(norm(x, "in_norm"))
         h, x = resample(h), resample(x)
-        h = conv3x3(self.out_channels, "in_conv", self.dtype)(h)
+        h = conv3x3(self.out_channels, "in_conv", self.dtype, impl=self.conv_impl)(h)
         emb_out = nn.Dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
                            dtype=self.dtype, name="emb_dense")(nn.silu(emb))[:, None, None, :].astype(h.dtype)
         if self.use_scale_shift_norm:
@@ -107,9 +112,11 @@ class ResBlock(nn.Module):
         else:
             h = norm(h + emb_out, "out_norm")
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = conv3x3(self.out_channels, "out_conv", self.dtype, zero_init=True)(h)
+        h = conv3x3(self.out_channels, "out_conv", self.dtype, zero_init=True, impl=self.conv_impl)(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip_connection")(x)
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype,
+                        conv_general_dilated=layers.conv_fn(self.conv_impl),
+                        name="skip_connection")(x)
         return x + h
 
 
@@ -170,6 +177,7 @@ class Model(nn.Module):
     remat_policy: str = "none"  # layers.REMAT_POLICIES: activation checkpointing of ResBlocks and attention
     attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
     spade_hidden: int = SPADE_HIDDEN  # SPADE's shared conv width (upstream 128)
+    conv_impl: str = "auto"  # layers.CONV_IMPLS name or "auto" (per backend: layers.choose_conv)
 
     @property
     def out_channels(self) -> int:
@@ -188,7 +196,7 @@ class Model(nn.Module):
         block = layers.remat(ResBlock, self.remat_policy, static_argnums=(4,))
         attn = layers.remat(AttentionBlock, self.remat_policy)
         res = lambda name, ch, **kw: block(ch, self.dropout, self.use_scale_shift_norm, dtype=dtype,
-                                           spade_hidden=self.spade_hidden, name=name, **kw)
+                                           spade_hidden=self.spade_hidden, conv_impl=self.conv_impl, name=name, **kw)
         decoder_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         attention = lambda name, heads=self.num_heads: attn(
             self.num_head_channels, dtype, self.attention_implementation, heads, self.use_new_attention_order,
@@ -201,7 +209,8 @@ class Model(nn.Module):
         emb = nn.Dense(temb_dim, dtype=dtype, name="time_embed_2")(nn.silu(emb))
 
         labels = labels.astype(dtype)
-        h = conv3x3(self.channel_mult[0] * self.model_channels, "input_blocks_0_0", dtype)(x.astype(dtype))
+        h = conv3x3(self.channel_mult[0] * self.model_channels, "input_blocks_0_0", dtype,
+                    impl=self.conv_impl)(x.astype(dtype))
         skips, ds, idx = [h], 1, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
@@ -234,14 +243,14 @@ class Model(nn.Module):
                 idx += 1
 
         h = nn.silu(group_norm(h, "out_0"))
-        return conv3x3(self.out_channels, "out_2", dtype, zero_init=True)(h).astype(jnp.float32)
+        return conv3x3(self.out_channels, "out_2", dtype, zero_init=True, impl=self.conv_impl)(h).astype(jnp.float32)
 
     def _downsample(self, name, res, h, labels, emb, train):
         if self.resblock_updown:
             return res(name, h.shape[-1], updown="down")(h, labels, emb, train)
-        return conv3x3(h.shape[-1], name + "_op", jnp.dtype(self.dtype), stride=2)(h)
+        return conv3x3(h.shape[-1], name + "_op", jnp.dtype(self.dtype), stride=2, impl=self.conv_impl)(h)
 
     def _upsample(self, name, res, h, labels, emb, train):
         if self.resblock_updown:
             return res(name, h.shape[-1], spade=True, updown="up")(h, labels, emb, train)
-        return conv3x3(h.shape[-1], name + "_conv", jnp.dtype(self.dtype))(upsample_nearest2x(h))
+        return conv3x3(h.shape[-1], name + "_conv", jnp.dtype(self.dtype), impl=self.conv_impl)(upsample_nearest2x(h))

@@ -1,0 +1,104 @@
+"""layers.CONV_IMPLS: the matmul convolutions (im2col; XLA's forward with a matmul filter gradient) equal
+lax.conv_general_dilated in value and both gradients (float32) through nn.Conv as the models call it; the SDM
+with them still matches the PyTorch reference, and its parameter gradients equal those with XLA's convs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from jaxboost.models import layers
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cin,cout", [
+    ((3, 3), 1, ((1, 1), (1, 1)), 5, 16), ((3, 3), 2, ((1, 1), (1, 1)), 8, 8), ((1, 1), 1, "VALID", 12, 4),
+    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8)],
+    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem"])
+@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
+def test_matmul_convs_equal_lax_conv_in_value_and_gradients(impl, kernel, stride, padding, cin, cout, monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)  # the matmul gradient at test sizes
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 13, 11, cin)), jnp.float32)
+    convs = {name: nn.Conv(cout, kernel, strides=stride, padding=padding,
+                           conv_general_dilated=layers.CONV_IMPLS.get(name)) for name in ("xla", impl)}
+    params = convs["xla"].init(jax.random.key(1), x)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(convs["xla"].apply(params, x).shape), jnp.float32)
+    loss = lambda name: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(convs[name].apply(p, x) * w), (0, 1)))
+    (v_xla, (gp_xla, gx_xla)), (v_mm, (gp_mm, gx_mm)) = loss("xla")(params, x), loss(impl)(params, x)
+    np.testing.assert_allclose(v_mm, v_xla, rtol=1e-5)
+    np.testing.assert_allclose(gx_mm, gx_xla, atol=1e-5 * float(jnp.abs(gx_xla).max()), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp_mm), jax.tree.leaves(gp_xla)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
+def test_matmul_convs_leave_grouped_and_dilated_convs_to_lax(impl):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 9, 4)), jnp.float32)
+    for kw in (dict(feature_group_count=2), dict(kernel_dilation=2)):
+        conv = lambda name: nn.Conv(4, (3, 3), conv_general_dilated=layers.CONV_IMPLS.get(name), **kw)
+        params = conv("xla").init(jax.random.key(0), x)
+        np.testing.assert_array_equal(conv(impl).apply(params, x), conv("xla").apply(params, x))
+
+
+def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused():
+    assert layers.choose_conv("auto", backend="cpu") == "matmul_filter_grad"
+    assert layers.choose_conv("auto", backend="gpu") == layers.choose_conv("auto", backend="tpu") == "xla"
+    assert layers.choose_conv("xla", backend="cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown convolution implementation 'im2col'"):
+        layers.conv_fn("im2col")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sdm_with_matmul_convs_matches_torch_reference():
+    import torch
+    from jaxboost.convert import sdm as convert_sdm
+    from sdm_helpers import random_reference
+    from test_sdm_model import SMALL, random_inputs, torch_forward
+    fields = SMALL
+    ref = random_reference(fields)
+    params = convert_sdm.sdm_from_torch_state_dict({k: v.numpy() for k, v in ref.state_dict().items()},
+                                                   ConfigDict(fields))
+    x, t, labels = random_inputs(fields)
+    with torch.no_grad():
+        expected = torch_forward(ref, x, t, labels).numpy()
+    impl = "matmul"  # the im2col forward (matmul_filter_grad's forward is XLA's; its gradients: below)
+    model = convert_sdm.model_from_config(ConfigDict(dict(fields, conv_impl=impl)))
+    assert model.conv_impl == impl
+    out = jax.jit(model.apply)({"params": params}, x, t, labels)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=0)
+
+
+def test_sdm_gradients_with_matmul_filter_grad_equal_xla_convs(monkeypatch):
+    from jaxboost.models.sdm import Model
+    from test_sdm_model import SMALL, random_inputs
+    monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)
+    x, t, labels = random_inputs(SMALL)
+    params = Model(**SMALL).init(jax.random.key(0), x, t, labels)["params"]
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)  # no zero layers
+    grads = {impl: jax.jit(jax.grad(lambda p: jnp.sum(Model(**SMALL, conv_impl=impl).apply({"params": p}, x, t,
+                                                                                        labels) ** 2)))(params)
+             for impl in ("xla", "matmul_filter_grad")}
+    for a, b in zip(jax.tree.leaves(grads["matmul_filter_grad"]), jax.tree.leaves(grads["xla"])):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)
+
+
+def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeypatch):
+    """models/cris.py's @layers.intercept_convs reaches the CLIP ResNet's convs: at threshold 0 every 3x3/7x7
+    conv's gradient is the custom matmul one, and the parameter gradients equal XLA's."""
+    from jaxboost.models import cris
+    model = cris.Model(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vocab_size=512, text_width=64,
+                       text_depth=1, text_heads=4, context_length=8, fpn_out=(32, 64, 64), num_layers=1, num_heads=4,
+                       mlp_dim=64, dropout_rate=0.0, upsample="none")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (2, 8)), jnp.int32)
+    variables = model.init(jax.random.key(0), x, ids)
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, ids, train=True,
+                                         mutable=["batch_stats"])[0] ** 2)
+    grads = {}
+    for threshold in (0, 2 ** 62):
+        monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", threshold)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+        assert ("custom_vjp_call" in jaxpr) == (threshold == 0)
+        grads[threshold] = jax.jit(jax.grad(loss))(variables["params"])
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[2 ** 62])):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)
