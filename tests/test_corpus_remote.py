@@ -11,30 +11,18 @@ import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 
 from jaxboost.data import corpus
 sys.path.insert(0, str(Path(__file__).parent))
 from test_corpus import SIZE, _synthetic_images  # noqa: E402
+import gcs_fake  # noqa: E402
 
 fsspec_registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)
 
 
-class _InMemoryBucket(MemoryFileSystem):
-    """gs://bucket/... kept in this process's memory (its own store, paths without a leading slash, as
-    gcsfs gives them, so epath's glob rebuilds gs:// URIs)."""
-    protocol = ("gs", "gcs")
-    root_marker = ""
-    store: dict = {}
-    pseudo_dirs = [""]
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        return path.strip("/")
+# gs://bucket/... kept in this process's memory (paths without a leading slash, as gcsfs gives them, so
+# epath's glob rebuilds gs:// URIs); the fixture clears it for each test.
+_InMemoryBucket = gcs_fake.InMemoryGCS
 
 
 @pytest.fixture
