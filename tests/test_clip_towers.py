@@ -8,6 +8,7 @@ import pytest
 from jaxboost import config as config_lib
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data import phantom
+from jaxboost.losses.contrastive import clip_loss
 from jaxboost.train import clip_towers, vl_seg
 
 
@@ -15,11 +16,11 @@ def test_clip_loss_counts_every_same_structure_pair_as_a_positive():
     labels = jnp.asarray([1, 1, 2])
     emb = jnp.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     # logit scale log(10): similarities 10 (same structure) or 0; each row's targets 1/2, 1/2, 0 (or 0, 0, 1)
-    loss = clip_towers.clip_loss(emb, emb, labels, jnp.log(10.0))
+    loss = clip_loss(emb, emb, labels, jnp.log(10.0))
     row_lv = -np.log(np.exp(10) / (2 * np.exp(10) + 1))
     row_myo = -np.log(np.exp(10) / (np.exp(10) + 2))
     assert float(loss) == pytest.approx((2 * row_lv + row_myo) / 3, rel=1e-5)
-    flipped = clip_towers.clip_loss(emb, emb[::-1], labels, jnp.log(10.0))
+    flipped = clip_loss(emb, emb[::-1], labels, jnp.log(10.0))
     assert float(flipped) > float(loss) + 1.0
 
 

@@ -61,3 +61,14 @@ def alpha_ramp(step, steps_per_epoch: int, alpha: float = 0.4, ramp_epochs: floa
     """Distillation weight: linear from 0 to `alpha` over the first `ramp_epochs` epochs, then constant."""
     progress = jnp.asarray(step, jnp.float32) / max(1.0, steps_per_epoch * ramp_epochs)
     return alpha * jnp.minimum(1.0, progress)
+
+
+def clip_loss(image_emb, text_emb, labels, logit_scale):
+    """CLIP's symmetric cross-entropy of the scaled cosine similarities; targets spread evenly over the
+    batch's pairs of the same structure (`labels`)."""
+    image_emb = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
+    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    logits = jnp.exp(logit_scale) * image_emb @ text_emb.T
+    same = (labels[:, None] == labels[None, :]).astype(jnp.float32)
+    targets = same / same.sum(-1, keepdims=True)
+    return 0.5 * (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.T, targets))

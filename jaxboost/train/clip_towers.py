@@ -31,7 +31,7 @@ from jaxboost import config as config_lib
 from jaxboost.convert.clip import fill_missing, load_converted, save_converted
 from jaxboost.data import corpus as corpus_lib
 from jaxboost.data.tokenize_clip import ClipTokenizer
-from jaxboost.losses.contrastive import soft_cross_entropy
+from jaxboost.losses.contrastive import clip_loss
 from jaxboost.models import clip, vit
 from jaxboost.train import vl_seg
 
@@ -57,17 +57,6 @@ class Towers(nn.Module):
                                    s["text_mlp_dim"], s["context_length"], s["projection_dim"],
                                    s["eos_token_id"], name="text")(input_ids, attention_mask)
         return image, text
-
-
-def clip_loss(image_emb, text_emb, labels, logit_scale):
-    """CLIP's symmetric cross-entropy of the scaled cosine similarities; targets spread evenly over the
-    batch's pairs of the same structure (`labels`)."""
-    image_emb = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
-    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-    logits = jnp.exp(logit_scale) * image_emb @ text_emb.T
-    same = (labels[:, None] == labels[None, :]).astype(jnp.float32)
-    targets = same / same.sum(-1, keepdims=True)
-    return 0.5 * (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.T, targets))
 
 
 def region_pairs(corpus_dir: str, size: int, background: float):
