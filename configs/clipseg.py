@@ -59,6 +59,7 @@ def get_config(arg=None):
     c.finetune_mode = "fresh"       # "fresh" | "resume" (the public code's flaw, for comparison)
     c.loss = dict(dice_weight=1.0, bce_weight=0.2, mode="fixed")   # mode "original": zero CE (MONAI #6923)
     c.optim = dict(name="adamw", lr=3e-3 if tiny else 2e-3, weight_decay=1e-3, grad_clip=0.5,
+                   schedule="constant", warmup_steps=0,  # optim.SCHEDULES
                    frozen=(), lr_mults={},  # the trainer adds the encoders when model.freeze_encoders
                    backbone_lr_mult=1.0)    # lr multiplier of trainable CLIP encoders
     c.num_epochs = 8 if tiny else 200

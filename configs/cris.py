@@ -48,6 +48,7 @@ def get_config(arg=None):
     c.finetune_mode = "fresh"       # "fresh" | "resume"
     c.loss = dict(dice_weight=1.0, bce_weight=0.2, mode="fixed")
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 2e-5, weight_decay=1e-3, grad_clip=0.5,
+                   schedule="constant", warmup_steps=0,  # optim.SCHEDULES
                    frozen=(), lr_mults={}, backbone_lr_mult=0.1)
     c.num_epochs = 8 if tiny else 200
     c.early_stop_patience = 20
