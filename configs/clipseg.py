@@ -27,9 +27,13 @@ FULL_MODEL = dict(vision_width=768, vision_depth=12, vision_heads=12, vision_mlp
 # `demo` (what `jaxboost demo` trains): tiny at patch 4, a 16x16 token grid the masks' walls fit in (patch 8's
 # 8x8 tokens drew blocks), the complex head upsampling 2x2 twice, the decoder at rd64's width. The latest
 # checkpoint is written once, at the end (the best one whenever validation improves; the demo resumes run by
-# run, not step by step), not after every 6-step epoch.
+# run, not step by step), not after every epoch. Batch 4 and a cosine lr (one epoch of warm-up): at batch 8
+# and a constant 3e-3 the 48-record real split gave 90 steps whose validation Dice jumped by 20-40 points
+# between epochs (best 78.7 / 71.4 / 55.4 over seeds 0-2); batch 4 doubles the steps for the same epochs
+# (an epoch's cost is mostly its evaluation) and the decaying lr settles: 72.3 / 77.0 / 79.7.
 DEMO_OVERRIDES = {"model.patch_size": 4, "model.complex_transposed_conv": True, "model.head_kernels": (2, 2),
-                  "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 15, "ckpt_every": 10**9}
+                  "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 15, "ckpt_every": 10**9,
+                  "batch_size": 4, "optim.schedule": "cosine", "optim.warmup_steps": 12}
 
 
 def get_config(arg=None):
