@@ -247,7 +247,7 @@ def _model_inputs(loader, config):
     for batch in loader:
         if np.asarray(batch["image"]).dtype == np.uint8:
             made = preprocess({k: batch[k] for k in ("image", "mask", "label")})
-            batch = dict(batch, image=np.asarray(made["image"]), mask=np.asarray(made["mask"]))
+            batch = dict(batch, image=np.array(made["image"]), mask=np.array(made["mask"]))  # writable, for torch
         yield batch
 
 
