@@ -200,7 +200,8 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
     from jaxboost.data import pipeline
     loader = pipeline.make_loader(config.data.corpus, "train", global_batch_size=int(config.batch_size),
                                   seed=int(config.seed), shuffle=True, transform=pipeline.segmentation_transform(
-                                      int(config.data.prompt), int(config.data.size)))
+                                      int(config.data.prompt), int(config.data.size),
+                                      host_uint8=pipeline.host_uint8(config)))
     steps_per_epoch = corpus_lib.open_corpus(config.data.corpus).split_len("train") // int(config.batch_size)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     groups = _torch_param_groups(name, model, config)
@@ -213,7 +214,7 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
         return _torch_forward(name, model, config, batch), torch.from_numpy(np.asarray(current["mask"]))
     step = harness.torch_seg_train_step(forward, [p for g in groups for p in g["params"]], opt)
     model.train()
-    evals, batches, t0 = [], iter(loader), time.time()
+    evals, batches, t0 = [], _model_inputs(loader, config), time.time()
     for done in range(1, epochs * steps_per_epoch + 1):
         current.update(next(batches))
         loss = float(step().detach())
@@ -232,6 +233,22 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
     if keep_best:
         model.load_state_dict(best)
     return evals
+
+
+def _model_inputs(loader, config):
+    """The loader's batches as jaxboost's train step sees them: with data.host_uint8 the stored uint8 records
+    go through the step's own `pipeline.device_preprocess` (cast, resize, the structure's mask), so both
+    frameworks train on the same arrays (the host float transform resizes 64 -> 128 px in uint8: up to 1/255
+    off the step's float resize)."""
+    import jax
+
+    from jaxboost.data import pipeline
+    preprocess = jax.jit(lambda b: pipeline.device_preprocess(b, config))
+    for batch in loader:
+        if np.asarray(batch["image"]).dtype == np.uint8:
+            made = preprocess({k: batch[k] for k in ("image", "mask", "label")})
+            batch = dict(batch, image=np.array(made["image"]), mask=np.array(made["mask"]))  # writable, for torch
+        yield batch
 
 
 def _check_same_start(name: str, model, config, tokenizer, workdir: Path) -> dict:

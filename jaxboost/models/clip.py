@@ -15,6 +15,7 @@ All images NHWC.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxboost.models import layers, vit
@@ -96,8 +97,44 @@ def avg_pool(x, k: int):
     return x if k == 1 else nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
 
 
+class BatchNorm(nn.Module):
+    """torch's BatchNorm{1,2}d over the last axis, with flax BatchNorm's variable names (params scale/bias,
+    batch_stats mean/var). Training normalises with the batch mean and biased variance and updates the
+    running statistics as torch does: momentum 0.1 (torch's convention) and the *unbiased* batch variance,
+    n / (n - 1) times flax's biased one (n = elements per channel: 8/7 for CRIS's text-gate BatchNorm1d at
+    batch 8, 128/127 for a 4x4 map), so running statistics trained here are what the public PyTorch code
+    trains and evaluates with."""
+    use_running_average: bool = False
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: layers.Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        stats_dtype = jnp.promote_types(x.dtype, jnp.float32)   # statistics at least in float32, as flax
+        if self.use_running_average:
+            mean, var = running_mean.value.astype(stats_dtype), running_var.value.astype(stats_dtype)
+        else:
+            axes, n = tuple(range(x.ndim - 1)), x.size // c
+            xs = x.astype(stats_dtype)
+            mean = xs.mean(axes)
+            var = jnp.maximum(jnp.square(xs).mean(axes) - jnp.square(mean), 0.0)   # flax's fast variance
+            if not self.is_initializing():
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean.astype(jnp.float32)
+                running_var.value = (1 - m) * running_var.value + m * (var * (n / max(n - 1, 1))).astype(jnp.float32)
+        mul = scale.astype(stats_dtype) * jax.lax.rsqrt(var + self.epsilon)
+        y = (x.astype(stats_dtype) - mean) * mul + bias.astype(stats_dtype)
+        return y.astype(self.dtype or jnp.promote_types(x.dtype, jnp.float32))
+
+
 class ConvBN(nn.Module):
-    """Conv (no bias) -> BatchNorm (torch eps 1e-5, momentum 0.1) -> optional ReLU."""
+    """Conv (no bias) -> BatchNorm (torch's: eps 1e-5, momentum 0.1, unbiased running variance) -> optional ReLU."""
     features: int
     kernel: int = 1
     stride: int = 1
@@ -109,8 +146,7 @@ class ConvBN(nn.Module):
         pad = self.kernel // 2
         x = nn.Conv(self.features, (self.kernel,) * 2, (self.stride,) * 2, padding=[(pad, pad)] * 2,
                     use_bias=False, dtype=self.dtype, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                         name="bn")(x)
+        x = BatchNorm(not train, dtype=self.dtype, name="bn")(x)
         return nn.relu(x) if self.relu else x
 
 

@@ -110,8 +110,7 @@ class Neck(nn.Module):
     def __call__(self, c3, c4, c5, state, train: bool = False):
         o0, o1, o2 = self.out_channels
         cb = lambda f, k, name: clip.ConvBN(f, k, dtype=self.dtype, name=name)
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                       dtype=self.dtype, name=name)
+        bn = lambda name: clip.BatchNorm(not train, dtype=self.dtype, name=name)
         gate = nn.relu(bn("txt_proj_bn")(nn.Dense(o2, use_bias=False, dtype=self.dtype, name="txt_proj")(state)))
         f5 = nn.relu(bn("f1_norm")(cb(o2, 1, "f1_v_proj")(c5, train) * gate[:, None, None]))
         f4 = cb(o1, 1, "f2_cat")(jnp.concatenate([cb(o1, 3, "f2_v_proj")(c4, train), upsample2x(f5)], -1), train)
