@@ -237,9 +237,11 @@ class PreNormBlock(nn.Module):
 # cuDNN on GPU, the MXU on TPU, YNNPACK/Eigen on CPU). "matmul": im2col, the k*k shifted views of the padded
 # input concatenated along channels and contracted with the [k*k*C, O] kernel in one dot_general, so the
 # forward and both gradients are matmuls, pads, slices and adds. "matmul_filter_grad": XLA's forward and data
-# gradient, the filter gradient as k*k matmuls of a shifted input view with the output gradient: XLA:CPU
-# runs the filter gradient as a convolution whose window is the whole activation, 3-6x the forward's time at
-# large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
+# gradient, the filter gradient as matmuls (unstrided: one dot of the input with the output gradient's k*k
+# shifted views; strided: k*k dots of a shifted input view with the output gradient): XLA:CPU
+# runs the filter gradient as a convolution whose window is the whole activation (the compiled HLO: input
+# transposed to [C, H, W, B], the output gradient as a [H, W, B, O] kernel, so each window position contracts
+# only the batch), 3-6x the forward's time at large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
 # MATMUL_FILTER_GRAD_MIN_INPUT input elements XLA's own filter gradient is as fast or faster, so it keeps it.
 MATMUL_FILTER_GRAD_MIN_INPUT = 2 ** 22
 CONV_IMPLS = Registry("convolution implementation")
