@@ -2,7 +2,14 @@
 (benchmarks/torch_ref/cris.py; eager and torch.compile), same random weights (through the converter), same
 batch, size and loss (Dice + 0.2 BCE on the 1/4-resolution logits, as CRIS trains), AdamW with the backbone
 at 0.1x the learning rate, gradient clipping 0.5, BatchNorm in train mode, dropout 0 (so both sides compute
-the same thing). The JAX and torch logits are checked equal first."""
+the same thing). The JAX and torch logits are checked equal first.
+
+  python -m benchmarks.speed_cris [--quick] [--profile] [--train-only] [--iters N] [--no-compile] [--conv-impl NAME]
+
+--conv-impl times the model under another `layers.CONV_IMPLS` form (what "auto" runs, layers.AUTO_CONV).
+XLA:CPU flag worth trying at full size: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (empty: Eigen
+convolutions and dots instead of YNNPACK fusions; XLA's own filter gradient of a [2, 52, 52, 512] -> 512
+3x3 conv 0.65 s vs 1.5 s, the whole 416 px train step 47.8 s vs 50.9 s in two runs on a loaded 2-core CPU)."""
 from __future__ import annotations
 
 import tempfile
@@ -14,6 +21,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Row
+from jaxboost.models import layers
 
 
 def _configs(quick: bool):
@@ -33,8 +41,9 @@ def _configs(quick: bool):
     return clip, head, dict(num_heads=8, text_heads=8), 416, 4, 77
 
 
-def run(quick: bool = False, profile: bool = False):
-    """Rows; with `profile`, (rows, {"op_profiles": ...}): where each step's time goes in both frameworks."""
+def _setup(quick: bool) -> dict:
+    """The torch reference with random weights, the same weights converted, one batch on both sides; the
+    JAX and torch logits checked equal."""
     import torch
 
     from benchmarks.torch_ref import cris as ref
@@ -54,30 +63,46 @@ def run(quick: bool = False, profile: bool = False):
     ids[:, -1] = vocab - 1
     mask = np.ones_like(ids)
     target = (rng.random((batch, size // 4, size // 4)) > 0.5).astype(np.float32)
-    tp, tids, tmask = torch.tensor(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor(ids), torch.tensor(mask)
-    ttarget = torch.tensor(target)
-    jp, jids, jmask, jtarget = map(jnp.asarray, (pixels, ids.astype(np.int32), mask.astype(np.int32), target))
-
-    # --- correctness first
+    torch_batch = (torch.tensor(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor(ids), torch.tensor(mask),
+                   torch.tensor(target))
+    jax_batch = tuple(map(jnp.asarray, (pixels, ids.astype(np.int32), mask.astype(np.int32), target)))
     with torch.no_grad():
-        ref_logits = tmodel(tp, tids, tmask)[:, 0].numpy()
+        ref_logits = tmodel(*torch_batch[:3])[:, 0].numpy()
     apply = jax.jit(module.apply)
-    ours = np.asarray(apply(variables, jp, jids, jmask))
+    ours = np.asarray(apply(variables, *jax_batch[:3]))
     err = float(np.abs(ours - ref_logits).max()) / max(1.0, float(np.abs(ref_logits).max()))
     if err > 1e-4:
         raise AssertionError(f"CRIS JAX vs torch reference logits differ by {err} (relative to max |logit|)")
+    return dict(tmodel=tmodel, module=module, variables=variables, apply=apply, torch_batch=torch_batch,
+                jax_batch=jax_batch, err=err, size=size, batch=batch)
 
+
+def run(quick: bool = False, profile: bool = False, train_only: bool = False, compile_torch: bool = True,
+        iters: int = 5):
+    """Rows; with `profile`, (rows, {"op_profiles": ...}): where each step's time goes in both frameworks.
+    `train_only`: the train rows only; `compile_torch=False`: no torch.compile rows (minutes on CPU);
+    `iters`: timed calls per row (fewer than 5: one warm-up instead of two; a full-size step takes 10-30 s);
+    0 with `profile`: the profiles only (one call each after the warm-up), no timed rows."""
+    import torch
+
+    timing = dict(iters=iters, warmup=2 if iters >= 5 else 1)
+    s = _setup(quick)
+    tmodel, module, variables, apply = s["tmodel"], s["module"], s["variables"], s["apply"]
+    (tp, tids, tmask, ttarget), (jp, jids, jmask, jtarget) = s["torch_batch"], s["jax_batch"]
+    size, batch, err = s["size"], s["batch"], s["err"]
     rows: list[Row] = []
     case_inf, case_train = f"cris/infer {size}px b{batch}", f"cris/train {size}px b{batch}"
-    flops = harness.xla_flops(apply, variables, jp, jids, jmask)
-    t = harness.time_call(lambda: apply(variables, jp, jids, jmask))
-    rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t), note=f"rel. max|dlogits|={err:.1e}"))
 
     def torch_infer(model):
         with torch.no_grad():
             return model(tp, tids, tmask)
-    t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync)
-    rows.append(Row(case_inf, "torch eager", t, batch / t))
+    if not train_only and iters:
+        flops = harness.xla_flops(apply, variables, jp, jids, jmask)
+        t = harness.time_call(lambda: apply(variables, jp, jids, jmask), **timing)
+        rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t),
+                        note=f"rel. max|dlogits|={err:.1e}"))
+        t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync, **timing)
+        rows.append(Row(case_inf, "torch eager", t, batch / t))
 
     # --- train step: the trainer's own; everything trains, the CLIP backbone at 0.1x lr
     lr = 2e-5
@@ -86,8 +111,10 @@ def run(quick: bool = False, profile: bool = False):
                                                              "optim.grad_clip=0.5", "optim.backbone_lr_mult=0.1",
                                                              "model.freeze_encoders=False"], module, variables,
                                    (jp, jids, jmask, jtarget))
-    t, flops = harness.time_product_step(*product_step())
-    rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t), note="vl_seg train step"))
+    if iters:
+        t, flops = harness.time_product_step(*product_step(), **timing)
+        rows.append(Row(case_train, "jax", t, batch / t, flops, harness.mfu(flops, t),
+                        note=f"vl_seg train step; conv_impl auto = {layers.choose_conv('auto')}"))
 
     def make_torch_step(model):
         backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
@@ -99,21 +126,24 @@ def run(quick: bool = False, profile: bool = False):
         return harness.torch_seg_train_step(lambda: (model(tp, tids, tmask)[:, 0], ttarget), every, opt)
 
     tmodel.train()
-    t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync)
-    rows.append(Row(case_train, "torch eager", t, batch / t))
+    if iters:
+        t = harness.time_call(make_torch_step(tmodel), sync=harness.torch_sync, **timing)
+        rows.append(Row(case_train, "torch eager", t, batch / t))
     if profile:
+        n = min(3, iters) or 1
         tmodel.eval()
-        profiles = {case_inf: (harness.xla_op_profile(apply, variables, jp, jids, jmask),
-                               harness.torch_op_profile(lambda: torch_infer(tmodel)))}
+        profiles = {} if train_only else {case_inf: (harness.xla_op_profile(apply, variables, jp, jids, jmask, iters=n),
+                                                     harness.torch_op_profile(lambda: torch_infer(tmodel), iters=n))}
         tmodel.train()
         step_fn, state, device_batch = product_step()  # time_product_step donated the first state
-        profiles[case_train] = (harness.xla_op_profile(jax.jit(step_fn), state, device_batch),
-                                harness.torch_op_profile(make_torch_step(tmodel)))
+        profiles[case_train] = (harness.xla_op_profile(jax.jit(step_fn), state, device_batch, iters=n),
+                                harness.torch_op_profile(make_torch_step(tmodel), iters=n))
         return harness.add_ratios(rows), {"op_profiles": {
             case: {"jax": j, "torch eager": t, "table": harness.format_op_profiles(case, j, t)}
             for case, (j, t) in profiles.items()}}
-    if quick:  # torch.compile of CRIS takes minutes on a small CPU: the full run measures it
-        rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note="skipped in --quick"))
+    if quick or not compile_torch:  # torch.compile of CRIS takes minutes on a small CPU: the full run measures it
+        rows.append(Row(case_train, "torch compile", float("nan"), float("nan"),
+                        note="skipped in --quick" if quick else "skipped (--no-compile)"))
         return rows
     try:
         compiled = torch.compile(tmodel)
@@ -127,8 +157,20 @@ def run(quick: bool = False, profile: bool = False):
 
 
 if __name__ == "__main__":
-    import sys
-    out = run(quick="--quick" in sys.argv, profile="--profile" in sys.argv)
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="op-level profiles of both frameworks' steps")
+    parser.add_argument("--train-only", action="store_true", help="the train step only")
+    parser.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per row")
+    parser.add_argument("--conv-impl", choices=layers.CONV_IMPLS.names(), default=None,
+                        help="what the model's conv_impl 'auto' runs on this backend (layers.AUTO_CONV)")
+    args = parser.parse_args()
+    if args.conv_impl:
+        layers.AUTO_CONV[jax.default_backend()] = args.conv_impl
+    out = run(quick=args.quick, profile=args.profile, train_only=args.train_only, compile_torch=not args.no_compile,
+              iters=args.iters)
     rows, extra = out if isinstance(out, tuple) else (out, {})
     print(harness.format_table(harness.add_ratios(rows)))
     for p in extra.get("op_profiles", {}).values():

@@ -194,15 +194,19 @@ def _cases(s: dict) -> tuple[str, str]:
     return f"sdm/train {size}px b{batch}", f"sdm/ddim{s['steps']} guided {size}px b{batch}"
 
 
+# Timed train steps of a full-size part (`--iters`; one warm-up): a 256 px step is minutes on 2 cores.
+FULL_ITERS = {"iters": 3}
+
+
 def _timing(quick: bool) -> dict:
     """time_call's warm-up and iterations: full-size steps take tens of seconds each on 2 cores."""
-    return dict(warmup=2, iters=3) if quick else dict(warmup=1, iters=3)
+    return dict(warmup=2, iters=3) if quick else dict(warmup=1, iters=FULL_ITERS["iters"])
 
 
-def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
+def _jax_rows(s: dict, quick: bool, sample: bool = True) -> tuple[list[Row], np.ndarray | None]:
     """The SDM trainer's own step (EMA, label dropout) and the guided DDIM loop `jaxboost synth` runs (cond +
     uncond batched): rows and the samples, drawn before any train step (the checks compare untrained weights
-    on both sides: each side's timed steps train its copy)."""
+    on both sides: each side's timed steps train its copy). `sample=False`: the train row only."""
     from jaxboost.diffusion import samplers
     train_case, sample_case = _cases(s)
     jl, tl = s["losses"]
@@ -210,22 +214,24 @@ def _jax_rows(s: dict, quick: bool) -> tuple[list[Row], np.ndarray]:
     keys = samplers.per_sample_keys(0, 0, batch)
     run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=fields["in_channels"], sampler="ddim",
                                         steps=steps, guidance=1.5)
-    ours = np.asarray(run_sampler(params, labels, keys))
+    ours = np.asarray(run_sampler(params, labels, keys)) if sample else None
     step, state, device_batch = _product_step(fields, params, s["x0"], labels)
     sec, flops = harness.time_product_step(step, state, device_batch, **_timing(quick))
     del state, device_batch
     loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
     rows = [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
                 note=f"sdm train step (EMA, label dropout); {loss_note}")]
+    if not sample:
+        return rows, None
     flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
     sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0,
                             iters=2 if quick else 1)
     return rows + [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))], ours
 
 
-def _torch_rows(s: dict, quick: bool, model, impl: str) -> tuple[list[Row], np.ndarray]:
+def _torch_rows(s: dict, quick: bool, model, impl: str, sample: bool = True) -> tuple[list[Row], np.ndarray | None]:
     """The torch reference's AdamW step and its guided DDIM loop (two calls per step), `model` eager or
-    compiled: rows and the samples (NHWC), drawn before any train step."""
+    compiled: rows and the samples (NHWC), drawn before any train step. `sample=False`: the train row only."""
     from benchmarks.torch_ref.sdm_unet import GaussianDiffusion
     from jaxboost.diffusion import samplers, schedules
     train_case, sample_case = _cases(s)
@@ -236,10 +242,12 @@ def _torch_rows(s: dict, quick: bool, model, impl: str) -> tuple[list[Row], np.n
     ty = s["torch_inputs"][4]
     loop = lambda: diffusion.ddim_sample_loop(model, x_T, ty, s=1.5)
     model.eval()
-    theirs = loop().permute(0, 2, 3, 1).numpy()
+    theirs = loop().permute(0, 2, 3, 1).numpy() if sample else None
     timing = _timing(quick) if impl == "torch eager" else dict(warmup=2, iters=3)
     sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"]), sync=harness.torch_sync, **timing)
     rows = [Row(train_case, impl, sec, batch / sec)]
+    if not sample:
+        return rows, None
     model.eval()
     sec = harness.time_call(loop, sync=harness.torch_sync, warmup=0, iters=2 if quick else 1)
     return rows + [Row(sample_case, impl, sec, batch / sec)], theirs
@@ -272,20 +280,21 @@ def _compile_rows(s: dict) -> list[Row]:
 PART_TIMEOUT = {"jax": 2400, "torch eager": 1500, "torch compile": 2400}
 
 
-def run_part(part: str, out: str) -> None:
+def run_part(part: str, out: str, sample: bool = True) -> None:
     """One side of the full-size case: its rows, loss and samples into OUT/<part>.json / .npy."""
     import dataclasses
     import json
     s = _setup(False, part)
     if part == "jax":
-        rows, samples = _jax_rows(s, False)
+        rows, samples = _jax_rows(s, False, sample)
     elif part == "torch eager":
-        rows, samples = _torch_rows(s, False, s["ref"], "torch eager")
+        rows, samples = _torch_rows(s, False, s["ref"], "torch eager", sample)
     else:
         import torch
-        rows, samples = _torch_rows(s, False, torch.compile(s["ref"]), "torch compile")
+        rows, samples = _torch_rows(s, False, torch.compile(s["ref"]), "torch compile", sample)
     name = part.replace(" ", "_")
-    np.save(Path(out) / f"{name}.npy", samples)
+    if samples is not None:
+        np.save(Path(out) / f"{name}.npy", samples)
     (Path(out) / f"{name}.json").write_text(json.dumps(
         {"rows": [dataclasses.asdict(r) for r in rows], "loss": s["losses"][0 if part == "jax" else 1]}))
 
@@ -346,11 +355,14 @@ if __name__ == "__main__":
     parser.add_argument("--part", choices=list(PART_TIMEOUT), help="one side of the full-size case (internal)")
     parser.add_argument("--out", help="with --part: the folder its results go to")
     parser.add_argument("--in-process", action="store_true", help="full size with both frameworks in one process")
+    parser.add_argument("--train-only", action="store_true", help="with --part: the train step, no sampling loop")
+    parser.add_argument("--iters", type=int, default=3, help="with --part: timed full-size train steps")
     args = parser.parse_args(sys.argv[1:])
     import torch
     torch.set_num_threads(2)
+    FULL_ITERS["iters"] = args.iters
     if args.part:
-        run_part(args.part, args.out)
+        run_part(args.part, args.out, sample=not args.train_only)
     else:
         rows = _run_in_process(args.quick) if args.in_process or args.quick else _run_parts(False)
         print(harness.format_table(harness.add_ratios(rows)))

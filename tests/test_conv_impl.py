@@ -13,8 +13,9 @@ from jaxboost.models import layers
 
 @pytest.mark.parametrize("kernel,stride,padding,cin,cout", [
     ((3, 3), 1, ((1, 1), (1, 1)), 5, 16), ((3, 3), 2, ((1, 1), (1, 1)), 8, 8), ((1, 1), 1, "VALID", 12, 4),
-    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8)],
-    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem"])
+    ((3, 3), 1, "SAME", 4, 6), ((7, 7), 2, ((3, 3), (3, 3)), 3, 8), ((3, 3), 1, ((0, 2), (3, 1)), 4, 6),
+    ((5, 5), 1, "VALID", 3, 5)],
+    ids=["3x3", "3x3_stride2", "1x1", "same", "7x7_stride2_stem", "3x3_uneven_pads", "5x5_valid"])
 @pytest.mark.parametrize("impl", ["matmul", "matmul_filter_grad"])
 def test_matmul_convs_equal_lax_conv_in_value_and_gradients(impl, kernel, stride, padding, cin, cout, monkeypatch):
     monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)  # the matmul gradient at test sizes
@@ -40,10 +41,12 @@ def test_matmul_convs_leave_grouped_and_dilated_convs_to_lax(impl):
         np.testing.assert_array_equal(conv(impl).apply(params, x), conv("xla").apply(params, x))
 
 
-def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused():
+def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused(monkeypatch):
     assert layers.choose_conv("auto", backend="cpu") == "matmul_filter_grad"
     assert layers.choose_conv("auto", backend="gpu") == layers.choose_conv("auto", backend="tpu") == "xla"
     assert layers.choose_conv("xla", backend="cpu") == "xla"
+    monkeypatch.setitem(layers.AUTO_CONV, "cpu", "xla")  # what `speed_cris --conv-impl xla` does
+    assert layers.choose_conv("auto", backend="cpu") == "xla"
     with pytest.raises(ValueError, match="unknown convolution implementation 'im2col'"):
         layers.conv_fn("im2col")
 

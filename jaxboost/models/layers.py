@@ -237,9 +237,11 @@ class PreNormBlock(nn.Module):
 # cuDNN on GPU, the MXU on TPU, YNNPACK/Eigen on CPU). "matmul": im2col, the k*k shifted views of the padded
 # input concatenated along channels and contracted with the [k*k*C, O] kernel in one dot_general, so the
 # forward and both gradients are matmuls, pads, slices and adds. "matmul_filter_grad": XLA's forward and data
-# gradient, the filter gradient as k*k matmuls of a shifted input view with the output gradient: XLA:CPU
-# runs the filter gradient as a convolution whose window is the whole activation, 3-6x the forward's time at
-# large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
+# gradient, the filter gradient as matmuls (unstrided: one dot of the input with the output gradient's k*k
+# shifted views; strided: k*k dots of a shifted input view with the output gradient): XLA:CPU
+# runs the filter gradient as a convolution whose window is the whole activation (the compiled HLO: input
+# transposed to [C, H, W, B], the output gradient as a [H, W, B, O] kernel, so each window position contracts
+# only the batch), 3-6x the forward's time at large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
 # MATMUL_FILTER_GRAD_MIN_INPUT input elements XLA's own filter gradient is as fast or faster, so it keeps it.
 MATMUL_FILTER_GRAD_MIN_INPUT = 2 ** 22
 CONV_IMPLS = Registry("convolution implementation")
@@ -301,12 +303,30 @@ def _conv_matmul_filter_grad_bwd(strides, pads, precision, preferred_element_typ
     conv = lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                   precision=precision)
     d_lhs, = jax.vjp(conv, lhs)[1](g.astype(lhs.dtype))
+    if tuple(strides) == (1, 1):
+        return d_lhs, _filter_grad_shifted_g(lhs, g, rhs.shape, pads, precision).astype(rhs.dtype)
     # dW[i, j] = sum over batch and output positions of view_ij^T g: one [C, O] matmul per tap, in float32
     taps = [jax.lax.dot_general(v, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32)
             for v in _shifted_views(lhs, rhs.shape[:2], strides, pads)]
     d_rhs = jnp.stack(taps).reshape(rhs.shape).astype(rhs.dtype)
     return d_lhs, d_rhs
+
+
+def _filter_grad_shifted_g(lhs, g, kernel_shape, pads, precision):
+    """An unstrided convolution's filter gradient as one matmul: dW[i, j] = sum_m x[m] g[m + p - (i, j)]
+    over the input positions m, so the k*k shifted views are taken of g (zero outside it) and concatenated
+    along channels, and x [N, C] meets them in one [C, N] x [N, k*k*O] dot, in float32. One large matmul
+    instead of k*k [C, O] ones (~20% faster for CRIS's [4, 104, 104, 512] -> 256 3x3 on a 2-core CPU)."""
+    (kh, kw, c, o), (h, w) = kernel_shape, lhs.shape[1:3]
+    (p0h, p1h), (p0w, p1w) = pads
+    top, left = max(0, kh - 1 - p0h), max(0, kw - 1 - p0w)
+    gp = jnp.pad(g.astype(lhs.dtype), ((0, 0), (top, max(0, kh - 1 - p1h)), (left, max(0, kw - 1 - p1w)), (0, 0)))
+    views = [gp[:, p0h - i + top:p0h - i + top + h, p0w - j + left:p0w - j + left + w] for i in range(kh)
+             for j in range(kw)]
+    d = jax.lax.dot_general(lhs, jnp.concatenate(views, axis=-1), (((0, 1, 2), (0, 1, 2)), ((), ())),
+                            precision=precision, preferred_element_type=jnp.float32)
+    return d.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
 
 
 _conv_matmul_filter_grad.defvjp(_conv_matmul_filter_grad_fwd, _conv_matmul_filter_grad_bwd)
@@ -327,11 +347,16 @@ def conv_matmul_filter_grad(lhs, rhs, window_strides, padding, lhs_dilation=None
     return _conv_matmul_filter_grad(lhs, rhs, tuple(window_strides), pads, precision, preferred_element_type)
 
 
+# What "auto" runs per backend (others: "xla"). A table, so a benchmark can time a whole model under another
+# implementation without a field of its own (`python -m benchmarks.speed_cris --conv-impl xla`).
+AUTO_CONV = {"cpu": "matmul_filter_grad"}
+
+
 def choose_conv(implementation: str, backend: str | None = None) -> str:
-    """The implementation `auto` resolves to on this backend (CPU: "matmul_filter_grad", elsewhere "xla")."""
+    """The implementation `auto` resolves to on this backend (AUTO_CONV, else "xla"); others pass through."""
     if implementation != "auto":
         return implementation
-    return "matmul_filter_grad" if (backend or current_backend()) == "cpu" else "xla"
+    return AUTO_CONV.get(backend or current_backend(), "xla")
 
 
 def conv_fn(implementation: str = "auto"):
