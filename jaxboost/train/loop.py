@@ -274,9 +274,12 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
                         **cost.read(timing.get("step_time_s")))
             run.writer.write(done, {f"train/{k}": v for k, v in last.items()})
         if task.evaluate and length.eval_every and (done % length.eval_every == 0 or done == length.total_steps):
+            # The dispatched steps finish on the step clock: the eval's own time is what it excludes.
+            jax.block_until_ready(state)
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
             history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
+            jax.block_until_ready(state)
             _in_phase(bar, "saving", _timed, clock, run.save, done, state, metrics, train_iter)
         if preempt.agreed(done, config.get("preemption_check_every", 10)):
             run.save(done, state, metrics, train_iter, force=True)
