@@ -23,7 +23,7 @@ import numpy as np
 from jaxboost import parallel
 from jaxboost.train import checkpoints as ckpt_lib
 from jaxboost.train import workdir as workdir_lib
-from jaxboost.train.metrics_writer import MetricWriter, StepCost
+from jaxboost.train.metrics_writer import MetricWriter, StepCost, reference_peak
 from jaxboost.train.optim import set_lr_scale
 from jaxboost.train.preemption import Preemption
 from jaxboost.train.state import TrainState
@@ -320,6 +320,9 @@ def _fit_locked(task: Task, workdir) -> tuple[TrainState, dict]:
     run.writer = MetricWriter(workdir, resume_step=int(state.step))
     run.close = lambda: (run.ckpts.close(), run.writer.close())
     start = int(state.step)
+    # A CPU's matmul rate for MFU (~1 s of matmuls, once per process) belongs to the machine, not to this
+    # run's clock, which starts with the first step.
+    reference_peak()
     with Preemption() as preempt:
         state, metrics, last, history, wall = _train_steps(run, state, train_iter, preempt)
     final_step = int(state.step)
