@@ -48,6 +48,10 @@ class Checkpoints:
                                                      best_mode=best_mode, enable_async_checkpointing=async_save))
 
     def save(self, step: int, state: TrainState, meta: dict, data_iter=None, force: bool = False) -> None:
+        if self.best is not None:
+            # A latest step's meta names the best step: that one is on disk first, so a run killed while
+            # both are written never resumes from a meta whose best checkpoint is missing.
+            self.best.wait_until_finished()
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if self.has_data and data_iter is not None:
             import grain.python as grain
