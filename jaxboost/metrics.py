@@ -6,6 +6,8 @@ symmetric Hausdorff distance between the mask boundaries (pixels, or mm given a 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.distance import directed_hausdorff
@@ -22,13 +24,21 @@ def check_binary_mask(mask, name: str = "mask") -> np.ndarray:
     return mask.astype(bool)
 
 
+@functools.lru_cache(maxsize=32)
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Built once per size pair (a Python loop over the output rows; every scored mask of a split has the same
+    sizes): read-only, so no caller can change the cached copy."""
+    m = torch_bilinear_matrix(in_size, out_size).astype(np.float64)
+    m.flags.writeable = False
+    return m
+
+
 def probabilities_at(logits, shape: tuple[int, int]) -> np.ndarray:
     """sigmoid(logits [h, w]) bilinearly resized (torch, align_corners=False) to `shape` -> [H, W]."""
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     if probs.shape == tuple(shape):
         return probs
-    mh = torch_bilinear_matrix(probs.shape[0], shape[0]).astype(np.float64)
-    mw = torch_bilinear_matrix(probs.shape[1], shape[1]).astype(np.float64)
+    mh, mw = _bilinear_matrix(probs.shape[0], shape[0]), _bilinear_matrix(probs.shape[1], shape[1])
     return mh @ probs @ mw.T
 
 

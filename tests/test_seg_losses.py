@@ -6,6 +6,7 @@ import pytest
 
 from jaxboost import metrics
 from jaxboost.losses import segmentation as seg
+from jaxboost.models.resize import torch_bilinear_matrix
 
 torch = pytest.importorskip("torch")
 
@@ -90,3 +91,12 @@ def test_score_mask_resizes_to_source_resolution_like_torch(rng):
 def test_score_mask_rejects_non_binary_mask():
     with pytest.raises(ValueError, match="LV mask must be binary"):
         metrics.score_mask(np.zeros((4, 4)), np.array([[0, 1], [2, 3]]), name="LV mask")
+
+
+def test_resize_matrices_are_built_once_and_read_only(rng):
+    logits = rng.normal(size=(13, 10)).astype(np.float32)
+    first = metrics.probabilities_at(logits, (52, 40))
+    np.testing.assert_array_equal(metrics.probabilities_at(logits, (52, 40)), first)
+    m = metrics._bilinear_matrix(13, 52)
+    assert m is metrics._bilinear_matrix(13, 52) and not m.flags.writeable
+    np.testing.assert_array_equal(m, torch_bilinear_matrix(13, 52).astype(np.float64))

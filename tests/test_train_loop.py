@@ -147,3 +147,18 @@ def test_plateau_lr_matches_torch_reduce_lr_on_plateau(tmp_path):
             ours.append((logged[step + 1]["train/lr_scale"], opt.param_groups[0]["lr"]))
     assert any(t < 1.0 for _, t in ours), "the sequence must trigger a reduction"
     np.testing.assert_allclose([o for o, _ in ours], [t for _, t in ours], rtol=1e-6)
+
+
+def test_async_best_checkpoint_holds_the_best_steps_state(tmp_path):
+    # The best step's state is saved asynchronously while the next steps run (and donate their input state):
+    # it must hold that step's arrays, the same as the latest checkpoint of that step.
+    values = [0.1, 0.2, 0.9, 0.3, 0.4, 0.5]
+    run_toy(tmp_path, len(values), "eval_every=1", "ckpt_every=1", "keep_checkpoints=10", "best_metric=val/score",
+            f"eval_values={values!r}".replace(" ", ""))
+    import orbax.checkpoint as ocp
+    assert sorted(p.name for p in (tmp_path / "best").glob("[0-9]*")) == ["3"]
+    best = ocp.StandardCheckpointer().restore(tmp_path / "best" / "3" / "state")
+    latest = ocp.StandardCheckpointer().restore(tmp_path / "ckpt" / "3" / "state")
+    assert int(best["step"]) == 3
+    jax.tree.map(np.testing.assert_array_equal, best["params"], latest["params"])
+    jax.tree.map(np.testing.assert_array_equal, best["opt_state"], latest["opt_state"])

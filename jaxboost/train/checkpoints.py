@@ -39,12 +39,19 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
         self.best = None
         if best_metric:
+            # Async as the latest ones: the loop goes on while a better step's arrays, already copied to the
+            # host, are written (a synchronous save of the tiny demo segmenters' 3 MB cost more than an
+            # epoch's six steps). `wait` (before a NaN stop, the final save and `close`) finishes them.
             self.best = ocp.CheckpointManager(
                 self.workdir / "best", item_handlers=_handlers(False),
                 options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[best_metric],
-                                                     best_mode=best_mode, enable_async_checkpointing=False))
+                                                     best_mode=best_mode, enable_async_checkpointing=async_save))
 
     def save(self, step: int, state: TrainState, meta: dict, data_iter=None, force: bool = False) -> None:
+        if self.best is not None:
+            # A latest step's meta names the best step: that one is on disk first, so a run killed while
+            # both are written never resumes from a meta whose best checkpoint is missing.
+            self.best.wait_until_finished()
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if self.has_data and data_iter is not None:
             import grain.python as grain

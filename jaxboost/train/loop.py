@@ -23,7 +23,7 @@ import numpy as np
 from jaxboost import parallel
 from jaxboost.train import checkpoints as ckpt_lib
 from jaxboost.train import workdir as workdir_lib
-from jaxboost.train.metrics_writer import MetricWriter, StepCost
+from jaxboost.train.metrics_writer import MetricWriter, StepCost, reference_peak
 from jaxboost.train.optim import set_lr_scale
 from jaxboost.train.preemption import Preemption
 from jaxboost.train.state import TrainState
@@ -274,9 +274,12 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
                         **cost.read(timing.get("step_time_s")))
             run.writer.write(done, {f"train/{k}": v for k, v in last.items()})
         if task.evaluate and length.eval_every and (done % length.eval_every == 0 or done == length.total_steps):
+            # The dispatched steps finish on the step clock: the eval's own time is what it excludes.
+            jax.block_until_ready(state)
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
             history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
+            jax.block_until_ready(state)
             _in_phase(bar, "saving", _timed, clock, run.save, done, state, metrics, train_iter)
         if preempt.agreed(done, config.get("preemption_check_every", 10)):
             run.save(done, state, metrics, train_iter, force=True)
@@ -317,6 +320,9 @@ def _fit_locked(task: Task, workdir) -> tuple[TrainState, dict]:
     run.writer = MetricWriter(workdir, resume_step=int(state.step))
     run.close = lambda: (run.ckpts.close(), run.writer.close())
     start = int(state.step)
+    # A CPU's matmul rate for MFU (~1 s of matmuls, once per process) belongs to the machine, not to this
+    # run's clock, which starts with the first step.
+    reference_peak()
     with Preemption() as preempt:
         state, metrics, last, history, wall = _train_steps(run, state, train_iter, preempt)
     final_step = int(state.step)

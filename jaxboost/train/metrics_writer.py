@@ -99,15 +99,20 @@ def _register_epath_event_files(scheme: str) -> None:
     record_writer.register_writer_factory(scheme, _EpathEventFiles())
 
 
+def reference_peak() -> tuple[float, str]:
+    """(FLOP/s, what it is) that `mfu` divides by; on a CPU a matmul rate measured once per process."""
+    from benchmarks import harness
+    return harness.reference_peak()
+
+
 class StepCost:
     """From the compiled train step: FLOPs per device per step and a memory figure, once per run."""
 
     def __init__(self, compiled, devices):
-        from benchmarks import harness
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops = float((cost or {}).get("flops", 0.0) or 0.0)
-        self.peak_flops, self.peak_source = harness.reference_peak()
+        self.peak_flops, self.peak_source = reference_peak()
         self.devices = list(devices)
         m = compiled.memory_analysis()
         # Everything the step holds at once: its arguments, outputs (less the donated, aliased ones) and
