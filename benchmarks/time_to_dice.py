@@ -1,8 +1,8 @@
 """Time to accuracy: CLIPSeg and CRIS trained by jaxboost (`jaxboost.train.vl_seg`, the trainer behind
 `jaxboost train`) and by a PyTorch baseline (HF `CLIPSegForImageSegmentation`; the CRIS reference in
 benchmarks/torch_ref/cris.py) on the same phantom corpus, batches, seed and initial weights (the torch model's
-random init, taken over by jaxboost through its converter), with the Synthetic Boost recipe: AdamW at the
-config's lr (CRIS backbone at 0.1x), gradient clipping 0.5, Dice + 0.2 BCE, validation Dice once per epoch.
+random init, taken over by jaxboost through its converter), with the Synthetic Boost recipe: AdamW with the
+config's lr and its schedule (CRIS backbone at 0.1x), clipping 0.5, Dice + 0.2 BCE, validation Dice every epoch.
 The models and the schedule are `jaxboost demo`'s (`configs/<model>.py:demo`: 15 epochs, best checkpoint on
 every better validation Dice, latest at the end; the torch loop writes the same).
 
@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Row
+from jaxboost.train import optim
 
 PAPER_SPEEDUP = {"clipseg": 1.71, "cris": 4.55}
 # Synthetic Boost's level: 99% of the real-only run's best validation Dice; here of the lower of the two
@@ -49,9 +50,9 @@ VARIANT = "demo"
 
 def _plan(quick: bool) -> dict:
     """Synthetic Boost's few-labels regime as `jaxboost demo` stages it, fixed before any run: a 20-patient
-    phantom split by patient (16 train, 2 val, 2 test), the labels of 4 training patients (48 records, 6 steps
-    of 8 per epoch) for the real-only run, the finetune and the synthetic corpus; 5 synthetic images per real
-    mask (the paper's 5x: 240 records, 30 steps per epoch). The demo's schedule: 15 epochs real only and
+    phantom split by patient (16 train, 2 val, 2 test), the labels of 4 training patients (48 records, 12 steps
+    of 4 per epoch at the demo configs' batch) for the real-only run, the finetune and the synthetic corpus; 5 synthetic images per real
+    mask (the paper's 5x: 240 records, 60 steps per epoch). The demo's schedule: 15 epochs real only and
     finetune, 4 of synthetic pretraining. --quick: the cheap synthetic source (module docstring), 10 epochs
     real only and finetune and 2 of pretraining (as many examples as the real-only run sees)."""
     return dict(patients=20, real_patients=4, epochs=10 if quick else 15, pretrain_epochs=2 if quick else 4,
@@ -186,6 +187,15 @@ def _torch_validate(name: str, model, config, tokenizer) -> float:
     return vl_seg._summarise(scores, "val/")["val/dice_mean"]
 
 
+def torch_lr_schedule(opt, config, total_steps: int, steps_per_epoch: int):
+    """The trainer's own lr schedule (`optim.SCHEDULES[config.optim.schedule]`, an optax schedule) on a torch
+    optimiser; `.step()` it once per update: torch's step n then uses the lr optax gives update n."""
+    import torch
+    schedule = optim.SCHEDULES.get(config.optim.get("schedule", "constant"))(config.optim, total_steps,
+                                                                             steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda n: float(schedule(n)) / float(config.optim.lr))
+
+
 def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Path,
                  keep_best: bool = False) -> list[dict]:
     """The trainer's loop in torch eager: same loader (batches, order, prompts), loss, optimiser, clipping;
@@ -206,6 +216,7 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     groups = _torch_param_groups(name, model, config)
     opt = torch.optim.AdamW(groups, lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay))
+    lr_scale = torch_lr_schedule(opt, config, epochs * steps_per_epoch, steps_per_epoch)
     current = {}
 
     def forward():
@@ -218,6 +229,7 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
     for done in range(1, epochs * steps_per_epoch + 1):
         current.update(next(batches))
         loss = float(step().detach())
+        lr_scale.step()
         if not np.isfinite(loss):
             raise FloatingPointError(f"torch {name}: loss {loss} at step {done}")
         if done % steps_per_epoch == 0:

@@ -10,6 +10,7 @@ from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 
+from benchmarks import time_to_dice  # noqa: E402
 from benchmarks.torch_ref import cris as ref  # noqa: E402
 from jaxboost.config import load_config  # noqa: E402
 from jaxboost.convert.cris import variables_from_state_dicts  # noqa: E402
@@ -77,7 +78,8 @@ def test_batch_norm_is_torchs_in_training_and_evaluation(rng):
 
 def test_vl_seg_cris_optimizer_is_the_baselines_torch_adamw(one_torch_thread):
     """The same gradients through jaxboost's CRIS optimiser (optim.make_optimizer with vl_seg's groups) and
-    the baseline's torch AdamW param groups + clip_grad_norm_: the same parameters, step after step."""
+    the baseline's torch AdamW param groups + clip_grad_norm_ + the lr schedule: the same parameters, step
+    after step."""
     config = load_config("cris.py:demo")
     frozen, lr_mults = vl_seg.encoder_groups(config)
     tx = optim.make_optimizer(config, 100, 10, frozen=frozen, lr_mults=lr_mults)
@@ -91,6 +93,7 @@ def test_vl_seg_cris_optimizer_is_the_baselines_torch_adamw(one_torch_thread):
     lr = float(config.optim.lr)
     opt = torch.optim.AdamW([{"params": backbone, "lr": lr * float(config.optim.backbone_lr_mult)},
                              {"params": head, "lr": lr}], lr=lr, weight_decay=float(config.optim.weight_decay))
+    lr_scale = time_to_dice.torch_lr_schedule(opt, config, 100, 10)   # the demo's warm-up + cosine
     ours = traverse_util.unflatten_dict(params, sep="/")
     state = tx.init(ours)
     update = jax.jit(tx.update)
@@ -103,5 +106,6 @@ def test_vl_seg_cris_optimizer_is_the_baselines_torch_adamw(one_torch_thread):
             p.grad = torch.tensor(grads[k])
         torch.nn.utils.clip_grad_norm_(list(tparams.values()), float(config.optim.grad_clip))
         opt.step()
+        lr_scale.step()
         for k, p in _flat(jax.device_get(ours)).items():
             np.testing.assert_allclose(p, tparams[k].detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{k} at {step}")
