@@ -1,5 +1,6 @@
 """One command for every benchmark: `python -m benchmarks.run [--quick] [--out DIR] [--cases a,b]
-[--device auto|cpu|gpu] [--dtype float32|bfloat16]` (also `jaxboost bench`; `jaxboost bench compare BASE.json NEW.json` compares two runs). Prints one table,
+[--device auto|cpu|gpu] [--dtype float32|bfloat16]` (also `jaxboost bench`; `jaxboost bench compare
+BASE.json NEW.json` compares two runs). Prints one table,
 writes results.json (benchmarks/schema.md) / results.md / speed.png under --out.
 
 Cases are modules `benchmarks.<name>` with `run(quick: bool) -> list[Row] | (list[Row], dict)`. --device and
@@ -175,7 +176,8 @@ def main(args) -> int:
             print(f"\n{name}:\n{e['table']}")
     m = document["machine"]
     print(f"\nmachine: {m.get('cpu')} ({m['cpu_count']} cores), jax {m.get('jax')} on {m['jax_backend']}, "
-          f"torch {m.get('torch')}; speed cases on {document['device']} in {document['dtype']}; commit {str(document['git']['commit'])[:10]}; "
+          f"torch {m.get('torch')}; speed cases on {document['device']} in {document['dtype']}; "
+          f"commit {str(document['git']['commit'])[:10]}; "
           f"wrote {os.path.abspath(args.out)}/results.json")
     if document["failed"]:
         print(f"FAILED cases: {document['failed']}", file=sys.stderr)

@@ -71,7 +71,7 @@ def run(quick: bool = False):
     note = setting.check("CLIPSeg logits", err)
 
     rows: list[Row] = []
-    case_inf, case_train = f"clipseg/infer {size}px b{batch}{setting.tag}", f"clipseg/train {size}px b{batch}{setting.tag}"
+    case_inf, case_train = (f"clipseg/{kind} {size}px b{batch}{setting.tag}" for kind in ("infer", "train"))
     flops = harness.xla_flops(apply, variables, jp, jids, jmask)
     t = harness.time_call(lambda: apply(variables, jp, jids, jmask))
     rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t), note=note))

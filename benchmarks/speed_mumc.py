@@ -107,7 +107,7 @@ def run(quick: bool = False):
     s = QUICK if quick else FULL
     setting = harness.setting()
     net, sd = _torch_reference(s, setting.torch_sdpa)
-    net.to(setting.torch_device).eval()   # no dropout on either side (the JAX step runs deterministic=True); autograd still works
+    net.to(setting.torch_device).eval()  # no dropout either side (JAX: deterministic=True); autograd still works
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model": sd}, f"{d}/checkpoint.pth")
         params, momentum, queues, unmapped = albef.load_albef(f"{d}/checkpoint.pth")

@@ -310,7 +310,8 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - acp)
 
     def _x(self, arr, t, x):
-        return torch.as_tensor(arr, dtype=torch.float64, device="cpu")[t.cpu()].float().to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        picked = torch.as_tensor(arr, dtype=torch.float64, device="cpu")[t.cpu()].float()  # float64 tables on the host
+        return picked.to(x.device).view(-1, *([1] * (x.dim() - 1)))
 
     def p_mean_variance(self, model, x, t, y, s=None, clip_denoised=True):
         """SDM's p_mean_variance: guidance on the eps channels, variance from the conditional output."""
