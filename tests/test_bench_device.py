@@ -164,3 +164,32 @@ def test_device_check_dry_run_runs_the_script_in_bf16(tmp_path):
                                                              ("clipseg/train 96px b4 bf16", "torch eager")}
     assert all((r["device"], r["dtype"]) == ("cpu", "bfloat16") for r in doc["rows"])
     assert doc["rows"][0]["note"].startswith("bfloat16 rel. err")
+
+
+@pytest.fixture
+def pretend_cudnn(monkeypatch):
+    """JAX's cuDNN attention traced on a CPU: its cuDNN-version and compute-capability probes answered as on
+    an H100 (cuDNN 9.10, sm 9.0), so its shape checks run (what cannot run here is the kernel itself)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    from jaxboost.models import layers
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(layers, "current_backend", lambda: "gpu")
+
+
+KEY_PADDING = pytest.param((4, 1, 1, 8), marks=pytest.mark.xfail(
+    raises=ValueError, strict=True, reason="jax's cuDNN attention needs the mask's full [T, S] ('Bias must have "
+    "same seq length as QKV'); layers' cudnn entry passes CRIS's cross-attention and BERT's [B, 1, 1, S] key "
+    "masks as they are, so the bf16 CRIS and MUMC steps fail to trace on a GPU until it broadcasts them"))
+
+
+@pytest.mark.parametrize("mask_shape", [None, (4, 1, 16, 16), KEY_PADDING],
+                         ids=["no mask (CLIPSeg vision, SDM)", "causal [B,1,T,S] (CLIP text)", "key padding"])
+def test_cudnn_attention_traces_with_the_masks_the_models_pass(pretend_cudnn, mask_shape):
+    from jaxboost.models import layers
+    q = jnp.zeros((4, 16, 2, 64), jnp.bfloat16)
+    kv = jnp.zeros((4, mask_shape[-1] if mask_shape else 16, 2, 64), jnp.bfloat16)
+    mask = None if mask_shape is None else jnp.ones(mask_shape, bool)
+    out = jax.eval_shape(lambda q, kv, m: layers.dot_product_attention(q, kv, kv, mask=m), q, kv, mask)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
