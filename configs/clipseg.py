@@ -15,6 +15,10 @@ import ml_collections
 
 from jaxboost.config import variant
 
+# data.augment (jaxboost/data/seg_augment.py): magnitudes of the on-device augmentation; all 0 = off
+AUGMENT_OFF = dict(rotate_deg=0.0, scale=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0,
+                   noise=0.0)
+
 TINY_MODEL = dict(vision_width=64, vision_depth=4, vision_heads=4, vision_mlp_dim=128, patch_size=8,
                   vision_image_size=64, vocab_size=0, text_width=64, text_depth=2, text_heads=4, text_mlp_dim=128,
                   context_length=64, eos_token_id=None, projection_dim=32, extract_layers=(1, 2, 3),
@@ -57,7 +61,8 @@ def get_config(arg=None):
                   eval_prompts=(),      # prompts scored by `jaxboost eval` (empty: `prompt`)
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # ImageNet, as HF's processor
                   tokenizer="",         # local CLIP tokenizer folder; "": train one on the prompts
-                  tokenizer_vocab_size=1000)
+                  tokenizer_vocab_size=1000,
+                  augment=AUGMENT_OFF)  # seg_augment: per-example affine + intensity in the step
     c.pretrained = ""               # `jaxboost convert clipseg` output folder; "": random init
     c.init_from = ""                # a previous run's workdir (pretrain -> finetune)
     c.finetune_mode = "fresh"       # "fresh" | "resume" (the public code's flaw, for comparison)

@@ -13,6 +13,10 @@ import ml_collections
 
 from jaxboost.config import variant
 
+# data.augment (jaxboost/data/seg_augment.py): magnitudes of the on-device augmentation; all 0 = off
+AUGMENT_OFF = dict(rotate_deg=0.0, scale=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0,
+                   noise=0.0)
+
 TINY_MODEL = dict(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vision_image_size=64, vocab_size=0,
                   text_width=64, text_depth=2, text_heads=4, context_length=64, fpn_out=(32, 64, 64),
                   num_layers=1, num_heads=4, mlp_dim=128, dropout_rate=0.0)
@@ -46,7 +50,8 @@ def get_config(arg=None):
                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),  # CLIP
                   tokenizer="", tokenizer_vocab_size=1000,
                   workers=0 if tiny else 8, prefetch=2,  # grain worker processes; batches each keeps ready
-                  host_uint8=True)  # uint8 from the host, cast/normalise/resize inside the step
+                  host_uint8=True,  # uint8 from the host, cast/normalise/resize inside the step
+                  augment=AUGMENT_OFF)  # seg_augment: per-example affine + intensity in the step
     c.pretrained = ""               # `jaxboost convert cris` output folder; "": random init
     c.init_from = ""
     c.finetune_mode = "fresh"       # "fresh" | "resume"
