@@ -86,3 +86,40 @@ def test_a_bad_field_is_one_value_error_naming_it(augment, field):
     with pytest.raises(ValueError, match=rf"^config\.data\.augment\.{field}[=:]") as err:
         seg_augment.magnitudes(augment)
     assert "\n" not in str(err.value)
+
+
+class _ImageAsLogits:
+    """A stand-in segmenter whose logits are its (normalised) image: the loss then reads both the augmented
+    image and the augmented mask."""
+
+    def apply(self, variables, image, input_ids, attention_mask, **kwargs):
+        return 4.0 * image[..., 0]   # params unused: the weights stay as they are, step after step
+
+
+def test_time_to_dice_torch_inputs_are_the_train_steps_own(tmp_path):
+    """benchmarks/time_to_dice.py feeds torch the arrays jaxboost's train step makes, augmentation included:
+    the step's loss (task.make_train_step + vl_seg.make_loss_fn) equals the loss of the baseline's inputs."""
+    from benchmarks import time_to_dice
+    from jaxboost.config import load_config
+    from jaxboost.data import corpus, phantom
+    from jaxboost.train import optim, state as state_lib, task, vl_seg
+    root = phantom.write_phantom(tmp_path / "phantom", patients=4, seed=1, size=(40, 32))
+    items, info = corpus.camus_items(root, size=24, source="phantom")
+    corpus.build_corpus(items, tmp_path / "c", size=24, source="phantom", source_info=info)
+    config = load_config("configs/clipseg.py:demo")
+    config.update_from_flattened_dict({"data.size": 24, "seed": 5})
+    loader = lambda: pipeline.make_loader(tmp_path / "c", "train", global_batch_size=4, seed=5,  # noqa: E731
+                                          transform=pipeline.segmentation_transform(3, 24, host_uint8=True),
+                                          process_index=0, process_count=1)
+    tx = optim.make_optimizer(config, 10, 5)
+    state = state_lib.initial_state({"w": jnp.zeros(())}, tx, int(config.seed) + 1)
+    step = jax.jit(task.make_train_step(vl_seg.make_loss_fn(config, _ImageAsLogits()), tx))
+    ids = {"input_ids": jnp.zeros((4, 8), jnp.int32), "attention_mask": jnp.ones((4, 8), jnp.int32)}
+    for k, (raw, made) in enumerate(zip(loader(), time_to_dice._model_inputs(loader(), config))):
+        if k == 3:
+            break
+        state, metrics = step(state, {**{f: jnp.asarray(raw[f]) for f in ("image", "mask", "label")}, **ids})
+        logits = _ImageAsLogits().apply({}, vl_seg.normalise(config, jnp.asarray(made["image"])), None, None)
+        want, _ = vl_seg.dice_bce(logits, jnp.asarray(made["mask"]), config.loss.dice_weight, config.loss.bce_weight,
+                                  config.loss.mode)
+        np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
