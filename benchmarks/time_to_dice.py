@@ -249,16 +249,20 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
 
 def _model_inputs(loader, config):
     """The loader's batches as jaxboost's train step sees them: with data.host_uint8 the stored uint8 records
-    go through the step's own `pipeline.device_preprocess` (cast, resize, the structure's mask), so both
-    frameworks train on the same arrays (the host float transform resizes 64 -> 128 px in uint8: up to 1/255
-    off the step's float resize)."""
+    go through the step's own `pipeline.device_preprocess` (cast, resize, the structure's mask, and the
+    flips and data.augment drawn from the step's key), so both frameworks train on the same arrays (the host
+    float transform resizes 64 -> 128 px in uint8: up to 1/255 off the step's float resize)."""
     import jax
 
     from jaxboost.data import pipeline
-    preprocess = jax.jit(lambda b: pipeline.device_preprocess(b, config))
-    for batch in loader:
+    # The key of step k as the trainer draws it: vl_seg's state starts from PRNGKey(seed + 1), the train
+    # step folds in the step number (task.make_train_step), the loss folds in 1 for the preprocessing.
+    state_rng = jax.random.PRNGKey(int(config.seed) + 1)
+    preprocess = jax.jit(lambda b, step: pipeline.device_preprocess(
+        b, config, jax.random.fold_in(jax.random.fold_in(state_rng, step), 1)))
+    for step, batch in enumerate(loader):
         if np.asarray(batch["image"]).dtype == np.uint8:
-            made = preprocess({k: batch[k] for k in ("image", "mask", "label")})
+            made = preprocess({k: batch[k] for k in ("image", "mask", "label")}, step)
             batch = dict(batch, image=np.array(made["image"]), mask=np.array(made["mask"]))  # writable, for torch
         yield batch
 

@@ -394,8 +394,12 @@ def _random_hflip(rng, *arrays):
 @DEVICE_PREPROCESS.register("vl_seg")
 def _segmentation_on_device(batch: dict, config, rng=None) -> dict:
     """image uint8 [B, S0, S0] -> float32 [B, S, S, 3] in [0, 1]; the CAMUS mask uint8 [B, S0, S0] and the
-    record's label [B] -> float32 binary mask of that structure [B, S, S] (labels.binary_mask)."""
+    record's label [B] -> float32 binary mask of that structure [B, S, S] (labels.binary_mask). With the
+    step's rng: flips (data.hflip) and the anatomy-preserving augmentation of data.augment (seg_augment)."""
+    import jax
     import jax.numpy as jnp
+
+    from jaxboost.data import seg_augment
     if batch["image"].dtype != jnp.uint8:
         return batch
     size = int(config.data.size)
@@ -404,6 +408,9 @@ def _segmentation_on_device(batch: dict, config, rng=None) -> dict:
     mask = _resize_square(structure, size, "nearest").astype(jnp.float32)
     if config.data.get("hflip", False) and rng is not None:
         image, mask = _random_hflip(rng, image, mask)
+    magnitudes = seg_augment.magnitudes(config.data.get("augment", None))  # checked even when unused
+    if seg_augment.enabled(magnitudes) and rng is not None:
+        image, mask = seg_augment.augment_batch(jax.random.fold_in(rng, 1), image, mask, magnitudes)
     return dict(batch, image=jnp.repeat(image[..., None], 3, axis=-1), mask=mask)
 
 
