@@ -466,9 +466,13 @@ def _winograd_conv_bwd(pads, m, forward, precision, preferred_element_type, resi
 _winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
 
 
-# Inputs of fewer elements keep `matmul_filter_grad` (i.e. XLA's conv): below it the transforms' passes over
-# memory cost as much as the saved multiplies (README, Benchmarks: per-conv times on a 2-core CPU).
-WINOGRAD_MIN_INPUT = 2 ** 20
+# Inputs of fewer elements keep `matmul_filter_grad` (i.e. XLA's conv): there the transforms' passes over
+# memory cost as much as the saved multiplies. Forward + both gradients, ms, F(4x4, 3x3) / XLA's forward and
+# data gradient with the matmul filter gradient / torch (`python -m benchmarks.conv_shapes`, 2-core CPU at
+# load ~14, two runs): [4, 52, 52, 512] -> 512 (5.5 M elements) 3497-4462 / 7383-7698 / 4777-5252;
+# [4, 26, 26, 512] -> 512 (1.4 M) 1986-2773 / 1956-2104 / 1416-1636; [4, 26, 26, 256] -> 256 448-609 / 527-541
+# (XLA's own conv 332-367) / 449-716.
+WINOGRAD_MIN_INPUT = 2 ** 22
 
 
 def _winograd_applies(pads, rhs, window_strides) -> bool:
