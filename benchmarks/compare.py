@@ -6,8 +6,9 @@ PyTorch time / JAX time ratio in each and the new MFU. Exits 1 naming each case 
 than the base by more than `--threshold` (a fraction: 0.1 = 10%), and each case the new run recorded as
 failed (a case fails when its correctness check against the reference raises, or when it crashes). Only
 the JAX rows gate: the PyTorch rows are the yardstick, their drift is the machine's. A row present in one
-run only is listed, not gated (the runs may have chosen different --cases). Either schema version of
-results.json is read (benchmarks/schema.md).
+run only is listed, not gated (the runs may have chosen different --cases, a precision or a device: case
+names carry the last two). Every schema version up to harness.SCHEMA_VERSION is read (benchmarks/schema.md;
+rows of files before version 3 read as float32 on a CPU).
 """
 from __future__ import annotations
 

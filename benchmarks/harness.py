@@ -3,10 +3,13 @@
 A case returns `Row`s; `run.py` prints them as one table and writes results.json (schema in
 benchmarks/schema.md, version `SCHEMA_VERSION`), results.md and a PNG. Ratios are PyTorch time / JAX time
 (> 1 means JAX is faster). MFU = model FLOPs (XLA cost analysis of the compiled step) / step time / the peak
-rate (the machine's measured f32 matmul rate, or a device's published bf16 peak, `DEVICE_BF16_PEAK`).
+rate (a device's published bf16 peak, `DEVICE_BF16_PEAK`, for bf16 steps on an accelerator; else the
+machine's measured f32 matmul rate). The speed cases run both frameworks where and in the precision a
+`Setting` says (`run.py --device/--dtype`, read back by each case's process from BENCH_DEVICE / BENCH_DTYPE).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -37,6 +40,8 @@ class Row:
     ratio_vs_jax: float | None = None  # this impl's time / jax time (torch rows); 1.0 for jax
     note: str = ""
     group: str = ""           # the runner's case name that produced the row ("clipseg", "time_to_dice")
+    device: str = "cpu"       # where both frameworks ran: "cpu" | "gpu" (schema 3; older rows: cpu)
+    dtype: str = "float32"    # the step's compute precision: "float32" | "bfloat16" (schema 3; older: float32)
 
     @classmethod
     def from_json(cls, d: dict) -> "Row":
@@ -45,10 +50,118 @@ class Row:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# ------------------------------------------------------------------------------------ device and dtype
+DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DEVICES = ("auto", "cpu", "gpu", "cuda")
+# Relative tolerance of each correctness check (JAX vs torch outputs / losses, relative to the larger of 1 and
+# the reference's largest magnitude). bf16: both sides round every matmul and convolution input to 8
+# mantissa bits (relative 2^-8 = 3.9e-3 each), in a different order, through tens of layers.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Where and in which precision a speed case runs both frameworks.
+
+    bfloat16 is mixed precision as the public code trains in it: float32 parameters and optimiser state,
+    matmuls and convolutions in bf16 (flax modules' `dtype`; torch.autocast on the torch side, as
+    HF Trainer's --bf16, CRIS.pytorch's amp and guided-diffusion's fp16 wrapper do), losses in float32.
+    Off the float32 CPU default the torch references attend with scaled_dot_product_attention (HF models
+    "sdpa"), and JAX's attention "auto" resolves per backend (layers.choose_attention: cuDNN flash
+    attention for bf16 on a GPU, XLA's elsewhere)."""
+    device: str = "cpu"      # "cpu" | "gpu"
+    dtype: str = "float32"   # "float32" | "bfloat16"
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    @property
+    def tag(self) -> str:
+        """What a case name carries: "" for float32 on a CPU (the names rows had before), else e.g.
+        " bf16" or " bf16 gpu", so `bench compare` never sets one precision against another."""
+        parts = (["bf16"] if self.bf16 else []) + (["gpu"] if self.device == "gpu" else [])
+        return "".join(f" {p}" for p in parts)
+
+    @property
+    def jax_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def torch_device(self) -> str:
+        return "cuda" if self.device == "gpu" else "cpu"
+
+    @property
+    def torch_sdpa(self) -> bool:
+        """The torch references' attention: SDPA off the float32 CPU default (the rows measured before kept
+        their eager attention, so comparisons with earlier runs stay like for like)."""
+        return self.bf16 or self.device == "gpu"
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+    def autocast(self):
+        """torch.autocast in bf16 (a no-op context in float32) for the forward and the loss."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        import torch
+        return torch.autocast(self.torch_device, dtype=torch.bfloat16)
+
+    def check(self, what: str, err: float) -> str:
+        """Raise naming the dtype if `err` (relative) exceeds this dtype's tolerance; else the row's note."""
+        if not err <= self.tolerance:  # NaN fails too
+            raise AssertionError(f"{what}: JAX vs torch differ by {err:.3g} in {self.dtype} (relative; tolerance "
+                                 f"{self.tolerance:g})")
+        return f"{self.dtype} rel. err {err:.1e} (tol {self.tolerance:g})"
+
+    def label(self, rows: list[Row]) -> list[Row]:
+        for r in rows:
+            r.device, r.dtype = self.device, self.dtype
+        return rows
+
+
+def resolve_device(device: str, backend: str | None = None) -> str:
+    """"auto" -> "gpu" when JAX's default backend is a GPU, else "cpu"; "cuda" is "gpu". A GPU asked for
+    where JAX has none is one clear error (the torch side alone on a GPU would time CPU against GPU)."""
+    backend = backend or jax.default_backend()
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {DEVICES}")
+    device = "gpu" if device == "cuda" else device
+    if device == "auto":
+        return "gpu" if backend == "gpu" else "cpu"
+    if device == "gpu" and backend != "gpu":
+        raise ValueError(f"device gpu: JAX's backend is {backend!r} (install jax[cuda] or use --device cpu)")
+    return device
+
+
+def setting(env=None) -> Setting:
+    """The Setting of this process: BENCH_DEVICE (auto | cpu | gpu, default auto) and BENCH_DTYPE
+    (float32 | bfloat16, default float32), which run.py's --device / --dtype export to every case."""
+    env = os.environ if env is None else env
+    dtype = env.get("BENCH_DTYPE", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"BENCH_DTYPE={dtype!r}: expected one of {sorted(set(DTYPES))}")
+    return Setting(resolve_device(env.get("BENCH_DEVICE", "auto")), DTYPES[dtype])
+
+
+def torch_attention(model, on: bool):
+    """Switch every attention module of a torch reference (those with an `sdpa` attribute) to
+    torch.nn.functional.scaled_dot_product_attention (`on`) or its explicit softmax(QK^T)V."""
+    for m in model.modules():
+        if hasattr(m, "sdpa"):
+            m.sdpa = on
+    return model
+
+
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 5, sync: Callable[[Any], Any] | None = None,
               max_seconds: float = 60.0) -> float:
-    """Median wall time of `fn()` after `warmup` calls; `sync(out)` blocks until the result is ready."""
+    """Median wall time of `fn()` after `warmup` calls; `sync(out)` blocks until the result is ready.
+    BENCH_MAX_ITERS caps both counts (device_check.sh --dry-run: proves the paths, times nothing)."""
     sync = sync or (lambda out: jax.block_until_ready(out))
+    cap = int(os.environ.get("BENCH_MAX_ITERS") or 0)
+    if cap > 0:
+        warmup, iters = min(warmup, cap), min(iters, cap)
     for _ in range(warmup):
         sync(fn())
     times, start = [], time.perf_counter()
@@ -209,16 +322,18 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def results_document(rows: list[Row], cases: dict, **fields) -> dict:
     """The results.json document (benchmarks/schema.md): what ran, where, on which commit, and each row."""
+    run_setting = setting()
     return {"schema_version": SCHEMA_VERSION,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": git_info(), "machine": machine_info(), "peak_matmul_flops_f32": dict(_PEAK),
-            "mfu_peak": dict(zip(("flops", "source"), reference_peak())) if _PEAK or jax.default_backend() != "cpu"
-            else None,
+            "device": run_setting.device, "dtype": run_setting.dtype,
+            "mfu_peak": dict(zip(("flops", "source"), reference_peak(run_setting.dtype)))
+            if _PEAK or jax.default_backend() != "cpu" else None,
             "cases": cases, "failed": [n for n, c in cases.items() if c.get("status") == "failed"],
             "rows": [dataclasses.asdict(r) for r in rows], **fields}
 
@@ -271,10 +386,13 @@ def plot_ratios(path: str | Path, rows: list[Row], title: str = "jaxboost vs PyT
     return True
 
 
-def reference_peak() -> tuple[float, str]:
-    """(FLOP/s, what it is) that MFU divides by: on an accelerator its published bf16 peak (the figure
-    performance engineers quote), on a CPU (or an unknown device) the f32 matmul rate measured here."""
-    if jax.default_backend() != "cpu":
+def reference_peak(dtype: str | None = None) -> tuple[float, str]:
+    """(FLOP/s, what it is) that MFU divides by for steps in `dtype` (default: this process's Setting): bf16
+    on an accelerator, its published bf16 peak (the figure performance engineers quote); float32 anywhere, a
+    CPU, or an unknown device, the f32 matmul rate measured here (an f32 step against a bf16 peak would
+    read as a fraction of what the device could do in f32)."""
+    dtype = dtype or setting().dtype
+    if jax.default_backend() != "cpu" and dtype == "bfloat16":
         kind = jax.devices()[0].device_kind
         peak = device_bf16_peak(kind)
         if peak:
@@ -283,7 +401,7 @@ def reference_peak() -> tuple[float, str]:
 
 
 def mfu(flops: float | None, seconds: float, peak: float | None = None) -> float | None:
-    """Model FLOPs utilisation against `peak` (default: `reference_peak()`)."""
+    """Model FLOPs utilisation against `peak` (default: `reference_peak()` of this process's Setting)."""
     return None if not flops else flops / seconds / (peak or reference_peak()[0])
 
 
@@ -291,14 +409,17 @@ def np_seed(seed: int = 0):
     return np.random.default_rng(seed)
 
 
-def torch_seg_train_step(forward, params, opt):
-    """A PyTorch segmenter train step like the JAX trainer's: `forward() -> (logits, target)`, loss Dice +
-    0.2 BCE, gradient clipping at 0.5 over `params`, then `opt.step()`."""
+def torch_seg_train_step(forward, params, opt, autocast=contextlib.nullcontext):
+    """A PyTorch segmenter train step like the JAX trainer's: `forward() -> (logits, target)` under
+    `autocast()` (Setting.autocast), loss Dice + 0.2 BCE in float32, gradient clipping at 0.5 over
+    `params`, then `opt.step()`."""
     import torch
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits, target = forward()
+        with autocast():
+            logits, target = forward()
+        logits = logits.float()
         probs = torch.sigmoid(logits)
         inter = (probs * target).flatten(1).sum(1)
         dice = 1 - (2 * inter + 1e-5) / (probs.flatten(1).sum(1) + target.flatten(1).sum(1) + 1e-5)

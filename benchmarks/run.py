@@ -1,8 +1,11 @@
-"""One command for every benchmark: `python -m benchmarks.run [--quick] [--out DIR] [--cases a,b]`
-(also `jaxboost bench`; `jaxboost bench compare BASE.json NEW.json` compares two runs). Prints one table,
+"""One command for every benchmark: `python -m benchmarks.run [--quick] [--out DIR] [--cases a,b]
+[--device auto|cpu|gpu] [--dtype float32|bfloat16]` (also `jaxboost bench`; `jaxboost bench compare
+BASE.json NEW.json` compares two runs). Prints one table,
 writes results.json (benchmarks/schema.md) / results.md / speed.png under --out.
 
-Cases are modules `benchmarks.<name>` with `run(quick: bool) -> list[Row] | (list[Row], dict)`.
+Cases are modules `benchmarks.<name>` with `run(quick: bool) -> list[Row] | (list[Row], dict)`. --device and
+--dtype are exported as BENCH_DEVICE / BENCH_DTYPE, which the speed cases read (`harness.setting()`), also
+in the child processes of --case-timeout.
 results.json is rewritten after every case, so a run killed midway (out of memory, a CI timeout) keeps
 every case measured before it. A case that raises is recorded as failed and the others still run; a failed
 case makes the command exit non-zero (a wrong result fails CI); slowness never does here (compare does).
@@ -44,9 +47,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out", help="output folder")
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated subset of {list(CASES)} (default: all; with --quick: {QUICK_CASES})")
-    parser.add_argument("--case-timeout", type=float, default=0.0,
+    parser.add_argument("--case-timeout", type=case_timeouts, default={},
                         help="run each case in its own process, stopped after this many seconds (0: all in this "
-                             "process); a case killed for memory or time is then recorded, the others still run")
+                             "process), or per case: 'clipseg=90,sdm=200' (cases not named run in this process); a "
+                             "case killed for memory or time is then recorded, the others still run")
+    parser.add_argument("--device", choices=harness_devices(), default=None,
+                        help="where the speed cases run both frameworks (default: $BENCH_DEVICE or auto: the GPU "
+                             "when JAX has one)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the speed cases' compute precision (default: $BENCH_DTYPE or float32); bfloat16: "
+                             "mixed precision, float32 parameters (harness.Setting)")
+
+
+def harness_devices() -> tuple[str, ...]:
+    from benchmarks import harness
+    return harness.DEVICES
+
+
+def case_timeouts(text: str) -> dict:
+    """'110' -> {"*": 110.0}; 'clipseg=90,sdm=200' -> {"clipseg": 90.0, "sdm": 200.0}."""
+    try:
+        if "=" not in text:
+            return {"*": float(text)}
+        return {name.strip(): float(sec) for name, sec in (item.split("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--case-timeout: expected seconds or name=seconds,..., got {text!r}")
 
 
 def case_module(name: str) -> str:
@@ -107,8 +132,21 @@ def _run_case_isolated(name: str, quick: bool, timeout: float) -> tuple[list, di
     return [Row.from_json(r) for r in doc["rows"]], doc.get("extra", {}).get(name, {}), status
 
 
+def export_setting(args) -> None:
+    """--device / --dtype into the environment every case (and every case's process) reads."""
+    from benchmarks import harness
+    for flag, var in (("device", "BENCH_DEVICE"), ("dtype", "BENCH_DTYPE")):
+        if getattr(args, flag, None):
+            os.environ[var] = getattr(args, flag)
+    try:
+        harness.setting()
+    except ValueError as e:
+        raise SystemExit(f"benchmarks.run: {e}") from None
+
+
 def main(args) -> int:
     from benchmarks import harness
+    export_setting(args)
     names = [c for c in (args.cases or (QUICK_CASES if args.quick else ",".join(CASES))).split(",") if c]
     for name in names:
         case_module(name)
@@ -120,7 +158,8 @@ def main(args) -> int:
         # the load average says whether a timing was taken on a quiet machine (a shared CPU skews torch most)
         cases[name] = {"status": "running", "load_avg_1min_before": os.getloadavg()[0]}
         write(False)  # before and after every case: a run killed midway keeps what it measured and says where
-        timeout = getattr(args, "case_timeout", 0.0)
+        timeouts = getattr(args, "case_timeout", {}) or {}
+        timeout = timeouts.get(name, timeouts.get("*", 0.0)) if isinstance(timeouts, dict) else timeouts
         case_rows, case_extra, status = (_run_case_isolated(name, args.quick, timeout) if timeout > 0
                                          else _run_case(name, args.quick))
         cases[name].update(status)
@@ -137,7 +176,8 @@ def main(args) -> int:
             print(f"\n{name}:\n{e['table']}")
     m = document["machine"]
     print(f"\nmachine: {m.get('cpu')} ({m['cpu_count']} cores), jax {m.get('jax')} on {m['jax_backend']}, "
-          f"torch {m.get('torch')}; commit {str(document['git']['commit'])[:10]}; "
+          f"torch {m.get('torch')}; speed cases on {document['device']} in {document['dtype']}; "
+          f"commit {str(document['git']['commit'])[:10]}; "
           f"wrote {os.path.abspath(args.out)}/results.json")
     if document["failed"]:
         print(f"FAILED cases: {document['failed']}", file=sys.stderr)

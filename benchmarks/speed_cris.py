@@ -2,7 +2,9 @@
 (benchmarks/torch_ref/cris.py; eager and torch.compile), same random weights (through the converter), same
 batch, size and loss (Dice + 0.2 BCE on the 1/4-resolution logits, as CRIS trains), AdamW with the backbone
 at 0.1x the learning rate, gradient clipping 0.5, BatchNorm in train mode, dropout 0 (so both sides compute
-the same thing). The JAX and torch logits are checked equal first.
+the same thing), on the device and in the precision of `harness.setting()` (the reference's attention through
+scaled_dot_product_attention off the float32 CPU default; ours "auto": cuDNN for bf16 on a GPU). The JAX
+and torch logits are checked equal first, to the dtype's tolerance.
 
   python -m benchmarks.speed_cris [--quick] [--profile] [--train-only] [--iters N] [--no-compile] [--conv-impl NAME]
 
@@ -50,12 +52,15 @@ def _setup(quick: bool) -> dict:
     from jaxboost.convert.cris import cris_from_checkpoint
 
     torch.manual_seed(0)
+    setting = harness.setting()
     clip_kw, head_kw, heads, size, batch, seq = _configs(quick)
     tmodel = ref.CRIS(clip_kw, dropout=0.0, **head_kw).eval()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "cris.pth"
         torch.save({"state_dict": tmodel.state_dict()}, path)
-        module, variables = cris_from_checkpoint(str(path), **heads, dropout_rate=0.0, upsample="none")
+        module, variables = cris_from_checkpoint(str(path), **heads, dropout_rate=0.0, upsample="none",
+                                                 dtype=setting.jax_dtype, attention_impl="auto")
+    harness.torch_attention(tmodel, setting.torch_sdpa).to(setting.torch_device)
     rng = np.random.default_rng(0)
     vocab = clip_kw["vocab_size"]
     pixels = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -63,18 +68,17 @@ def _setup(quick: bool) -> dict:
     ids[:, -1] = vocab - 1
     mask = np.ones_like(ids)
     target = (rng.random((batch, size // 4, size // 4)) > 0.5).astype(np.float32)
-    torch_batch = (torch.tensor(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor(ids), torch.tensor(mask),
-                   torch.tensor(target))
+    torch_batch = tuple(torch.tensor(a).to(setting.torch_device) for a in (
+        np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), ids, mask, target))
     jax_batch = tuple(map(jnp.asarray, (pixels, ids.astype(np.int32), mask.astype(np.int32), target)))
-    with torch.no_grad():
-        ref_logits = tmodel(*torch_batch[:3])[:, 0].numpy()
+    with torch.no_grad(), setting.autocast():
+        ref_logits = tmodel(*torch_batch[:3])[:, 0].float().cpu().numpy()
     apply = jax.jit(module.apply)
-    ours = np.asarray(apply(variables, *jax_batch[:3]))
+    ours = np.asarray(apply(variables, *jax_batch[:3]), np.float32)
     err = float(np.abs(ours - ref_logits).max()) / max(1.0, float(np.abs(ref_logits).max()))
-    if err > 1e-4:
-        raise AssertionError(f"CRIS JAX vs torch reference logits differ by {err} (relative to max |logit|)")
+    note = setting.check("CRIS logits", err)
     return dict(tmodel=tmodel, module=module, variables=variables, apply=apply, torch_batch=torch_batch,
-                jax_batch=jax_batch, err=err, size=size, batch=batch)
+                jax_batch=jax_batch, err=err, note=note, size=size, batch=batch, setting=setting)
 
 
 def run(quick: bool = False, profile: bool = False, train_only: bool = False, compile_torch: bool = True,
@@ -89,18 +93,17 @@ def run(quick: bool = False, profile: bool = False, train_only: bool = False, co
     s = _setup(quick)
     tmodel, module, variables, apply = s["tmodel"], s["module"], s["variables"], s["apply"]
     (tp, tids, tmask, ttarget), (jp, jids, jmask, jtarget) = s["torch_batch"], s["jax_batch"]
-    size, batch, err = s["size"], s["batch"], s["err"]
+    size, batch, setting = s["size"], s["batch"], s["setting"]
     rows: list[Row] = []
-    case_inf, case_train = f"cris/infer {size}px b{batch}", f"cris/train {size}px b{batch}"
+    case_inf, case_train = f"cris/infer {size}px b{batch}{setting.tag}", f"cris/train {size}px b{batch}{setting.tag}"
 
     def torch_infer(model):
-        with torch.no_grad():
+        with torch.no_grad(), setting.autocast():
             return model(tp, tids, tmask)
     if not train_only and iters:
         flops = harness.xla_flops(apply, variables, jp, jids, jmask)
         t = harness.time_call(lambda: apply(variables, jp, jids, jmask), **timing)
-        rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t),
-                        note=f"rel. max|dlogits|={err:.1e}"))
+        rows.append(Row(case_inf, "jax", t, batch / t, flops, harness.mfu(flops, t), note=s["note"]))
         t = harness.time_call(lambda: torch_infer(tmodel), sync=harness.torch_sync, **timing)
         rows.append(Row(case_inf, "torch eager", t, batch / t))
 
@@ -123,7 +126,8 @@ def run(quick: bool = False, profile: bool = False, train_only: bool = False, co
                                 lr=lr, weight_decay=1e-3)
         every = backbone + head
 
-        return harness.torch_seg_train_step(lambda: (model(tp, tids, tmask)[:, 0], ttarget), every, opt)
+        return harness.torch_seg_train_step(lambda: (model(tp, tids, tmask)[:, 0], ttarget), every, opt,
+                                            setting.autocast)
 
     tmodel.train()
     if iters:
@@ -138,13 +142,13 @@ def run(quick: bool = False, profile: bool = False, train_only: bool = False, co
         step_fn, state, device_batch = product_step()  # time_product_step donated the first state
         profiles[case_train] = (harness.xla_op_profile(jax.jit(step_fn), state, device_batch, iters=n),
                                 harness.torch_op_profile(make_torch_step(tmodel), iters=n))
-        return harness.add_ratios(rows), {"op_profiles": {
+        return harness.add_ratios(setting.label(rows)), {"op_profiles": {
             case: {"jax": j, "torch eager": t, "table": harness.format_op_profiles(case, j, t)}
             for case, (j, t) in profiles.items()}}
     if quick or not compile_torch:  # torch.compile of CRIS takes minutes on a small CPU: the full run measures it
         rows.append(Row(case_train, "torch compile", float("nan"), float("nan"),
                         note="skipped in --quick" if quick else "skipped (--no-compile)"))
-        return rows
+        return setting.label(rows)
     try:
         compiled = torch.compile(tmodel)
         t = harness.time_call(lambda: torch_infer(compiled.eval()), sync=harness.torch_sync, warmup=2)
@@ -153,7 +157,7 @@ def run(quick: bool = False, profile: bool = False, train_only: bool = False, co
         rows.append(Row(case_train, "torch compile", t, batch / t))
     except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
         rows.append(Row(case_train, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
-    return rows
+    return setting.label(rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """MUMC pretraining step: jaxboost (one jitted step: losses, grads, AdamW, temperature clamp, momentum EMA,
 enqueue) vs the PyTorch reference `MUMCPretrain` (MUMC's forward with its queues, backward, AdamW, momentum
 update), same random weights (an ALBEF-layout checkpoint converted by jaxboost.convert.albef), same batch and
-the same random draws (patch masks of both views, MLM masking, hard negatives). The three losses are checked
-equal before anything is timed."""
+the same random draws (patch masks of both views, MLM masking, hard negatives), on the device and in the
+precision of `harness.setting()` (BERT's "sdpa" attention and the ViT's scaled_dot_product_attention off the
+float32 CPU default; ours "auto": cuDNN for bf16 on a GPU). The three losses are checked equal, to the
+dtype's tolerance, before anything is timed."""
 from __future__ import annotations
 
 import copy
@@ -22,8 +24,9 @@ FULL = dict(image=256, patch=16, width=768, vision_depth=12, heads=12, mlp=3072,
 MASK_ID, SPECIAL = 3, (0, 1, 2)
 
 
-def _torch_reference(s: dict):
-    """Random-weight torch MUMC and its checkpoint (ALBEF layout) -> (net, modules, path)."""
+def _torch_reference(s: dict, sdpa: bool = False):
+    """Random-weight torch MUMC and its checkpoint (ALBEF layout) -> (net, state dict); `sdpa`: every
+    attention through scaled_dot_product_attention (else the explicit softmax(QK^T)V)."""
     import torch
     import transformers
     from torch import nn
@@ -35,7 +38,7 @@ def _torch_reference(s: dict):
             "text_encoder": transformers.BertLMHeadModel(transformers.BertConfig(
                 vocab_size=s["vocab"], hidden_size=s["width"], num_hidden_layers=s["text_depth"],
                 num_attention_heads=s["heads"], intermediate_size=s["mlp"], max_position_embeddings=64,
-                is_decoder=True, add_cross_attention=True, attn_implementation="eager")),
+                is_decoder=True, add_cross_attention=True, attn_implementation="sdpa" if sdpa else "eager")),
             "vision_proj": nn.Linear(s["width"], s["embed"]), "text_proj": nn.Linear(s["width"], s["embed"]),
             "itm_head": ref.build_itm_head(s["width"])}
     grid = s["image"] // s["patch"]
@@ -57,7 +60,7 @@ def _torch_reference(s: dict):
     sd["temp"] = net.temp.detach().clone()
     sd["image_queue"], sd["text_queue"] = net.image_queue.clone(), net.text_queue.clone()
     sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    return net, sd
+    return harness.torch_attention(net, sdpa), sd
 
 
 def _batch_and_draws(s: dict, seed: int = 0):
@@ -102,8 +105,9 @@ def run(quick: bool = False):
     from jaxboost.models import mumc
     torch.set_num_threads(max(1, torch.get_num_threads()))
     s = QUICK if quick else FULL
-    net, sd = _torch_reference(s)
-    net.eval()   # no dropout on either side (the JAX step runs deterministic=True); autograd still works
+    setting = harness.setting()
+    net, sd = _torch_reference(s, setting.torch_sdpa)
+    net.to(setting.torch_device).eval()  # no dropout either side (JAX: deterministic=True); autograd still works
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model": sd}, f"{d}/checkpoint.pth")
         params, momentum, queues, unmapped = albef.load_albef(f"{d}/checkpoint.pth")
@@ -113,20 +117,21 @@ def run(quick: bool = False):
                        vision_depth=s["vision_depth"], vision_heads=s["heads"], vision_mlp_dim=4 * s["width"],
                        vocab_size=s["vocab"], text_width=s["width"], text_depth=s["text_depth"],
                        text_heads=s["heads"], text_mlp_dim=s["mlp"], fusion_layer=s["fusion"], max_position=64,
-                       embed_dim=s["embed"], dropout_rate=0.0)
+                       embed_dim=s["embed"], dropout_rate=0.0, dtype=setting.jax_dtype, attention_impl="auto")
     batch, draws = _batch_and_draws(s)
     alpha, lr, wd = 0.4, 1e-4, 0.05
     params, momentum, queues = (jax.tree.map(jnp.asarray, t) for t in (params, momentum, queues))
     jbatch, jdraws = jax.tree.map(jnp.asarray, batch), jax.tree.map(jnp.asarray, draws)
 
     # --- correctness first: the same three losses on the same weights and draws.
-    t = lambda x: torch.tensor(np.asarray(x)).long()
-    tb = (torch.tensor(batch["images"].transpose(0, 3, 1, 2)), t(batch["input_ids"]), t(batch["mask"]))
+    t = lambda x: torch.tensor(np.asarray(x)).long().to(setting.torch_device)
+    tb = (torch.tensor(batch["images"].transpose(0, 3, 1, 2)).to(setting.torch_device), t(batch["input_ids"]),
+          t(batch["mask"]))
     tdraws = (t(draws["keep"]), t(draws["keep_m"]), t(draws["masked_ids"]),
-              torch.tensor(np.where(draws["target"], batch["input_ids"], -100)).long(), t(draws["neg_img"]),
+              t(np.where(draws["target"], batch["input_ids"], -100)), t(draws["neg_img"]),
               t(draws["neg_txt"]))
     queue_state = (net.image_queue.clone(), net.text_queue.clone())
-    with torch.no_grad():
+    with torch.no_grad(), setting.autocast():
         ref_losses = [float(x) for x in net(*tb, alpha, *tdraws)]
     net.image_queue.copy_(queue_state[0]), net.text_queue.copy_(queue_state[1]), net.queue_ptr.zero_()
     loss_kw = dict(mask_token_id=MASK_ID, special_token_ids=SPECIAL, deterministic=True)
@@ -137,31 +142,39 @@ def run(quick: bool = False):
         params, momentum, queues, jbatch, jdraws)
     ours = [float(terms[k]) for k in ("mlm", "ita", "itm")]
     err = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(ours, ref_losses))
-    if err > 1e-4:
-        raise AssertionError(f"MUMC JAX vs torch losses differ: mlm/ita/itm {ours} vs {ref_losses}")
+    note = setting.check(f"MUMC losses mlm/ita/itm {ours} vs {ref_losses}", err)
 
     # --- one training step each: ours is the MUMC trainer's own (masks and draws in-graph from the step rng)
     step, state, device_batch = _product_step(model, params, momentum, queues, jbatch, lr, wd, alpha)
     iters = 5 if quick else 3
     sec, flops = harness.time_product_step(step, state, device_batch, iters=iters)
     b = s["batch"]
-    case = f"mumc/pretrain_step {s['image']}px b{b}"
+    case = f"mumc/pretrain_step {s['image']}px b{b}{setting.tag}"
     rows = [Row(case, "jax", sec, b / sec, flops, harness.mfu(flops, sec),
-                note=f"mumc_pretrain train step; loss rel. err {err:.1e}")]
+                note=f"mumc_pretrain train step; losses {note}")]
 
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+    def torch_step(model):
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
 
-    def torch_step():
-        opt.zero_grad(set_to_none=True)
-        net.momentum_update()
-        l_mlm, l_ita, l_itm = net(*tb, alpha, *tdraws)
-        loss = l_mlm + l_ita + l_itm
-        loss.backward()
-        opt.step()
-        return loss
-    sec = harness.time_call(torch_step, sync=harness.torch_sync, warmup=2, iters=iters)
+        def step():
+            opt.zero_grad(set_to_none=True)
+            net.momentum_update()
+            with setting.autocast():
+                l_mlm, l_ita, l_itm = model(*tb, alpha, *tdraws)
+            loss = l_mlm.float() + l_ita.float() + l_itm.float()
+            loss.backward()
+            opt.step()
+            return loss
+        return step
+    sec = harness.time_call(torch_step(net), sync=harness.torch_sync, warmup=2, iters=iters)
     rows.append(Row(case, "torch eager", sec, b / sec))
-    return harness.add_ratios(rows)
+    if not quick:  # torch.compile takes minutes on a small CPU; --quick leaves it out as the other cases do
+        try:
+            sec = harness.time_call(torch_step(torch.compile(net)), sync=harness.torch_sync, warmup=2, iters=iters)
+            rows.append(Row(case, "torch compile", sec, b / sec))
+        except Exception as e:  # noqa: BLE001 — torch.compile needs a working C++ toolchain
+            rows.append(Row(case, "torch compile", float("nan"), float("nan"), note=f"failed: {type(e).__name__}"))
+    return harness.add_ratios(setting.label(rows))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """SDM train step and the whole DDIM sampling loop: jaxboost (jit, one fori_loop) vs the PyTorch reference
 (benchmarks/torch_ref/sdm_unet.py; eager, and torch.compile where it works), same weights through the
 converter, same batch, same timesteps and noise. Loss: MSE + lambda * VLB (learned-range variance), AdamW.
-Outputs are checked equal first (model output, loss, sampled images).
+Both run on the device and in the precision of `harness.setting()` (bf16: the U-Net's convolutions and
+matmuls, the loss and the sampler's arithmetic in float32; the reference's attention through
+scaled_dot_product_attention off the float32 CPU default, ours through cuDNN for bf16 on a GPU). Outputs are
+checked equal first (loss, sampled images), to the dtype's tolerance.
 
   python -m benchmarks.speed_sdm [--quick]
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -22,19 +26,26 @@ from benchmarks.harness import Row
 VLB_WEIGHT = 0.001
 
 
-def _fields(quick: bool) -> tuple[dict, int, int]:
-    """(model fields, train batch, sampler steps). Full: configs/sdm.py:full's model (echo_from_noise's SDM at
-    256 px, 652 M parameters, SPADE hidden 128, each block rematerialised as the trainer runs it, the torch
-    reference with guided-diffusion's per-block checkpointing to match) in float32 like the torch reference,
-    batch 1 (the most this 24 GiB machine holds: AdamW state alone is 10 GiB); the guided DDIM loop at 5 steps
-    (10 model calls of ~0.5 TFLOP each), timed once after the call that is checked."""
+def _fields(quick: bool, setting: harness.Setting | None = None) -> tuple[dict, int, int]:
+    """(model fields, train batch, sampler steps) in the Setting's dtype (cuDNN attention for bf16 on a GPU).
+    Full: configs/sdm.py:full's model (echo_from_noise's SDM at 256 px, 652 M parameters, SPADE hidden 128,
+    each block rematerialised as the trainer runs it, the torch reference with guided-diffusion's per-block
+    checkpointing to match). On a CPU batch 1 (the most this 24 GiB machine holds: AdamW state alone is
+    10 GiB) and the guided DDIM loop at 5 steps (10 model calls of ~0.5 TFLOP each), timed once after the call
+    that is checked; on a GPU batch 4 and the config's 50 steps (a guided DDIM-50 loop of 4 samples is ~1.4
+    PFLOP: 4.6 s at 30% of an H100's bf16 peak; benchmarks/device_check.sh's budget)."""
+    setting = setting or harness.setting()
+    precision = dict(dtype=setting.dtype,
+                     attention_implementation="cudnn" if setting.bf16 and setting.device == "gpu" else None)
     if quick or os.environ.get("BENCH_SDM_FULL_AS_QUICK"):  # the latter: the full-size path at quick size (tests)
         return dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(16,), num_head_channels=32, num_labels=5, learn_sigma=True,
-                    dropout=0.0, use_scale_shift_norm=True, resblock_updown=True), 4, 5
+                    dropout=0.0, use_scale_shift_norm=True, resblock_updown=True, **precision), 4, 5
     from jaxboost.config import load_config
-    fields = dict(load_config("configs/sdm.py:full").model)
-    fields["dtype"] = "float32"
+    config = load_config("configs/sdm.py:full")
+    fields = {**dict(config.model), **precision}
+    if setting.device == "gpu":
+        return fields, 4, int(config.sampler.steps)
     return fields, 1, 5
 
 
@@ -58,18 +69,21 @@ def check_memory(fields: dict, batch: int, part: str = "both") -> None:
     per_sample = (2 if fields.get("remat_policy", "none") != "none" else 19) * 2 ** 30
     need = 4 * params * PARAM_COPIES[part] + batch * per_sample * (size / 256) ** 2 * (fields["model_channels"] / 256)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > available:
+    if need > available and harness.setting().device == "cpu":  # on a GPU the host holds one copy at most
         raise MemoryError(f"SDM {size}px b{batch} ({params / 1e6:.0f} M parameters, {part}): needs "
                           f"~{need / 2 ** 30:.0f} GiB, {available / 2 ** 30:.0f} GiB available")
 
 
-def _torch_loss(model, diffusion_tables, x0, t, noise, y):
-    """improved-diffusion's MSE + lambda * VB (KL branch; t >= 1 here) in torch, float32."""
+def _torch_loss(model, diffusion_tables, x0, t, noise, y, autocast=contextlib.nullcontext):
+    """improved-diffusion's MSE + lambda * VB (KL branch; t >= 1 here) in torch, float32; the model runs
+    under `autocast()` (Setting.autocast)."""
     import torch
     sqrt_acp, sqrt_1macp, coef1, coef2, post_logvar, log_betas = diffusion_tables
     g = lambda a: a[t].view(-1, 1, 1, 1)
     x_t = g(sqrt_acp) * x0 + g(sqrt_1macp) * noise
-    out = model(x_t, t, y)
+    with autocast():
+        out = model(x_t, t, y)
+    out = out.float()
     c = x0.shape[1]
     eps, v = out[:, :c], out[:, c:]
     mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
@@ -119,7 +133,8 @@ def _setup(quick: bool, part: str = "both") -> dict:
     from jaxboost.train import sdm as sdm_train
 
     torch.manual_seed(0)
-    fields, batch, steps = _fields(quick)
+    setting = harness.setting()
+    fields, batch, steps = _fields(quick, setting)
     check_memory(fields, batch, part)
     cfg = ConfigDict(fields)
     ref = use_checkpoint(unet_from_config(cfg), fields.get("remat_policy", "none") != "none")
@@ -130,9 +145,14 @@ def _setup(quick: bool, part: str = "both") -> dict:
     params = None
     if part in ("both", "jax"):
         params = sdm_from_torch_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
+        # Device arrays, and the numpy copy dropped: the train step donates its state, which a numpy leaf
+        # cannot be (at 256 px a second copy of every parameter is 2.6 GB the 24 GiB machine lacks).
+        params = jax.tree.map(jnp.array, params)
     if part == "jax":
         ref = None
         gc.collect()
+    else:
+        harness.torch_attention(ref, setting.torch_sdpa).to(setting.torch_device)
     model = Model(**fields)
     schedule = schedules.make_schedule("cosine", 1000)
     size, c, L = fields["image_size"], fields["in_channels"], fields["num_labels"]
@@ -141,7 +161,7 @@ def _setup(quick: bool, part: str = "both") -> dict:
     labels = np.eye(L, dtype=np.float32)[rng.integers(0, L, (batch, size, size))]
     t = rng.integers(1, 1000, batch).astype(np.int32)
     noise = rng.standard_normal((batch, size, size, c)).astype(np.float32)
-    nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
+    nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous().to(setting.torch_device)
     apply_fn = sdm_train.apply_fn_for(model)   # what `jaxboost synth` samples with
 
     def jax_loss(p, x0, labels, t, noise):
@@ -149,40 +169,48 @@ def _setup(quick: bool, part: str = "both") -> dict:
         mse, vb = losses.learned_range_terms(schedule, apply_fn(p, x_t, t, labels), x0, x_t, t, noise)
         return jnp.mean(mse + VLB_WEIGHT * vb)
 
-    tables = [torch.tensor(np.asarray(a, np.float64)).float() for a in (
+    tables = [torch.tensor(np.asarray(a, np.float64)).float().to(setting.torch_device) for a in (
         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
         schedule.posterior_mean_coef2, schedule.posterior_log_variance_clipped, schedule.log_betas)]
-    torch_inputs = (tables, nchw(x0), torch.tensor(t, dtype=torch.long), nchw(noise), nchw(labels))
+    torch_inputs = (tables, nchw(x0), torch.tensor(t, dtype=torch.long).to(setting.torch_device), nchw(noise),
+                    nchw(labels))
     jl = float(jax.jit(jax_loss)(params, x0, labels, t, noise)) if params is not None else None
     tl = None
     if ref is not None:
         with torch.no_grad():
-            tl = float(_torch_loss(ref, *torch_inputs))
+            tl = float(_torch_loss(ref, *torch_inputs, autocast=setting.autocast))
     if jl is not None and tl is not None:
-        check_losses(jl, tl)
+        check_losses(jl, tl, setting)
     return dict(fields=fields, batch=batch, steps=steps, ref=ref, params=params, schedule=schedule, x0=x0,
-                labels=labels, nchw=nchw, apply_fn=apply_fn, torch_inputs=torch_inputs, losses=(jl, tl))
+                labels=labels, nchw=nchw, apply_fn=apply_fn, torch_inputs=torch_inputs, losses=(jl, tl),
+                setting=setting)
 
 
-def check_losses(jl: float, tl: float) -> None:
-    if abs(jl - tl) > 1e-4 * max(1.0, abs(tl)):
-        raise AssertionError(f"SDM loss JAX {jl} vs torch {tl}")
+def check_losses(jl: float, tl: float, setting: harness.Setting | None = None) -> str:
+    return (setting or harness.Setting()).check(f"SDM loss (JAX {jl}, torch {tl})", abs(jl - tl) / max(1.0, abs(tl)))
+
+
+# Largest |difference| of the sampled images ([-1, 1]) allowed between the frameworks: float32 after 5 guided
+# DDIM steps of the quick model / the full one; bf16 (each of 2 x steps model calls rounds its convolutions
+# to 8 mantissa bits, and guidance at 1.5 amplifies the conditional-unconditional difference).
+SAMPLE_TOLERANCE = {("float32", True): 1e-3, ("float32", False): 5e-3, ("bfloat16", True): 0.25,
+                    ("bfloat16", False): 0.25}  # bf16, quick size on a CPU: 0.10 measured
 
 
 def check_samples(ours, theirs, tol: float) -> float:
     err = float(np.abs(np.asarray(ours) - np.asarray(theirs)).max())
-    if err > tol:
-        raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err}")
+    if not err <= tol:
+        raise AssertionError(f"SDM DDIM samples JAX vs torch differ by {err} (tolerance {tol:g})")
     return err
 
 
-def _torch_train_step(model, torch_inputs):
+def _torch_train_step(model, torch_inputs, autocast=contextlib.nullcontext):
     import torch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = _torch_loss(model, *torch_inputs)
+        loss = _torch_loss(model, *torch_inputs, autocast=autocast)
         loss.backward()
         opt.step()
         return loss
@@ -190,8 +218,8 @@ def _torch_train_step(model, torch_inputs):
 
 
 def _cases(s: dict) -> tuple[str, str]:
-    size, batch = s["fields"]["image_size"], s["batch"]
-    return f"sdm/train {size}px b{batch}", f"sdm/ddim{s['steps']} guided {size}px b{batch}"
+    size, batch, tag = s["fields"]["image_size"], s["batch"], s["setting"].tag
+    return f"sdm/train {size}px b{batch}{tag}", f"sdm/ddim{s['steps']} guided {size}px b{batch}{tag}"
 
 
 # Timed train steps of a full-size part (`--iters`; one warm-up): a 256 px step is minutes on 2 cores.
@@ -214,19 +242,20 @@ def _jax_rows(s: dict, quick: bool, sample: bool = True) -> tuple[list[Row], np.
     keys = samplers.per_sample_keys(0, 0, batch)
     run_sampler = samplers.make_sampler(s["apply_fn"], s["schedule"], channels=fields["in_channels"], sampler="ddim",
                                         steps=steps, guidance=1.5)
-    ours = np.asarray(run_sampler(params, labels, keys)) if sample else None
+    sample_rows, ours = [], None
+    if sample:   # before the train step, which donates (deletes) these params with its state
+        ours = np.asarray(run_sampler(params, labels, keys))
+        flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
+        sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0,
+                                iters=2 if quick else 1)
+        sample_rows = [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))]
     step, state, device_batch = _product_step(fields, params, s["x0"], labels)
+    s["params"] = params = None
     sec, flops = harness.time_product_step(step, state, device_batch, **_timing(quick))
     del state, device_batch
     loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
-    rows = [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
-                note=f"sdm train step (EMA, label dropout); {loss_note}")]
-    if not sample:
-        return rows, None
-    flops = harness.xla_flops(run_sampler, params, labels, keys, trip_count=steps)
-    sec = harness.time_call(lambda: run_sampler(params, labels, keys), warmup=1 if quick else 0,
-                            iters=2 if quick else 1)
-    return rows + [Row(sample_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec))], ours
+    return [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
+                note=f"sdm train step (EMA, label dropout); {loss_note}")] + sample_rows, ours
 
 
 def _torch_rows(s: dict, quick: bool, model, impl: str, sample: bool = True) -> tuple[list[Row], np.ndarray | None]:
@@ -239,12 +268,17 @@ def _torch_rows(s: dict, quick: bool, model, impl: str, sample: bool = True) -> 
     size, c = fields["image_size"], fields["in_channels"]
     diffusion = GaussianDiffusion(s["schedule"].betas, schedules.space_timesteps(1000, f"ddim{steps}"))
     x_T = s["nchw"](samplers.initial_noise(samplers.per_sample_keys(0, 0, batch), (size, size, c)))
-    ty = s["torch_inputs"][4]
-    loop = lambda: diffusion.ddim_sample_loop(model, x_T, ty, s=1.5)
+    ty, setting = s["torch_inputs"][4], s["setting"]
+
+    def mixed(x, t, y):  # the U-Net in the Setting's precision, the sampler's arithmetic in float32
+        with setting.autocast():
+            return model(x, t, y).float()
+    loop = lambda: diffusion.ddim_sample_loop(mixed, x_T, ty, s=1.5)
     model.eval()
-    theirs = loop().permute(0, 2, 3, 1).numpy() if sample else None
+    theirs = loop().permute(0, 2, 3, 1).cpu().numpy() if sample else None
     timing = _timing(quick) if impl == "torch eager" else dict(warmup=2, iters=3)
-    sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"]), sync=harness.torch_sync, **timing)
+    sec = harness.time_call(_torch_train_step(model.train(), s["torch_inputs"], setting.autocast),
+                            sync=harness.torch_sync, **timing)
     rows = [Row(train_case, impl, sec, batch / sec)]
     if not sample:
         return rows, None
@@ -258,12 +292,13 @@ def _run_in_process(quick: bool) -> list[Row]:
     s = _setup(quick)
     jax_rows, ours = _jax_rows(s, quick)
     torch_rows, theirs = _torch_rows(s, quick, s["ref"], "torch eager")
-    err = check_samples(ours, theirs, 1e-3)
-    jax_rows[1].note = f"max|dx|={err:.1e}"
+    tol = SAMPLE_TOLERANCE[s["setting"].dtype, True]
+    err = check_samples(ours, theirs, tol)
+    jax_rows[1].note = f"{s['setting'].dtype} max|dx|={err:.1e} (tol {tol:g})"
     rows = [jax_rows[0], torch_rows[0], jax_rows[1], torch_rows[1]]
     if not quick:
         rows += _compile_rows(s)
-    return rows
+    return s["setting"].label(rows)
 
 
 def _compile_rows(s: dict) -> list[Row]:
@@ -276,8 +311,12 @@ def _compile_rows(s: dict) -> list[Row]:
 
 
 # Each framework's full-size measurement in its own process, so JAX and torch never hold the 652 M-parameter
-# SDM and its optimiser state at once; seconds each part may take (compilation included).
+# SDM and its optimiser state at once; seconds each part may take (compilation included): on this 2-core
+# CPU, and on one GPU within benchmarks/device_check.sh's 8 minutes (its estimate: compile-bound).
 PART_TIMEOUT = {"jax": 2400, "torch eager": 1500, "torch compile": 2400}
+PART_TIMEOUT_GPU = {"jax": 110, "torch eager": 40, "torch compile": 90}
+# On a GPU torch.compile times the train step only: compiling the eval-mode sampler too would not fit.
+TRAIN_ONLY_GPU = ("torch compile",)
 
 
 def run_part(part: str, out: str, sample: bool = True) -> None:
@@ -292,6 +331,7 @@ def run_part(part: str, out: str, sample: bool = True) -> None:
     else:
         import torch
         rows, samples = _torch_rows(s, False, torch.compile(s["ref"]), "torch compile", sample)
+    s["setting"].label(rows)
     name = part.replace(" ", "_")
     if samples is not None:
         np.save(Path(out) / f"{name}.npy", samples)
@@ -308,35 +348,44 @@ def _run_parts(quick: bool) -> list[Row]:
     import tempfile
     import time
     rows, losses, samples = [], {}, {}
-    fields, batch, steps = _fields(quick)
-    train_case, sample_case = _cases(dict(fields=fields, batch=batch, steps=steps))
+    setting = harness.setting()
+    fields, batch, steps = _fields(quick, setting)
+    train_case, sample_case = _cases(dict(fields=fields, batch=batch, steps=steps, setting=setting))
+    part_timeout = PART_TIMEOUT_GPU if setting.device == "gpu" else PART_TIMEOUT
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="speed_sdm_") as out:
-        for part, timeout in PART_TIMEOUT.items():
+        for part, timeout in part_timeout.items():
             t, name = time.time(), part.replace(" ", "_")
             print(f"[speed_sdm] {part} ...", flush=True)
+            train_only = ["--train-only"] if setting.device == "gpu" and part in TRAIN_ONLY_GPU else []
             try:
-                rc = subprocess.run([sys.executable, "-m", "benchmarks.speed_sdm", "--part", part, "--out", out],
-                                    env=env, timeout=timeout).returncode
+                rc = subprocess.run([sys.executable, "-m", "benchmarks.speed_sdm", "--part", part, "--out", out]
+                                    + train_only, env=env, timeout=timeout).returncode
                 error = None if rc == 0 else f"exited with status {rc}"
             except subprocess.TimeoutExpired:
                 error = f"timed out after {timeout} s"
             if error or not (Path(out) / f"{name}.json").exists():
                 note = f"failed: {error or 'no result'} ({time.time() - t:.0f} s)"
-                rows += [Row(case, part, float("nan"), float("nan"), note=note) for case in (train_case, sample_case)]
+                rows += setting.label([Row(case, part, float("nan"), float("nan"), note=note)
+                                       for case in (train_case, sample_case)])
                 continue
             doc = json.loads((Path(out) / f"{name}.json").read_text())
             rows += [Row.from_json(r) for r in doc["rows"]]
-            losses[part], samples[part] = doc["loss"], np.load(Path(out) / f"{name}.npy")
+            losses[part] = doc["loss"]
+            if (Path(out) / f"{name}.npy").exists():
+                samples[part] = np.load(Path(out) / f"{name}.npy")
     print(harness.format_table(harness.add_ratios(rows)), flush=True)  # in the log even if a check fails below
     if "jax" in losses:
         notes = []
         for part in ("torch eager", "torch compile"):
             if part in losses:
-                check_losses(losses["jax"], losses[part])
-                err = check_samples(samples["jax"], samples[part], 5e-3)
-                notes.append(f"{part}: loss {losses[part]:.4f}, max|dx| {err:.1e}")
+                check_losses(losses["jax"], losses[part], setting)
+                note = f"{part}: loss {losses[part]:.4f}"
+                if part in samples and "jax" in samples:
+                    err = check_samples(samples["jax"], samples[part], SAMPLE_TOLERANCE[setting.dtype, False])
+                    note += f", max|dx| {err:.1e}"
+                notes.append(note)
         for r in rows:
             if r.impl == "jax":
                 r.note = (r.note + "; " if r.note else "") + "; ".join(notes)

@@ -130,7 +130,7 @@ class ResidualAttentionBlock(nn.Module):
         self.attn_mask = attn_mask
 
     def forward(self, x):
-        mask = None if self.attn_mask is None else self.attn_mask[:x.shape[0], :x.shape[0]].to(x.dtype)
+        mask = None if self.attn_mask is None else self.attn_mask[:x.shape[0], :x.shape[0]].to(x.device, x.dtype)
         y = self.ln_1(x)
         x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
@@ -169,5 +169,5 @@ class CLIP(nn.Module):
         x = self.token_embedding(text) + self.positional_embedding[:text.shape[1]]
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = self.ln_final(x)
-        state = x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+        state = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
         return x, state

@@ -32,7 +32,8 @@ class CoordConv(nn.Module):
 
     def forward(self, x):
         b, _, h, w = x.shape
-        y, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        line = lambda n: torch.linspace(-1, 1, n, device=x.device)
+        y, xx = torch.meshgrid(line(h), line(w), indexing="ij")
         coords = torch.stack([xx, y])[None].expand(b, -1, -1, -1)
         return self.conv1(torch.cat([x, coords], 1))
 
@@ -57,21 +58,21 @@ class Projector(nn.Module):
         return out.transpose(0, 1)
 
 
-def pos1d(d_model, length):
-    pe = torch.zeros(length, d_model)
-    position = torch.arange(0, length).unsqueeze(1).float()
-    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float) * -(math.log(10000.0) / d_model))
+def pos1d(d_model, length, device=None):
+    pe = torch.zeros(length, d_model, device=device)
+    position = torch.arange(0, length, device=device).unsqueeze(1).float()
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float, device=device) * -(math.log(10000.0) / d_model))
     pe[:, 0::2] = torch.sin(position * div)
     pe[:, 1::2] = torch.cos(position * div)
     return pe.unsqueeze(1)
 
 
-def pos2d(d_model, height, width):
-    pe = torch.zeros(d_model, height, width)
+def pos2d(d_model, height, width, device=None):
+    pe = torch.zeros(d_model, height, width, device=device)
     d = d_model // 2
-    div = torch.exp(torch.arange(0., d, 2) * -(math.log(10000.0) / d))
-    pos_w = torch.arange(0., width).unsqueeze(1)
-    pos_h = torch.arange(0., height).unsqueeze(1)
+    div = torch.exp(torch.arange(0., d, 2, device=device) * -(math.log(10000.0) / d))
+    pos_w = torch.arange(0., width, device=device).unsqueeze(1)
+    pos_h = torch.arange(0., height, device=device).unsqueeze(1)
     pe[0:d:2] = torch.sin(pos_w * div).transpose(0, 1).unsqueeze(1).repeat(1, height, 1)
     pe[1:d:2] = torch.cos(pos_w * div).transpose(0, 1).unsqueeze(1).repeat(1, height, 1)
     pe[d::2] = torch.sin(pos_h * div).transpose(0, 1).unsqueeze(2).repeat(1, 1, width)
@@ -80,6 +81,10 @@ def pos2d(d_model, height, width):
 
 
 class TransformerDecoderLayer(nn.Module):
+    # need_weights=False lets nn.MultiheadAttention run scaled_dot_product_attention (the same softmax
+    # attention, fused); True (CRIS.pytorch's default call) forms the weights explicitly.
+    sdpa = False
+
     def __init__(self, d_model=512, nhead=8, dim_feedforward=2048, dropout=0.1):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(d_model)
@@ -94,9 +99,11 @@ class TransformerDecoderLayer(nn.Module):
     def forward(self, vis, txt, vis_pos, txt_pos, pad_mask):
         v = self.norm1(vis)
         q = k = v + vis_pos
-        vis = vis + self.dropout1(self.self_attn_norm(self.self_attn(q, k, value=v)[0]))
+        weights = not self.sdpa
+        vis = vis + self.dropout1(self.self_attn_norm(self.self_attn(q, k, value=v, need_weights=weights)[0]))
         v = self.norm2(vis)
-        v = self.multihead_attn(query=v + vis_pos, key=txt + txt_pos, value=txt, key_padding_mask=pad_mask)[0]
+        v = self.multihead_attn(query=v + vis_pos, key=txt + txt_pos, value=txt, key_padding_mask=pad_mask,
+                                need_weights=weights)[0]
         vis = vis + self.dropout2(self.cross_attn_norm(v))
         return vis + self.dropout3(self.ffn(self.norm3(vis)))
 
@@ -110,7 +117,7 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, vis, txt, pad_mask):
         b, c, h, w = vis.shape
-        vis_pos, txt_pos = pos2d(c, h, w), pos1d(txt.shape[-1], txt.shape[1])
+        vis_pos, txt_pos = pos2d(c, h, w, vis.device), pos1d(txt.shape[-1], txt.shape[1], vis.device)
         out = vis.reshape(b, c, -1).permute(2, 0, 1)
         txt = txt.permute(1, 0, 2)
         for layer in self.layers:

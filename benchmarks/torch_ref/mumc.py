@@ -24,7 +24,7 @@ def ita_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
         text_feat_all = torch.cat([text_feat_m.t(), text_queue.clone().detach()], dim=1)
         sim_i2t_m = image_feat_m @ text_feat_all / temp
         sim_t2i_m = text_feat_m @ image_feat_all / temp
-        sim_targets = torch.zeros(sim_i2t_m.size())
+        sim_targets = torch.zeros(sim_i2t_m.size(), device=sim_i2t_m.device)
         sim_targets.fill_diagonal_(1)
         sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
         sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
@@ -66,7 +66,8 @@ def itm_loss(vl_pos, vl_neg, itm_head):
     """vl_pos [B, D] CLS of matched pairs, vl_neg [2B, D] CLS of (text, neg image) then (neg text, image)."""
     bs = vl_pos.shape[0]
     vl_output = itm_head(torch.cat([vl_pos, vl_neg], dim=0))
-    labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+    labels = torch.cat([torch.ones(bs, dtype=torch.long, device=vl_output.device),
+                        torch.zeros(2 * bs, dtype=torch.long, device=vl_output.device)])
     return F.cross_entropy(vl_output, labels)
 
 
@@ -96,6 +97,8 @@ def sincos_2d_posemb(dim: int, grid: int) -> np.ndarray:
 
 
 class Attention(nn.Module):
+    sdpa = False  # True: torch.nn.functional.scaled_dot_product_attention (same maths, fused)
+
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
@@ -106,8 +109,11 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -158,7 +164,7 @@ class VisionTransformer(nn.Module):
         grid = x.shape[-1] // self.patch_size
         x = self.patch_embed(x)
         if patch_pos is None:
-            patch_pos = torch.from_numpy(sincos_2d_posemb(x.shape[-1], grid))
+            patch_pos = torch.as_tensor(sincos_2d_posemb(x.shape[-1], grid), device=x.device)
         x = x + patch_pos[None]
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -180,7 +186,8 @@ def bert_text_fusion(bert, input_ids, mask, image_embeds, fusion_layer, mode="mu
     cross-attention to `image_embeds` from fusion_layer on. Returns the last hidden state [B, L, D]."""
     h = bert.embeddings(input_ids=input_ids)
     ext = extended_mask(mask)
-    img_ext = extended_mask(torch.ones(image_embeds.shape[:2])) if image_embeds is not None else None
+    img_ext = extended_mask(torch.ones(image_embeds.shape[:2], device=image_embeds.device)) \
+        if image_embeds is not None else None
     stop = fusion_layer if mode == "text" else len(bert.encoder.layer)
     for i, layer in enumerate(bert.encoder.layer[:stop]):
         cross = image_embeds if i >= fusion_layer else None
@@ -262,7 +269,7 @@ class MUMCPretrain(nn.Module):
 
     def _fuse(self, encoder, text_embeds, mask, image_embeds):
         bert, ext = encoder.bert, extended_mask(mask)
-        img_ext = extended_mask(torch.ones(image_embeds.shape[:2]))
+        img_ext = extended_mask(torch.ones(image_embeds.shape[:2], device=image_embeds.device))
         h = text_embeds
         for layer in bert.encoder.layer[self.fusion_layer:]:
             h = layer(h, ext, encoder_hidden_states=image_embeds, encoder_attention_mask=img_ext)

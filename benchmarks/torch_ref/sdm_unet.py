@@ -28,7 +28,7 @@ def normalization(channels):
 
 def timestep_embedding(timesteps, dim, max_period=10000):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -157,7 +157,9 @@ class SDMResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Fused-qkv attention. Heads: channels // num_head_channels, or num_heads if num_head_channels == -1.
-    Legacy order (QKVAttentionLegacy): heads split before q/k/v; new order (QKVAttention): q/k/v first."""
+    Legacy order (QKVAttentionLegacy): heads split before q/k/v; new order (QKVAttention): q/k/v first.
+    `sdpa`: torch.nn.functional.scaled_dot_product_attention (the same softmax(q k^T / sqrt(ch)) v, fused)."""
+    sdpa = False
 
     def __init__(self, channels, num_head_channels=64, num_heads=1, use_new_attention_order=False):
         super().__init__()
@@ -177,10 +179,14 @@ class AttentionBlock(nn.Module):
             q, k, v = (a.reshape(bs * self.num_heads, ch, length) for a in qkv.chunk(3, dim=1))
         else:
             q, k, v = qkv.reshape(bs * self.num_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
-        a = torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            a = a.transpose(1, 2).reshape(bs, -1, length)
+        else:
+            scale = 1 / math.sqrt(math.sqrt(ch))
+            w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+            w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+            a = torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
         return (x + self.proj_out(a)).reshape(b, c, *spatial)
 
 
@@ -304,12 +310,13 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - acp)
 
     def _x(self, arr, t, x):
-        return torch.as_tensor(arr, dtype=torch.float64)[t].float().view(-1, *([1] * (x.dim() - 1)))
+        picked = torch.as_tensor(arr, dtype=torch.float64, device="cpu")[t.cpu()].float()  # float64 tables on the host
+        return picked.to(x.device).view(-1, *([1] * (x.dim() - 1)))
 
     def p_mean_variance(self, model, x, t, y, s=None, clip_denoised=True):
         """SDM's p_mean_variance: guidance on the eps channels, variance from the conditional output."""
         c = x.shape[1]
-        ts = torch.as_tensor(self.timestep_map[t.numpy()])
+        ts = torch.as_tensor(self.timestep_map[t.cpu().numpy()], device=x.device)
         out = model(x, ts, y)
         if s is not None:
             out_zero = model(x, ts, torch.zeros_like(y))
@@ -329,7 +336,7 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, noise, y, s=None, noise_fn=None):
         x = noise
         for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.long)
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             mean, log_var, _ = self.p_mean_variance(model, x, t, y, s)
             z = noise_fn(i) if noise_fn else torch.randn_like(x)
             x = mean + (i > 0) * torch.exp(0.5 * log_var) * z
@@ -339,7 +346,7 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, model, noise, y, s=None, eta=0.0, noise_fn=None):
         x = noise
         for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.long)
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             _, _, x0 = self.p_mean_variance(model, x, t, y, s)
             acp, acp_prev = self._x(self.alphas_cumprod, t, x), self._x(self.alphas_cumprod_prev, t, x)
             eps = (x - torch.sqrt(acp) * x0) / torch.sqrt(1 - acp)
