@@ -59,8 +59,8 @@ def test_winograd_runs_unstrided_3x3_convs_as_batched_matmuls(impl, monkeypatch)
     assert "conv_general_dilated" in str(jax.make_jaxpr(jax.grad(conv(2), (0, 1)))(x, w))
 
 
-def test_auto_is_winograd_on_cpu_only_and_unknown_names_are_refused(monkeypatch):
-    assert layers.choose_conv("auto", backend="cpu") == "winograd4"
+def test_auto_is_matmul_on_cpu_only_and_unknown_names_are_refused(monkeypatch):
+    assert layers.choose_conv("auto", backend="cpu") == "matmul_filter_grad"
     assert layers.choose_conv("auto", backend="gpu") == layers.choose_conv("auto", backend="tpu") == "xla"
     assert layers.choose_conv("xla", backend="cpu") == "xla"
     monkeypatch.setitem(layers.AUTO_CONV, "cpu", "xla")  # what `speed_cris --conv-impl xla` does

@@ -502,11 +502,11 @@ CONV_IMPLS.register("winograd_filter_grad")(functools.partial(winograd_conv, m=2
 
 # What "auto" runs per backend (others: "xla"). A table, so a benchmark can time a whole model under another
 # implementation without a field of its own (`python -m benchmarks.speed_cris --conv-impl xla`).
-# CPU: F(4x4, 3x3) for the unstrided 3x3 convs of >= WINOGRAD_MIN_INPUT input elements (CRIS's 416 px
-# backbone and neck: forward and both gradients ~1.5x oneDNN's direct kernels at [4, 104, 104, 512] -> 256),
-# `matmul_filter_grad` for the rest; its float32 error is 1e-5 to 2e-5 of the output's max (a direct conv's
-# ~5e-7; "winograd", F(2x2, 3x3), keeps a direct conv's error).
-AUTO_CONV = {"cpu": "winograd4"}
+# CPU: `matmul_filter_grad`. "winograd4" (F(4x4, 3x3) for unstrided 3x3 convs of >= WINOGRAD_MIN_INPUT input
+# elements) beats it per conv at CRIS's large shapes (forward and both gradients ~1.5x oneDNN's direct kernels
+# at [4, 104, 104, 512] -> 256) but has no quiet whole-step measurement yet, and its float32 error is 1e-5 to
+# 2e-5 of the output's max (a direct conv's ~5e-7; "winograd", F(2x2, 3x3), keeps a direct conv's error).
+AUTO_CONV = {"cpu": "matmul_filter_grad"}
 
 
 def choose_conv(implementation: str, backend: str | None = None) -> str:
