@@ -6,8 +6,12 @@ Says which part of which convolution a whole-step gap comes from, and which form
 
 Shapes are the heaviest convolutions of each model's step (input [B, H, W, C], kernel k x k, C -> O, stride),
 ms per call, min of `--iters` after one warm-up. JAX forms: "xla" (lax.conv_general_dilated: YNNPACK on
-this XLA:CPU), "matmul" (im2col: one dot of the k*k shifted views), "taps" (filter gradient only: k*k dots
-of a shifted view with the output gradient, `matmul_filter_grad`'s).
+this XLA:CPU), "matmul" (im2col: one dot of the k*k shifted views), "mfg" (filter gradient only,
+`matmul_filter_grad`'s: one dot of the input with the output gradient's k*k shifted views when unstrided, k*k
+tap dots when strided), "winograd" / "winograd4" (F(2x2, 3x3) / F(4x4, 3x3), unstrided 3x3 only: 16 / 36
+batched dots in all three parts).
+--layouts also times the Winograd product [16, tiles, C] x [16, C, O] laid out three ways (XLA:CPU's dot
+speed depends on which axis is the batch): points-first dot_general, tiles-first einsum, 16 separate dots.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ def _best_ms(fn, *args, iters: int) -> float:
     return best * 1e3
 
 
-def jax_times(shape, iters: int) -> dict[str, float]:
-    """ms of forward / data grad / filter grad for each JAX form."""
+def jax_times(shape, iters: int, skip=()) -> dict[str, float]:
+    """ms of forward / data grad / filter grad for each JAX form, but the columns named in `skip`."""
     b, h, w, c, o, k, s, _ = shape
     pad = ((k // 2, k // 2), (k // 2, k // 2))
     rng = np.random.default_rng(0)
@@ -56,17 +60,32 @@ def jax_times(shape, iters: int) -> dict[str, float]:
         x, kern, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
     g = jnp.ones(jax.eval_shape(conv("xla"), x, kern).shape, jnp.float32)
     out = {}
-    for name in ("xla", "matmul"):
+    winograd = k == 3 and s == 1
+    for name in ("xla", "matmul") + (("winograd", "winograd4") if winograd else ()):
         f = conv(name)
-        out[f"fwd {name}"] = _best_ms(jax.jit(f), x, kern, iters=iters)
-        out[f"data-grad {name}"] = _best_ms(jax.jit(lambda x, kern, g: jax.vjp(lambda x: f(x, kern), x)[1](g)),
-                                            x, kern, g, iters=iters)
-        out[f"filter-grad {name}"] = _best_ms(jax.jit(lambda x, kern, g: jax.vjp(lambda w: f(x, w), kern)[1](g)),
-                                              x, kern, g, iters=iters)
-    if k > 1:
+        parts = {"fwd": (jax.jit(f), (x, kern)),
+                 "data-grad": (jax.jit(lambda x, kern, g: jax.vjp(lambda x: f(x, kern), x)[1](g)), (x, kern, g)),
+                 "filter-grad": (jax.jit(lambda x, kern, g: jax.vjp(lambda w: f(x, w), kern)[1](g)), (x, kern, g))}
+        for part, (fn, fn_args) in parts.items():
+            if f"{part} {name}" not in skip:
+                out[f"{part} {name}"] = _best_ms(fn, *fn_args, iters=iters)
+    if k > 1 and "filter-grad mfg" not in skip:
         taps = lambda x, kern, g: layers._conv_matmul_filter_grad_bwd((s, s), pad, None, None, (x, kern), g)[1]
-        out["filter-grad taps"] = _best_ms(jax.jit(taps), x, kern, g, iters=iters)
+        out["filter-grad mfg"] = _best_ms(jax.jit(taps), x, kern, g, iters=iters)
     return out
+
+
+def layout_times(shape, iters: int) -> dict[str, float]:
+    """ms of the Winograd product of this shape in three layouts."""
+    b, h, w, c, o, *_ = shape
+    n = b * (-(-h // 2)) * (-(-w // 2))
+    rng = np.random.default_rng(0)
+    v = jnp.asarray(rng.standard_normal((16, n, c)), jnp.float32)
+    u = jnp.asarray(rng.standard_normal((16, c, o)), jnp.float32)
+    forms = {"points-first dot_general": lambda v, u: jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))),
+             "tiles-first einsum npc,pco->npo": lambda v, u: jnp.einsum("npc,pco->npo", v.transpose(1, 0, 2), u),
+             "16 separate dots": lambda v, u: jnp.stack([v[p] @ u[p] for p in range(16)])}
+    return {name: _best_ms(jax.jit(f), v, u, iters=iters) for name, f in forms.items()}
 
 
 def torch_times(shape, iters: int) -> dict[str, float]:
@@ -98,18 +117,26 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=list(SHAPES), default="cris")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--top", type=int, default=0, help="only the first N shapes (0: all)")
+    p.add_argument("--layouts", action="store_true", help="also time the Winograd product's layouts")
+    p.add_argument("--skip", default="", help="comma-separated columns not to time, e.g. 'filter-grad xla'")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(os.cpu_count())  # as the speed cases run torch: every core, like XLA:CPU
-    cols = ["fwd xla", "fwd matmul", "fwd torch", "data-grad xla", "data-grad matmul", "data-grad torch",
-            "filter-grad xla", "filter-grad matmul", "filter-grad taps", "filter-grad torch"]
+    cols = [f"{part} {form}" for part, forms in (("fwd", ("xla", "matmul", "winograd", "winograd4", "torch")),
+                                                 ("data-grad", ("xla", "matmul", "winograd", "winograd4", "torch")),
+                                                 ("filter-grad", ("xla", "matmul", "mfg", "winograd", "winograd4",
+                                                                  "torch")))
+            for form in forms]
     print("| shape (B,H,W,C->O,k,s) x n | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for shape in SHAPES[args.model][:args.top or None]:
-        t = {**jax_times(shape, args.iters), **torch_times(shape, args.iters)}
+        t = {**jax_times(shape, args.iters, args.skip.split(",")), **torch_times(shape, args.iters)}
         b, h, w, c, o, k, s, n = shape
         print(f"| {b},{h},{w},{c}->{o},{k},{s} x{n} | " + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in cols)
               + " |", flush=True)
+        if args.layouts and k == 3 and s == 1:
+            print(f"|   product layouts: " + ", ".join(f"{name} {ms:.0f}" for name, ms in
+                                                      layout_times(shape, args.iters).items()) + " |", flush=True)
 
 
 if __name__ == "__main__":

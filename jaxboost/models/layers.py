@@ -243,6 +243,8 @@ class PreNormBlock(nn.Module):
 # transposed to [C, H, W, B], the output gradient as a [H, W, B, O] kernel, so each window position contracts
 # only the batch), 3-6x the forward's time at large activations (README, Benchmarks), while the same FLOPs as matmuls run near the forward's rate; below
 # MATMUL_FILTER_GRAD_MIN_INPUT input elements XLA's own filter gradient is as fast or faster, so it keeps it.
+# "winograd" / "winograd4" / "winograd_filter_grad": unstrided 3x3 convs by Winograd's minimal filtering
+# (below), the rest as "matmul_filter_grad".
 MATMUL_FILTER_GRAD_MIN_INPUT = 2 ** 22
 CONV_IMPLS = Registry("convolution implementation")
 CONV_IMPLS.register("xla")(jax.lax.conv_general_dilated)
@@ -347,8 +349,163 @@ def conv_matmul_filter_grad(lhs, rhs, window_strides, padding, lhs_dilation=None
     return _conv_matmul_filter_grad(lhs, rhs, tuple(window_strides), pads, precision, preferred_element_type)
 
 
+# Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
+# Networks"): each m x m output tile of an unstrided 3x3 conv is A^T [(G g G^T) * (B^T d B)] A of its
+# (m+2)^2 input tile d (tiles at stride m), so the products are (m+2)^2 matmuls [tiles, C] x [C, O], one per
+# Winograd point: F(2, 3) 16 multiplies per 4 outputs against 36 (2.25x fewer FLOPs), F(4, 3) 36 per 16 (4x).
+# Only the forward is written: the data gradient is the same Winograd conv of the output gradient (kernel
+# turned 180 degrees), the filter gradient the forward's autodiff, the same batched matmuls contracting the
+# tiles ([C, tiles] x [tiles, O], no k*k shifted copies). F(2, 3)'s transforms have entries 0, +-1, +-1/2, so
+# its float32 error is a direct conv's (~5e-7 of the output's max against float64); F(4, 3)'s (+-5, 1/24, 8)
+# lose about one digit (1e-5 to 2e-5 at 128-1024 input channels).
+WINOGRAD_TRANSFORMS = {  # m: (B^T, G, A^T) from Lavin & Gray: F(2, 3) at points 0, +-1; F(4, 3) at 0, +-1, +-2
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+
+
+def _combine(rows, coefficients):
+    """sum_u c[u] * rows[u] for each row of coefficients, skipping zeros (the transforms are adds)."""
+    out = []
+    for cs in coefficients:
+        terms = [(c, r) for c, r in zip(cs, rows) if c]
+        acc = terms[0][1] if terms[0][0] == 1 else terms[0][0] * terms[0][1]
+        for c, r in terms[1:]:
+            acc = acc + r if c == 1 else (acc - r if c == -1 else acc + c * r)
+        out.append(acc)
+    return out
+
+
+def _tile_rows(x, axis):
+    """The m+2 rows of every tile along `axis` of x [..., T+1, m, ...] (the axis split into chunks of m):
+    tile i's row u is chunk i's row u for u < m, chunk i+1's row u - m after, so unit slices select them
+    (cheaper on XLA:CPU than strided slices of the unsplit axis, ~20% on CRIS's largest 3x3)."""
+    m = x.shape[axis + 1]
+    row = lambda chunks, u: jax.lax.index_in_dim(jax.lax.slice_in_dim(x, *chunks, axis=axis), u, axis + 1, False)
+    t = x.shape[axis]
+    return [row((0, t - 1), u) for u in range(m)] + [row((1, t), u) for u in range(2)]
+
+
+def _winograd_input_tiles(x, m, tiles_h, tiles_w):
+    """B^T d B of every (m+2)^2 tile (stride m) of the padded input x [B, m(th+1), m(tw+1), C] ->
+    [(m+2)^2, B*th*tw, C], Winograd points first; separable, rows then columns, each stage one array."""
+    b, c = x.shape[0], x.shape[-1]
+    bt = WINOGRAD_TRANSFORMS[m][0]
+    x = x.reshape(b, tiles_h + 1, m, tiles_w + 1, m, c)
+    rows = jnp.stack(_combine(_tile_rows(x, 1), bt))  # [m+2, B, th, tw+1, m, C]
+    cols = _combine(_tile_rows(rows, 3), bt)  # each [m+2, B, th, tw, C]
+    return jnp.stack(cols, axis=1).reshape((m + 2) ** 2, -1, c)
+
+
+def _winograd_output(prods, m, shape):
+    """A^T M A of the products [(m+2)^2, B*th*tw, O] -> the [B, m th, m tw, O] output (tiles interleaved)."""
+    (b, th, tw, o), t, at = shape, m + 2, WINOGRAD_TRANSFORMS[m][2]
+    prods = prods.reshape(t, t, b, th, tw, o)
+    cols = jnp.stack(_combine(list(prods), at))  # [m (r), t (q), B, th, tw, O]
+    y = jnp.stack(_combine(list(cols.transpose(1, 0, 2, 3, 4, 5)), at))  # [m (s), m (r), B, th, tw, O]
+    return y.transpose(2, 3, 1, 4, 0, 5).reshape(b, m * th, m * tw, o)
+
+
+def _winograd_forward(lhs, rhs, pads, m, precision=None, preferred_element_type=None):
+    """An unstrided NHWC x HWIO 3x3 convolution with explicit pads by F(m x m, 3x3); an output size that m
+    does not divide is computed on the next multiple (the input padded with zeros) and cropped."""
+    (b, h, w, c), o, t = lhs.shape, rhs.shape[-1], m + 2
+    (p0h, p1h), (p0w, p1w) = pads
+    ho, wo = h + p0h + p1h - 2, w + p0w + p1w - 2
+    th, tw = -(-ho // m), -(-wo // m)
+    x = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                    ((0, 0, 0), (p0h, m * (th + 1) - h - p0h, 0), (p0w, m * (tw + 1) - w - p0w, 0), (0, 0, 0)))
+    g = jnp.asarray(WINOGRAD_TRANSFORMS[m][1], rhs.dtype)
+    u = jnp.einsum("pi,qj,ijco->pqco", g, g, rhs, precision=precision).reshape(t * t, c, o)
+    prods = jax.lax.dot_general(_winograd_input_tiles(x, m, th, tw), u, (((2,), (1,)), ((0,), (0,))),
+                                precision=precision, preferred_element_type=preferred_element_type)
+    return _winograd_output(prods, m, (b, th, tw, o))[:, :ho, :wo]
+
+
+def _xla_conv(lhs, rhs, pads, precision=None, preferred_element_type=None):
+    return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _winograd_or_xla(lhs, rhs, pads, m, winograd, precision=None, preferred_element_type=None):
+    if winograd:
+        return _winograd_forward(lhs, rhs, pads, m, precision, preferred_element_type)
+    return _xla_conv(lhs, rhs, pads, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _winograd_conv(lhs, rhs, pads, m, forward, precision, preferred_element_type):
+    """forward: Winograd's F(m, 3) for the forward and data gradient, else XLA's conv; the filter gradient
+    is Winograd's either way."""
+    return _winograd_or_xla(lhs, rhs, pads, m, forward, precision, preferred_element_type)
+
+
+def _winograd_conv_fwd(lhs, rhs, pads, m, forward, precision, preferred_element_type):
+    return _winograd_conv(lhs, rhs, pads, m, forward, precision, preferred_element_type), (lhs, rhs)
+
+
+def _winograd_conv_bwd(pads, m, forward, precision, preferred_element_type, residuals, g):
+    """The data gradient is itself an unstrided 3x3 conv (of g with the kernel turned 180 degrees and in/out
+    swapped, pads 2 - p), run by the same forward: differentiating the Winograd forward instead transposes
+    its input transform into pads of strided scatters, ~2x slower. The filter gradient is the autodiff of
+    the Winograd forward in rhs: 16 [C, tiles] x [tiles, O] dots."""
+    lhs, rhs = residuals
+    g = g.astype(lhs.dtype)
+    flipped = rhs[::-1, ::-1].transpose(0, 1, 3, 2)
+    d_lhs = _winograd_or_xla(g, flipped, tuple((2 - p0, 2 - p1) for p0, p1 in pads), m, forward, precision)
+    d_rhs, = jax.vjp(lambda k: _winograd_forward(lhs, k, pads, m, precision), rhs)[1](g)
+    return d_lhs.astype(lhs.dtype), d_rhs
+
+
+_winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
+
+
+# Inputs of fewer elements keep `matmul_filter_grad` (i.e. XLA's conv): there the transforms' passes over
+# memory cost as much as the saved multiplies. Forward + both gradients, ms, F(4x4, 3x3) / XLA's forward and
+# data gradient with the matmul filter gradient / torch (`python -m benchmarks.conv_shapes`, 2-core CPU at
+# load ~14, two runs): [4, 52, 52, 512] -> 512 (5.5 M elements) 3497-4462 / 7383-7698 / 4777-5252;
+# [4, 26, 26, 512] -> 512 (1.4 M) 1986-2773 / 1956-2104 / 1416-1636; [4, 26, 26, 256] -> 256 448-609 / 527-541
+# (XLA's own conv 332-367) / 449-716.
+WINOGRAD_MIN_INPUT = 2 ** 22
+
+
+def _winograd_applies(pads, rhs, window_strides) -> bool:
+    return (pads is not None and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+            and all(0 <= p <= 2 for pair in pads for p in pair))
+
+
+def winograd_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                  preferred_element_type=None, *, m: int = 2, forward: bool = True):
+    """lax.conv_general_dilated's signature and result for an unstrided 2-D NHWC x HWIO 3x3 convolution
+    (pads <= 2) by Winograd F(m x m, 3x3) (see above): forward and data gradient Winograd's (forward=True)
+    or XLA's, the filter gradient Winograd's. Any other case (other kernels, strides, dilation, groups,
+    layouts) goes to `matmul_filter_grad`."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count)
+    pads = _plain_conv_pads(*args)
+    if not _winograd_applies(pads, rhs, window_strides) or lhs.size < WINOGRAD_MIN_INPUT:
+        return conv_matmul_filter_grad(*args, precision, preferred_element_type)
+    return _winograd_conv(lhs, rhs, pads, m, forward, precision, preferred_element_type)
+
+
+CONV_IMPLS.register("winograd")(functools.partial(winograd_conv, m=2))  # F(2x2, 3x3) in all three parts
+CONV_IMPLS.register("winograd4")(functools.partial(winograd_conv, m=4))  # F(4x4, 3x3) in all three parts
+CONV_IMPLS.register("winograd_filter_grad")(functools.partial(winograd_conv, m=2, forward=False))
+
+
 # What "auto" runs per backend (others: "xla"). A table, so a benchmark can time a whole model under another
 # implementation without a field of its own (`python -m benchmarks.speed_cris --conv-impl xla`).
+# CPU: `matmul_filter_grad`. "winograd4" (F(4x4, 3x3) for unstrided 3x3 convs of >= WINOGRAD_MIN_INPUT input
+# elements) beats it per conv at CRIS's large shapes (forward and both gradients ~1.5x oneDNN's direct kernels
+# at [4, 104, 104, 512] -> 256) but has no quiet whole-step measurement yet, and its float32 error is 1e-5 to
+# 2e-5 of the output's max (a direct conv's ~5e-7; "winograd", F(2x2, 3x3), keeps a direct conv's error).
 AUTO_CONV = {"cpu": "matmul_filter_grad"}
 
 
