@@ -178,10 +178,7 @@ def pretend_cudnn(monkeypatch):
     monkeypatch.setattr(layers, "current_backend", lambda: "gpu")
 
 
-KEY_PADDING = pytest.param((4, 1, 1, 8), marks=pytest.mark.xfail(
-    raises=ValueError, strict=True, reason="jax's cuDNN attention needs the mask's full [T, S] ('Bias must have "
-    "same seq length as QKV'); layers' cudnn entry passes CRIS's cross-attention and BERT's [B, 1, 1, S] key "
-    "masks as they are, so the bf16 CRIS and MUMC steps fail to trace on a GPU until it broadcasts them"))
+KEY_PADDING = (4, 1, 1, 8)  # CRIS cross-attention, BERT: layers.cudnn_attention expands it to [T, S]
 
 
 @pytest.mark.parametrize("mask_shape", [None, (4, 1, 16, 16), KEY_PADDING],

@@ -144,8 +144,17 @@ ATTENTION = Registry("attention implementation")
 ATTENTION.register("einsum")(einsum_attention)
 ATTENTION.register("xla")(lambda q, k, v, mask=None, bias=None: jax.nn.dot_product_attention(
     q, k, v, bias=bias, mask=mask, implementation="xla"))
-ATTENTION.register("cudnn")(lambda q, k, v, mask=None, bias=None: jax.nn.dot_product_attention(
-    q, k, v, bias=bias, mask=mask, implementation="cudnn"))
+
+
+@ATTENTION.register("cudnn")
+def cudnn_attention(q, k, v, mask=None, bias=None):
+    """jax's cuDNN fused attention. It checks the mask's last two dims against the full [T, S] and refuses a
+    broadcast one, so the [B, 1, 1, S] key-padding masks (CRIS's cross-attention, BERT) are expanded here."""
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
+
+
 ATTENTION.register("tpu_flash")(tpu_flash_attention)
 
 
