@@ -26,6 +26,10 @@ AUGMENT_FIELDS = {
     "noise": ("image x (1 + n x standard normal), speckle-like", 1.0),
 }
 OFF = {k: 0.0 for k in AUGMENT_FIELDS}
+# The demo's magnitudes (configs/clipseg.py and cris.py, demo variant): an affine within the echo phantom's own
+# spread between patients (tilt +-0.12 rad, cavity sizes +-5-8%: data/phantom.py) and intensity changes like
+# its image qualities' haze and noise; set before any run, not tuned.
+PHANTOM = dict(rotate_deg=8.0, scale=0.1, translate=0.04, gamma=0.25, contrast=0.2, brightness=0.05, noise=0.1)
 
 
 def magnitudes(augment) -> dict:
