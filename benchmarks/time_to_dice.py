@@ -3,7 +3,7 @@
 benchmarks/torch_ref/cris.py) on the same phantom corpus, batches, seed and initial weights (the torch model's
 random init, taken over by jaxboost through its converter), with the Synthetic Boost recipe: AdamW with the
 config's lr and its schedule (CRIS backbone at 0.1x), clipping 0.5, Dice + 0.2 BCE, validation Dice every epoch.
-The models and the schedule are `jaxboost demo`'s (`configs/<model>.py:demo`: 15 epochs, best checkpoint on
+The models and the schedule are `jaxboost demo`'s (`configs/<model>.py:demo`: 30 epochs, best checkpoint on
 every better validation Dice, latest at the end; the torch loop writes the same).
 
 Rows `time_to_dice/<model>` (impl `jax`, `torch eager`): wall-clock from the first step until the validation
@@ -52,10 +52,10 @@ def _plan(quick: bool) -> dict:
     """Synthetic Boost's few-labels regime as `jaxboost demo` stages it, fixed before any run: a 20-patient
     phantom split by patient (16 train, 2 val, 2 test), the labels of 4 training patients (48 records, 12 steps
     of 4 per epoch at the demo configs' batch) for the real-only run, the finetune and the synthetic corpus; 5 synthetic images per real
-    mask (the paper's 5x: 240 records, 60 steps per epoch). The demo's schedule: 15 epochs real only and
+    mask (the paper's 5x: 240 records, 60 steps per epoch). The demo's schedule: 30 epochs real only and
     finetune, 4 of synthetic pretraining. --quick: the cheap synthetic source (module docstring), 10 epochs
     real only and finetune and 2 of pretraining (as many examples as the real-only run sees)."""
-    return dict(patients=20, real_patients=4, epochs=10 if quick else 15, pretrain_epochs=2 if quick else 4,
+    return dict(patients=20, real_patients=4, epochs=10 if quick else 30, pretrain_epochs=2 if quick else 4,
                 per_mask=5, synthetic="phantom_render" if quick else "sdm", models=("clipseg", "cris"), seed=0)
 
 
