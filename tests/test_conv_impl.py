@@ -109,9 +109,9 @@ def test_sdm_gradients_with_matmul_filter_grad_equal_xla_convs(impl, monkeypatch
         np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + floor, rtol=1e-4)
 
 
-def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeypatch):
-    """models/cris.py's @layers.intercept_convs reaches the CLIP ResNet's convs: at threshold 0 every 3x3/7x7
-    conv's gradient is the custom matmul one, and the parameter gradients equal XLA's."""
+def _tiny_cris():
+    """(model, image batch, token ids, variables) of a small CRIS whose ResNet, FPN and projector convs the
+    conv_impl tests swap."""
     from jaxboost.models import cris
     model = cris.Model(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vocab_size=512, text_width=64,
                        text_depth=1, text_heads=4, context_length=8, fpn_out=(32, 64, 64), num_layers=1, num_heads=4,
@@ -119,6 +119,13 @@ def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeyp
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (2, 8)), jnp.int32)
     variables = model.init(jax.random.key(0), x, ids)
+    return model, x, ids, variables
+
+
+def test_cris_convs_take_the_matmul_filter_grad_and_keep_their_gradients(monkeypatch):
+    """models/cris.py's @layers.intercept_convs reaches the CLIP ResNet's convs: at threshold 0 every 3x3/7x7
+    conv's gradient is the custom matmul one, and the parameter gradients equal XLA's."""
+    model, x, ids, variables = _tiny_cris()
     loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, ids, train=True,
                                          mutable=["batch_stats"])[0] ** 2)
     grads = {}
@@ -138,14 +145,8 @@ def test_cris_gradients_with_winograd_convs_equal_xla_convs(monkeypatch):
     over a batch of 2 at random init amplifies a conv's rounding (gradients up to 1e7 here): F(4, 3)'s ~1e-5
     per conv, 20-30x a direct conv's, grows to those; F(2, 3) stays within ~2e-4. Leaves below 1e-3 of the
     largest gradient are rounding noise of mathematically zero gradients (attention key biases): left out."""
-    from jaxboost.models import cris
     monkeypatch.setattr(layers, "WINOGRAD_MIN_INPUT", 0)
-    model = cris.Model(stage_sizes=(1, 1, 1, 1), vision_width=16, embed_dim=64, vocab_size=512, text_width=64,
-                       text_depth=1, text_heads=4, context_length=8, fpn_out=(32, 64, 64), num_layers=1, num_heads=4,
-                       mlp_dim=64, dropout_rate=0.0, upsample="none")
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
-    ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (2, 8)), jnp.int32)
-    variables = model.init(jax.random.key(0), x, ids)
+    model, x, ids, variables = _tiny_cris()
     logits = lambda p: model.apply({**variables, "params": p}, x, ids, train=True, mutable=["batch_stats"])[0]
     out, grads, convs = {}, {}, {}
     for impl in ("xla", "winograd4"):
