@@ -20,3 +20,21 @@ def test_latest_save_waits_for_the_in_flight_best_save(tmp_path):
     ckpts.close()
     restored = ocp.StandardCheckpointer().restore(tmp_path / "best" / "3" / "state")
     np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+
+
+def test_best_step_is_held_until_the_next_save_and_survives_donation(tmp_path):
+    import jax
+    ckpts = checkpoints.Checkpoints(tmp_path, keep=2, async_save=True, best_metric="val/dice")
+    state = {"w": jnp.arange(6.0)}
+    ckpts.save_best(2, state, {"step": 2, "best_step": 2}, {"val/dice": 0.4})
+    ckpts.save_best(3, state, {"step": 3, "best_step": 3}, {"val/dice": 0.5})
+    # the loop donates the state to its next step: the held best is a copy
+    jax.jit(lambda s: {"w": s["w"] * 0}, donate_argnums=(0,))(state)
+    assert ckpts.best.all_steps() == []          # held, not yet written
+    ckpts.save(4, {"w": jnp.zeros(6)}, {"step": 4, "best_step": 3})
+    assert ckpts.best.all_steps() == [3]         # written before the latest step that names it
+    ckpts.save_best(5, {"w": jnp.ones(6)}, {"step": 5, "best_step": 5}, {"val/dice": 0.6})
+    ckpts.close()                                # `wait` writes a best still held
+    assert ckpts.best.all_steps() == [5]
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "best" / "5" / "state")
+    np.testing.assert_array_equal(restored["w"], np.ones(6))
