@@ -232,8 +232,9 @@ def segmenter_config(args, model: str, seed: int, regime_overrides: dict, pretra
     return _config(model, args.variant, {**overrides, **args.sets[model], **regime_overrides})
 
 
-def stage_segmenter(out: Path, model: str, real: Path, synthetic: Path, args, seed: int) -> dict:
-    """One seed of the three regimes; the finetune starts from this seed's synthetic-only run."""
+def stage_segmenter(out: Path, model: str, real: Path, synthetic: Path, args, seed: int,
+                    regimes=REGIMES) -> dict:
+    """One seed's `regimes` (in order); the finetune starts from this seed's synthetic-only run."""
     results = {}
     root = out / model / f"seed{seed}"
     plan = {
@@ -241,7 +242,7 @@ def stage_segmenter(out: Path, model: str, real: Path, synthetic: Path, args, se
         "synthetic": {"data.corpus": str(synthetic), "data.eval_corpus": str(real)},
         "pretrain_finetune": {"data.corpus": str(real), "init_from": str(root / "synthetic")},
     }
-    for regime in REGIMES:
+    for regime in regimes:
         workdir = root / regime
         cfg = segmenter_config(args, model, seed, plan[regime], pretrain=regime == "synthetic")
         if not _done(workdir):
@@ -264,34 +265,74 @@ def setup_cache(out: Path) -> None:
     parallel.setup_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(out / "xla_cache"))
 
 
-def model_stage(out: Path, model: str, real: Path, synthetic: Path, args) -> tuple[dict, dict]:
-    """Every seed of one segmenter, in a process of its own: (results by seed, its wall and CPU seconds)."""
+def segmenter_task(out: Path, model: str, real: Path, synthetic: Path, args, seed: int,
+                   regimes: tuple[str, ...]) -> tuple[dict, dict]:
+    """One seed's `regimes` of one segmenter in a worker process: (results, its wall and CPU seconds)."""
     setup_cache(out)
     timings = {}
-    results = {}
     with Stopwatch(timings, model):
-        for seed in range(args.seed, args.seed + args.seeds):
-            results[seed] = stage_segmenter(out, model, real, synthetic, args, seed)
+        results = stage_segmenter(out, model, real, synthetic, args, seed, regimes)
     return results, timings[model]
 
 
-def segmenters_concurrently(out: Path, models: list[str], real: Path, synthetic: Path, args,
-                            timings: dict) -> dict:
-    """The segmenters' stages at once, one spawned process each. Each stage alone keeps ~1.4 of 2 cores busy
-    (its runs are short: per-epoch evaluation and host work between steps), so two fill the cores better
-    than one after the other. A run's result does not depend on the other process: same programs, same
-    data order, same seeds; only its wall time does."""
+def _pipeline_stages(out, models, real, synthetic, args, timings, submit, futures, needs_towers) -> dict:
+    """`pipelined`'s order: real-only runs queued (CLIPSeg's once its towers are trained), the SDM and the
+    synthetic corpus here, then each seed's synthetic -> finetune pair; collects the workers' results."""
+    seeds = range(args.seed, args.seed + args.seeds)
+    for m in sorted(models, key=needs_towers):
+        if needs_towers(m):
+            with Stopwatch(timings, "towers"):
+                stage_towers(out, real, args)
+        for seed in seeds:
+            submit(m, seed, ("real",))
+    with Stopwatch(timings, "sdm"):
+        sdm_dir = stage_sdm(out, real, args)
+    with Stopwatch(timings, "synth"):
+        stage_synth(out, sdm_dir, real, args)
+    for seed in seeds:
+        for m in models:
+            submit(m, seed, ("synthetic", "pretrain_finetune"))
+    all_results = {m: {seed: {} for seed in seeds} for m in models}
+    for m, seed, future in futures:
+        results, t = future.result()
+        all_results[m][seed].update(results)
+        total = timings.setdefault(m, {"wall_s": 0.0, "cpu_s": 0.0})
+        total["wall_s"] += t["wall_s"]
+        total["cpu_s"] += t["cpu_s"]
+    return all_results
+
+
+def pipelined(out: Path, models: list[str], real: Path, args, timings: dict) -> tuple[dict, Path]:
+    """The stages as the DAG they are, on `args.jobs` spawned worker processes beside this one.
+
+    Real-only runs need only the scarce real corpus (CLIPSeg's also its towers), so they train while this
+    process trains the towers and the SDM and samples the synthetic corpus; each seed's synthetic-only ->
+    finetune pair follows once the synthetic corpus is there. Run alone, each stage keeps ~1.2-1.5 of 2 cores
+    busy (short steps, evaluation and host work between them): side by side they fill the cores. A run's
+    result does not depend on what runs beside it: same programs, same data order, same seeds; only its
+    wall time does. Every run is its own resumable stage (its DONE file), as in the sequential order."""
     import concurrent.futures
     import multiprocessing
-    all_results = {}
-    with Stopwatch(timings, "segmenters (concurrent)"), concurrent.futures.ProcessPoolExecutor(
-            max_workers=len(models), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {m: pool.submit(model_stage, out, m, real, synthetic, args) for m in models}
-        for m, future in futures.items():
-            all_results[m], timings[m] = future.result()
-    # the parent's own CPU time is waiting; the stage's CPU is its children's
-    timings["segmenters (concurrent)"]["cpu_s"] = sum(timings[m]["cpu_s"] for m in models)
-    return all_results
+    from jaxboost import parallel
+    synthetic = out / "data" / "synthetic"
+    futures = []
+    needs_towers = lambda m: int(m == "clipseg" and wants_towers(args, models))
+    # wall: from the first queued run to the last result (towers, SDM and synthetic corpus included)
+    with Stopwatch(timings, "segmenters (pipelined)"), parallel.worker_threads(), \
+            concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs,
+                                                   mp_context=multiprocessing.get_context("spawn")) as pool:
+        submit = lambda m, seed, regimes: futures.append(
+            (m, seed, pool.submit(segmenter_task, out, m, real, synthetic, args, seed, regimes)))
+        try:
+            all_results = _pipeline_stages(out, models, real, synthetic, args, timings, submit, futures, needs_towers)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)   # queued runs do not start after a failed stage
+            raise
+    # the regimes in their order; the stage's CPU is its workers' (this process's own is the stages above)
+    all_results = {m: {seed: {r: per[r] for r in REGIMES} for seed, per in by_seed.items()}
+                   for m, by_seed in all_results.items()}
+    timings["segmenters (pipelined)"]["cpu_s"] = sum(timings[m]["cpu_s"] for m in models)
+    return all_results, synthetic
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -481,7 +522,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs of the synthetic-only run (0: as --epochs; its epochs are 5x longer)")
     parser.add_argument("--batch-size", type=int, default=0, help="segmenter batch (0: the config's)")
     parser.add_argument("--jobs", type=int, default=2,
-                        help="segmenters trained at once, one process each (1: one after the other)")
+                        help="worker processes for the segmenter runs, which train beside the towers, SDM and "
+                             "synthetic stages (1: every stage one after the other)")
     parser.add_argument("--towers", default="contrastive", choices=("contrastive", "random"),
                         help="CLIPSeg's frozen CLIP towers: contrastively pretrained on the scarce real "
                              "region/caption pairs, or random (ignored when clipseg.pretrained is set)")
@@ -511,8 +553,18 @@ def _check_args(args) -> list[str]:
     return models
 
 
-def main(args) -> int:
+def plot_samples_and_count(out: Path, real: Path, synthetic: Path) -> dict:
+    """samples.png from the synthetic corpus, and the corpus sizes the report states."""
     from jaxboost.data import corpus as corpus_lib
+    (out / "report").mkdir(exist_ok=True)
+    plot_samples(out / "report" / "samples.png", synthetic)
+    real_corpus, synth_corpus = corpus_lib.open_corpus(real), corpus_lib.open_corpus(synthetic)
+    return {"train_patients": len(scarce_patients(real, 0)), "real_train": real_corpus.split_len("train"),
+            "synthetic_train": synth_corpus.split_len("train"), "val": real_corpus.split_len("val"),
+            "test": real_corpus.split_len("test")}
+
+
+def main(args) -> int:
     models = _check_args(args)
     for m in models:  # a bad variant or field fails here, before any stage runs
         segmenter_config(args, m, args.seed, {})
@@ -525,22 +577,18 @@ def main(args) -> int:
     timings = {}
     with Stopwatch(timings, "data"):
         real = stage_scarce(out, stage_data(out, args, size), args.real_patients)
-    with Stopwatch(timings, "sdm"):
-        sdm_dir = stage_sdm(out, real, args)
-    with Stopwatch(timings, "synth"):
-        synthetic = stage_synth(out, sdm_dir, real, args)
-    if wants_towers(args, models):
-        with Stopwatch(timings, "towers"):
-            stage_towers(out, real, args)
-    (out / "report").mkdir(exist_ok=True)
-    plot_samples(out / "report" / "samples.png", synthetic)
-    real_corpus, synth_corpus = corpus_lib.open_corpus(real), corpus_lib.open_corpus(synthetic)
-    data_info = {"train_patients": len(scarce_patients(real, 0)), "real_train": real_corpus.split_len("train"),
-                 "synthetic_train": synth_corpus.split_len("train"), "val": real_corpus.split_len("val"),
-                 "test": real_corpus.split_len("test")}
     if args.jobs > 1 and len(models) > 1:
-        all_results = segmenters_concurrently(out, models, real, synthetic, args, timings)
+        all_results, synthetic = pipelined(out, models, real, args, timings)
+        data_info = plot_samples_and_count(out, real, synthetic)
     else:
+        with Stopwatch(timings, "sdm"):
+            sdm_dir = stage_sdm(out, real, args)
+        with Stopwatch(timings, "synth"):
+            synthetic = stage_synth(out, sdm_dir, real, args)
+        if wants_towers(args, models):
+            with Stopwatch(timings, "towers"):
+                stage_towers(out, real, args)
+        data_info = plot_samples_and_count(out, real, synthetic)
         all_results = {m: {} for m in models}
         for seed in range(args.seed, args.seed + args.seeds):
             for m in models:

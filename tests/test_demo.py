@@ -97,8 +97,9 @@ SMALL = ["--set", "sdm.model.channel_mult=[1,2]",
 def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     out = tmp_path / "demo"
     # tiny segmenters, 2-step SDM and sampler, one epoch, one seed: every stage runs (the towers' too, and
-    # both segmenters at once, one process each), and the persistent compilation cache compiles each program
-    # once for all three regimes (the spread over seeds is test_spread_and_win_counts')
+    # the segmenter runs in two worker processes, the real-only ones beside the towers, SDM and synthetic
+    # stages), and the persistent compilation cache compiles each program once for all three regimes (the
+    # spread over seeds is test_spread_and_win_counts')
     argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "1",
             "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
             "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8", *SMALL]
@@ -118,6 +119,7 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     text = (out / "report" / "report.md").read_text()
     assert "CAMUS data" in text and "not reachedx" not in text
     assert np.isfinite(report["timings"]["sdm"]["cpu_s"])
+    assert set(report["timings"]) >= {"data", "towers", "sdm", "synth", "clipseg", "cris", "segmenters (pipelined)"}
     assert cli.main(argv) == 0    # a second run resumes: every stage is complete, the report is rewritten
 
 
