@@ -577,7 +577,7 @@ def main(args) -> int:
     timings = {}
     with Stopwatch(timings, "data"):
         real = stage_scarce(out, stage_data(out, args, size), args.real_patients)
-    if args.jobs > 1 and len(models) > 1:
+    if args.jobs > 1:
         all_results, synthetic = pipelined(out, models, real, args, timings)
         data_info = plot_samples_and_count(out, real, synthetic)
     else:

@@ -119,7 +119,8 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     text = (out / "report" / "report.md").read_text()
     assert "CAMUS data" in text and "not reachedx" not in text
     assert np.isfinite(report["timings"]["sdm"]["cpu_s"])
-    assert set(report["timings"]) >= {"data", "towers", "sdm", "synth", "clipseg", "cris", "segmenters (pipelined)"}
+    assert set(report["timings"]) >= {"data", "towers", "sdm", "synth", "clipseg", "cris",
+                                      "segmenters (pipelined)"}
     assert cli.main(argv) == 0    # a second run resumes: every stage is complete, the report is rewritten
 
 
