@@ -30,8 +30,8 @@ def _fields(quick: bool, setting: harness.Setting | None = None) -> tuple[dict, 
     """(model fields, train batch, sampler steps) in the Setting's dtype (cuDNN attention for bf16 on a GPU).
     Full: configs/sdm.py:full's model (echo_from_noise's SDM at 256 px, 652 M parameters, SPADE hidden 128,
     each block rematerialised as the trainer runs it, the torch reference with guided-diffusion's per-block
-    checkpointing to match). On a CPU batch 1 (the most this 24 GiB machine holds: AdamW state alone is
-    10 GiB) and the guided DDIM loop at 5 steps (10 model calls of ~0.5 TFLOP each), timed once after the call
+    checkpointing to match). On a CPU batch 1 at FULL_CPU_SIZE px (below; AdamW state alone is 10 GiB)
+    and the guided DDIM loop at 5 steps (10 model calls of ~0.5 TFLOP each), timed once after the call
     that is checked; on a GPU batch 4 and the config's 50 steps (a guided DDIM-50 loop of 4 samples is ~1.4
     PFLOP: 4.6 s at 30% of an H100's bf16 peak; benchmarks/device_check.sh's budget)."""
     setting = setting or harness.setting()
@@ -46,7 +46,27 @@ def _fields(quick: bool, setting: harness.Setting | None = None) -> tuple[dict, 
     fields = {**dict(config.model), **precision}
     if setting.device == "gpu":
         return fields, 4, int(config.sampler.steps)
-    return fields, 1, 5
+    return full_at_size(fields, int(os.environ.get("BENCH_SDM_SIZE") or FULL_CPU_SIZE)), 1, 5
+
+
+# The full SDM's image size on a CPU. At 256 px XLA:CPU's train step needs 24.8 GiB at batch 1 (9.7 GiB of
+# state + 15.1 GiB of temporaries, `compiled.memory_analysis()`; its buffer assignment keeps the activations
+# whatever the remat policy), more than a 24 GiB machine holds, while the torch reference fits in 12.3 GB.
+# At 128 px the same network (same 652 M parameters, attention at the same levels) fits; BENCH_SDM_SIZE=256
+# measures the paper's size on a machine with the memory.
+FULL_CPU_SIZE = 128
+
+
+def full_at_size(fields: dict, size: int) -> dict:
+    """The full SDM's fields at `size` px with the same network: attention_resolutions are feature sizes in
+    pixels, so they scale with the image to keep attention at the same U-Net levels (and parameters)."""
+    base = int(fields["image_size"])
+    if size == base:
+        return fields
+    if size % 32 or size <= 0:
+        raise ValueError(f"BENCH_SDM_SIZE={size}: the full SDM needs a multiple of 32 px (it downsamples 32x)")
+    return {**fields, "image_size": size,
+            "attention_resolutions": tuple(r * size // base for r in fields["attention_resolutions"])}
 
 
 # Float32 copies of the parameters each side holds while training: JAX params, gradients, AdamW's two moments
@@ -100,8 +120,8 @@ def _torch_loss(model, diffusion_tables, x0, t, noise, y, autocast=contextlib.nu
     return (mse + VLB_WEIGHT * vb).mean()
 
 
-def _product_step(fields: dict, params, x0, labels):
-    """(step, state, batch) of `jaxboost train configs/sdm.py` for these model fields: the SDM trainer's loss
+def _product_step_fn(fields: dict):
+    """(step, make_state) of `jaxboost train configs/sdm.py` for these model fields: the SDM trainer's loss
     (MSE + lambda VLB, label dropout) and EMA post-update; AdamW at the reference's lr, no weight decay."""
     from jaxboost.config import load_config
     from jaxboost.train import optim, sdm as sdm_train, task as task_lib
@@ -113,8 +133,39 @@ def _product_step(fields: dict, params, x0, labels):
     model = sdm_train.build_model(config)
     step = task_lib.make_train_step(sdm_train.make_loss_fn(model, config, sdm_train.make_schedule(config)), tx,
                                     sdm_train.ema_post_update(float(config.ema_decay)))
-    state = initial_state(params, tx, 0, ema=True)
-    return step, state, {"image": jnp.asarray(x0), "labels": jnp.asarray(np.argmax(labels, -1).astype(np.int32))}
+    return step, lambda params: initial_state(params, tx, 0, ema=True)
+
+
+def _product_step(fields: dict, params, x0, labels):
+    """(step, state, batch) of the SDM trainer's step (`_product_step_fn`) on these weights and batch."""
+    step, make_state = _product_step_fn(fields)
+    return step, make_state(params), {"image": jnp.asarray(x0),
+                                      "labels": jnp.asarray(np.argmax(labels, -1).astype(np.int32))}
+
+
+def check_step_memory(fields: dict, batch: int) -> float:
+    """XLA's own figure for the train step, before anything is allocated: the step compiled from shapes
+    (arguments + outputs - donated aliases + temporaries, `compiled.memory_analysis()`); refuses, naming the
+    need and BENCH_SDM_SIZE, when this machine's free memory is less. Returns the peak in bytes."""
+    from jaxboost.models.sdm import Model
+    step, make_state = _product_step_fn(fields)
+    size, c = fields["image_size"], fields["in_channels"]
+    params = jax.eval_shape(lambda: Model(**fields).init(jax.random.key(0), jnp.zeros((1, size, size, c)),
+                                                         jnp.zeros((1,), jnp.int32),
+                                                         jnp.zeros((1, size, size, fields["num_labels"]))))["params"]
+    state = jax.eval_shape(make_state, params)
+    images = {"image": jax.ShapeDtypeStruct((batch, size, size, c), jnp.float32),
+              "labels": jax.ShapeDtypeStruct((batch, size, size), jnp.int32)}
+    m = jax.jit(step, donate_argnums=(0,)).lower(state, images).compile().memory_analysis()
+    if m is None:   # a backend without the analysis: nothing to check against
+        return float("nan")
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if peak > available and harness.setting().device == "cpu":
+        raise MemoryError(f"SDM train step {size}px b{batch}: XLA needs {peak / 2 ** 30:.1f} GiB "
+                          f"({m.temp_size_in_bytes / 2 ** 30:.1f} GiB of it temporaries), "
+                          f"{available / 2 ** 30:.1f} GiB free; set BENCH_SDM_SIZE to a smaller multiple of 32")
+    return float(peak)
 
 
 def _setup(quick: bool, part: str = "both") -> dict:
@@ -323,6 +374,11 @@ def run_part(part: str, out: str, sample: bool = True) -> None:
     """One side of the full-size case: its rows, loss and samples into OUT/<part>.json / .npy."""
     import dataclasses
     import json
+    if part == "jax":   # XLA's figure first: a step this machine cannot hold is refused before any allocation
+        fields, batch, _ = _fields(False)
+        peak = check_step_memory(fields, batch)
+        print(f"[speed_sdm] jax train step {fields['image_size']}px b{batch}: XLA peak {peak / 2 ** 30:.1f} GiB",
+              flush=True)
     s = _setup(False, part)
     if part == "jax":
         rows, samples = _jax_rows(s, False, sample)

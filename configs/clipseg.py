@@ -38,6 +38,14 @@ FULL_MODEL = dict(vision_width=768, vision_depth=12, vision_heads=12, vision_mlp
 # into a climb that lasts longer than 15 epochs: CLIPSeg 72.3 -> 75.7 at 15 epochs, 80.4 at 20, 86.3 at 30;
 # CRIS 78.2 -> 78.4, 83.2, 87.3; batch 8 for 30 epochs (the same 180 steps as batch 4 for 15, at about the CPU
 # of batch 4 for 30) gave 81.8 / 82.2. Adopted: batch 4 for 30 epochs.
+# The synthetic-only run that the finetune starts from (demo.py --pretrain-epochs, every segmenter): 8 epochs of
+# the 240-record corpus (480 steps), not 4. At 4 its best validation Dice was 45 / 54 / 59 over seeds 0-2 (CRIS,
+# its backbone then at 0.1x lr: 65 / 32 / 39): its cosine lr ends while it still climbs, and seed 0's finetune
+# peaked below the real-only run (CLIPSeg 81.8 against 86.3, CRIS 81.5 against 87.3). At 8: 77 / 71 / 77 (CRIS
+# 78 / 78 / 67), and the finetune's best validation Dice 88.4 / 87.4 / 87.8 against the real-only 86.3 / 85.5 /
+# 84.8, above 99% of it by epoch 11 / 12 / 14 against 26 / 24 / 25 (CRIS: 86.4 / 86.2 / 86.3 against 84.3 / 84.1
+# / 84.8, epoch 12 / 12 / 20 against 23 / 25 / 25). It costs a second 4-epoch synthetic run's CPU per seed (~40
+# s CLIPSeg, ~55 s CRIS on 2 cores, quiet: ~3 minutes more of the demo's CRIS process over 3 seeds).
 DEMO_AUGMENT = {f"data.augment.{k}": v for k, v in seg_augment.PHANTOM.items()}
 DEMO_OVERRIDES = {"model.patch_size": 4, "model.complex_transposed_conv": True, "model.head_kernels": (2, 2),
                   "model.reduce_dim": 64, "model.decoder_mlp_dim": 128, "num_epochs": 30, "ckpt_every": 10**9,

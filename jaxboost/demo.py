@@ -518,7 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdm-steps", type=int, default=0, help="SDM training steps (0: the config's)")
     parser.add_argument("--sdm-batch-size", type=int, default=0, help="SDM batch (0: the config's)")
     parser.add_argument("--epochs", type=int, default=0, help="segmenter epochs (0: the config's)")
-    parser.add_argument("--pretrain-epochs", type=int, default=4,
+    parser.add_argument("--pretrain-epochs", type=int, default=8,
                         help="epochs of the synthetic-only run (0: as --epochs; its epochs are 5x longer)")
     parser.add_argument("--batch-size", type=int, default=0, help="segmenter batch (0: the config's)")
     parser.add_argument("--jobs", type=int, default=2,

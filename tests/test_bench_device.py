@@ -190,3 +190,37 @@ def test_cudnn_attention_traces_with_the_masks_the_models_pass(pretend_cudnn, ma
     mask = None if mask_shape is None else jnp.ones(mask_shape, bool)
     out = jax.eval_shape(lambda q, kv, m: layers.dot_product_attention(q, kv, kv, mask=m), q, kv, mask)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
+
+
+def test_full_sdm_at_a_smaller_size_is_the_same_network():
+    """The CPU's full SDM (FULL_CPU_SIZE) keeps the 256 px network: the same parameter tree, shape for shape
+    (attention at the same U-Net levels); a size the U-Net cannot halve 5 times is refused by name."""
+    from benchmarks import speed_sdm
+    from jaxboost.config import load_config
+    from jaxboost.models.sdm import Model
+    full = {**dict(load_config("configs/sdm.py:full").model), "dtype": "float32"}
+    small = speed_sdm.full_at_size(full, 128)
+    assert small["attention_resolutions"] == (16, 8, 4) and small["image_size"] == 128
+
+    def shapes(f):
+        s = f["image_size"]
+        return jax.tree.map(lambda a: a.shape, jax.eval_shape(
+            lambda: Model(**f).init(jax.random.key(0), jnp.zeros((1, s, s, f["in_channels"])),
+                                    jnp.zeros((1,), jnp.int32), jnp.zeros((1, s, s, f["num_labels"])))))
+    assert shapes(small) == shapes(full)
+    with pytest.raises(ValueError, match="BENCH_SDM_SIZE=100"):
+        speed_sdm.full_at_size(full, 100)
+
+
+def test_sdm_step_memory_is_checked_from_xla_before_allocating(monkeypatch):
+    """The JAX part asks XLA for the step's peak (compiled from shapes) and refuses with one line naming
+    the need when the machine has less free memory."""
+    from benchmarks import speed_sdm
+    fields, batch, _ = speed_sdm._fields(True, Setting())
+    peak = speed_sdm.check_step_memory(fields, batch)
+    assert peak > 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(speed_sdm.os, "sysconf",
+                        lambda name: int(peak // 2 // page) if name == "SC_AVPHYS_PAGES" else page)
+    with pytest.raises(MemoryError, match=r"SDM train step 32px b4: XLA needs .* GiB free; set BENCH_SDM_SIZE"):
+        speed_sdm.check_step_memory(fields, batch)

@@ -81,6 +81,7 @@ def test_vl_seg_cris_optimizer_is_the_baselines_torch_adamw(one_torch_thread):
     the baseline's torch AdamW param groups + clip_grad_norm_ + the lr schedule: the same parameters, step
     after step."""
     config = load_config("cris.py:demo")
+    config.optim.backbone_lr_mult = 0.1   # CRIS's two lr groups (the demo trains both at the full lr)
     frozen, lr_mults = vl_seg.encoder_groups(config)
     tx = optim.make_optimizer(config, 100, 10, frozen=frozen, lr_mults=lr_mults)
     rng = np.random.default_rng(0)
