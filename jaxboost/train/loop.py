@@ -249,6 +249,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
     jit_step = jax.jit(task.step_fn, out_shardings=(run.shardings, None), donate_argnums=(0,))
     start = int(state.step)
     last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
+    c0 = time.process_time()  # the process's CPU seconds: a cost that does not grow with other jobs' load
     bar, cost, profiler = None, None, Profiler(config, run.workdir)
     for step in range(start, length.total_steps):
         batch = _next_batch(task, train_iter, clock)
@@ -277,7 +278,8 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
             # The dispatched steps finish on the step clock: the eval's own time is what it excludes.
             jax.block_until_ready(state)
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
-            history.append({"step": done, "wall_s": time.time() - t0, **{k: float(v) for k, v in em.items()}})
+            history.append({"step": done, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
+                            **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
             jax.block_until_ready(state)
             _in_phase(bar, "saving", _timed, clock, run.save, done, state, metrics, train_iter)
