@@ -326,7 +326,7 @@ def pipelined(out: Path, models: list[str], real: Path, args, timings: dict) -> 
     futures = []
     needs_towers = lambda m: int(m == "clipseg" and wants_towers(args, models))
     # wall: from the first queued run to the last result (towers, SDM and synthetic corpus included)
-    with Stopwatch(timings, "segmenters (pipelined)"), parallel.worker_threads(), \
+    with Stopwatch(timings, "segmenters (pipelined)"), parallel.worker_env(), \
             concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs,
                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
         submit = lambda m, seed, regimes: futures.append(

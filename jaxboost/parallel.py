@@ -115,13 +115,20 @@ def setup_compilation_cache(path: str | None = None) -> str | None:
 # predicted mask ([320, 128] @ [128, 128] @ [128, 256], float64) took 23 ms with them and 1.9 ms with one,
 # bit for bit the same (OpenBLAS splits the output, not the sums).
 WORKER_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# glibc malloc keeping what it frees (no trimming of the heap's top, allocations up to 32 MiB from the heap):
+# XLA:CPU frees and re-allocates each step's buffers, and returning them to the kernel re-faults every page
+# on the next step. A 5-epoch demo CRIS run: 1.10 M -> 0.64 M minor page faults, 4.2 -> 2.9 s system CPU,
+# the same validation Dice to the last bit.
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(1 << 28),
+                     "MALLOC_MMAP_THRESHOLD_": str(1 << 25)}
 
 
 @contextlib.contextmanager
-def worker_threads(env: dict[str, str] | None = None):
-    """Inside: processes started (spawned) inherit WORKER_THREAD_ENV (or `env`), read when they load their
-    libraries. This process's own BLAS and XLA backend are set up first, so its threads stay as they are."""
-    env = WORKER_THREAD_ENV if env is None else env
+def worker_env(env: dict[str, str] | None = None):
+    """Inside: processes started (spawned) inherit WORKER_THREAD_ENV and WORKER_MALLOC_ENV (or `env`), read
+    when they start and load their libraries. This process's own BLAS and XLA backend are set up first, so
+    its threads stay as they are."""
+    env = {**WORKER_THREAD_ENV, **WORKER_MALLOC_ENV} if env is None else env
     jax.devices()    # this process's XLA backend, with the flags it started with
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -1,6 +1,7 @@
 """`jaxboost demo`: the convergence speed-up against hand-worked figures, the scarce-label corpus, the
 report's wording, bad flags, and (slow) the whole pipeline on a phantom written in the CAMUS layout."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -140,3 +141,17 @@ def test_clipseg_demo_head_draws_at_the_input_size():
     with pytest.raises(ValueError, match="must multiply to the patch size 4"):
         jax.eval_shape(Model(**{**fields, "vocab_size": 100, "head_kernels": (2, 4)}).init, jax.random.PRNGKey(0),
                        *args)
+
+
+def test_worker_env_reaches_spawned_processes_and_is_restored(monkeypatch):
+    """The demo's workers start with one BLAS thread and glibc keeping freed memory; this process's
+    environment is as it was afterwards."""
+    import multiprocessing
+    from jaxboost import parallel
+    monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
+    with parallel.worker_env():
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            seen = pool.apply(os.getenv, ("MALLOC_TOP_PAD_",))
+    assert seen == parallel.WORKER_MALLOC_ENV["MALLOC_TOP_PAD_"]
+    assert "MALLOC_TOP_PAD_" not in os.environ
