@@ -200,8 +200,9 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
                  keep_best: bool = False) -> list[dict]:
     """The trainer's loop in torch eager: same loader (batches, order, prompts), loss, optimiser, clipping;
     -> evals [{"step", "wall_s", METRIC}] as `loop.fit` records them. It writes the checkpoints the demo
-    config's jaxboost run writes (the best weights on every better validation Dice, as the public code's
-    Lightning ModelCheckpoint; weights and optimiser at the end), so both wall-clocks hold the same work.
+    config's jaxboost run writes (the best weights, held as a copy on every better validation Dice and
+    written at the end as jaxboost's checkpoints hold them; weights and optimiser at the end), so both
+    wall-clocks hold the same work.
     keep_best: end with the weights of the best validation Dice, as a jaxboost finetune starts from its
     pretraining run's best."""
     import torch
@@ -225,7 +226,7 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
         return _torch_forward(name, model, config, batch), torch.from_numpy(np.asarray(current["mask"]))
     step = harness.torch_seg_train_step(forward, [p for g in groups for p in g["params"]], opt)
     model.train()
-    evals, batches, t0 = [], _model_inputs(loader, config), time.time()
+    evals, batches, t0, best = [], _model_inputs(loader, config), time.time(), None
     for done in range(1, epochs * steps_per_epoch + 1):
         current.update(next(batches))
         loss = float(step().detach())
@@ -235,14 +236,14 @@ def _torch_train(name: str, model, config, tokenizer, epochs: int, ckpt_dir: Pat
         if done % steps_per_epoch == 0:
             dice = _torch_validate(name, model, config, tokenizer)
             if dice > max((e[METRIC] for e in evals), default=-np.inf):
-                torch.save(model.state_dict(), ckpt_dir / "best.pt")
-                if keep_best:
-                    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if done == epochs * steps_per_epoch:
+                if best is not None:
+                    torch.save(best, ckpt_dir / "best.pt")
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
                            ckpt_dir / "latest.pt")
             evals.append({"step": done, "wall_s": time.time() - t0, METRIC: dice})
-    if keep_best:
+    if keep_best and best is not None:
         model.load_state_dict(best)
     return evals
 
