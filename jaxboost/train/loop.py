@@ -170,28 +170,6 @@ class StepClock:
         return out
 
 
-# Seconds this process has spent tracing, lowering and compiling (jax.monitoring's compile events): an
-# eval's CPU clock leaves them out, so a process's first run, which compiles what later runs read from the
-# persistent cache, is not charged for it when two runs' costs are compared (the demo's speed-up).
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
-
-
-def _count_compiles(event: str, duration: float, **_) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compiles)
-
-
-def run_cpu_clock():
-    """() -> the process's CPU seconds since this call, less the time jax spent compiling meanwhile."""
-    c0, k0 = time.process_time(), _compile_seconds[0]
-    return lambda: time.process_time() - c0 - (_compile_seconds[0] - k0)
-
-
 def _timed(clock: StepClock, fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -271,7 +249,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
     jit_step = jax.jit(task.step_fn, out_shardings=(run.shardings, None), donate_argnums=(0,))
     start = int(state.step)
     last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
-    cpu_clock = run_cpu_clock()  # a run's cost that does not grow with other jobs' load
+    c0 = time.process_time()  # the process's CPU seconds: a cost that does not grow with other jobs' load
     bar, cost, profiler = None, None, Profiler(config, run.workdir)
     for step in range(start, length.total_steps):
         batch = _next_batch(task, train_iter, clock)
@@ -300,7 +278,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
             # The dispatched steps finish on the step clock: the eval's own time is what it excludes.
             jax.block_until_ready(state)
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
-            history.append({"step": done, "wall_s": time.time() - t0, "cpu_s": cpu_clock(),
+            history.append({"step": done, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
                             **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
             jax.block_until_ready(state)
