@@ -46,7 +46,7 @@ def _fields(quick: bool, setting: harness.Setting | None = None) -> tuple[dict, 
     fields = {**dict(config.model), **precision}
     if setting.device == "gpu":
         return fields, 4, int(config.sampler.steps)
-    return full_at_size(fields, int(os.environ.get("BENCH_SDM_SIZE") or FULL_CPU_SIZE)), 1, 5
+    return full_at_size(fields, os.environ.get("BENCH_SDM_SIZE") or FULL_CPU_SIZE), 1, 5
 
 
 # The full SDM's image size on a CPU. At 256 px XLA:CPU's train step needs 24.8 GiB at batch 1 (9.7 GiB of
@@ -57,10 +57,15 @@ def _fields(quick: bool, setting: harness.Setting | None = None) -> tuple[dict, 
 FULL_CPU_SIZE = 128
 
 
-def full_at_size(fields: dict, size: int) -> dict:
-    """The full SDM's fields at `size` px with the same network: attention_resolutions are feature sizes in
-    pixels, so they scale with the image to keep attention at the same U-Net levels (and parameters)."""
+def full_at_size(fields: dict, size) -> dict:
+    """The full SDM's fields at `size` px (an int, or BENCH_SDM_SIZE's text) with the same network:
+    attention_resolutions are feature sizes in pixels, so they scale with the image to keep attention at the
+    same U-Net levels (and parameters)."""
     base = int(fields["image_size"])
+    try:
+        size = int(size)
+    except ValueError:
+        raise ValueError(f"BENCH_SDM_SIZE={size!r}: give the image size in pixels, a multiple of 32") from None
     if size == base:
         return fields
     if size % 32 or size <= 0:

@@ -210,6 +210,8 @@ def test_full_sdm_at_a_smaller_size_is_the_same_network():
     assert shapes(small) == shapes(full)
     with pytest.raises(ValueError, match="BENCH_SDM_SIZE=100"):
         speed_sdm.full_at_size(full, 100)
+    with pytest.raises(ValueError, match="BENCH_SDM_SIZE='big'"):
+        speed_sdm.full_at_size(full, "big")
 
 
 def test_sdm_step_memory_is_checked_from_xla_before_allocating(monkeypatch):
