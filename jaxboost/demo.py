@@ -218,8 +218,13 @@ def stage_towers(out: Path, real: Path, args) -> Path:
         segmenter = segmenter_config(args, "clipseg", args.seed, {})
         info = registry.trainer(cfg.trainer).train(cfg, str(workdir), segmenter=segmenter)
         _mark(workdir, info)
-    args.tower_overrides = {"pretrained": str(workdir / "towers"), "data.tokenizer": str(workdir / "tokenizer")}
+    args.tower_overrides = tower_overrides(workdir)
     return workdir
+
+
+def tower_overrides(workdir: Path) -> dict:
+    """The CLIPSeg config fields that freeze the towers trained in `workdir`."""
+    return {"pretrained": str(workdir / "towers"), "data.tokenizer": str(workdir / "tokenizer")}
 
 
 def segmenter_config(args, model: str, seed: int, regime_overrides: dict, pretrain: bool = False):
@@ -277,22 +282,47 @@ def segmenter_task(out: Path, model: str, real: Path, synthetic: Path, args, see
     return results, timings[model]
 
 
-def _pipeline_stages(out, models, real, synthetic, args, timings, submit, futures, needs_towers) -> dict:
-    """`pipelined`'s order: real-only runs queued (CLIPSeg's once its towers are trained), the SDM and the
-    synthetic corpus here, then each seed's synthetic -> finetune pair; collects the workers' results."""
+def towers_task(out: Path, real: Path, args) -> tuple[Path, dict]:
+    """The towers in a worker process: (their folder, its wall and CPU seconds)."""
+    setup_cache(out)
+    timings = {}
+    with Stopwatch(timings, "towers"):
+        workdir = stage_towers(out, real, args)
+    return workdir, timings["towers"]
+
+
+def _pipeline_stages(out, models, real, synthetic, args, timings, pool, submit, futures, needs_towers) -> dict:
+    """`pipelined`'s order. Queued first: CLIPSeg's towers, if it needs them, and the real-only runs that
+    need nothing else (CRIS's), so they train while this process trains the SDM and samples the synthetic
+    corpus; CLIPSeg's real-only runs are queued once the towers exist, and each seed's synthetic -> finetune
+    pair once the synthetic corpus does (the longer runs first). Collects the workers' results."""
+    import concurrent.futures
     seeds = range(args.seed, args.seed + args.seeds)
-    for m in sorted(models, key=needs_towers):
-        if needs_towers(m):
-            with Stopwatch(timings, "towers"):
-                stage_towers(out, real, args)
-        for seed in seeds:
-            submit(m, seed, ("real",))
-    with Stopwatch(timings, "sdm"):
-        sdm_dir = stage_sdm(out, real, args)
-    with Stopwatch(timings, "synth"):
-        stage_synth(out, sdm_dir, real, args)
+    later = [m for m in models if needs_towers(m)]
+    towers = pool.submit(towers_task, out, real, args) if later else None
+    for m in models:
+        if m not in later:
+            for seed in seeds:
+                submit(m, seed, ("real",))
+
+    def queue_after_towers():
+        workdir, timings["towers"] = towers.result()
+        args.tower_overrides = tower_overrides(workdir)
+        for m in later:
+            for seed in seeds:
+                submit(m, seed, ("real",))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as waiter:
+        queued = waiter.submit(queue_after_towers) if towers else None
+        with Stopwatch(timings, "sdm"):
+            sdm_dir = stage_sdm(out, real, args)
+        with Stopwatch(timings, "synth"):
+            stage_synth(out, sdm_dir, real, args)
+        if queued:
+            queued.result()   # the towers' failure, if they failed, stops the demo here
+    # CRIS's pair takes longer than CLIPSeg's: queued first, the last worker to finish waits less
     for seed in seeds:
-        for m in models:
+        for m in sorted(models, key=lambda m: m != "cris"):
             submit(m, seed, ("synthetic", "pretrain_finetune"))
     all_results = {m: {seed: {} for seed in seeds} for m in models}
     for m, seed, future in futures:
@@ -307,18 +337,19 @@ def _pipeline_stages(out, models, real, synthetic, args, timings, submit, future
 def pipelined(out: Path, models: list[str], real: Path, args, timings: dict) -> tuple[dict, Path]:
     """The stages as the DAG they are, on `args.jobs` spawned worker processes beside this one.
 
-    Real-only runs need only the scarce real corpus (CLIPSeg's also its towers), so they train while this
-    process trains the towers and the SDM and samples the synthetic corpus; each seed's synthetic-only ->
-    finetune pair follows once the synthetic corpus is there. Run alone, each stage keeps ~1.2-1.5 of 2 cores
-    busy (short steps, evaluation and host work between them): side by side they fill the cores. A run's
-    result does not depend on what runs beside it: same programs, same data order, same seeds; only its
-    wall time does. Every run is its own resumable stage (its DONE file), as in the sequential order."""
+    Real-only runs need only the scarce real corpus (CLIPSeg's also its towers), so they and the towers
+    train in the workers while this process trains the SDM and samples the synthetic corpus, the path
+    every synthetic run waits on; each seed's synthetic-only -> finetune pair follows once the synthetic
+    corpus is there. Run alone, each stage keeps ~1.2-1.5 of 2 cores busy (short steps, evaluation and host
+    work between them): side by side they fill the cores. A run's result does not depend on what runs
+    beside it: same programs, same data order, same seeds; only its wall time does. Every run is its own
+    resumable stage (its DONE file), as in the sequential order."""
     import concurrent.futures
     import multiprocessing
     from jaxboost import parallel
     synthetic = out / "data" / "synthetic"
     futures = []
-    needs_towers = lambda m: int(m == "clipseg" and wants_towers(args, models))
+    needs_towers = lambda m: m == "clipseg" and wants_towers(args, models)
     # wall: from the first queued run to the last result (towers, SDM and synthetic corpus included)
     with Stopwatch(timings, "segmenters (pipelined)"), parallel.worker_env(), \
             concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs,
@@ -326,14 +357,16 @@ def pipelined(out: Path, models: list[str], real: Path, args, timings: dict) -> 
         submit = lambda m, seed, regimes: futures.append(
             (m, seed, pool.submit(segmenter_task, out, m, real, synthetic, args, seed, regimes)))
         try:
-            all_results = _pipeline_stages(out, models, real, synthetic, args, timings, submit, futures, needs_towers)
+            all_results = _pipeline_stages(out, models, real, synthetic, args, timings, pool, submit, futures,
+                                           needs_towers)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)   # queued runs do not start after a failed stage
             raise
     # the regimes in their order; the stage's CPU is its workers' (this process's own is the stages above)
     all_results = {m: {seed: {r: per[r] for r in REGIMES} for seed, per in by_seed.items()}
                    for m, by_seed in all_results.items()}
-    timings["segmenters (pipelined)"]["cpu_s"] = sum(timings[m]["cpu_s"] for m in models)
+    timings["segmenters (pipelined)"]["cpu_s"] = sum(timings[m]["cpu_s"] for m in models) + \
+        timings.get("towers", {}).get("cpu_s", 0.0)
     return all_results, synthetic
 
 
