@@ -6,10 +6,7 @@ symmetric Hausdorff distance between the mask boundaries (pixels, or mm given a 
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -36,51 +33,13 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
-@functools.lru_cache(maxsize=1)
-def _openblas_threads():
-    """(get, set) of the thread count of numpy's bundled OpenBLAS (numpy.libs/libscipy_openblas*), or None
-    where numpy links another BLAS."""
-    libs = sorted((Path(np.__file__).resolve().parent.parent / "numpy.libs").glob("libscipy_openblas*.so*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue
-        for suffix in ("64_", "_64_", ""):
-            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
-            put = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, put
-    return None
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """numpy's OpenBLAS on one thread inside: a mask's resize ([H, h] @ [h, w] @ [w, W], float64) is too small
-    to share, and with a thread per core OpenBLAS spends its time waking and spinning them (64 -> 320x256 px
-    on 2 loaded cores: 25-35 ms a mask with two threads, 1.4-6 ms with one). Not always the same bits as
-    with two threads: over 300 random resizes (32-128 px to 100-700 px) 221 moved by at most 2.2e-16 (one
-    float64 ulp at 0.5-1), and no pixel crossed the threshold; the demo's workers already score on one."""
-    threads = _openblas_threads()
-    before = threads[0]() if threads else 1
-    if before > 1:
-        threads[1](1)
-    try:
-        yield
-    finally:
-        if before > 1:
-            threads[1](before)
-
-
 def probabilities_at(logits, shape: tuple[int, int]) -> np.ndarray:
     """sigmoid(logits [h, w]) bilinearly resized (torch, align_corners=False) to `shape` -> [H, W]."""
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     if probs.shape == tuple(shape):
         return probs
     mh, mw = _bilinear_matrix(probs.shape[0], shape[0]), _bilinear_matrix(probs.shape[1], shape[1])
-    with one_blas_thread():
-        return mh @ probs @ mw.T
+    return mh @ probs @ mw.T
 
 
 def dice_iou(pred, gt) -> tuple[float, float]:
