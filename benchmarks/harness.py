@@ -42,6 +42,7 @@ class Row:
     group: str = ""           # the runner's case name that produced the row ("clipseg", "time_to_dice")
     device: str = "cpu"       # where both frameworks ran: "cpu" | "gpu" (schema 3; older rows: cpu)
     dtype: str = "float32"    # the step's compute precision: "float32" | "bfloat16" (schema 3; older: float32)
+    compile_s: float | None = None  # of `seconds`, those spent tracing and compiling (time_to_dice jax rows)
 
     @classmethod
     def from_json(cls, d: dict) -> "Row":

@@ -195,12 +195,24 @@ def test_time_to_dice_reads_both_curves_at_one_target():
     # torch at epoch 4 (12 s)
     assert summary["target_dice"] == pytest.approx(44.55)
     assert [(r.impl, r.seconds) for r in rows] == [("jax", 3), ("torch eager", 12)]
+    assert [r.compile_s for r in rows] == [None, None]   # curves without the loop's compile clock
     assert rows[1].ratio_vs_jax == pytest.approx(4.0)
     assert rows[0].items_per_s == pytest.approx(3 * 10 * 8 / 3)
     # jaxboost's convergence speed-up: 99% of the real-only best (49.5) after 3 real epochs, 2 finetune epochs
     conv = summary["jax"]["synthetic_speedup"]
     assert conv["speedup_epochs"] == pytest.approx(1.5) and conv["speedup_wall"] == pytest.approx(3 / 2.5)
     assert "synthetic_speedup" not in summary["torch eager"]
+
+
+def test_time_to_dice_reports_jaxboosts_compile_seconds_at_the_target():
+    from benchmarks import time_to_dice
+    jax_real = [dict(e, compile_s=c) for e, c in zip(_curve([10, 30, 50], [4, 5, 6]), [2.5, 2.75, 2.75])]
+    runs = {"jax": {"real": jax_real}, "torch eager": {"real": _curve([10, 20, 40, 45], [3, 6, 9, 12])},
+            "steps_per_epoch": {"real": 10}, "batch_size": 8, "initial_dice": {"jax": 5.0, "torch eager": 5.0}}
+    rows, summary = time_to_dice._rows("clipseg", runs)
+    assert [(r.impl, r.seconds, r.compile_s) for r in rows] == [("jax", 6, 2.75), ("torch eager", 12, None)]
+    assert summary["jax"]["compile_to_target_s"] == 2.75 and "2.8 s of it compiling" in rows[0].note
+    assert "| 6.0 | 2.8 |" in time_to_dice._table({"clipseg": summary})
 
 
 def test_time_to_dice_is_nan_when_validation_dice_never_rises():
@@ -240,7 +252,8 @@ def test_time_to_dice_case_runs_through_the_runner_and_compare(tmp_path, monkeyp
     table = extra["table"].splitlines()
     # jax: 99% of its own best (49.5) at real epoch 3, finetune epoch 2 -> 1.50x; torch: 44.55 never reached
     # by its finetune (best 40)
-    assert "| clipseg | jax | 5.0 -> 50.0 | 3 (target 44.5) | 3.0 | 4.0 | 1.50x / 1.50x (real 3 ep, finetune 2 ep" \
+    # (its curves here carry no compile clock: the "of which compiling" cell is empty)
+    assert "| clipseg | jax | 5.0 -> 50.0 | 3 (target 44.5) | 3.0 |  | 4.0 | 1.50x / 1.50x (real 3 ep, finetune 2 ep" \
         in table[2] and table[2].endswith("| 1.71x |")
     assert "not reached (real 4 ep to 44.5; finetune best 40.0)" in table[3] and table[5].endswith("| 4.55x |")
     base = tmp_path / "base.json"

@@ -70,11 +70,13 @@ def test_every_task_trains_one_step_through_fit_and_evaluates_through_the_evalua
     rows = metrics_writer.read_metrics(workdir)
     assert [r["step"] for r in rows if "train/loss" in r] == [1] and np.isfinite(rows[0]["train/loss"]), name
     assert summary["evals"] and all(np.isfinite(v) for v in summary["evals"][0].values()), name
+    # the first step's trace and compile are inside the eval's wall clock, and counted apart
+    assert 0 < summary["evals"][0]["compile_s"] <= summary["evals"][0]["wall_s"], name
     # the finished run opens by its workdir alone and evaluates through the same path
     run = runs.open_run(workdir, prefer="latest")
     assert run.step == 1 and run.task.name == task.name
     result = run.task.evaluate(run.state, task.eval_split)
-    assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s", "cpu_s")}, name
+    assert result.keys() == {k for k in summary["evals"][0] if k not in ("step", "wall_s", "cpu_s", "compile_s")}, name
     saved = json.loads((workdir / "run.json").read_text())
     assert saved["total_steps"] == 1 and saved["task"] == task.name
     # same seed, same result: a second run from scratch (its own tokenizer, loader, init) is bit-identical

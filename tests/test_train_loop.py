@@ -162,3 +162,14 @@ def test_async_best_checkpoint_holds_the_best_steps_state(tmp_path):
     assert int(best["step"]) == 3
     jax.tree.map(np.testing.assert_array_equal, best["params"], latest["params"])
     jax.tree.map(np.testing.assert_array_equal, best["opt_state"], latest["opt_state"])
+
+
+def test_compile_clock_counts_a_new_programs_compile_and_not_a_cached_call():
+    from jaxboost.train import loop
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + jnp.sin(x) ** 2)   # a program no other test compiles
+    clock = loop.compile_clock()
+    f(jnp.arange(17.0)).block_until_ready()
+    compiled = clock()
+    assert compiled > 0
+    f(jnp.arange(17.0)).block_until_ready()
+    assert clock() == compiled  # the cached call adds nothing

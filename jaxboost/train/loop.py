@@ -170,6 +170,29 @@ class StepClock:
         return out
 
 
+# jax.monitoring's spans of tracing, lowering to MLIR and XLA compiling (a persistent-cache read is inside the
+# compile span): wall-clock seconds of the thread that calls the jitted function, which waits for them. An
+# eval's `compile_s` is their sum since the run's first step, so a time to accuracy can be read with and
+# without the compiles (the first run of a config compiles what later runs read from the persistent cache).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_clock():
+    """() -> seconds this process has spent tracing and compiling since this call (all threads)."""
+    k0 = _compile_seconds[0]
+    return lambda: _compile_seconds[0] - k0
+
+
 def _timed(clock: StepClock, fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -250,6 +273,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
     start = int(state.step)
     last, history, metrics, t0, clock = {}, [], None, time.time(), StepClock(int(config.get("batch_size", 0)))
     c0 = time.process_time()  # the process's CPU seconds: a cost that does not grow with other jobs' load
+    compiling = compile_clock()
     bar, cost, profiler = None, None, Profiler(config, run.workdir)
     for step in range(start, length.total_steps):
         batch = _next_batch(task, train_iter, clock)
@@ -279,7 +303,7 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
             jax.block_until_ready(state)
             state, em = _in_phase(bar, "evaluating", _timed, clock, run.evaluate, state, done)
             history.append({"step": done, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                            **{k: float(v) for k, v in em.items()}})
+                            "compile_s": compiling(), **{k: float(v) for k, v in em.items()}})
         if length.ckpt_every and done % length.ckpt_every == 0:
             jax.block_until_ready(state)
             _in_phase(bar, "saving", _timed, clock, run.save, done, state, metrics, train_iter)
