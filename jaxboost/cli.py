@@ -164,11 +164,15 @@ def _run(words: tuple[str, ...], module_name: str, help_: str, rest: list[str]) 
     # compilation cache + jax.distributed, for every command, before it touches a device
     rest = parallel.startup(rest, keep_config_flag=raw)
     if raw:  # trainers parse absl/ml_collections flags themselves
-        return int(module.main(rest) or 0)
-    parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_,
-                                     formatter_class=_DefaultsHelpFormatter)
-    module.add_arguments(parser)
-    return int(module.main(parser.parse_args(rest)) or 0)
+        code = int(module.main(rest) or 0)
+    else:
+        parser = argparse.ArgumentParser(prog="jaxboost " + " ".join(words), description=help_,
+                                         formatter_class=_DefaultsHelpFormatter)
+        module.add_arguments(parser)
+        code = int(module.main(parser.parse_args(rest)) or 0)
+    if code == 0:
+        parallel.shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":

