@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jaxboost import cli, parallel
@@ -47,6 +48,19 @@ def test_every_command_runs_startup_first_eval_included(monkeypatch, tmp_path, c
     assert cli.main(["phantom", "--out", str(tmp_path / "p"), "--patients", "1", "--size", "40", "32",
                      "--num_processes", "1"]) == 0
     assert len(calls) == 2 and (tmp_path / "p").is_dir()
+
+
+def test_a_command_leaves_jax_distributed_only_when_it_succeeded(monkeypatch, tmp_path):
+    """Success: the shutdown barrier right after the work; failure: not (the other processes may never come)."""
+    left = []
+    monkeypatch.setattr(parallel, "shutdown_distributed", lambda: left.append(True))
+    assert cli.main(["eval", "--workdir", str(tmp_path / "missing")]) == 2
+    assert left == []
+    assert cli.main(["phantom", "--out", str(tmp_path / "p"), "--patients", "1", "--size", "40", "32"]) == 0
+    assert left == [True]
+    monkeypatch.undo()
+    assert not jax.distributed.is_initialized()
+    parallel.shutdown_distributed()  # one process: a no-op
 
 
 _CACHE_PROBE = """
