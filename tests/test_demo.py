@@ -75,6 +75,8 @@ def test_bad_flags_fail_in_one_line_and_write_nothing(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), "--set", "clipseg=3"]) == 2
     assert "--set 'clipseg=3'" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(out), "--set", "cris.no_such_field=1"]) == 2
+    assert cli.main(["demo", "--out", str(out), "--worker-nice", "20"]) == 2
+    assert "--worker-nice must be in 0..19" in capsys.readouterr().err
     assert not out.exists()
 
 
