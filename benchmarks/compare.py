@@ -43,7 +43,9 @@ def load_results(path: str) -> dict:
         raise ValueError(f"{path}: a row lacks a field ({e})") from None
     cases = doc.get("cases", {})
     failed = {name: cases.get(name, {}).get("error", "failed") for name in doc.get("failed", [])}
-    return {"rows": rows, "failed": failed, "commit": (doc.get("git") or {}).get("commit")}
+    machine = doc.get("machine") if isinstance(doc.get("machine"), dict) else {}
+    return {"rows": rows, "failed": failed, "commit": (doc.get("git") or {}).get("commit"),
+            "cpu": machine.get("cpu_id") or machine.get("cpu")}
 
 
 def _finite(x) -> bool:
@@ -96,6 +98,11 @@ def main(args) -> int:
     print(f"base {args.base} (commit {str(base['commit'])[:10]}) vs new {args.new} "
           f"(commit {str(new['commit'])[:10]}); threshold {100 * args.threshold:.0f}%\n")
     print(table)
+    if base["cpu"] and new["cpu"] and base["cpu"] != new["cpu"]:
+        # not gated on: a CI runner may change under a job; the ratios against torch, measured in the same
+        # run, are what compares across machines
+        print(f"\nnote: the runs come from different CPUs (base {base['cpu']}; new {new['cpu']}): their times "
+              f"differ by the machine as well as the code; the torch/jax ratios compare across machines")
     if args.plot:
         from benchmarks import harness
         harness.plot_ratios(args.plot, new["rows"], title="PyTorch time / JAX time: this run vs baseline",

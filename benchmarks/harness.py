@@ -290,14 +290,40 @@ def git_info() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+# The instruction sets XLA:CPU's and oneDNN's kernels choose between: two CPUs sold under one model name
+# ("AMD EPYC") differ here, and their step times by 2-4x.
+CPU_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict:
+    """{"cpu": model name, "cpu_id": "vendor family F model M" with the ISA flags it has} from /proc/cpuinfo
+    (`cpuinfo`: its text), or platform.processor() where there is none."""
+    try:
+        text = open("/proc/cpuinfo").read() if cpuinfo is None else cpuinfo
+    except OSError:
+        return {"cpu": platform.processor()}
+    first = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if first:
+                break   # one processor's block is enough
+            continue
+        first.setdefault(key.strip(), value.strip())
+    if "model name" not in first:
+        return {"cpu": platform.processor()}
+    flags = set(first.get("flags", "").split())
+    isa = "+".join(f for f in CPU_ISA_FLAGS if f in flags) or "no avx2"
+    return {"cpu": first["model name"],
+            "cpu_id": f"{first.get('vendor_id', '?')} family {first.get('cpu family', '?')} "
+                      f"model {first.get('model', '?')} ({isa})"}
+
+
 def machine_info() -> dict:
     import importlib.metadata as md
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()]}
-    try:
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    info.update(cpu_identity())
     for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "diffusers"):
         try:
             info[pkg] = md.version(pkg)

@@ -175,7 +175,8 @@ def main(args) -> int:
         if "table" in e:
             print(f"\n{name}:\n{e['table']}")
     m = document["machine"]
-    print(f"\nmachine: {m.get('cpu')} ({m['cpu_count']} cores), jax {m.get('jax')} on {m['jax_backend']}, "
+    cpu = f"{m.get('cpu')}, {m['cpu_id']}" if m.get("cpu_id") else m.get("cpu")
+    print(f"\nmachine: {cpu} ({m['cpu_count']} cores), jax {m.get('jax')} on {m['jax_backend']}, "
           f"torch {m.get('torch')}; speed cases on {document['device']} in {document['dtype']}; "
           f"commit {str(document['git']['commit'])[:10]}; "
           f"wrote {os.path.abspath(args.out)}/results.json")

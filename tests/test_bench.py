@@ -93,6 +93,31 @@ def test_compare_fails_on_a_failed_case_and_lists_one_sided_rows(tmp_path, capsy
     assert "| cris/train 96px b4 | jax | 0.0500 |  |  |  |  |  | only in base |" in out
 
 
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+"""
+
+
+def test_machine_names_the_cpu_beyond_its_model_name_and_compare_notes_a_change(tmp_path, capsys):
+    ident = harness.cpu_identity(CPUINFO)
+    assert ident == {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 17 (avx2+fma+avx512f+avx512_bf16)"}
+    base, new = _doc(BASE), _doc(BASE)
+    base["machine"] = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 1 (avx2+fma)"}
+    new["machine"] = ident
+    assert cli.main(["bench", "compare", _write(tmp_path, "b.json", base), _write(tmp_path, "n.json", new)]) == 0
+    out = capsys.readouterr().out
+    assert "different CPUs (base AuthenticAMD family 25 model 1 (avx2+fma); new AuthenticAMD family 25 model 17" in out
+    assert cli.main(["bench", "compare", _write(tmp_path, "b2.json", new), _write(tmp_path, "n2.json", new)]) == 0
+    assert "different CPUs" not in capsys.readouterr().out
+
+
 def test_compare_refuses_a_bad_file_in_one_line(tmp_path, capsys):
     good = _write(tmp_path, "good.json", _doc(BASE))
     bad = tmp_path / "bad.json"
