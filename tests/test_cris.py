@@ -96,7 +96,10 @@ def test_cris_train_mode_batch_norm_and_upsampling_match_torch(tmp_path):
     # Our side is float32 against torch's float64: on a CI machine (another CPU, so other XLA:CPU kernels and
     # summation orders) 90 of 36,864 logits of magnitude ~5 were off by up to 1.3e-4 (2.6e-5 relative),
     # where this CPU stays under 1e-4. Hence an added relative term; 1e-4 of |x| is still ~800 float32 ulps.
-    np.testing.assert_allclose(np.asarray(logits), expected.detach().numpy(), atol=1e-4, rtol=1e-4)
+    # On a Zen 3 EPYC (AVX2, no AVX-512) 2 logits near 0.17 were off by 1.27e-4: train-mode BatchNorm over a
+    # batch of 4 magnifies float32 rounding by the inverse of the batch's small spread, so the absolute term
+    # is 2e-4, ~2e-5 of the logits' range.
+    np.testing.assert_allclose(np.asarray(logits), expected.detach().numpy(), atol=2e-4, rtol=1e-4)
     # Running means move as torch's do (momentum 0.1).
     np.testing.assert_allclose(updates["batch_stats"]["neck"]["aggr"]["bn"]["mean"],
                                model.neck.aggr[1].running_mean.numpy(), atol=1e-5)

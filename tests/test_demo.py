@@ -105,7 +105,9 @@ def test_demo_on_a_camus_layout_folder_with_tiny_flags(camus_phantom, tmp_path):
     # spread over seeds is test_spread_and_win_counts')
     argv = ["demo", "--camus", str(camus_phantom), "--out", str(out), "--models", "clipseg,cris", "--seeds", "1",
             "--real-patients", "2", "--per-mask", "1", "--sdm-steps", "2", "--sampler-steps", "2", "--epochs", "1",
-            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8", *SMALL]
+            "--pretrain-epochs", "1", "--variant", "tiny", "--batch-size", "8", "--set", "sdm.batch_size=8",
+            # niced workers beside another pytest worker got a tenth of a core: 827 s against 321 s
+            "--worker-nice", "0", *SMALL]
     assert cli.main(argv) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["data"]["train_patients"] == 2 and report["data"]["synthetic_train"] == 2 * 4 * 3
