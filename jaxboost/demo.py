@@ -342,11 +342,12 @@ def pipelined(out: Path, models: list[str], real: Path, args, timings: dict) -> 
     every synthetic run waits on; each seed's synthetic-only -> finetune pair follows once the synthetic
     corpus is there. Run alone, each stage keeps ~1.2-1.5 of 2 cores busy (short steps, evaluation and host
     work between them): side by side they fill the cores. The workers run at a lower priority
-    (`--worker-nice`): at equal priority three processes' XLA thread pools share 2 cores and the SDM's
-    steps, on the path every synthetic run waits on, took 9.4 s instead of 3.7 s alone (acca97f, a 2-core
-    Zen 3 EPYC), while the real-only runs finished early and left the workers waiting. A run's result does not depend on what runs
-    beside it: same programs, same data order, same seeds; only its wall time does. Every run is its own
-    resumable stage (its DONE file), as in the sequential order."""
+    (`--worker-nice`): at equal priority, on a 2-core Zen 3 EPYC, the SDM's steps (the path every
+    synthetic run waits on) took 9.4 s beside the workers against 3.7 s alone, and the real-only runs
+    finished early and left the workers waiting; niced, 4.9 s and a 5% shorter demo (acca97f -> e617d03).
+    A run's result does not depend on what runs beside it: same programs, same data order, same seeds;
+    only its wall time does. Every run is its own resumable stage (its DONE file), as in the sequential
+    order."""
     import concurrent.futures
     import multiprocessing
     from jaxboost import parallel
