@@ -15,6 +15,7 @@ import difflib
 import importlib
 import os
 import sys
+import traceback
 
 # (words, module, help). The module provides add_arguments(parser) and main(args).
 SUBCOMMANDS = [
@@ -72,6 +73,38 @@ def _usage(prefix: tuple[str, ...] = ()) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+    except BaseException:
+        if not _several_processes():
+            raise
+        traceback.print_exc()
+        code = 1
+    if code and _several_processes():
+        _leave_now(code)
+    return code
+
+
+def _several_processes() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from jaxboost import parallel
+    return parallel.several_processes()
+
+
+def _leave_now(code: int) -> None:
+    """A failed process of a multi-process run exits at once. Left to jax's atexit hook it would wait up to
+    `shutdown_timeout_seconds` (300 s) at the shutdown barrier for peers that never come: they wait on this
+    process in a collective. The launcher, or the coordination service's heartbeat, stops them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("JAXBOOST_DEBUG", "") not in ("", "0")
     if argv[:1] == ["--traceback"]:

@@ -9,6 +9,7 @@ explicit one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -62,6 +63,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         # CPU collectives between processes (tests and local multi-process runs).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Gloo gives a group of devices' first collective 30 s to find every peer ("Gloo context
+        # initialization failed: GetKeyValue() timed out"). jax's persistent cache is written by process 0
+        # only, under keys that differ per process: with a warm cache process 0 loads each program while
+        # the others compile it, and a compile longer than 30 s failed process 0's first step (a CI run;
+        # reproduced here under load). Without the cache every process compiles the same programs.
+        jax.config.update("jax_enable_compilation_cache", False)
     if coordinator is not None and process_id not in (None, 0):
         # The XLA client aborts the whole process (C++ CHECK) when it cannot register in time, so an
         # unreachable coordinator is found here first, where it can still be a Python error.
@@ -77,6 +84,24 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            f"{timeout_s}s as process {process_id} of {num_processes}: {e}") from e
     log.info("jax.distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+_barriers = itertools.count()
+
+
+def wait_for_processes(name: str, timeout_s: float = 1800.0) -> None:
+    """Every process waits here for the others; a no-op for one process. jax.distributed's key-value
+    barrier, not a device collective, so its deadline is ours: called between compiling a program and its
+    first run, it starts the program's collectives together however long each process took to compile
+    (gloo's first collective over a group of devices gives up after 30 s)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client, as orbax's barriers use it
+    distributed.global_state.client.wait_at_barrier(f"jaxboost/{name}/{next(_barriers)}", int(timeout_s * 1000))
+
+
+def several_processes() -> bool:
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def shutdown_distributed() -> None:

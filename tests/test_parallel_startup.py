@@ -98,7 +98,8 @@ import sys, jax
 from jaxboost import parallel
 parallel.startup(sys.argv[1:])
 parallel.startup(sys.argv[1:])   # a second call (the trainer's own) is a no-op
-print("processes", jax.process_count(), "devices", jax.device_count())
+print("processes", jax.process_count(), "devices", jax.device_count(),
+      "cache enabled", jax.config.jax_enable_compilation_cache)
 """
 
 
@@ -114,3 +115,42 @@ def test_startup_joins_local_processes_from_the_flags(tmp_path):
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "processes 2 devices 4" in out, out[-2000:]
+    # Gloo's first collective waits 30 s for its peers and jax's cache serves process 0 only: no persistent
+    # cache in a multi-process CPU run, so every process compiles the same programs.
+    assert all("cache enabled False" in out for out in outs), outs
+
+
+_FAILING_PROBE = """
+import sys, time, jax
+from jaxboost import cli
+from jaxboost.data import phantom
+
+def fail_on_process_0(args):
+    if jax.process_index() == 0:
+        raise ValueError("process 0 found bad input")
+    time.sleep(150)   # process 1 still at work (in the real case: waiting on process 0 in a collective)
+    return 0
+
+phantom.main = fail_on_process_0
+sys.exit(cli.main(["phantom", "--out", "unused", *sys.argv[1:]]))
+"""
+
+
+def test_a_failed_process_exits_at_once():
+    """Left to jax's atexit hook, the failed process 0 would wait at the shutdown barrier until process 1
+    ends, for up to 300 s (a CI run: process 1 waited on it in a collective, so both hung 300 s); it exits
+    with its one-line error at once instead, and the launcher (or the coordinator's loss) stops the rest."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING_PROBE, f"--coordinator=127.0.0.1:{port}",
+                               "--num_processes", "2", f"--process_id={i}"], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        out0 = procs[0].communicate(timeout=120)[0]   # process 1 sleeps 150 s
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 2 and "jaxboost: error: process 0 found bad input" in out0, out0[-2000:]

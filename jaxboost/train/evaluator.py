@@ -50,6 +50,7 @@ class BatchMapper:
         self.mesh, self.batch_size, self.trim_last = mesh, batch_size, trim_last
         self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self._fn = jax.jit(fn, out_shardings=parallel.replicated(mesh))
+        self._aligned: set[int] = set()
 
     def padded_size(self, n: int) -> int:
         if not self.trim_last:
@@ -59,6 +60,14 @@ class BatchMapper:
     def __call__(self, params, batches: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
         """Yields (host_batch, numpy outputs) per batch."""
         for host_batch in batches:
-            padded, n = _pad(host_batch, self.padded_size(_rows(host_batch)))
-            out = jax.device_get(self._fn(params, parallel.shard_global_batch(self.mesh, padded)))
+            size = self.padded_size(_rows(host_batch))
+            padded, n = _pad(host_batch, size)
+            batch = parallel.shard_global_batch(self.mesh, padded)
+            if size not in self._aligned and parallel.several_processes():
+                # each shape's program compiled on every process before its first collective (see
+                # parallel.wait_for_processes); the call below runs the same executable
+                self._fn.lower(params, batch).compile()
+                parallel.wait_for_processes("evaluation compiled")
+                self._aligned.add(size)
+            out = jax.device_get(self._fn(params, batch))
             yield host_batch, jax.tree.map(lambda a: np.asarray(a)[:n] if np.ndim(a) else np.asarray(a), out)

@@ -281,9 +281,12 @@ def _train_steps(run: _Run, state, train_iter, preempt: Preemption):
         if step == start:   # the compile: not a step's time
             if parallel.is_main_process():
                 print(f"[jaxboost] compiling the {task.name} step ...", flush=True)
-            state, metrics = _timed(clock, lambda: jax.block_until_ready(jit_step(state, batch)))
-            # The same executable (jit's cache), for its FLOP count and buffer sizes.
-            cost = _timed(clock, lambda: StepCost(jit_step.lower(state, batch).compile(), task.mesh.devices.flat))
+            compiled = _timed(clock, lambda: jit_step.lower(state, batch).compile())
+            # Several processes start the step's collectives together, however long each took to compile.
+            _timed(clock, parallel.wait_for_processes, "train step compiled")
+            # The same executable as the jit's next calls (its cache), for its FLOP count and buffer sizes.
+            state, metrics = _timed(clock, lambda: jax.block_until_ready(compiled(state, batch)))
+            cost = _timed(clock, lambda: StepCost(compiled, task.mesh.devices.flat))
             bar = _progress(config, task, length, step)
         else:
             state, metrics = jit_step(state, batch)
