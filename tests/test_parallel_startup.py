@@ -103,15 +103,21 @@ print("processes", jax.process_count(), "devices", jax.device_count(),
 """
 
 
-def test_startup_joins_local_processes_from_the_flags(tmp_path):
+def _two_processes(probe: str, devices_each: int) -> list[subprocess.Popen]:
+    """`probe` as processes 0 and 1 of a local jax.distributed run, started from the flags."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", _DISTRIBUTED_PROBE, f"--coordinator=127.0.0.1:{port}",
-                               "--num_processes", "2", f"--process_id={i}"], env=env, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+            "PYTHONPATH": str(REPO)}
+    return [subprocess.Popen([sys.executable, "-c", probe, f"--coordinator=127.0.0.1:{port}", "--num_processes",
+                              "2", f"--process_id={i}"], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def test_startup_joins_local_processes_from_the_flags(tmp_path):
+    procs = _two_processes(_DISTRIBUTED_PROBE, devices_each=2)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "processes 2 devices 4" in out, out[-2000:]
@@ -140,14 +146,7 @@ def test_a_failed_process_exits_at_once():
     """Left to jax's atexit hook, the failed process 0 would wait at the shutdown barrier until process 1
     ends, for up to 300 s (a CI run: process 1 waited on it in a collective, so both hung 300 s); it exits
     with its one-line error at once instead, and the launcher (or the coordinator's loss) stops the rest."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", _FAILING_PROBE, f"--coordinator=127.0.0.1:{port}",
-                               "--num_processes", "2", f"--process_id={i}"], env=env, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    procs = _two_processes(_FAILING_PROBE, devices_each=1)
     try:
         out0 = procs[0].communicate(timeout=120)[0]   # process 1 sleeps 150 s
     finally:
