@@ -168,9 +168,10 @@ def _allgather(value: int) -> np.ndarray:
 
 
 def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+    # jax.distributed's key-value barrier, not a device collective (sync_global_devices): on CPU, gloo's
+    # first collective over the devices gives up when a peer is more than 30 s late (measured: later ones
+    # wait), and the hosts reach the first barrier after loading the run and planning on their own.
+    parallel.wait_for_processes(name)
 
 
 # ------------------------------------------------------------------------------------------ host pipeline
