@@ -66,7 +66,7 @@ def _restore_state(workdir: Path, step: int) -> dict:
 @pytest.mark.slow
 def test_two_processes_with_fsdp_train_like_one_process_with_four_devices(corpus_dir, tmp_path):
     args = ["--config", "configs/unet_phantom.py:tiny", f"--config.data.corpus={corpus_dir}",
-            "--config.data.size=32", f"--config.total_steps={STEPS}", "--config.eval_every=0",
+            "--config.data.size=32", f"--config.total_steps={STEPS}", f"--config.eval_every={STEPS}",
             "--config.log_every=1", "--config.ckpt_every=0", "--config.optim.warmup_steps=2"]
     single_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     single = subprocess.Popen(["jaxboost", "train", *args, "--workdir", str(tmp_path / "one")], env=single_env,
@@ -86,12 +86,20 @@ def test_two_processes_with_fsdp_train_like_one_process_with_four_devices(corpus
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=parallel._path_str(path))
     assert any(not np.allclose(a, b) for a, b in zip(  # the run really trained
         jax.tree.leaves(two["params"]), jax.tree.leaves(_init_params(corpus_dir))))
-    two_losses = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "two")]
-    one_losses = [m["train/loss"] for m in metrics_writer.read_metrics(tmp_path / "one")]
+    two_losses, one_losses = ([m["train/loss"] for m in metrics_writer.read_metrics(w) if "train/loss" in m]
+                              for w in (tmp_path / "two", tmp_path / "one"))
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
+    # The evaluation (compiled, then the processes meet, then run) scores the split as one process does.
+    two_val, one_val = ([m for m in metrics_writer.read_metrics(w) if any(k.startswith("val/") for k in m)]
+                        for w in (tmp_path / "two", tmp_path / "one"))
+    assert len(two_val) == len(one_val) == 1
+    for key, value in one_val[0].items():
+        if key.startswith("val/"):
+            np.testing.assert_allclose(two_val[0][key], value, rtol=1e-4, err_msg=key)
 
     # Only process 0 writes metrics, TensorBoard and the config: one line per step, not two.
-    assert [m["step"] for m in metrics_writer.read_metrics(tmp_path / "two")] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics_writer.read_metrics(tmp_path / "two") if "train/loss" in m] == list(
+        range(1, STEPS + 1))
     assert len(list((tmp_path / "two" / "tb").iterdir())) == 1
     assert not any("unet_phantom:" in line for line in multi.splitlines() if line.startswith("[p1]"))  # no bar
     assert json.loads((tmp_path / "two" / "config.json").read_text())["name"] == "unet_phantom"

@@ -258,6 +258,8 @@ def _progress(config, task, length, initial: int):
 def _in_phase(bar, what: str, fn, *args):
     """Runs fn(*args) with the bar saying what the loop is doing (evaluation and checkpoints take seconds
     to minutes with no step moving)."""
+    if bar.disable:  # processes other than 0: a disabled tqdm has no description
+        return fn(*args)
     desc = bar.desc
     bar.set_description_str(f"{desc} ({what})", refresh=True)
     try:
