@@ -5,9 +5,11 @@
 set -euo pipefail
 N=${1:?number of processes}; D=${2:?devices per process}; shift 2
 PORT=${JAXBOOST_PORT:-$((20000 + RANDOM % 20000))}
+# The caller's other XLA flags pass through; the device count is this script's.
+FLAGS="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<< "${XLA_FLAGS:-}") --xla_force_host_platform_device_count=$D"
 pids=()
 for ((i = 0; i < N; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="$FLAGS" \
   JAXBOOST_COORDINATOR="127.0.0.1:$PORT" JAXBOOST_NUM_PROCESSES=$N JAXBOOST_PROCESS_ID=$i \
     "$@" > >(sed "s/^/[p$i] /") 2>&1 &
   pids+=($!)

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from jaxboost.convert import clip as convert_clip  # noqa: E402
 from jaxboost.convert.hf_clipseg import clipseg_from_hf, variables_from_state_dict, model_fields  # noqa: E402
 from jaxboost.models import clipseg  # noqa: E402
+from cpu_env import optimized_codegen  # noqa: E402
 
 SMALL = dict(
     text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -82,7 +83,10 @@ def _compare(tmp_path, config_kwargs, cases, batch):
                 logits = module.apply({"params": params}, *args)
                 return (logits * weight).sum(), logits
 
-            (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+            # Compiled as a user's program is: the suite's -O0 codegen (cpu_env) puts the full-size LayerNorm
+            # scale's gradient 6.6e-4 off float64, this 3e-4 tolerance's check of our math.
+            grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+            (_, logits), g = optimized_codegen(grad_fn, variables["params"])
         else:
             logits = jax.jit(module.apply)(variables, *args)
         ref = out.detach().numpy()

@@ -23,6 +23,7 @@ from jaxboost import parallel, registry
 from jaxboost.config import load_config
 from jaxboost.data import pipeline
 from jaxboost.train import metrics_writer, optim, state as state_lib, task as task_lib
+from cpu_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -68,11 +69,10 @@ def test_two_processes_with_fsdp_train_like_one_process_with_four_devices(corpus
     args = ["--config", "configs/unet_phantom.py:tiny", f"--config.data.corpus={corpus_dir}",
             "--config.data.size=32", f"--config.total_steps={STEPS}", f"--config.eval_every={STEPS}",
             "--config.log_every=1", "--config.ckpt_every=0", "--config.optim.warmup_steps=2"]
-    single_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    single_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
     single = subprocess.Popen(["jaxboost", "train", *args, "--workdir", str(tmp_path / "one")], env=single_env,
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     env = dict(os.environ, JAXBOOST_PORT=str(_free_port()))
-    env.pop("XLA_FLAGS", None)
     # The two-process run is also FSDP over all 4 devices (kernels split across the two hosts, so each
     # process writes different array shards); the single process is pure data parallel.
     multi = _run(["bash", "launch/local_multiprocess.sh", "2", "2", "jaxboost", "train", *args,

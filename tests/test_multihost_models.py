@@ -20,6 +20,7 @@ from jaxboost.train import mumc_pretrain, vl_seg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import multihost_step  # noqa: E402
+from cpu_env import xla_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("multihost_step.py")
@@ -60,7 +61,7 @@ def _write_inputs(root: Path) -> Path:
 
 
 def _launch(corpus, work, out, devices, process_id=None, coordinator=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     for k in ("JAXBOOST_COORDINATOR", "JAXBOOST_NUM_PROCESSES", "JAXBOOST_PROCESS_ID"):
         env.pop(k, None)
     if coordinator:

@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from jaxboost import cli, parallel
+from cpu_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ print("cache:", jax.config.jax_compilation_cache_dir)
 
 def _probe(args, env_cache=None, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
             "PYTHONPATH": str(REPO)}
     if env_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(env_cache)
@@ -109,7 +110,7 @@ def _two_processes(probe: str, devices_each: int) -> list[subprocess.Popen]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_each),
             "PYTHONPATH": str(REPO)}
     return [subprocess.Popen([sys.executable, "-c", probe, f"--coordinator=127.0.0.1:{port}", "--num_processes",
                               "2", f"--process_id={i}"], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,

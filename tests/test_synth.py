@@ -26,6 +26,7 @@ from jaxboost.train import sdm as sdm_train
 sys.path.insert(0, str(Path(__file__).parent))
 from sdm_helpers import SIZE, phantom_corpus, tiny_config  # noqa: E402
 from test_corpus_remote import bucket  # noqa: E402,F401 (the fixture)
+from cpu_env import xla_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2
@@ -122,7 +123,7 @@ def test_synth_writes_to_a_gs_bucket_the_shards_it_writes_locally(setup, bucket,
 def test_synth_killed_then_rerun_equals_an_uninterrupted_run(setup, tmp_path):
     corpus, run, reference = setup
     out = tmp_path / "killed"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     proc = subprocess.Popen(_synth_cmd(run, corpus, out, "--batch-size", "1"), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -145,7 +146,6 @@ def test_two_processes_write_disjoint_shards_whose_union_is_the_single_process_c
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, JAXBOOST_PORT=str(port))
-    env.pop("XLA_FLAGS", None)
     out = tmp_path / "two"
     cmd = ["bash", "launch/local_multiprocess.sh", "2", "1", *_synth_cmd(run, corpus, out, "--batch-size", "2")]
     done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

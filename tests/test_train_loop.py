@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from jaxboost.train import metrics_writer, optim
+from cpu_env import xla_flags
 
 TOY = Path(__file__).with_name("toy_task.py")
 
 
 def run_toy(workdir, total, *kw, check=True, **popen):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, str(TOY), str(workdir), str(total), "log_every=1", *kw]
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
