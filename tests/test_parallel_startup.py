@@ -76,8 +76,7 @@ print("cache:", jax.config.jax_compilation_cache_dir)
 
 def _probe(args, env_cache=None, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
-            "PYTHONPATH": str(REPO)}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), "PYTHONPATH": str(REPO)}
     if env_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(env_cache)
     return subprocess.run([sys.executable, "-c", _CACHE_PROBE, *args], env=env, cwd=REPO, text=True,
@@ -110,8 +109,7 @@ def _two_processes(probe: str, devices_each: int) -> list[subprocess.Popen]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXBOOST_", "SLURM_"))}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_each),
-            "PYTHONPATH": str(REPO)}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_each), "PYTHONPATH": str(REPO)}
     return [subprocess.Popen([sys.executable, "-c", probe, f"--coordinator=127.0.0.1:{port}", "--num_processes",
                               "2", f"--process_id={i}"], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT) for i in range(2)]
@@ -154,3 +152,13 @@ def test_a_failed_process_exits_at_once():
         for p in procs:
             p.kill()
     assert procs[0].returncode == 2 and "jaxboost: error: process 0 found bad input" in out0, out0[-2000:]
+
+
+def test_local_launcher_sets_its_device_count_and_keeps_the_callers_other_xla_flags():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false")
+    show = "import os; print(os.environ['XLA_FLAGS'].split())"
+    out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "3", sys.executable, "-c", show], env=env,
+                         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60).stdout
+    lines = sorted(line for line in out.splitlines() if line.startswith("[p"))
+    want = str(["--xla_cpu_enable_fast_math=false", "--xla_force_host_platform_device_count=3"])
+    assert lines == [f"[p0] {want}", f"[p1] {want}"], out
