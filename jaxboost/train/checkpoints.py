@@ -2,6 +2,7 @@
 a structure check that names mismatched keys, and fallback to the previous good step when one is corrupt."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -19,7 +20,29 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint is readable but holds another model/config's tree."""
 
 
+@functools.cache
+def _host_copies_on_cpu() -> None:
+    """On a CPU backend, orbax's arrays are saved without replica-parallel slicing.
+
+    orbax slices a replicated array into one part per replica so that each device copies its part to the host
+    at once. Each part is its own jitted slice with static offsets, compiled once per leaf shape, per replica,
+    per process (8 replicas of a 40-leaf tree: 320 programs and 20 s on 2 cores, against 0.2 s for the same
+    save without). A CPU's "device to host" is a memcpy with nothing to parallelise, and orbax already turns
+    it off under JAX_PLATFORMS=gpu. Every other backend keeps orbax's default; the files are the same."""
+    if jax.default_backend() != "cpu":
+        return
+    absl_log = logging.getLogger("absl")   # its one "overriding jax.Array" warning is this, on purpose
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+        absl_log.setLevel(level)
+
+
 def _handlers(with_data: bool) -> dict:
+    _host_copies_on_cpu()
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     if with_data:
         import grain.python as grain
@@ -190,6 +213,7 @@ def load_ema_params(workdir, abstract_state, shardings):
     for sub in ("ckpt", "best"):
         if not (workdir / sub).is_dir():
             continue
+        _host_copies_on_cpu()
         manager = ocp.CheckpointManager(workdir / sub, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
         for step in sorted(manager.all_steps(), reverse=True):
             _check_same_structure(abstract_state, manager, step, workdir / sub)
