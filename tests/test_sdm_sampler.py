@@ -192,7 +192,8 @@ def test_sampling_loads_only_the_ema_params_fsdp_split_over_the_mesh(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from sdm_helpers import tiny_config
 
-    config = tiny_config(tmp_path / "unused")
+    # two levels: the one-level test U-Net's kernels are mostly too small to split
+    config = tiny_config(tmp_path / "unused", **{"model.channel_mult": (1, 2), "model.attention_resolutions": (8,)})
     abstract = sdm_train.abstract_state(config)
     state = abstract.replace(step=np.asarray(7, np.int32), rng=np.zeros(abstract.rng.shape, abstract.rng.dtype),
                              params=_fill(abstract.params, 0), opt_state=_fill(abstract.opt_state, 1),

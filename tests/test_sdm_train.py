@@ -23,20 +23,6 @@ def corpus(tmp_path_factory):
     return phantom_corpus(tmp_path_factory.mktemp("sdm_train"))
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """The three runs compile the same step: a persistent cache makes the 2nd and 3rd compiles cheap."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-
-
 def _state(workdir, config):
     _, ema, step = sdm_train.load_run(workdir)
     state, _, _ = checkpoints.load_params(workdir, sdm_train.abstract_state(config), prefer="latest")
@@ -44,7 +30,8 @@ def _state(workdir, config):
 
 
 @pytest.mark.slow
-def test_sdm_loss_falls_writes_ema_and_grid_and_resume_continues_exactly(corpus, tmp_path, compile_cache):
+def test_sdm_loss_falls_writes_ema_and_grid_and_resume_continues_exactly(corpus, tmp_path):
+    # the three runs compile the same step once: conftest's persistent cache serves the second and third
     over = {"optim.lr": 2e-3, "ckpt_every": STEPS // 2}
     config = tiny_config(corpus, total_steps=STEPS, eval_every=STEPS, **over)
     summary = sdm_train.train(config, tmp_path / "straight")
