@@ -87,9 +87,9 @@ def test_parse_sets_values():
     assert sets["cris"] == {"model.num_layers": 2} and sets["sdm"] == {"optim.lr": 1e-4}
 
 
-# Smaller programs than tiny's (one SDM level, fewer blocks and layers): each stage compiles faster, and every stage
+# Smaller programs than tiny's (fewer levels, blocks and layers): each stage compiles faster, and every stage
 # still runs.
-SMALL = ["--set", "sdm.model.channel_mult=[1]",
+SMALL = ["--set", "sdm.model.channel_mult=[1,2]",
          "--set", "sdm.model.attention_resolutions=[]",
          "--set", "clipseg.model.vision_depth=2", "--set", "clipseg.model.extract_layers=[0,1]",
          "--set", "clipseg.model.text_depth=1", "--set", "cris.model.text_depth=1",
