@@ -150,20 +150,26 @@ def test_torch_references_make_tensors_on_their_inputs_device_and_sdpa_keeps_par
 
 
 def test_device_check_dry_run_runs_the_script_in_bf16(tmp_path):
-    """The script's own path on a CPU (one case here; CI's dry run takes all four): bf16 rows named so,
-    labelled cpu / bfloat16, the check's dtype in the note."""
+    """The script's own path on a CPU, every case (the suite is where CI runs it): bf16 rows named so,
+    labelled cpu / bfloat16, the check's dtype in the note, each case in its own process."""
     out = tmp_path / "dry"
-    env = {**os.environ, "CASES": "clipseg", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run", str(out)], capture_output=True,
-                          text=True, timeout=600, env=env)
+                          text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((out / "results.json").read_text())
     assert (doc["device"], doc["dtype"], doc["quick"]) == ("cpu", "bfloat16", True)
-    assert doc["cases"]["clipseg"]["status"] == "ok"
-    assert {(r["case"], r["impl"]) for r in doc["rows"]} >= {("clipseg/train 96px b4 bf16", "jax"),
-                                                             ("clipseg/train 96px b4 bf16", "torch eager")}
+    assert {name: case["status"] for name, case in doc["cases"].items()} == dict.fromkeys(
+        ("clipseg", "cris", "mumc", "sdm"), "ok")
+    rows = {(r["case"], r["impl"]) for r in doc["rows"]}
+    for case in ("clipseg/train 96px b4 bf16", "cris/train 96px b4 bf16", "mumc/pretrain_step 32px b8 bf16",
+                 "sdm/train 32px b4 bf16", "sdm/ddim5 guided 32px b4 bf16"):
+        assert {(case, "jax"), (case, "torch eager")} <= rows, case
     assert all((r["device"], r["dtype"]) == ("cpu", "bfloat16") for r in doc["rows"])
-    assert doc["rows"][0]["note"].startswith("bfloat16 rel. err")
+    # the correctness checks ran at bf16's tolerances
+    notes = {r["case"]: r["note"] for r in doc["rows"] if r["impl"] == "jax"}
+    assert notes["clipseg/infer 96px b4 bf16"].startswith("bfloat16 rel. err")
+    assert notes["sdm/ddim5 guided 32px b4 bf16"].startswith("bfloat16 max|dx|")
 
 
 @pytest.fixture
