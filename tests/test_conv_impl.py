@@ -94,13 +94,14 @@ def test_sdm_with_matmul_convs_matches_torch_reference(impl, monkeypatch):
 def test_sdm_gradients_with_matmul_filter_grad_equal_xla_convs(impl, monkeypatch):
     from jaxboost.models.sdm import Model
     from test_sdm_model import SMALL, random_inputs
+    fields = dict(SMALL, attention_resolutions=())  # attention is dense layers: no conv to swap, only compile time
     monkeypatch.setattr(layers, "MATMUL_FILTER_GRAD_MIN_INPUT", 0)
     monkeypatch.setattr(layers, "WINOGRAD_MIN_INPUT", 0)
-    x, t, labels = random_inputs(SMALL)
-    params = Model(**SMALL).init(jax.random.key(0), x, t, labels)["params"]
+    x, t, labels = random_inputs(fields)
+    params = Model(**fields).init(jax.random.key(0), x, t, labels)["params"]
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)  # no zero layers
-    grads = {name: jax.jit(jax.grad(lambda p: jnp.sum(Model(**SMALL, conv_impl=name).apply({"params": p}, x, t,
-                                                                                        labels) ** 2)))(params)
+    grads = {name: jax.jit(jax.grad(lambda p: jnp.sum(Model(**fields, conv_impl=name).apply({"params": p}, x, t,
+                                                                                         labels) ** 2)))(params)
              for name in ("xla", impl)}
     # a floor of 1e-6 of the largest gradient: biases feeding a GroupNorm have mathematically zero gradients,
     # float32 rounding noise of either form's order
