@@ -37,6 +37,8 @@ SHAPES = {
     "sdm": [(1, 256, 256, 256, 256, 3, 1, 9), (1, 256, 256, 128, 512, 3, 1, 6), (1, 256, 256, 512, 256, 3, 1, 3),
             (1, 256, 256, 128, 256, 3, 1, 8), (1, 128, 128, 256, 256, 3, 1, 9), (1, 64, 64, 512, 512, 3, 1, 8)],
 }
+# The same full SDM at speed_sdm.FULL_CPU_SIZE (128 px, the size its CPU case times): every level at half the side.
+SHAPES["sdm_128"] = [(b, h // 2, w // 2, c, o, k, s, n) for b, h, w, c, o, k, s, n in SHAPES["sdm"]]
 
 
 def _best_ms(fn, *args, iters: int) -> float:
