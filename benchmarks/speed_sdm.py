@@ -7,6 +7,9 @@ scaled_dot_product_attention off the float32 CPU default, ours through cuDNN for
 checked equal first (loss, sampled images), to the dtype's tolerance.
 
   python -m benchmarks.speed_sdm [--quick]
+  python -m benchmarks.speed_sdm --part jax --out DIR --train-only --iters 2 [--conv-impl NAME]
+--conv-impl times the JAX side under another `layers.CONV_IMPLS` form (what the model's conv_impl "auto" runs
+on this backend, layers.AUTO_CONV); its row's note names the form.
 """
 from __future__ import annotations
 
@@ -311,7 +314,16 @@ def _jax_rows(s: dict, quick: bool, sample: bool = True) -> tuple[list[Row], np.
     del state, device_batch
     loss_note = f"loss {jl:.4f}={tl:.4f}" if tl is not None else f"loss {jl:.6f}"
     return [Row(train_case, "jax", sec, batch / sec, flops, harness.mfu(flops, sec),
-                note=f"sdm train step (EMA, label dropout); {loss_note}")] + sample_rows, ours
+                note=f"sdm train step (EMA, label dropout); {loss_note}; conv_impl {_conv_note(fields)}")] \
+        + sample_rows, ours
+
+
+def _conv_note(fields: dict) -> str:
+    """The convolution form the JAX side ran (the model's default when the fields name none)."""
+    from jaxboost.models import layers
+    from jaxboost.models.sdm import Model
+    impl = fields.get("conv_impl", Model.conv_impl)
+    return f"auto = {layers.choose_conv(impl)}" if impl == "auto" else impl
 
 
 def _torch_rows(s: dict, quick: bool, model, impl: str, sample: bool = True) -> tuple[list[Row], np.ndarray | None]:
@@ -467,7 +479,12 @@ if __name__ == "__main__":
     parser.add_argument("--in-process", action="store_true", help="full size with both frameworks in one process")
     parser.add_argument("--train-only", action="store_true", help="with --part: the train step, no sampling loop")
     parser.add_argument("--iters", type=int, default=3, help="with --part: timed full-size train steps")
+    from jaxboost.models import layers
+    parser.add_argument("--conv-impl", choices=layers.CONV_IMPLS.names(), default=None,
+                        help="what the model's conv_impl 'auto' runs on this backend (layers.AUTO_CONV)")
     args = parser.parse_args(sys.argv[1:])
+    if args.conv_impl:
+        layers.AUTO_CONV[jax.default_backend()] = args.conv_impl
     import torch
     torch.set_num_threads(2)
     FULL_ITERS["iters"] = args.iters
